@@ -1,0 +1,4 @@
+from sd35hub.cli import main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,439 @@
+"""Typed, frozen configuration for a training run.
+
+A config is five sections — ``model``, ``data``, ``lora``, ``train``, ``hub`` — each a frozen
+dataclass whose fields carry their meaning in a comment. Configs come from YAML files and dotted
+overrides (``train.learning_rate=5e-5``); every problem is collected and reported at once in a
+:class:`~sd35hub.errors.ConfigError` that names the flag and the fix. Unknown keys are errors.
+
+Example (``sd35hub train --config my.yaml train.max_steps=500``)::
+
+    model: {name: stabilityai/stable-diffusion-3.5-medium}
+    data: {source: lambdalabs/naruto-blip-captions, resolution: 1024, trigger_word: "nrt style"}
+    lora: {rank: 16, targets: attention}
+    train: {epochs: 10, learning_rate: 1.0e-4}
+    hub: {push_to_hub: true, repo_id: me/naruto-sd35-lora}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from sd35hub.errors import ConfigError
+
+DEFAULT_MODEL = "stabilityai/stable-diffusion-3.5-large"
+DEFAULT_DATASET = "lambdalabs/naruto-blip-captions"
+
+DTYPES = ("auto", "bf16", "fp16", "fp32")
+QUANTIZATION = ("none", "nf4", "int8")
+ATTENTION = ("sdpa", "xformers")
+CROPS = ("center", "random")
+LORA_TARGET_PRESETS = ("attention", "attention+ff", "all-linear")
+TIMESTEP_SAMPLING = ("logit_normal", "mode", "cosmap", "uniform")
+LOSS_WEIGHTING = ("none", "sigma_sqrt", "cosmap")
+OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
+MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
+PROFILES = ("auto", "cpu", "t4", "l4", "a100-40", "a100-80", "h100")
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
+
+
+def _choice(section: str, name: str, value: Any, allowed: tuple[str, ...]) -> list[str]:
+    if value not in allowed:
+        return [f"{section}.{name}={value!r} is not one of {', '.join(allowed)}; set --{section}.{name} to one of them"]
+    return []
+
+
+def _positive(section: str, name: str, value: Any, allow_none: bool = False, zero_ok: bool = False) -> list[str]:
+    if value is None and allow_none:
+        return []
+    if value is None or value < 0 or (value == 0 and not zero_ok):
+        bound = ">= 0" if zero_ok else "> 0"
+        return [f"{section}.{name}={value!r} must be {bound}; pass e.g. {section}.{name}=1"]
+    return []
+
+
+def _fraction(section: str, name: str, value: float) -> list[str]:
+    if not 0.0 <= value < 1.0:
+        return [f"{section}.{name}={value!r} must be in [0, 1); e.g. {section}.{name}=0.1"]
+    return []
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which base model to train on and how to hold it in memory."""
+
+    name: str = DEFAULT_MODEL  # Hub id, local diffusers folder, or "tiny" (embedded offline model)
+    revision: str | None = None  # Hub revision (branch, tag or commit)
+    dtype: str = "auto"  # weights dtype of the frozen base: auto (from the hardware profile)|bf16|fp16|fp32
+    quantize: str = "none"  # frozen transformer: none|nf4|int8 (bitsandbytes, QLoRA)
+    text_encoder_quantize: str = "none"  # T5-XXL during embedding precompute: none|nf4|int8
+    attention: str = "sdpa"  # sdpa (PyTorch, default) | xformers (needs sd35hub[xformers])
+    drop_t5: bool = False  # skip T5-XXL entirely (zero embeddings, saves ~9 GB; lower prompt fidelity)
+
+    def problems(self) -> list[str]:
+        out: list[str] = []
+        if not self.name:
+            out.append("model.name is empty; pass --model stabilityai/stable-diffusion-3.5-large (or tiny)")
+        out += _choice("model", "dtype", self.dtype, DTYPES)
+        out += _choice("model", "quantize", self.quantize, QUANTIZATION)
+        out += _choice("model", "text_encoder_quantize", self.text_encoder_quantize, QUANTIZATION)
+        out += _choice("model", "attention", self.attention, ATTENTION)
+        return out
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Where the images and captions come from and how they become training batches."""
+
+    source: str = DEFAULT_DATASET  # Hub dataset id, local folder, *.parquet, *.tar (webdataset) or "sample"
+    split: str = "train"  # dataset split to stream
+    image_column: str | None = None  # override column auto-detection (image/img/png/jpg)
+    caption_column: str | None = None  # override column auto-detection (text/caption/prompt/txt)
+    resolution: int = 1024  # target side of the bucket set (512, 768, 1024 ...): buckets keep ~resolution² pixels
+    crop: str = "center"  # center|random crop after resizing to cover the bucket
+    trigger_word: str = ""  # prepended to every caption, e.g. "nrt style"
+    caption_dropout: float = 0.0  # probability of training on an empty caption (helps CFG)
+    shuffle_tags: bool = False  # shuffle comma-separated tags, keeping the first keep_tags fixed
+    keep_tags: int = 0  # leading tags kept in place when shuffling
+    min_size: int = 256  # images with a shorter side below this (pixels) are skipped
+    max_aspect: float = 4.0  # images with long/short side above this are skipped
+    max_samples: int | None = None  # stop after this many usable samples (None = all)
+    buffer_size: int = 64  # bounded bucket buffer, in samples
+    holdout: int = 2  # samples kept out of training for the validation loss
+    cache_dir: str | None = None  # latent + embedding cache (default: OUTPUT/cache)
+    max_sequence_length: int = 77  # T5 tokens (SD3 default 77; up to 256 for long captions)
+
+    def problems(self) -> list[str]:
+        out: list[str] = []
+        if not self.source:
+            out.append("data.source is empty; pass --dataset with a Hub dataset id, a folder, or 'sample'")
+        if self.resolution < 64 or self.resolution % 64:
+            out.append(f"data.resolution={self.resolution} must be a multiple of 64 (e.g. 512, 768, 1024)")
+        out += _choice("data", "crop", self.crop, CROPS)
+        out += _fraction("data", "caption_dropout", self.caption_dropout)
+        out += _positive("data", "keep_tags", self.keep_tags, zero_ok=True)
+        out += _positive("data", "min_size", self.min_size, zero_ok=True)
+        if self.max_aspect < 1.0:
+            out.append(f"data.max_aspect={self.max_aspect} must be >= 1 (long side / short side)")
+        out += _positive("data", "max_samples", self.max_samples, allow_none=True)
+        out += _positive("data", "buffer_size", self.buffer_size)
+        out += _positive("data", "holdout", self.holdout, zero_ok=True)
+        if not 1 <= self.max_sequence_length <= 512:
+            out.append(f"data.max_sequence_length={self.max_sequence_length} must be in 1..512")
+        return out
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """The LoRA adapter attached to the SD3 transformer."""
+
+    rank: int = 16  # r: adapter rank
+    alpha: float | None = None  # scaling numerator; None = rank (scale 1.0)
+    dropout: float = 0.0  # dropout on the LoRA branch
+    init: str = "gaussian"  # peft init_lora_weights: gaussian | default (kaiming) | pissa | olora
+    targets: str = "attention"  # attention | attention+ff | all-linear | comma-separated module names
+    blocks: str = "all"  # transformer blocks to adapt: "all", "0-11", "0-5,20-23"
+
+    def problems(self) -> list[str]:
+        out = _positive("lora", "rank", self.rank)
+        out += _positive("lora", "alpha", self.alpha, allow_none=True)
+        out += _fraction("lora", "dropout", self.dropout)
+        out += _choice("lora", "init", self.init, ("gaussian", "default", "pissa", "olora"))
+        if not self.targets.strip():
+            out.append("lora.targets is empty; use attention, attention+ff, all-linear or module names")
+        if self.blocks != "all" and not re.fullmatch(r"\s*\d+(\s*-\s*\d+)?(\s*,\s*\d+(\s*-\s*\d+)?)*\s*", self.blocks):
+            out.append(f"lora.blocks={self.blocks!r} is not 'all' or a range list like '0-11' or '0-5,20-23'")
+        return out
+
+    def block_indices(self, num_blocks: int) -> list[int]:
+        """The selected transformer block indices for a model with ``num_blocks`` blocks."""
+        if self.blocks == "all":
+            return list(range(num_blocks))
+        chosen: set[int] = set()
+        for part in self.blocks.split(","):
+            lo, _, hi = part.strip().partition("-")
+            chosen.update(range(int(lo), int(hi or lo) + 1))
+        bad = sorted(i for i in chosen if i >= num_blocks)
+        if bad:
+            raise ConfigError(f"lora.blocks selects block(s) {bad} but the model has {num_blocks} (0-{num_blocks - 1})")
+        return sorted(chosen)
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """The optimisation: objective, schedule, precision, checkpoints, validation, output."""
+
+    output_dir: str = "output"  # adapter, card, grids, logs and checkpoints go here
+    epochs: int = 10  # passes over the data (ignored when max_steps is set)
+    max_steps: int | None = None  # optimizer steps; overrides epochs
+    batch_size: int | None = None  # per device; None = from the hardware profile
+    gradient_accumulation: int | None = None  # None = from the hardware profile
+    learning_rate: float = 1e-4
+    optimizer: str = "adamw"  # adamw | adamw8bit (bitsandbytes) | prodigy (use learning_rate=1.0)
+    weight_decay: float = 1e-4
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    lr_scheduler: str = "constant"  # constant | constant_with_warmup | linear | cosine
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0  # gradient clipping; 0 disables
+    mixed_precision: str = "auto"  # auto (profile) | no | fp16 (grad scaler, fp32 LoRA) | bf16
+    gradient_checkpointing: bool | None = None  # None = from the hardware profile
+    compile: bool | None = None  # torch.compile each transformer block; None = from profile
+    profile: str = "auto"  # hardware profile: auto | cpu | t4 | l4 | a100-40 | a100-80 | h100
+    ema_decay: float | None = None  # EMA of the LoRA weights (e.g. 0.999); None = off
+    # rectified flow: noisy = (1 - sigma) * x0 + sigma * noise, target = noise - x0
+    timestep_sampling: str = "logit_normal"  # logit_normal | mode | cosmap | uniform
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    timestep_shift: float = 3.0  # sigma -> shift*sigma / (1 + (shift-1)*sigma); SD3.5 ships 3.0
+    loss_weighting: str = "none"  # none | sigma_sqrt | cosmap
+    precondition_outputs: bool = False  # predict x0 = noisy - sigma * model_output and regress on x0
+    seed: int = 42
+    checkpoint_every: int = 100  # optimizer steps between checkpoints; 0 = only at the end/interrupt
+    keep_checkpoints: int = 3  # newest checkpoints kept
+    checkpoint_dir: str | None = None  # default OUTPUT/checkpoints (Colab: a Google Drive path)
+    resume: str | None = None  # "latest" or a checkpoint path
+    validation_every: int = 0  # optimizer steps between validation grids; 0 = start and end only
+    validation_prompts: tuple[str, ...] = ()  # default: the first held-out captions
+    validation_steps: int = 28  # sampler steps for validation images
+    validation_guidance: float = 4.5
+    validation_seed: int = 0
+    log_every: int = 10  # steps between metric lines
+    report_to: tuple[str, ...] = ("jsonl",)  # jsonl | tensorboard | wandb
+
+    def problems(self) -> list[str]:
+        s = "train"
+        out: list[str] = []
+        if self.max_steps is None:
+            out += _positive(s, "epochs", self.epochs)
+        out += _positive(s, "max_steps", self.max_steps, allow_none=True)
+        out += _positive(s, "batch_size", self.batch_size, allow_none=True)
+        out += _positive(s, "gradient_accumulation", self.gradient_accumulation, allow_none=True)
+        out += _positive(s, "learning_rate", self.learning_rate)
+        out += _choice(s, "optimizer", self.optimizer, OPTIMIZERS)
+        out += _positive(s, "weight_decay", self.weight_decay, zero_ok=True)
+        if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
+            out.append(f"train.adam_betas={self.adam_betas!r} must be two numbers in [0, 1), e.g. [0.9, 0.999]")
+        out += _choice(s, "lr_scheduler", self.lr_scheduler, LR_SCHEDULERS)
+        out += _positive(s, "warmup_steps", self.warmup_steps, zero_ok=True)
+        out += _positive(s, "max_grad_norm", self.max_grad_norm, zero_ok=True)
+        out += _choice(s, "mixed_precision", self.mixed_precision, MIXED_PRECISION)
+        out += _choice(s, "profile", self.profile, PROFILES)
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            out.append(f"train.ema_decay={self.ema_decay} must be in (0, 1), e.g. 0.999 (or null to disable)")
+        out += _choice(s, "timestep_sampling", self.timestep_sampling, TIMESTEP_SAMPLING)
+        out += _positive(s, "logit_std", self.logit_std)
+        out += _positive(s, "timestep_shift", self.timestep_shift)
+        out += _choice(s, "loss_weighting", self.loss_weighting, LOSS_WEIGHTING)
+        out += _positive(s, "checkpoint_every", self.checkpoint_every, zero_ok=True)
+        out += _positive(s, "keep_checkpoints", self.keep_checkpoints)
+        out += _positive(s, "validation_every", self.validation_every, zero_ok=True)
+        out += _positive(s, "validation_steps", self.validation_steps)
+        out += _positive(s, "log_every", self.log_every)
+        for r in self.report_to:
+            if r not in ("jsonl", "tensorboard", "wandb"):
+                out.append(f"train.report_to contains {r!r}; use jsonl, tensorboard or wandb")
+        return out
+
+
+@dataclass(frozen=True)
+class HubSpec:
+    """Publishing the adapter to the Hugging Face Hub."""
+
+    push_to_hub: bool = False  # publish adapter + card + samples at the end of training
+    repo_id: str | None = None  # OWNER/NAME of the target model repo
+    private: bool = False
+    revision: str | None = None  # branch to push to (default main)
+    push_checkpoints: bool = False  # also push each checkpoint's adapter to branch "checkpoints"
+    check_access: bool = True  # check license acceptance and write permission before training
+
+    def problems(self) -> list[str]:
+        out: list[str] = []
+        if self.push_to_hub and not self.repo_id:
+            out.append("hub.push_to_hub is true but hub.repo_id is not set; pass hub.repo_id=OWNER/NAME")
+        if self.repo_id is not None and not _REPO_ID.match(self.repo_id):
+            out.append(f"hub.repo_id={self.repo_id!r} is not a valid OWNER/NAME repository id")
+        return out
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelSpec = field(default_factory=ModelSpec)
+    data: DataSpec = field(default_factory=DataSpec)
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    train: TrainSpec = field(default_factory=TrainSpec)
+    hub: HubSpec = field(default_factory=HubSpec)
+
+    def problems(self) -> list[str]:
+        return (
+            self.model.problems() + self.data.problems() + self.lora.problems()
+            + self.train.problems() + self.hub.problems()
+        )
+
+    def validate(self) -> Config:
+        """Raise one ConfigError listing every problem; return self when there is none."""
+        problems = self.problems()
+        if problems:
+            raise ConfigError(problems)
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: _section_to_dict(getattr(self, f.name)) for f in fields(self)}
+
+    def replace(self, **sections: Any) -> Config:
+        return dataclasses.replace(self, **sections)
+
+
+SECTIONS: dict[str, type] = {"model": ModelSpec, "data": DataSpec, "lora": LoraSpec, "train": TrainSpec, "hub": HubSpec}
+
+
+def _section_to_dict(section: Any) -> dict[str, Any]:
+    out = {}
+    for f in fields(section):
+        value = getattr(section, f.name)
+        out[f.name] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def _coerce(path: str, annotation: Any, value: Any, problems: list[str]) -> Any:
+    """Check/convert a YAML value against a field's type hint; record a problem when it can't fit."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        non_none = [a for a in args if a is not type(None)]
+        return _coerce(path, non_none[0], value, problems)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [value] if args and args[-1] is Ellipsis else [value]
+        if not isinstance(value, (list, tuple)):
+            problems.append(f"{path}={value!r} must be a list")
+            return value
+        item_type = args[0] if args else Any
+        return tuple(_coerce(path, item_type, v, problems) for v in value)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        problems.append(f"{path}={value!r} must be true or false")
+        return value
+    if annotation in (int, float) and isinstance(value, str):  # YAML 1.1 reads "5e-5" as a string
+        try:
+            value = float(value) if annotation is float or not value.strip().lstrip("+-").isdigit() else int(value)
+        except ValueError:
+            pass
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        problems.append(f"{path}={value!r} must be an integer")
+        return value
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        problems.append(f"{path}={value!r} must be a number")
+        return value
+    if annotation is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        problems.append(f"{path}={value!r} must be a string")
+        return value
+    return value
+
+
+def from_dict(raw: dict[str, Any]) -> Config:
+    """Build a validated Config from nested dicts; unknown keys and bad types are all reported."""
+    problems: list[str] = []
+    if not isinstance(raw, dict):
+        raise ConfigError("the config file must be a mapping of sections (model, data, lora, train, hub)")
+    sections: dict[str, Any] = {}
+    for key in raw:
+        if key not in SECTIONS:
+            problems.append(f"unknown section {key!r}; sections are {', '.join(SECTIONS)}")
+    for name, cls in SECTIONS.items():
+        values = raw.get(name) or {}
+        if not isinstance(values, dict):
+            problems.append(f"section {name!r} must be a mapping")
+            continue
+        hints = typing.get_type_hints(cls)
+        known = {f.name for f in fields(cls)}
+        kwargs = {}
+        for key, value in values.items():
+            if key not in known:
+                close = [k for k in known if k.startswith(key[:4])]
+                hint = f" (did you mean {close[0]}?)" if close else ""
+                problems.append(f"unknown key {name}.{key}{hint}; valid keys: {', '.join(sorted(known))}")
+                continue
+            before = len(problems)
+            coerced = _coerce(f"{name}.{key}", hints[key], value, problems)
+            if len(problems) == before:  # a value of the wrong type keeps the default, so the rest is still checked
+                kwargs[key] = coerced
+        sections[name] = cls(**kwargs)
+    problems += Config(**sections).problems()
+    if problems:
+        raise ConfigError(problems)
+    return Config(**sections)
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, dict[str, Any]]:
+    """``["train.learning_rate=5e-5", "lora.rank=32"]`` -> nested dict (values parsed as YAML)."""
+    import yaml
+
+    nested: dict[str, dict[str, Any]] = {}
+    bad: list[str] = []
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        section, dot, name = key.strip().lstrip("-").partition(".")
+        if not sep or not dot or not name:
+            bad.append(f"override {item!r} must look like section.key=value, e.g. train.learning_rate=5e-5")
+            continue
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            value = text
+        nested.setdefault(section, {})[name] = value
+    if bad:
+        raise ConfigError(bad)
+    return nested
+
+
+def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
+    for section, values in extra.items():
+        if isinstance(values, dict) and isinstance(out.get(section), dict):
+            out[section].update(values)
+        else:
+            out[section] = values
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults <- YAML file <- dotted overrides, validated; every problem reported at once."""
+    import yaml
+
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist; pass --config with a YAML file path")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {exc}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {str(p)!r} must be a mapping of sections (model, data, lora, train, hub)")
+    return from_dict(merge(raw, parse_overrides(overrides or [])))
+
+
+def dump_yaml(config: Config) -> str:
+    import yaml
+
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)

@@ -1,0 +1,137 @@
+"""Every error sd35hub raises on purpose.
+
+Each class carries an ``exit_code`` (what the CLI exits with) and a message that says how to fix
+the problem. Only ``sd35hub.cli`` (and the Space) format them for people; library code raises.
+
+Exit codes (documented in docs/cli.md):
+    1  unexpected internal error (a bug: please report it with SD35HUB_DEBUG=1 output)
+    2  bad configuration or command-line usage
+    3  license of a gated base model not accepted
+    4  not logged in to the Hub / token missing
+    5  repository (model, dataset, adapter) not found or private
+    6  token lacks write permission for the target repository
+    7  dataset problem (no usable samples, column not found, unreadable source)
+    8  model could not be loaded
+    9  adapter incompatible with the base model, unknown format or unsafe file
+    10 Hub request failed after retries (network, server error)
+    11 out of (GPU) memory
+    12 hardware / dependency missing for a requested option
+    130 interrupted (a checkpoint was written when possible)
+"""
+
+from __future__ import annotations
+
+
+class Sd35HubError(Exception):
+    """Base class: a problem the user can fix; the message says how."""
+
+    exit_code: int = 1
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ConfigError(Sd35HubError):
+    """One or more configuration fields are invalid; ``problems`` lists each one."""
+
+    exit_code = 2
+
+    def __init__(self, problems: list[str] | str) -> None:
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        if len(self.problems) == 1:
+            text = f"Invalid configuration: {self.problems[0]}"
+        else:
+            text = f"Invalid configuration ({len(self.problems)} problems):\n" + "\n".join(
+                f"  - {p}" for p in self.problems
+            )
+        super().__init__(text)
+
+
+class LicenseNotAcceptedError(Sd35HubError):
+    exit_code = 3
+
+    def __init__(self, repo_id: str, endpoint: str = "https://huggingface.co") -> None:
+        self.repo_id = repo_id
+        self.url = f"{endpoint.rstrip('/')}/{repo_id}"
+        super().__init__(
+            f"License not accepted for {repo_id}. Accept it at {self.url} "
+            "(log in, read the Stability AI Community License, click 'Agree') and run again."
+        )
+
+
+class NotLoggedInError(Sd35HubError):
+    exit_code = 4
+
+    def __init__(self, what: str = "this action") -> None:
+        super().__init__(
+            f"You are not logged in to the Hugging Face Hub, which {what} needs. "
+            "Set HF_TOKEN, or run `hf auth login`, or in Colab add HF_TOKEN under Secrets (the key icon) "
+            "and enable notebook access; then run again."
+        )
+
+
+class RepoNotFoundError(Sd35HubError):
+    exit_code = 5
+
+    def __init__(self, repo_id: str, repo_type: str = "model", detail: str = "") -> None:
+        self.repo_id = repo_id
+        super().__init__(
+            f"The {repo_type} repository {repo_id!r} does not exist or is private and your token cannot see it. "
+            f"Check the spelling, or log in with a token that has access.{(' ' + detail) if detail else ''}"
+        )
+
+
+class WritePermissionError(Sd35HubError):
+    exit_code = 6
+
+    def __init__(self, repo_id: str, detail: str = "") -> None:
+        self.repo_id = repo_id
+        super().__init__(
+            f"Your token cannot write to {repo_id}. {detail + ' ' if detail else ''}"
+            "Create a token with the 'write' role (or a fine-grained token with write access to this "
+            "namespace) at https://huggingface.co/settings/tokens and log in with it."
+        )
+
+
+class DatasetError(Sd35HubError):
+    exit_code = 7
+
+
+class ModelLoadError(Sd35HubError):
+    exit_code = 8
+
+
+class AdapterError(Sd35HubError):
+    exit_code = 9
+
+
+class AdapterIncompatibleError(AdapterError):
+    """An adapter was trained for another base architecture than the one it is applied to."""
+
+
+class UnsafeFileError(AdapterError):
+    """A pickled file (.bin/.pt/.ckpt/.pth) was offered: sd35hub only loads safetensors."""
+
+
+class HubRequestError(Sd35HubError):
+    exit_code = 10
+
+
+class OutOfMemoryError(Sd35HubError):
+    exit_code = 11
+
+
+class MissingDependencyError(Sd35HubError):
+    exit_code = 12
+
+    def __init__(self, package: str, feature: str, extra: str | None = None) -> None:
+        how = f"pip install 'sd35hub[{extra}]'" if extra else f"pip install {package}"
+        super().__init__(f"{feature} needs the package {package!r}, which is not installed. Run: {how}")
+
+
+class TrainingInterrupted(Sd35HubError):
+    exit_code = 130
