@@ -1,9 +1,42 @@
-"""CLI commands for this area (filled in by its issue)."""
+"""`sd35hub bench`: what this machine's GPU does per training step, next to the reference step."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import typer
 
 
 def register(app: typer.Typer) -> None:
-    return None
+    @app.command()
+    def bench(
+        model: str = typer.Option("tiny", "--model", help="tiny | medium | large (full-size, random weights)."),
+        profile: str = typer.Option("auto", "--profile", help="Our step per hardware profile: auto | h100 | a100-80 | t4 | cpu."),
+        reference: str = typer.Option("eager", "--reference", help="Reference step: eager | checkpointing | nf4."),
+        resolution: int = typer.Option(0, "--resolution", help="512 | 768 | 1024 (default 1024; tiny: 128)."),
+        batch: int = typer.Option(1, "--batch"),
+        rank: int = typer.Option(16, "--rank"),
+        steps: int = typer.Option(10, "--steps", help="Timed steps (median reported)."),
+        warmup: int = typer.Option(3, "--warmup", help="Untimed steps first (compile happens here)."),
+        json_out: Path | None = typer.Option(None, "--json", help="Also write the results as JSON."),
+    ) -> None:
+        """Time the training step (s/step, samples/s, peak GPU memory, TFLOP/s) against the reference."""
+        from sd35hub import bench as bench_mod
+        from sd35hub.errors import ConfigError
+
+        problems = []
+        if reference not in bench_mod.REFERENCE_STEPS:
+            problems.append(f"--reference {reference!r} is not one of {', '.join(bench_mod.REFERENCE_STEPS)}")
+        if profile != "auto" and profile not in bench_mod.PROFILE_STEPS:
+            problems.append(f"--profile {profile!r} is not one of auto, {', '.join(bench_mod.PROFILE_STEPS)}")
+        if resolution and resolution % 64:
+            problems.append(f"--resolution {resolution} must be a multiple of 64 (512, 768, 1024)")
+        if problems:
+            raise ConfigError(problems)
+        results = bench_mod.bench(
+            model, profile=profile, reference=reference, resolution=resolution or None, batch=batch, rank=rank,
+            steps=steps, warmup=warmup,
+        )
+        typer.echo(bench_mod.format_table(results))
+        if json_out:
+            json_out.write_text(bench_mod.results_json(results))

@@ -1,0 +1,311 @@
+"""`sd35hub bench`: training-step time and peak memory, ours next to a reference step, same run.
+
+The transformer is built from the real SD3.5 Medium / Large configs with random weights (nothing
+is downloaded). Inputs are what a cached training step sees: latents [b, 16, res/8, res/8],
+prompt_embeds [b, 154, 4096] (77 CLIP + 77 T5 tokens), pooled_prompt_embeds [b, 2048].
+
+- reference: the step the way diffusers' train_dreambooth_lora_sd3.py does it (bf16 weights,
+  ``add_adapter`` LoRA, autocast, eager, default AdamW), optionally with its gradient
+  checkpointing or bitsandbytes NF4 base;
+- ours: the step sd35hub's trainer runs for the chosen hardware profile (see PROFILE_STEPS).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+ATTENTION_TARGETS = [
+    "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+    "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
+]
+
+# Public SD3.5 transformer configs (transformer/config.json of the Hub repos).
+SD35_CONFIGS: dict[str, dict[str, Any]] = {
+    "large": dict(
+        sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=38, attention_head_dim=64,
+        num_attention_heads=38, joint_attention_dim=4096, caption_projection_dim=2432,
+        pooled_projection_dim=2048, pos_embed_max_size=192, qk_norm="rms_norm",
+    ),
+    "medium": dict(
+        sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+        num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+        pooled_projection_dim=2048, pos_embed_max_size=384, qk_norm="rms_norm",
+        dual_attention_layers=tuple(range(13)),
+    ),
+}
+
+
+@dataclass(frozen=True)
+class StepVariant:
+    """How one training step is run."""
+
+    name: str
+    compile: bool = False  # torch.compile each block (regional)
+    checkpoint_every: int = 0  # 0 = no gradient checkpointing, 1 = every block, k = every k-th block
+    quantize: str = "none"  # none | nf4 (bitsandbytes, frozen base)
+    attention: str = "auto"  # SDPA backend: auto | cudnn | flash
+    fp32_lora: bool = True  # LoRA master weights in fp32 under bf16 autocast
+    fused_adamw: bool = False
+    reference: bool = False
+
+
+REFERENCE_STEPS = {
+    "eager": StepVariant("reference eager", reference=True, fp32_lora=False),
+    "checkpointing": StepVariant("reference + checkpointing", reference=True, fp32_lora=False, checkpoint_every=1),
+    "nf4": StepVariant("reference NF4 + checkpointing", reference=True, fp32_lora=False, checkpoint_every=1, quantize="nf4"),
+}
+
+# The step our trainer runs per hardware profile (sd35hub.hardware uses the same choices).
+PROFILE_STEPS = {
+    "h100": StepVariant("sd35hub h100", compile=True, attention="cudnn", fused_adamw=True),
+    "a100-80": StepVariant("sd35hub a100-80", compile=True, attention="flash", fused_adamw=True),
+    "t4": StepVariant("sd35hub t4 (16 GB)", compile=True, attention="cudnn", fused_adamw=True, quantize="nf4", checkpoint_every=1),
+    "cpu": StepVariant("sd35hub cpu", fused_adamw=False),
+}
+
+
+@dataclass
+class BenchResult:
+    variant: str
+    model: str
+    resolution: int
+    batch: int
+    rank: int
+    s_per_step: float
+    samples_per_s: float
+    peak_gib: float
+    tflops: float | None
+    warmup_s: float
+    steps: int
+    loss_start: float
+    loss_end: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def transformer_config(model: str) -> dict[str, Any]:
+    if model == "tiny":
+        from sd35hub.models.tiny import tiny_model_path
+
+        cfg = json.loads((tiny_model_path() / "transformer" / "config.json").read_text())
+        return {k: v for k, v in cfg.items() if not k.startswith("_")}
+    if model not in SD35_CONFIGS:
+        from sd35hub.errors import ConfigError
+
+        raise ConfigError(f"bench --model {model!r} is not one of tiny, medium, large")
+    return dict(SD35_CONFIGS[model])
+
+
+def build_transformer(model: str, variant: StepVariant, device: Any, dtype: Any) -> Any:
+    """Random-init transformer with the real config, LoRA-free, frozen, on ``device``."""
+    import torch
+    from diffusers import SD3Transformer2DModel
+
+    cfg = transformer_config(model)
+    torch.manual_seed(0)
+    if variant.quantize == "nf4":
+        return _build_nf4_transformer(cfg, device, dtype)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # init directly in bf16: Large is 8B params (16 GB, not 32)
+    try:
+        with torch.device(device):
+            transformer = SD3Transformer2DModel(**cfg)
+    finally:
+        torch.set_default_dtype(previous)
+    transformer.requires_grad_(False)
+    return transformer
+
+
+def _build_nf4_transformer(cfg: dict[str, Any], device: Any, dtype: Any) -> Any:
+    """bitsandbytes NF4 base through diffusers' own quantizer (what from_pretrained does with a
+    BitsAndBytesConfig), applied to a random-init model built on the meta device."""
+    import tempfile
+
+    import torch
+    from diffusers import BitsAndBytesConfig, SD3Transformer2DModel
+
+    with tempfile.TemporaryDirectory() as tmp:
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            with torch.device("cpu"):
+                model = SD3Transformer2DModel(**cfg)
+        finally:
+            torch.set_default_dtype(previous)
+        model.save_pretrained(tmp)
+        del model
+        gc.collect()
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+        transformer = SD3Transformer2DModel.from_pretrained(tmp, quantization_config=quant, dtype=dtype, device_map={"": device})
+    transformer.requires_grad_(False)
+    return transformer
+
+
+def make_inputs(cfg: dict[str, Any], resolution: int, batch: int, device: Any, dtype: Any, text_tokens: int = 154) -> dict[str, Any]:
+    import torch
+
+    g = torch.Generator(device="cpu").manual_seed(1)
+    side = resolution // 8
+    return {
+        "latents": torch.randn(batch, cfg["in_channels"], side, side, generator=g).to(device, dtype),
+        "noise": torch.randn(batch, cfg["in_channels"], side, side, generator=g).to(device, dtype),
+        "prompt_embeds": torch.randn(batch, text_tokens, cfg["joint_attention_dim"], generator=g).to(device, dtype),
+        "pooled_prompt_embeds": torch.randn(batch, cfg["pooled_projection_dim"], generator=g).to(device, dtype),
+        "sigmas": torch.sigmoid(torch.randn(batch, generator=g)).to(device),
+    }
+
+
+def _loss(transformer: Any, inputs: dict[str, Any]) -> Any:
+    """Rectified-flow loss: noisy = (1-σ)·x0 + σ·noise, target = noise − x0 (fp32 MSE)."""
+    sigmas = inputs["sigmas"].view(-1, 1, 1, 1)
+    x0, noise = inputs["latents"], inputs["noise"]
+    noisy = ((1.0 - sigmas) * x0 + sigmas * noise).to(x0.dtype)
+    pred = transformer(
+        hidden_states=noisy, timestep=inputs["sigmas"] * 1000.0, encoder_hidden_states=inputs["prompt_embeds"],
+        pooled_projections=inputs["pooled_prompt_embeds"], return_dict=False,
+    )[0]
+    return ((pred.float() - (noise - x0).float()) ** 2).mean()
+
+
+def prepare(transformer: Any, variant: StepVariant, rank: int) -> tuple[Any, Callable[[dict[str, Any]], float]]:
+    """Attach LoRA and apply the variant's speed knobs; returns (optimizer, step function)."""
+    import torch
+    from peft import LoraConfig
+
+    from sd35hub.train import speed
+
+    transformer.add_adapter(
+        LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=ATTENTION_TARGETS)
+    )
+    params = [p for p in transformer.parameters() if p.requires_grad]
+    if variant.fp32_lora:
+        for p in params:
+            p.data = p.data.float()
+    if variant.checkpoint_every:
+        if variant.reference:
+            transformer.enable_gradient_checkpointing()
+        else:
+            speed.checkpoint_blocks(transformer, variant.checkpoint_every)
+    if variant.compile:
+        speed.compile_blocks(transformer)
+    speed.enable_tf32() if not variant.reference else None
+    opt_kwargs = speed.fused_adamw_kwargs(params) if variant.fused_adamw else {}
+    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-4, **opt_kwargs)
+    device_type = "cuda" if params and params[0].is_cuda else "cpu"
+
+    def step(inputs: dict[str, Any]) -> float:
+        with speed.attention_backend(variant.attention):
+            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=device_type == "cuda"):
+                loss = _loss(transformer, inputs)
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return optimizer, step
+
+
+def count_flops(transformer: Any, inputs: dict[str, Any]) -> float:
+    """FLOPs of one forward + backward (matmuls and attention), counted by PyTorch on this input."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter, torch.autocast(inputs["latents"].device.type, dtype=torch.bfloat16, enabled=inputs["latents"].is_cuda):
+        _loss(transformer, inputs).backward()
+    for p in transformer.parameters():
+        p.grad = None
+    return float(counter.get_total_flops())
+
+
+def run_variant(model: str, variant: StepVariant, *, resolution: int, batch: int, rank: int, steps: int,
+                warmup: int, device: str, count: bool = True) -> BenchResult:
+    import torch
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    transformer = build_transformer(model, variant, device, dtype)
+    cfg = transformer_config(model)
+    inputs = make_inputs(cfg, resolution, batch, device, dtype)
+    _, step = prepare(transformer, variant, rank)
+    flops = count_flops(transformer, inputs) if count and not variant.compile else None
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    t0 = time.perf_counter()
+    loss_start = float(step(inputs))
+    for _ in range(max(warmup - 1, 0)):
+        step(inputs)
+    sync()
+    warmup_s = time.perf_counter() - t0
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    loss = loss_start
+    for _ in range(steps):
+        t = time.perf_counter()
+        loss = step(inputs)
+        sync()
+        times.append(time.perf_counter() - t)
+    s_per_step = sorted(times)[len(times) // 2]
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
+    result = BenchResult(
+        variant=variant.name, model=model, resolution=resolution, batch=batch, rank=rank, s_per_step=s_per_step,
+        samples_per_s=batch / s_per_step, peak_gib=peak, tflops=(flops / s_per_step / 1e12) if flops else None,
+        warmup_s=warmup_s, steps=steps, loss_start=loss_start, loss_end=float(loss), extra={"flops": flops},
+    )
+    del transformer, step, inputs
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def bench(model: str = "tiny", *, profile: str = "auto", reference: str = "eager", resolution: int | None = None,
+          batch: int = 1, rank: int = 16, steps: int = 10, warmup: int = 3,
+          variants: list[StepVariant] | None = None) -> list[BenchResult]:
+    """Run the reference step and ours in the same process; results in that order."""
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if profile == "auto":
+        profile = "h100" if device == "cuda" else "cpu"
+    if resolution is None:
+        resolution = 1024 if model != "tiny" else 128
+    chosen = variants or [REFERENCE_STEPS[reference], PROFILE_STEPS[profile]]
+    results = []
+    flops = None
+    for variant in chosen:
+        r = run_variant(model, variant, resolution=resolution, batch=batch, rank=rank, steps=steps, warmup=warmup,
+                        device=device, count=flops is None)
+        flops = flops or r.extra.get("flops")
+        if r.tflops is None and flops:
+            r.tflops = flops / r.s_per_step / 1e12
+            r.extra["flops"] = flops
+        results.append(r)
+    return results
+
+
+def format_table(results: list[BenchResult]) -> str:
+    base = results[0].s_per_step if results else math.nan
+    lines = [
+        f"{'variant':34s} {'model':6s} {'res':>5s} {'b':>2s} {'s/step':>8s} {'samples/s':>9s} {'peak GiB':>8s} "
+        f"{'TFLOP/s':>8s} {'vs ref':>7s} {'warmup s':>8s}"
+    ]
+    for r in results:
+        tf = f"{r.tflops:8.1f}" if r.tflops else f"{'-':>8s}"
+        lines.append(
+            f"{r.variant:34s} {r.model:6s} {r.resolution:5d} {r.batch:2d} {r.s_per_step:8.4f} {r.samples_per_s:9.2f} "
+            f"{r.peak_gib:8.2f} {tf} {base / r.s_per_step:6.2f}x {r.warmup_s:8.1f}"
+        )
+    return "\n".join(lines)
+
+
+def results_json(results: list[BenchResult]) -> str:
+    return json.dumps([asdict(r) for r in results], indent=2)

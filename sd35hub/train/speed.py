@@ -1,0 +1,94 @@
+"""Speed and memory knobs for the SD3 transformer training step.
+
+Each function changes one thing and says why; the hardware profiles and `sd35hub bench` pick
+which ones to apply. Measurements behind the defaults are in docs/performance.md and
+benchmarks/NOTES.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+
+ATTENTION_BACKENDS = ("auto", "cudnn", "flash", "efficient", "math")
+
+
+def compile_blocks(transformer: Any, *, mode: str | None = None, fullgraph: bool = False) -> int:
+    """torch.compile each transformer block in place ("regional compilation").
+
+    The blocks share one code path, so dynamo traces it once per block *kind* (normal,
+    dual-attention, the last context_pre_only block) and reuses the graph for all of them: warm-up
+    is a few graphs instead of the whole 38-block model, and inductor's on-disk cache makes later
+    runs start faster still. Returns the number of blocks compiled.
+    """
+    blocks = transformer.transformer_blocks
+    for block in blocks:
+        block.compile(mode=mode, fullgraph=fullgraph, dynamic=False)
+    return len(blocks)
+
+
+def checkpoint_blocks(transformer: Any, every: int = 1) -> list[int]:
+    """Gradient checkpointing on every ``every``-th block only (1 = all blocks, like diffusers).
+
+    Checkpointing a block frees its activations after the forward pass and recomputes them in the
+    backward (~1/3 more compute for that block). Checkpointing only a fraction of the blocks buys
+    most of the memory back at a fraction of the recompute cost. Returns the checkpointed indices.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    if every < 1:
+        transformer.gradient_checkpointing = False
+        return []
+    chosen = {id(b) for i, b in enumerate(transformer.transformer_blocks) if i % every == 0}
+
+    def _maybe_checkpoint(block: Any, *args: Any) -> Any:
+        if id(block) in chosen:
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
+    transformer.gradient_checkpointing = True
+    transformer._gradient_checkpointing_func = _maybe_checkpoint
+    return [i for i, b in enumerate(transformer.transformer_blocks) if id(b) in chosen]
+
+
+@contextlib.contextmanager
+def attention_backend(name: str = "auto") -> Iterator[None]:
+    """Choose the fused attention kernel PyTorch's SDPA dispatches to, for forward and backward.
+
+    "cudnn" (cuDNN's fused flash attention) is the fastest bf16 attention on Hopper at SD3.5's
+    sequence lengths (~4k tokens at 1024 px); flash / efficient stay as fallbacks for shapes or
+    dtypes cuDNN refuses. "auto" leaves PyTorch's default order.
+    """
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention backend {name!r} is not one of {ATTENTION_BACKENDS}")
+    if name == "auto" or not torch.cuda.is_available():
+        yield
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    order = {
+        "cudnn": [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION],
+        "flash": [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION],
+        "efficient": [SDPBackend.EFFICIENT_ATTENTION],
+        "math": [SDPBackend.MATH],
+    }[name]
+    with sdpa_kernel(order, set_priority=True):
+        yield
+
+
+def enable_tf32() -> None:
+    """Allow TF32 for any fp32 matmul left (LoRA master weights, loss): ~8x faster, ~1e-3 rel error."""
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def fused_adamw_kwargs(params: Iterable[torch.Tensor]) -> dict[str, Any]:
+    """AdamW as one fused kernel over all LoRA tensors when they all live on a CUDA device."""
+    params = list(params)
+    if params and all(p.is_cuda for p in params):
+        return {"fused": True}
+    return {}
