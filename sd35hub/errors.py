@@ -133,5 +133,11 @@ class MissingDependencyError(Sd35HubError):
         super().__init__(f"{feature} needs the package {package!r}, which is not installed. Run: {how}")
 
 
+class HardwareError(Sd35HubError):
+    """A requested option needs hardware this machine lacks (e.g. bitsandbytes quantization without CUDA)."""
+
+    exit_code = 12
+
+
 class TrainingInterrupted(Sd35HubError):
     exit_code = 130
