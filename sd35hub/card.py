@@ -1,0 +1,284 @@
+"""The model card (README.md) of a trained adapter, from summary.json and sd35hub/templates/model_card.md.
+
+The card is a huggingface_hub ``ModelCard``: YAML metadata the Hub understands (base model with
+``base_model_relation: adapter``, the Stability AI Community License, sd3.5 tags, trigger words,
+a widget gallery) and a body rendered from a Jinja2 template. Image links point where the files
+will be: ``images/...`` in a published repo, ``samples/...`` next to a local README.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any
+
+from sd35hub.errors import ConfigError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from huggingface_hub import ModelCard
+
+logger = logging.getLogger(__name__)
+
+TEMPLATE_PATH = Path(__file__).parent / "templates" / "model_card.md"
+HUB_URL = "https://huggingface.co"  # cards link to the public Hub even when published to a mirror
+ADAPTER_FILE_IN_REPO = "pytorch_lora_weights.safetensors"
+LICENSE_NAME = "stabilityai-ai-community"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_VARIANT_LABELS = {
+    "sd3.5-medium": "Stable Diffusion 3.5 Medium",
+    "sd3.5-large": "Stable Diffusion 3.5 Large",
+    "sd3.5-large-turbo": "Stable Diffusion 3.5 Large Turbo",
+    "tiny": "the tiny SD3.5-architecture test model of sd35hub",
+}
+
+
+def is_hub_id(value: str | None) -> bool:
+    """True for ``owner/name`` that is not an existing local path (``./data`` or ``/content/x`` are local)."""
+    if not value or not _HUB_ID.match(value) or value.startswith((".", "~")):
+        return False
+    return not Path(value).exists()
+
+
+def variant_from_base(base_model: str) -> str | None:
+    """sd3.5-medium / sd3.5-large / sd3.5-large-turbo from a base repo name (None if unknown)."""
+    name = base_model.lower()
+    if "3.5-large-turbo" in name or "3_5_large_turbo" in name:
+        return "sd3.5-large-turbo"
+    if "3.5-large" in name or "3_5_large" in name:
+        return "sd3.5-large"
+    if "3.5-medium" in name or "3_5_medium" in name:
+        return "sd3.5-medium"
+    return None
+
+
+def repo_image_path(local_path: str) -> str:
+    """Where a sample image from the output folder lives in the published repo: ``images/<name>``."""
+    parts = PurePosixPath(local_path.replace("\\", "/")).parts
+    if parts and parts[0] == "samples":
+        parts = parts[1:]
+    return str(PurePosixPath("images", *parts)) if parts else "images"
+
+
+@dataclass(frozen=True)
+class ValidationImage:
+    path: str  # relative to the output folder, e.g. samples/step_100_0.png
+    prompt: str
+
+
+@dataclass(frozen=True)
+class CardInfo:
+    """Everything the card says; built from summary.json by ``from_output_dir`` or by hand."""
+
+    base_model: str
+    variant: str | None = None  # "sd3.5-medium" | "sd3.5-large" | "sd3.5-large-turbo" | "tiny"
+    adapter_file: str = f"adapter/{ADAPTER_FILE_IN_REPO}"  # relative to the output folder
+    trigger_word: str | None = None
+    dataset: str | None = None
+    steps: int | None = None
+    epochs: float | None = None
+    samples_seen: int | None = None
+    final_loss: float | None = None
+    validation_loss: float | None = None
+    initial_validation_loss: float | None = None
+    resolution_buckets: list[tuple[int, int]] = field(default_factory=list)
+    skipped: dict[str, int] = field(default_factory=dict)
+    validation_images: list[ValidationImage] = field(default_factory=list)
+    loss_plot: str | None = None
+    precision: str | None = None
+    quantization: str | None = None
+    seed: int | None = None
+    lora: dict[str, Any] = field(default_factory=dict)  # rank, alpha, targets, dropout, blocks
+    learning_rate: float | None = None
+    optimizer: str | None = None
+    batch_size: int | None = None
+    gradient_accumulation: int | None = None
+    duration_s: float | None = None
+    peak_memory_gib: float | None = None
+    sd35hub_version: str | None = None
+
+    @property
+    def resolved_variant(self) -> str | None:
+        return self.variant or variant_from_base(self.base_model)
+
+    @classmethod
+    def from_summary(cls, summary: dict[str, Any]) -> CardInfo:
+        """Tolerant of missing optional keys; unknown keys are ignored."""
+        if not summary.get("base_model"):
+            raise ConfigError("summary.json has no 'base_model': was it written by `sd35hub train`?")
+        images = [
+            ValidationImage(path=str(item["path"]), prompt=str(item.get("prompt") or ""))
+            for item in summary.get("validation_images") or []
+            if isinstance(item, dict) and item.get("path")
+        ]
+        known = set(cls.__dataclass_fields__)
+        values = {k: v for k, v in summary.items() if k in known and v is not None}
+        values["validation_images"] = images
+        values["resolution_buckets"] = [tuple(int(x) for x in wh) for wh in summary.get("resolution_buckets") or []]
+        values["skipped"] = {str(k): int(v) for k, v in (summary.get("skipped") or {}).items() if int(v) > 0}
+        values["lora"] = dict(summary.get("lora") or {})
+        return cls(**values)
+
+    @classmethod
+    def from_output_dir(cls, output_dir: str | Path) -> CardInfo:
+        """Read OUTPUT/summary.json; images and plots that are not on disk are left out of the card."""
+        output_dir = Path(output_dir)
+        summary_path = output_dir / "summary.json"
+        if not summary_path.is_file():
+            raise ConfigError(
+                f"{output_dir} has no summary.json: point at the output folder of `sd35hub train` "
+                "(the one with adapter/, samples/ and summary.json)."
+            )
+        try:
+            summary = json.loads(summary_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{summary_path} is not valid JSON ({exc}); rerun training or fix the file.") from exc
+        info = cls.from_summary(summary)
+        kept = [image for image in info.validation_images if (output_dir / image.path).is_file()]
+        for image in info.validation_images:
+            if image not in kept:
+                logger.warning("validation image %s listed in summary.json is missing; left out of the card", image.path)
+        loss_plot = summary.get("loss_plot", "loss.png")
+        loss_plot = loss_plot if loss_plot and (output_dir / loss_plot).is_file() else None
+        from dataclasses import replace
+
+        return replace(info, validation_images=kept, loss_plot=loss_plot)
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if isinstance(value, float):
+        return f"{value:.{digits}g}"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(f"`{v}`" for v in value) if value else "—"
+    return str(value)
+
+
+def _settings(info: CardInfo) -> list[tuple[str, str]]:
+    lora = info.lora
+    rows: list[tuple[str, Any]] = [
+        ("LoRA rank", lora.get("rank")),
+        ("LoRA alpha", lora.get("alpha")),
+        ("target modules", lora.get("targets")),
+        ("LoRA dropout", lora.get("dropout")),
+        ("transformer blocks", lora.get("blocks")),
+        ("steps", info.steps),
+        ("epochs", info.epochs),
+        ("images seen", info.samples_seen),
+        ("resolution buckets", [f"{w}×{h}" for w, h in info.resolution_buckets] or None),
+        ("learning rate", info.learning_rate),
+        ("optimizer", info.optimizer),
+        ("batch size", info.batch_size),
+        ("gradient accumulation", info.gradient_accumulation),
+        ("precision", info.precision),
+        ("quantization", info.quantization or ("none" if info.precision else None)),
+        ("seed", info.seed),
+        ("training time", f"{info.duration_s / 60:.1f} min" if info.duration_s is not None else None),
+        ("peak GPU memory", f"{info.peak_memory_gib:.1f} GiB" if info.peak_memory_gib is not None else None),
+        ("sd35hub version", info.sd35hub_version),
+    ]
+    return [(name, _fmt(value)) for name, value in rows if value is not None and value != ""]
+
+
+def _results(info: CardInfo) -> list[tuple[str, str]]:
+    rows = [
+        ("final training loss", info.final_loss),
+        ("validation loss before training", info.initial_validation_loss),
+        ("validation loss after training", info.validation_loss),
+    ]
+    return [(name, _fmt(value)) for name, value in rows if value is not None]
+
+
+def _snippet(info: CardInfo, source: str, adapter_name: str, prompt: str) -> str:
+    turbo = info.resolved_variant == "sd3.5-large-turbo"
+    steps, guidance = (4, 0.0) if turbo else (28, 4.5 if info.resolved_variant == "sd3.5-medium" else 3.5)
+    return "\n".join(
+        [
+            "import torch",
+            "from diffusers import StableDiffusion3Pipeline",
+            "",
+            f'pipe = StableDiffusion3Pipeline.from_pretrained("{info.base_model}", dtype=torch.bfloat16).to("cuda")',
+            f'pipe.load_lora_weights("{source}", weight_name="{ADAPTER_FILE_IN_REPO}", adapter_name="{adapter_name}")',
+            f'pipe.set_adapters(["{adapter_name}"], [1.0])',
+            f"image = pipe({json.dumps(prompt, ensure_ascii=False)}, num_inference_steps={steps}, guidance_scale={guidance}).images[0]",
+            'image.save("sample.png")',
+        ]
+    )
+
+
+def build_model_card(info: CardInfo, *, repo_id: str | None) -> ModelCard:
+    """The card for ``repo_id`` (image links under images/), or a local card (links under samples/)."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    for_repo = repo_id is not None
+    variant = info.resolved_variant
+    base_is_hub = is_hub_id(info.base_model)
+    license_link = f"{HUB_URL}/{info.base_model}/blob/main/LICENSE.md"
+    tags = ["lora", "diffusers", "text-to-image", "sd3.5"]
+    if variant in ("sd3.5-medium", "sd3.5-large"):
+        tags.append(variant)
+    elif variant == "sd3.5-large-turbo":
+        tags += ["sd3.5-large", "sd3.5-large-turbo"]
+    tags += ["template:sd-lora", "sd35hub"]
+
+    def link(path: str) -> str:
+        return repo_image_path(path) if for_repo else path
+
+    gallery = [{"path": link(img.path), "prompt": img.prompt} for img in info.validation_images]
+    widget = [{"text": img["prompt"], "output": {"url": img["path"]}} for img in gallery]
+    dataset_is_hub = is_hub_id(info.dataset)
+    card_data = ModelCardData(
+        base_model=info.base_model if base_is_hub else None,
+        library_name="diffusers",
+        license="other",
+        license_name=LICENSE_NAME,
+        license_link=license_link,
+        pipeline_tag="text-to-image",
+        tags=tags,
+        datasets=[info.dataset] if dataset_is_hub else None,
+        base_model_relation="adapter" if base_is_hub else None,
+        instance_prompt=info.trigger_word or None,
+        widget=widget or None,
+    )
+    name = repo_id.split("/")[-1] if repo_id else None
+    adapter_name = re.sub(r"\W+", "_", name or "my_lora").strip("_").lower() or "my_lora"
+    if for_repo:
+        source = repo_id
+    else:  # a local README sits next to adapter/: load from that folder
+        source = str(PurePosixPath(info.adapter_file).parent)
+    prompt = info.validation_images[0].prompt if info.validation_images else (info.trigger_word or "a photo")
+    if info.trigger_word and info.trigger_word not in prompt:
+        prompt = f"{info.trigger_word}, {prompt}"
+    if not dataset_is_hub and info.dataset:
+        dataset_text = "a local dataset"
+    else:
+        dataset_text = f"[{info.dataset}]({HUB_URL}/datasets/{info.dataset})" if info.dataset else ""
+    card = ModelCard.from_template(
+        card_data,
+        template_path=str(TEMPLATE_PATH),
+        title=name or f"{_VARIANT_LABELS.get(variant or '', 'SD3.5')} LoRA",
+        base_model_url=f"{HUB_URL}/{info.base_model}" if base_is_hub else HUB_URL,
+        variant_label=_VARIANT_LABELS.get(variant or "", "Stable Diffusion 3.5"),
+        dataset_text=dataset_text,
+        trigger_word=info.trigger_word,
+        gallery=[{**img, "prompt_md": img["prompt"].replace("|", "\\|") or "—"} for img in gallery],
+        snippet=_snippet(info, source, adapter_name, prompt),
+        adapter_name=adapter_name,
+        settings=_settings(info),
+        results=_results(info),
+        loss_plot=(link(info.loss_plot) if for_repo and info.loss_plot else info.loss_plot),
+        skipped=sorted(info.skipped.items()),
+    )
+    return card
+
+
+def write_model_card(output_dir: str | Path, repo_id: str | None = None) -> Path:
+    """Write OUTPUT/README.md from OUTPUT/summary.json (atomically) and return its path."""
+    output_dir = Path(output_dir)
+    card = build_model_card(CardInfo.from_output_dir(output_dir), repo_id=repo_id)
+    target = output_dir / "README.md"
+    partial = target.with_name("README.md.partial")
+    partial.write_text(str(card), encoding="utf-8")
+    partial.replace(target)
+    return target

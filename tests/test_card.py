@@ -1,0 +1,129 @@
+"""Model card: Hub metadata that validates and round-trips, body facts, tolerance of partial summaries."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from huggingface_hub import ModelCard, ModelCardData
+from training_output import BASE_MODEL, make_training_output
+
+from sd35hub.card import CardInfo, build_model_card, repo_image_path, variant_from_base, write_model_card
+from sd35hub.errors import ConfigError
+
+
+@pytest.fixture()
+def output_dir(tmp_path: Path) -> Path:
+    return make_training_output(tmp_path / "out")
+
+
+def test_card_metadata_round_trips_through_model_card_load(output_dir: Path) -> None:
+    path = write_model_card(output_dir, repo_id="alice/naruto-style")
+    card = ModelCard.load(path)  # parses YAML front matter into ModelCardData
+    assert isinstance(card.data, ModelCardData)
+    data = card.data.to_dict()
+    assert data["base_model"] == BASE_MODEL
+    assert data["base_model_relation"] == "adapter"
+    assert data["license"] == "other"
+    assert data["license_name"] == "stabilityai-ai-community"
+    assert data["license_link"] == f"https://huggingface.co/{BASE_MODEL}/blob/main/LICENSE.md"
+    assert data["library_name"] == "diffusers"
+    assert data["pipeline_tag"] == "text-to-image"
+    assert {"lora", "diffusers", "text-to-image", "sd3.5", "sd3.5-medium", "template:sd-lora"} <= set(data["tags"])
+    assert not {"sd3", "SD3", "sd3.5-large"} & set(data["tags"])
+    assert data["instance_prompt"] == "sks style"
+    assert data["datasets"] == ["lambdalabs/naruto-blip-captions"]
+    assert data["widget"] == [
+        {"text": "sks style, a red fox", "output": {"url": "images/val_0.png"}},
+        {"text": "sks style, a blue | lake", "output": {"url": "images/val_1.png"}},
+    ]
+    # Re-serialising the loaded card gives the same metadata: nothing is lost in the YAML round trip.
+    assert ModelCard(str(card)).data.to_dict() == data
+
+
+def test_card_body_has_snippet_settings_losses_license_and_skips(output_dir: Path) -> None:
+    text = str(build_model_card(CardInfo.from_output_dir(output_dir), repo_id="alice/naruto-style"))
+    body = text.split("\n---\n", 1)[1]
+    assert f'StableDiffusion3Pipeline.from_pretrained("{BASE_MODEL}", dtype=torch.bfloat16)' in body
+    assert (
+        'pipe.load_lora_weights("alice/naruto-style", weight_name="pytorch_lora_weights.safetensors", '
+        'adapter_name="naruto_style")' in body
+    )
+    assert 'pipe.set_adapters(["naruto_style"], [1.0])' in body
+    for row in ("| LoRA rank | 16 |", "| LoRA alpha | 16 |", "| steps | 500 |", "| learning rate | 0.0001 |",
+                "| precision | bf16 |", "| seed | 42 |", "`1024×1024`, `1216×832`", "`to_out.0`",
+                "| final training loss | 0.1234 |", "| validation loss after training | 0.2 |",
+                "| corrupt image | 2 |", "| empty caption | 1 |"):
+        assert row in body, row
+    assert "![training loss](images/loss.png)" in body
+    assert "![sample 1](images/val_0.png)" in body
+    assert "(https://huggingface.co/datasets/lambdalabs/naruto-blip-captions)" in body
+    assert "USD 1M" in body and "https://stability.ai/community-license-agreement" in body
+    assert "Enterprise" in body
+
+
+def test_snippet_compiles(output_dir: Path) -> None:
+    text = str(build_model_card(CardInfo.from_output_dir(output_dir), repo_id="alice/x"))
+    snippet = text.split("```python\n", 1)[1].split("```", 1)[0]
+    compile(snippet, "card-snippet", "exec")
+
+
+def test_local_card_links_files_next_to_it(output_dir: Path) -> None:
+    text = write_model_card(output_dir).read_text(encoding="utf-8")
+    assert "](samples/val_0.png)" in text and "](loss.png)" in text
+    assert 'load_lora_weights("adapter", weight_name="pytorch_lora_weights.safetensors"' in text
+    for link in ("samples/val_0.png", "samples/val_1.png", "loss.png", "adapter/pytorch_lora_weights.safetensors"):
+        assert (output_dir / link).is_file()
+
+
+@pytest.mark.parametrize(
+    ("base", "variant", "expected_tags", "steps"),
+    [
+        ("stabilityai/stable-diffusion-3.5-large", None, {"sd3.5-large"}, 28),
+        ("stabilityai/stable-diffusion-3.5-large-turbo", None, {"sd3.5-large", "sd3.5-large-turbo"}, 4),
+        ("someone/finetune-of-medium", "sd3.5-medium", {"sd3.5-medium"}, 28),
+    ],
+)
+def test_variant_tags_and_sampler_defaults(
+    tmp_path: Path, base: str, variant: str | None, expected_tags: set[str], steps: int
+) -> None:
+    out = make_training_output(tmp_path / "o", base_model=base, variant=variant)
+    card = ModelCard(str(build_model_card(CardInfo.from_output_dir(out), repo_id="alice/x")))
+    tags = set(card.data.tags)
+    assert expected_tags <= tags and "sd3" not in tags
+    assert {"sd3.5-medium", "sd3.5-large", "sd3.5-large-turbo"} & tags == expected_tags
+    assert f"num_inference_steps={steps}" in card.text
+    assert card.data.license_link == f"https://huggingface.co/{base}/blob/main/LICENSE.md"
+
+
+def test_minimal_summary_and_missing_files_give_a_valid_card_without_dead_links(tmp_path: Path) -> None:
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "summary.json").write_text(json.dumps({
+        "base_model": "stabilityai/stable-diffusion-3.5-large",
+        "dataset": "/home/alice/private/photos",  # a local path: never linked nor put in metadata
+        "validation_images": [{"path": "samples/gone.png", "prompt": "p"}],
+    }))
+    card = ModelCard(str(build_model_card(CardInfo.from_output_dir(out), repo_id="alice/x")))
+    assert card.data.base_model == "stabilityai/stable-diffusion-3.5-large"
+    assert card.data.datasets is None and "/home/alice" not in str(card)
+    assert "gone.png" not in str(card) and "loss.png" not in str(card)
+    assert card.data.get("instance_prompt") is None and card.data.get("widget") is None
+    assert "a local dataset" in card.text
+
+
+def test_output_dir_without_summary_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="summary.json"):
+        CardInfo.from_output_dir(tmp_path)
+    (tmp_path / "summary.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        CardInfo.from_output_dir(tmp_path)
+
+
+def test_helpers() -> None:
+    assert repo_image_path("samples/val_0.png") == "images/val_0.png"
+    assert repo_image_path("samples/step_10/grid.png") == "images/step_10/grid.png"
+    assert repo_image_path("loss.png") == "images/loss.png"
+    assert variant_from_base("stabilityai/stable-diffusion-3.5-medium") == "sd3.5-medium"
+    assert variant_from_base("stabilityai/stable-diffusion-3-medium-diffusers") is None
