@@ -1,0 +1,422 @@
+"""One loading path for every base model: a Hub id, a local diffusers folder, or "tiny".
+
+    resolve_model(name)  ->  ModelRef (tiny folder | local folder | Hub id, validated)
+    model_dir(ref, components)
+        Hub: sd35hub.access.check_read_access (license/token, before any byte is downloaded), then
+             snapshot_download of only the subfolders the components need — never the 10-16 GB
+             single-file checkpoint that SD3.5 repos also keep at their root
+        local / tiny: the folder itself
+    diffusers / transformers from_pretrained(folder, dtype=...)  (+ bitsandbytes, attention backend)
+
+The tiny model goes through exactly the same code as stabilityai/stable-diffusion-3.5-large, so the
+tests of this path are tests of the real one.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sd35hub.errors import (
+    ConfigError,
+    HardwareError,
+    MissingDependencyError,
+    ModelLoadError,
+    OutOfMemoryError,
+    RepoNotFoundError,
+    Sd35HubError,
+)
+from sd35hub.models.info import ModelInfo, detect_variant, model_info_from_config
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from diffusers import AutoencoderKL, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+__all__ = [
+    "ModelRef",
+    "ModelInfo",
+    "detect_variant",
+    "model_info_from_config",
+    "resolve_model",
+    "model_dir",
+    "model_info",
+    "load_pipeline",
+    "load_transformer",
+    "load_text_encoders",
+    "load_vae",
+    "torch_dtype",
+]
+
+TINY = "tiny"
+DTYPES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16",
+          "bf16": "bfloat16", "bfloat16": "bfloat16"}  # fmt: skip
+QUANTIZATION = ("none", "nf4", "int8")
+ATTENTION = ("sdpa", "xformers")
+TEXT_COMPONENTS = (
+    "text_encoder",
+    "text_encoder_2",
+    "text_encoder_3",
+    "tokenizer",
+    "tokenizer_2",
+    "tokenizer_3",
+)
+ALL_COMPONENTS = ("transformer", "vae", "scheduler", *TEXT_COMPONENTS)
+# Files a component folder may need. Pickled weights (.bin/.pt/.ckpt) are never fetched.
+_COMPONENT_FILES = ("*.json", "*.safetensors", "*.txt", "*.model")
+_VALID_ID_HELP = (
+    "A model is 'tiny', a local diffusers folder (with model_index.json), or a Hub id like "
+    "'stabilityai/stable-diffusion-3.5-medium' (owner/name: letters, digits, '-', '_', '.')."
+)
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """Where a base model lives. `local_path` is set for "tiny" and local folders, None for Hub ids."""
+
+    name: str
+    is_hub: bool
+    local_path: Path | None
+    revision: str | None = None
+
+    @property
+    def is_tiny(self) -> bool:
+        return self.name == TINY
+
+
+def resolve_model(name: str, revision: str | None = None) -> ModelRef:
+    """Classify `name`; builds the tiny model on first use. Raises ModelLoadError on a bad name."""
+    name = (name or "").strip()
+    if not name:
+        raise ModelLoadError(f"No model given. {_VALID_ID_HELP}")
+    if name == TINY:
+        from sd35hub.models.tiny import tiny_model_path
+
+        return ModelRef(name=TINY, is_hub=False, local_path=tiny_model_path(), revision=None)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "model_index.json").is_file() and not (path / "config.json").is_file():
+            raise ModelLoadError(
+                f"{path} is a folder but not a diffusers model: it has no model_index.json. Save the "
+                "pipeline with `pipe.save_pretrained(folder)` or download the diffusers-format repo."
+            )
+        return ModelRef(name=name, is_hub=False, local_path=path.resolve(), revision=None)
+    if path.is_file():
+        raise ModelLoadError(
+            f"{name} is a single file. sd35hub loads diffusers-format models: pass the Hub id it comes "
+            "from (e.g. stabilityai/stable-diffusion-3.5-large) or a folder saved with save_pretrained."
+        )
+    if name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise ModelLoadError(f"{name!r} is neither an existing folder nor a Hub id. {_VALID_ID_HELP}")
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError as exc:
+        raise ModelLoadError(f"{name!r} is not a valid Hub id. {_VALID_ID_HELP}") from exc
+    return ModelRef(name=name, is_hub=True, local_path=None, revision=revision)
+
+
+def _allow_patterns(components: Iterable[str]) -> list[str]:
+    patterns = ["model_index.json"]
+    for component in components:
+        patterns += [f"{component}/{pattern}" for pattern in _COMPONENT_FILES]
+    return patterns
+
+
+def model_dir(
+    ref: ModelRef, components: Iterable[str] = ALL_COMPONENTS, *, configs_only: bool = False
+) -> Path:
+    """A local folder holding (at least) `components` of `ref`; downloads what a Hub model lacks.
+
+    `configs_only` fetches just the JSON files (model_info uses it: a few KB, no weights).
+    """
+    if ref.local_path is not None:
+        return ref.local_path
+    from huggingface_hub import snapshot_download
+
+    from sd35hub.access import check_read_access, hub_errors
+
+    # License / token / existence first: a clear message instead of a failed 20 GB download.
+    try:
+        check_read_access(ref.name, revision=ref.revision)
+    except RepoNotFoundError as exc:
+        raise RepoNotFoundError(
+            ref.name, "model", f"(If you meant a local folder: ./{ref.name} does not exist.)"
+        ) from exc
+    patterns = _allow_patterns(components)
+    if configs_only:
+        patterns = [p for p in patterns if p.endswith(".json")]
+    with hub_errors(ref.name, what=f"downloading {ref.name}"):
+        folder = snapshot_download(ref.name, revision=ref.revision, allow_patterns=patterns)
+    return Path(folder)
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(
+            f"{path} is not readable JSON ({exc}); re-download or re-save the model."
+        ) from exc
+
+
+def _transformer_subfolder(folder: Path, name: str) -> str | None:
+    """'transformer' for a pipeline folder; None for a bare transformer folder (config.json at the root)."""
+    if (folder / "transformer" / "config.json").is_file():
+        return "transformer"
+    root = _read_json(folder / "config.json")
+    if root and root.get("_class_name") == "SD3Transformer2DModel":
+        return None
+    raise ModelLoadError(
+        f"{name} has no transformer/config.json: it is not a complete SD3/SD3.5 diffusers model."
+    )
+
+
+def model_info(model: str, revision: str | None = None) -> ModelInfo:
+    """Variant and transformer shape from the configs only (model_index.json, transformer/config.json)."""
+    ref = resolve_model(model, revision)
+    folder = model_dir(ref, ("transformer", "scheduler"), configs_only=True)
+    subfolder = _transformer_subfolder(folder, model)
+    transformer_config = _read_json(folder / (subfolder or ".") / "config.json") or {}
+    return model_info_from_config(
+        model,
+        transformer_config,
+        _read_json(folder / "model_index.json"),
+        _read_json(folder / "scheduler" / "scheduler_config.json"),
+        revision=revision,
+    )
+
+
+def torch_dtype(dtype: str | torch.dtype, device: str | None = None) -> torch.dtype:
+    """'fp32'/'fp16'/'bf16' (or the long names, or a torch.dtype) -> torch.dtype.
+
+    'auto': bf16 on a CUDA GPU that supports it, else fp16 on CUDA, else fp32 (CPU).
+    """
+    import torch
+
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        on_cuda = torch.cuda.is_available() and (device is None or str(device).startswith("cuda"))
+        if not on_cuda:
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if dtype not in DTYPES:
+        raise ConfigError(
+            f"model.dtype={dtype!r} is not one of auto, fp32, fp16, bf16; pass --dtype bf16 (GPU) or fp32 (CPU)"
+        )
+    return getattr(torch, DTYPES[dtype])
+
+
+def _check_options(quantize: str, attention: str = "sdpa") -> None:
+    """Fail before any download when an option cannot work on this machine."""
+    if quantize not in QUANTIZATION:
+        raise ConfigError(f"model.quantize={quantize!r} is not one of {', '.join(QUANTIZATION)}")
+    if attention not in ATTENTION:
+        raise ConfigError(f"model.attention={attention!r} is not one of {', '.join(ATTENTION)}")
+    if quantize != "none":
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise MissingDependencyError("bitsandbytes", f"--quantize {quantize}", extra="quant")
+        import torch
+
+        if not torch.cuda.is_available():
+            raise HardwareError(
+                f"--quantize {quantize} (bitsandbytes) needs a CUDA GPU and none is visible. "
+                "Run with --quantize none on CPU, or on a machine with an NVIDIA GPU."
+            )
+    if attention == "xformers" and importlib.util.find_spec("xformers") is None:
+        raise MissingDependencyError("xformers", "--attention xformers", extra="xformers")
+
+
+def _quantization_config(quantize: str, compute_dtype: torch.dtype, library: str = "diffusers") -> Any:
+    """bitsandbytes config for diffusers models (transformer) or transformers models (T5)."""
+    if quantize == "none":
+        return None
+    if library == "diffusers":
+        from diffusers import BitsAndBytesConfig
+    else:
+        from transformers import BitsAndBytesConfig
+    if quantize == "nf4":
+        return BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype
+        )
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+class _loading:
+    """Turn library failures while reading a model folder into ModelLoadError / OutOfMemoryError."""
+
+    def __init__(self, name: str, folder: Path) -> None:
+        self.name, self.folder = name, folder
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> bool:
+        if exc is None or isinstance(exc, Sd35HubError):
+            return False
+        import torch
+
+        if isinstance(exc, torch.OutOfMemoryError):
+            raise OutOfMemoryError(
+                f"Out of GPU memory while loading {self.name}. Try --dtype bf16, --quantize nf4, "
+                "--drop-t5, or a smaller variant (stabilityai/stable-diffusion-3.5-medium)."
+            ) from exc
+        if isinstance(exc, (OSError, ValueError, KeyError, RuntimeError, TypeError, AttributeError)):
+            raise ModelLoadError(
+                f"Could not load {self.name} from {self.folder}: {type(exc).__name__}: {exc}. "
+                "Check that the folder is a complete SD3/SD3.5 diffusers model (re-download it if a "
+                "file is truncated), and that diffusers>=0.42 and transformers>=5 are installed."
+            ) from exc
+        return False
+
+
+def _check_is_sd3(folder: Path, name: str) -> None:
+    index = _read_json(folder / "model_index.json")
+    if index is None:
+        raise ModelLoadError(f"{name} has no model_index.json: it is not a diffusers pipeline folder.")
+    transformer = index.get("transformer") or [None, None]
+    if transformer[1] != "SD3Transformer2DModel":
+        raise ModelLoadError(
+            f"{name} is a {index.get('_class_name', 'unknown')} model (transformer {transformer[1]}), "
+            "not Stable Diffusion 3/3.5. Pass an SD3.5 model, e.g. stabilityai/stable-diffusion-3.5-medium."
+        )
+
+
+def load_transformer(
+    model: str,
+    *,
+    dtype: str | torch.dtype = "fp32",
+    revision: str | None = None,
+    quantize: str = "none",
+    device: str | None = None,
+) -> SD3Transformer2DModel:
+    """The MMDiT alone (what LoRA training wraps), optionally NF4/int8-quantized (then on the GPU)."""
+    _check_options(quantize)
+    weights_dtype = torch_dtype(dtype, device)
+    ref = resolve_model(model, revision)
+    folder = model_dir(ref, ("transformer",))
+    subfolder = _transformer_subfolder(folder, model)
+    from diffusers import SD3Transformer2DModel
+
+    with _loading(model, folder):
+        transformer = SD3Transformer2DModel.from_pretrained(
+            folder,
+            subfolder=subfolder,
+            dtype=weights_dtype,
+            quantization_config=_quantization_config(quantize, weights_dtype),
+        )
+    if device is not None and quantize == "none":
+        transformer = transformer.to(device)
+    return transformer
+
+
+def load_vae(
+    model: str, *, dtype: str | torch.dtype = "fp32", revision: str | None = None, device: str | None = None
+) -> AutoencoderKL:
+    """The VAE (latents: [b, 16, h/8, w/8]; scale with config.shift_factor / scaling_factor)."""
+    ref = resolve_model(model, revision)
+    folder = model_dir(ref, ("vae",))
+    from diffusers import AutoencoderKL
+
+    with _loading(model, folder):
+        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", dtype=torch_dtype(dtype, device))
+    return vae.to(device) if device is not None else vae
+
+
+def load_text_encoders(
+    model: str,
+    *,
+    dtype: str | torch.dtype = "fp32",
+    revision: str | None = None,
+    drop_t5: bool = False,
+    quantize_t5: str = "none",
+    device: str | None = None,
+) -> StableDiffusion3Pipeline:
+    """A pipeline holding only the tokenizers and text encoders, for `pipe.encode_prompt(...)`.
+
+    Returns prompt_embeds [b, 77 + 256, joint_attention_dim] and pooled_prompt_embeds [b, 2048]
+    (tiny: [b, 77 + 256, 64] and [b, 64]). transformer and vae are None: nothing else is downloaded.
+    With drop_t5, diffusers' encode_prompt needs `transformer.config.joint_attention_dim` for its
+    zero T5 block, which this pipeline lacks: use `_get_clip_prompt_embeds` and pad to
+    `model_info(model).joint_attention_dim`, or load the full pipeline.
+    """
+    return _load_pipeline(
+        model, dtype=dtype, revision=revision, quantize="none", quantize_t5=quantize_t5,
+        attention="sdpa", drop_t5=drop_t5, device=device, components=TEXT_COMPONENTS + ("scheduler",),
+    )  # fmt: skip
+
+
+def load_pipeline(
+    model: str,
+    *,
+    dtype: str | torch.dtype = "fp32",
+    revision: str | None = None,
+    quantize: str = "none",
+    attention: str = "sdpa",
+    drop_t5: bool = False,
+    device: str | None = None,
+) -> StableDiffusion3Pipeline:
+    """The full StableDiffusion3Pipeline of `model` ("tiny", a local folder or a Hub id).
+
+    quantize nf4/int8 applies to the transformer (bitsandbytes, CUDA only). drop_t5 leaves out
+    T5-XXL (text_encoder_3/tokenizer_3 = None: ~9 GB less, prompts follow less closely).
+    device None keeps the weights on the CPU; callers on a small GPU can use
+    `pipe.enable_model_cpu_offload()` instead of `device="cuda"`.
+    """
+    return _load_pipeline(
+        model, dtype=dtype, revision=revision, quantize=quantize, quantize_t5="none",
+        attention=attention, drop_t5=drop_t5, device=device, components=ALL_COMPONENTS,
+    )  # fmt: skip
+
+
+def _load_pipeline(
+    model: str,
+    *,
+    dtype: str | torch.dtype,
+    revision: str | None,
+    quantize: str,
+    quantize_t5: str,
+    attention: str,
+    drop_t5: bool,
+    device: str | None,
+    components: tuple[str, ...],
+) -> StableDiffusion3Pipeline:
+    _check_options(quantize, attention)
+    _check_options(quantize_t5)
+    weights_dtype = torch_dtype(dtype, device)
+    ref = resolve_model(model, revision)
+    wanted = [c for c in components if not (drop_t5 and c.endswith("_3"))]
+    folder = model_dir(ref, wanted)
+    _check_is_sd3(folder, model)
+    from diffusers import StableDiffusion3Pipeline
+
+    # Components passed explicitly: None leaves one out (nothing is read for it).
+    overrides: dict[str, Any] = {c: None for c in ALL_COMPONENTS if c not in wanted}
+    if quantize != "none" and "transformer" in wanted:
+        overrides["transformer"] = load_transformer(
+            model, dtype=weights_dtype, revision=revision, quantize=quantize
+        )
+    if quantize_t5 != "none" and "text_encoder_3" in wanted:
+        from transformers import T5EncoderModel
+
+        with _loading(model, folder):
+            overrides["text_encoder_3"] = T5EncoderModel.from_pretrained(
+                folder,
+                subfolder="text_encoder_3",
+                dtype=weights_dtype,
+                quantization_config=_quantization_config(quantize_t5, weights_dtype, library="transformers"),
+            )
+    with _loading(model, folder):
+        pipe = StableDiffusion3Pipeline.from_pretrained(folder, dtype=weights_dtype, **overrides)
+    if attention == "xformers":
+        pipe.enable_xformers_memory_efficient_attention()
+    if device is not None:
+        pipe = pipe.to(device)
+    return pipe
