@@ -34,3 +34,23 @@ os.environ.pop("HF_DATASETS_OFFLINE", None)
 os.environ["SD35HUB_CACHE"] = str(_SESSION_DIR / "sd35hub_cache")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MPLBACKEND", "Agg")
+
+# --- local Hub test server (tests/hubserver, docs/testing.md) -------------------------------------
+# Fixed tokens so they are known before the server starts; HF_TOKEN makes alice's write token the one
+# huggingface_hub resolves by itself (no patching of the client).
+HUB_TOKEN = "hf_test_alice_write_0000000000000000"
+HUB_READ_TOKEN = "hf_test_alice_read_00000000000000000"
+HUB_OTHER_TOKEN = "hf_test_bob_write_000000000000000000"
+HUB_ORG = "sd35hub-org"
+os.environ["HF_TOKEN"] = HUB_TOKEN
+
+import pytest  # noqa: E402
+from hubserver import HubServer  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def hub() -> HubServer:
+    """The local Hub on HF_ENDPOINT: users alice (HUB_TOKEN, member of sd35hub-org) and bob."""
+    server = HubServer.start(HUB_PORT, HUB_TOKEN, HUB_READ_TOKEN, HUB_OTHER_TOKEN, org=HUB_ORG)
+    yield server
+    server.stop()
