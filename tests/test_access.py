@@ -1,0 +1,114 @@
+"""Access checks against the local Hub with the real huggingface_hub client: license, login, write scope."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from sd35hub.access import check_read_access, check_write_access
+from sd35hub.cli import main
+from sd35hub.errors import LicenseNotAcceptedError, NotLoggedInError, RepoNotFoundError, WritePermissionError
+
+GATED = "stabilityai/stable-diffusion-3.5-medium"
+
+
+@pytest.fixture(scope="module")
+def gated_repo(hub):
+    hub.seed_repo(GATED, {"model_index.json": "{}", "transformer/config.json": "{}"}, gated=True,
+                  owner_token=hub.other_token)
+    hub.add_user("carol", "hf_test_carol_write_00000000000000000", role="write")
+    return GATED
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+        raise SystemExit(0)
+    out, err = capsys.readouterr()
+    return int(exit_info.value.code or 0), out, err
+
+
+def test_gated_not_accepted_names_the_url_and_downloads_nothing(hub, gated_repo) -> None:
+    hub.clear_requests()
+    with pytest.raises(LicenseNotAcceptedError) as info:
+        check_read_access(gated_repo, token="hf_test_carol_write_00000000000000000")
+    assert f"{hub.endpoint}/{gated_repo}" in str(info.value)
+    assert info.value.exit_code == 3
+    assert hub.downloads(gated_repo) == []
+    assert [r for r in hub.requests if "/resolve/" in r.path] == []
+    assert hub.api_calls("/auth-check")
+
+
+def test_accepted_license_passes(hub, gated_repo) -> None:
+    hub.add_user("dave", "hf_test_dave_write_000000000000000000", role="write")
+    with pytest.raises(LicenseNotAcceptedError):
+        check_read_access(gated_repo, token="hf_test_dave_write_000000000000000000")
+    hub.grant(gated_repo, "dave")
+    check_read_access(gated_repo, token="hf_test_dave_write_000000000000000000")
+
+
+def test_missing_repo_and_revision(hub) -> None:
+    with pytest.raises(RepoNotFoundError, match="does not exist or is private"):
+        check_read_access("nobody/no-such-model")
+    hub.seed_repo("alice/public-model", {"a.txt": "x"})
+    check_read_access("alice/public-model")
+    with pytest.raises(RepoNotFoundError, match="revision"):
+        check_read_access("alice/public-model", revision="no-such-branch")
+
+
+def test_anonymous_on_gated_repo_says_how_to_log_in(hub, gated_repo, monkeypatch) -> None:
+    monkeypatch.delenv("HF_TOKEN")
+    with pytest.raises(NotLoggedInError, match="HF_TOKEN"):
+        check_read_access(gated_repo)
+
+
+def test_write_access_roles(hub) -> None:
+    assert check_write_access("alice/new-lora") == "alice"  # HF_TOKEN: alice's write token
+    assert check_write_access("sd35hub-org/new-lora") == "alice"  # member of the org
+    with pytest.raises(WritePermissionError, match="read-only token"):
+        check_write_access("alice/new-lora", token=hub.read_token)
+    with pytest.raises(WritePermissionError, match="not a member"):
+        check_write_access("alice/new-lora", token=hub.other_token)  # bob cannot write to alice's namespace
+    hub.add_user("erin", "hf_test_erin_fine_000000000000000000", role="fineGrained",
+                 scoped={"erin": ["repo.content.read"]})
+    with pytest.raises(WritePermissionError, match="fine-grained"):
+        check_write_access("erin/lora", token="hf_test_erin_fine_000000000000000000")
+    hub.add_user("frank", "hf_test_frank_fine_00000000000000000", role="fineGrained",
+                 scoped={"frank": ["repo.content.read", "repo.write"]})
+    assert check_write_access("frank/lora", token="hf_test_frank_fine_00000000000000000") == "frank"
+
+
+def test_write_access_without_or_with_invalid_token(hub, monkeypatch) -> None:
+    with pytest.raises(NotLoggedInError, match="invalid"):
+        check_write_access("alice/x", token="hf_not_a_real_token_000000000000000")
+    monkeypatch.delenv("HF_TOKEN")
+    with pytest.raises(NotLoggedInError, match="hf auth login"):
+        check_write_access("alice/x")
+
+
+def test_cli_check_access_exit_codes(hub, gated_repo, capsys, monkeypatch) -> None:
+    hub.grant(gated_repo, "alice")
+    code, out, err = run_cli(["check-access", gated_repo, "--write", "alice/my-lora"], capsys)
+    assert code == 0, err
+    assert f"OK  read {gated_repo}" in out and "OK  write alice/my-lora (as alice)" in out
+
+    monkeypatch.setenv("HF_TOKEN", "hf_test_carol_write_00000000000000000")
+    hub.clear_requests()
+    code, out, err = run_cli(["check-access", gated_repo], capsys)
+    assert code == 3 and f"{hub.endpoint}/{gated_repo}" in err
+    assert hub.downloads(gated_repo) == []
+
+    monkeypatch.setenv("HF_TOKEN", hub.read_token)
+    hub.clear_requests()
+    code, out, err = run_cli(["check-access", "alice/public-model", "--write", "alice/my-lora"], capsys)
+    assert code == 6 and "cannot write to alice/my-lora" in err and "read-only" in err
+    assert hub.api_calls(method="POST") == [] and hub.api_calls(method="PUT") == []
+    assert hub.read_token not in out + err
+
+    code, _, err = run_cli(["check-access", "nobody/nothing"], capsys)
+    assert code == 5 and "nobody/nothing" in err
+    monkeypatch.delenv("HF_TOKEN")
+    code, _, err = run_cli(["check-access", "alice/public-model", "--write", "alice/x"], capsys)
+    assert code == 4 and "hf auth login" in err
+    assert os.environ.get("HF_TOKEN") is None
