@@ -27,6 +27,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,8 @@ MARKER_FILE = "sd35hub_tiny.json"  # written last inside the folder: {"sd35hub_t
 SEED = 35
 
 _CORPUS = Path(__file__).with_name("tokenizer_corpus.txt")
+# Building seeds torch's global RNG: two threads building at once would interleave their draws.
+_BUILD_LOCK = threading.Lock()
 
 # Sizes in one place, so that tests and docs can refer to them.
 CLIP_HIDDEN = 32  # each of the two CLIP encoders
@@ -87,8 +90,18 @@ def tiny_model_path(cache_dir: Path | None = None) -> Path:
     target = cache / TINY_MODEL_DIRNAME
     if is_tiny_model_dir(target):
         return target
+    with _BUILD_LOCK:
+        if is_tiny_model_dir(target):  # another thread finished it while we waited
+            return target
+        _build_into_place(cache, target)
+    return target
+
+
+def _build_into_place(cache: Path, target: Path) -> None:
     cache.mkdir(parents=True, exist_ok=True)
-    if target.exists():  # half-written by an old crashed build (pre-rename layouts) or foreign
+    if is_tiny_model_dir(target):  # another process renamed its build into place meanwhile
+        return
+    if target.exists():  # incomplete or edited by hand (builds only ever appear by rename)
         shutil.rmtree(target, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{TINY_MODEL_DIRNAME}-", dir=cache))
     try:
@@ -100,7 +113,6 @@ def tiny_model_path(cache_dir: Path | None = None) -> Path:
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return target
 
 
 def build_tiny_model(out_dir: Path) -> Path:
