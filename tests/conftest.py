@@ -54,3 +54,15 @@ def hub() -> HubServer:
     server = HubServer.start(HUB_PORT, HUB_TOKEN, HUB_READ_TOKEN, HUB_OTHER_TOKEN, org=HUB_ORG)
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def hub_datasets(hub: HubServer) -> dict[str, str]:
+    """Two seeded dataset repos (6 generated images each, mixed sizes, captions), by layout:
+    "parquet" (naruto-blip-captions style: image + text columns) and "imagefolder" (PNG + metadata.jsonl)."""
+    from hubserver.seed_data import seed_imagefolder_dataset, seed_naruto_dataset
+
+    repos = {"parquet": f"{HUB_ORG}/naruto-style-captions", "imagefolder": f"{HUB_ORG}/imagefolder-captions"}
+    seed_naruto_dataset(hub, repos["parquet"])
+    seed_imagefolder_dataset(hub, repos["imagefolder"])
+    return repos

@@ -101,7 +101,7 @@ class HubHandler(BaseHTTPRequestHandler):
         headers = {"X-Error-Message": err.message.replace("\n", " ")[:500], **err.headers}
         if err.code:
             headers["X-Error-Code"] = err.code
-        return self._json({"error": err.message}, err.status, headers)
+        return self._json({"error": err.message, **err.body}, err.status, headers)
 
     def _token(self) -> Token | None:
         auth = self.headers.get("Authorization", "")
@@ -232,7 +232,8 @@ class HubHandler(BaseHTTPRequestHandler):
         repo, created = self.hub.state.create_repo(
             repo_type, repo_id, payload.get("visibility") == "private" or bool(payload.get("private")), token.user)
         if not created:
-            raise HubError(409, "You already created this model repo", headers={})
+            # the Hub answers the existing repo's url too: create_repo(exist_ok=True) reads it
+            raise HubError(409, f"You already created this {repo_type} repo", body={"url": self._repo_url(repo)})
         return self._json({"url": self._repo_url(repo), "name": repo_id, "id": views.repo_info(
             repo, repo.commits[repo.refs["main"]])["_id"]})
 

@@ -31,6 +31,7 @@ class HubServer:
         self.token = token
         self.read_token = read_token
         self.other_token = other_token
+        self.org = "sd35hub-org"  # alice's organisation (write role)
         self.state = HubState()
         self.requests: list[RequestRecord] = []
         self._failures: list[list[Any]] = []  # [method, path_contains, status, times_left]
@@ -49,6 +50,7 @@ class HubServer:
     ) -> HubServer:
         """Users: alice (write `token`, read `read_token`, member of `org` with write), bob (`other_token`)."""
         hub = cls(port, token, read_token, other_token)
+        hub.org = org
         hub.add_user("alice", token, "write", orgs=(org,))
         hub.add_user("alice", read_token, "read")
         hub.add_user("bob", other_token, "write")

@@ -86,8 +86,16 @@ class Repo:
 class HubError(Exception):
     """An HTTP error answer: status, X-Error-Code (what huggingface_hub maps to exception classes)."""
 
-    def __init__(self, status: int, message: str, code: str | None = None, headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+        body: dict[str, Any] | None = None,
+    ):
         super().__init__(message)
+        self.body = body or {}
         self.status = status
         self.message = message
         self.code = code
