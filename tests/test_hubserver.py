@@ -286,3 +286,17 @@ def test_datasets_streaming(hub: HubServer, hub_datasets: dict[str, str], layout
         image = row["image"].convert("RGB")
         assert image.size == size and image.size in SIZES
         assert image.getpixel((0, 0)) == (255, 255, 255)  # the diagonal stripe
+
+
+def test_settings_commits_refs_and_existence(hub: HubServer, api: HfApi) -> None:
+    repo_id = f"alice/{unique('misc')}"
+    hub.seed_repo(repo_id, {"a.txt": "a"}, message="Seed files")
+    assert [c.title for c in api.list_repo_commits(repo_id)] == ["Seed files", "initial commit"]
+    assert [b.name for b in api.list_repo_refs(repo_id).branches] == ["main"]
+    assert api.file_exists(repo_id, "a.txt") and not api.file_exists(repo_id, "b.txt")
+    assert api.repo_exists(repo_id) and not api.repo_exists(f"alice/{unique('nope')}")
+    api.update_repo_settings(repo_id, gated="manual", private=True)
+    info = api.model_info(repo_id)
+    assert (info.gated, info.private) == ("manual", True)
+    api.delete_repo(repo_id)
+    assert not hub.repo_exists(repo_id)
