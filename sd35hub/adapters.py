@@ -29,6 +29,7 @@ from sd35hub.formats import (
     detect_format,
     lora_config_for,
     modules_from_state_dict,
+    prefixed_config,
     to_state_dict,
     unprefixed_config,
 )
@@ -104,7 +105,9 @@ def adapter_file(path: str | Path) -> Path:
     if not path.is_file():
         raise AdapterError(f"Adapter file {path} does not exist. Check the path (or pass a Hub repo id).")
     if path.suffix.lower() != ".safetensors":
-        raise AdapterError(f"{path.name} is not a .safetensors file; sd35hub reads LoRA adapters in safetensors only.")
+        raise AdapterError(
+            f"{path.name} is not a .safetensors file; sd35hub reads LoRA adapters in safetensors only."
+        )
     return path
 
 
@@ -120,7 +123,9 @@ def read_adapter(path: str | Path) -> Adapter:
             for key in handle.keys():
                 tensors[key] = handle.get_tensor(key)
     except (SafetensorError, OSError, ValueError) as exc:
-        raise AdapterError(f"{file} is not a readable safetensors file ({exc}). Re-download or re-export it.") from exc
+        raise AdapterError(
+            f"{file} is not a readable safetensors file ({exc}). Re-download or re-export it."
+        ) from exc
     fmt = detect_format(tensors)
     modules = modules_from_state_dict(tensors, fmt, unprefixed_config(header.get("lora_adapter_metadata")))
     metadata = AdapterMetadata.from_json(header[HEADER_KEY]) if header.get(HEADER_KEY) else None
@@ -220,13 +225,17 @@ def adapter_architecture(state_dict: dict[str, torch.Tensor]) -> tuple[int, int 
     blocks = [int(m.group(1)) for k in state_dict if (m := _BLOCK_INDEX.search(k))]
     width = None
     for key, tensor in state_dict.items():
-        if key.endswith((".attn.to_q.lora_A.weight", ".attn.to_out.0.lora_B.weight", "norm1.linear.lora_A.weight")):
+        if key.endswith(
+            (".attn.to_q.lora_A.weight", ".attn.to_out.0.lora_B.weight", "norm1.linear.lora_A.weight")
+        ):
             width = int(tensor.shape[1] if "lora_A" in key else tensor.shape[0])
             break
     return (max(blocks) + 1 if blocks else 0), width
 
 
-def check_compatible(state_dict: dict[str, torch.Tensor], target: Any, *, adapter_label: str = "This adapter") -> None:
+def check_compatible(
+    state_dict: dict[str, torch.Tensor], target: Any, *, adapter_label: str = "This adapter"
+) -> None:
     """Raise AdapterIncompatibleError unless every LoRA module fits `target`.
 
     `target` is an SD3Transformer2DModel (module names and shapes are checked exactly) or a ModelInfo
@@ -266,9 +275,23 @@ def _shape_problems(state_dict: dict[str, torch.Tensor], named: dict[str, Any]) 
         if module is None:
             problems.append(f"the base has no layer {name}")
             continue
-        in_features, out_features = getattr(module, "in_features", None), getattr(module, "out_features", None)
+        in_features, out_features = (
+            getattr(module, "in_features", None),
+            getattr(module, "out_features", None),
+        )
         if ".lora_A." in key and in_features is not None and tensor.shape[1] != in_features:
             problems.append(f"{name} takes {in_features} inputs, the adapter {tensor.shape[1]}")
         if ".lora_B." in key and out_features is not None and tensor.shape[0] != out_features:
             problems.append(f"{name} has {out_features} outputs, the adapter {tensor.shape[0]}")
     return problems
+
+
+def load_into_transformer(transformer: Any, adapter: Adapter, adapter_name: str) -> None:
+    """Load `adapter` into an SD3Transformer2DModel under `adapter_name` (peft), ranks and alphas exact."""
+    check_compatible(adapter.state_dict(), transformer, adapter_label=f"Adapter {adapter_name!r}")
+    transformer.load_lora_adapter(
+        adapter.state_dict(),
+        prefix="transformer",
+        adapter_name=adapter_name,
+        metadata=prefixed_config(adapter.lora_config()),
+    )

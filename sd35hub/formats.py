@@ -24,10 +24,24 @@ import collections
 import json
 import logging
 import re
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from sd35hub.errors import AdapterError, AdapterIncompatibleError
+from sd35hub.formats_mmdit import (
+    GLOBAL_LINEAR,
+    MMDIT_SUFFIXES,
+    LoraModule,
+    Modules,
+    from_mmdit,
+    fuse_qkv,
+    split_qkv,
+    to_mmdit,
+)
+
+__all__ = [
+    "FORMATS", "LoraModule", "Modules", "detect_format", "foreign_architecture", "fuse_qkv", "split_qkv",
+    "modules_from_state_dict", "to_state_dict", "lora_config_for", "to_mmdit", "from_mmdit",
+]  # fmt: skip
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -39,59 +53,6 @@ DIFFUSERS_PREFIX = "transformer."
 KOHYA_PREFIX = "lora_unet_"
 COMFY_PREFIX = "diffusion_model."
 
-
-@dataclass
-class LoraModule:
-    """One LoRA pair on one nn.Linear: delta_W = (alpha / rank) * up @ down."""
-
-    down: torch.Tensor  # lora_A / lora_down: [rank, in_features]
-    up: torch.Tensor  # lora_B / lora_up: [out_features, rank]
-    alpha: float  # scale = alpha / rank (diffusers without metadata: alpha = rank)
-
-    @property
-    def rank(self) -> int:
-        return int(self.down.shape[0])
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
-
-
-Modules = dict[str, LoraModule]
-
-# --- module names: diffusers (split q/k/v) <-> original SD3 MMDiT (fused qkv) -------------------
-# Inside joint block N: diffusers suffix -> MMDiT suffix.
-BLOCK_LINEAR = {
-    "attn.to_out.0": "x_block.attn.proj",
-    "attn.to_add_out": "context_block.attn.proj",
-    "attn2.to_out.0": "x_block.attn2.proj",
-    "ff.net.0.proj": "x_block.mlp.fc1",
-    "ff.net.2": "x_block.mlp.fc2",
-    "ff_context.net.0.proj": "context_block.mlp.fc1",
-    "ff_context.net.2": "context_block.mlp.fc2",
-    "norm1.linear": "x_block.adaLN_modulation.1",
-    "norm1_context.linear": "context_block.adaLN_modulation.1",  # last block: (scale, shift) swapped
-}
-# MMDiT fused qkv -> the three diffusers projections, in row order q, k, v.
-BLOCK_QKV = {
-    "x_block.attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
-    "context_block.attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
-    "x_block.attn2.qkv": ("attn2.to_q", "attn2.to_k", "attn2.to_v"),
-}
-# Outside the blocks.
-GLOBAL_LINEAR = {
-    "context_embedder": "context_embedder",
-    "time_text_embed.timestep_embedder.linear_1": "t_embedder.mlp.0",
-    "time_text_embed.timestep_embedder.linear_2": "t_embedder.mlp.2",
-    "time_text_embed.text_embedder.linear_1": "y_embedder.mlp.0",
-    "time_text_embed.text_embedder.linear_2": "y_embedder.mlp.2",
-    "proj_out": "final_layer.linear",
-    "norm_out.linear": "final_layer.adaLN_modulation.1",  # (scale, shift) swapped
-}
-_BLOCK = re.compile(r"^transformer_blocks\.(\d+)\.(.+)$")
-_JOINT = re.compile(r"^joint_blocks\.(\d+)\.(.+)$")
-_MMDIT_SUFFIXES = list(BLOCK_LINEAR.values()) + list(BLOCK_QKV)
-_KOHYA_BLOCK = re.compile(r"^joint_blocks_(\d+)_(.+)$")
 
 # Key fragments of other architectures -> their name, for AdapterIncompatibleError.
 FOREIGN_MARKERS: tuple[tuple[str, str], ...] = (
@@ -124,7 +85,9 @@ def detect_format(state_dict: dict[str, Any]) -> str:
     """'diffusers', 'kohya' or 'comfyui' for an SD3 LoRA state dict; clear errors for anything else."""
     keys = list(state_dict)
     if not keys:
-        raise AdapterError("The adapter file holds no tensors. Re-export it, or check you picked the right file.")
+        raise AdapterError(
+            "The adapter file holds no tensors. Re-export it, or check you picked the right file."
+        )
     arch = foreign_architecture(keys)
     if arch is not None:
         raise AdapterIncompatibleError(
@@ -135,7 +98,9 @@ def detect_format(state_dict: dict[str, Any]) -> str:
         return "kohya"
     if any(k.startswith(COMFY_PREFIX) for k in keys):
         return "comfyui"
-    if any(".lora_A." in k or ".lora_B." in k for k in keys) and any(m in k for k in keys for m in _SD3_MARKERS):
+    if any(".lora_A." in k or ".lora_B." in k for k in keys) and any(
+        m in k for k in keys for m in _SD3_MARKERS
+    ):
         return "diffusers"
     raise AdapterError(
         f"Unknown LoRA key layout (keys like {_example(keys)!r}). sd35hub reads diffusers/peft "
@@ -151,7 +116,9 @@ def _example(keys: list[str]) -> str:
 # --- reading -------------------------------------------------------------------------------------
 
 
-def modules_from_diffusers(state_dict: dict[str, torch.Tensor], lora_config: dict[str, Any] | None) -> Modules:
+def modules_from_diffusers(
+    state_dict: dict[str, torch.Tensor], lora_config: dict[str, Any] | None
+) -> Modules:
     """Diffusers/peft keys (with or without the 'transformer.' prefix) + peft LoraConfig dict -> Modules.
 
     Without a config, alpha = rank per module (what diffusers assumes).
@@ -167,11 +134,15 @@ def modules_from_diffusers(state_dict: dict[str, torch.Tensor], lora_config: dic
         elif name.endswith(".lora_B.weight"):
             ups[name[: -len(".lora_B.weight")]] = tensor
         elif name.endswith(".lora_B.bias") or "lora_magnitude_vector" in name:
-            raise AdapterError(f"{key!r}: LoRA biases and DoRA are not supported; retrain without lora_bias/use_dora.")
+            raise AdapterError(
+                f"{key!r}: LoRA biases and DoRA are not supported; retrain without lora_bias/use_dora."
+            )
         elif key.startswith(("text_encoder.", "text_encoder_2.")):
             log.warning("Skipping text-encoder LoRA key %s (only transformer LoRAs are supported)", key)
         else:
-            raise AdapterError(f"Unexpected key {key!r} in a diffusers LoRA: expected '*.lora_A.weight' / '*.lora_B.weight'.")
+            raise AdapterError(
+                f"Unexpected key {key!r} in a diffusers LoRA: expected '*.lora_A.weight' / '*.lora_B.weight'."
+            )
     _check_pairs(downs, ups)
     config = lora_config or {}
     alpha_pattern: dict[str, float] = config.get("alpha_pattern") or {}
@@ -190,7 +161,9 @@ def modules_from_diffusers(state_dict: dict[str, torch.Tensor], lora_config: dic
 def _check_pairs(downs: dict[str, Any], ups: dict[str, Any]) -> None:
     unpaired = sorted(set(downs) ^ set(ups))
     if unpaired:
-        raise AdapterError(f"LoRA modules without both down and up matrices: {unpaired[:3]} - the file is incomplete.")
+        raise AdapterError(
+            f"LoRA modules without both down and up matrices: {unpaired[:3]} - the file is incomplete."
+        )
     for name in downs:
         if downs[name].ndim != 2 or ups[name].ndim != 2 or downs[name].shape[0] != ups[name].shape[1]:
             raise AdapterError(
@@ -219,7 +192,9 @@ def mmdit_from_foreign(state_dict: dict[str, torch.Tensor], fmt: str) -> Modules
                 if key.startswith(("text_encoders.", "lora_te")):
                     skipped += 1
                     continue
-                raise AdapterError(f"Unexpected key {key!r} in a ComfyUI LoRA (expected 'diffusion_model.*').")
+                raise AdapterError(
+                    f"Unexpected key {key!r} in a ComfyUI LoRA (expected 'diffusion_model.*')."
+                )
             body = key[len(COMFY_PREFIX) :]
             for leaf in ("lora_down.weight", "lora_up.weight", "lora_A.weight", "lora_B.weight", "alpha"):
                 if body.endswith("." + leaf):
@@ -246,165 +221,20 @@ def mmdit_from_foreign(state_dict: dict[str, torch.Tensor], fmt: str) -> Modules
     }
 
 
+_KOHYA_BLOCK = re.compile(r"^joint_blocks_(\d+)_(.+)$")
+
+
 def _kohya_to_mmdit(body: str) -> str:
     """'joint_blocks_0_x_block_attn_qkv' -> 'joint_blocks.0.x_block.attn.qkv' (underscores are ambiguous)."""
     match = _KOHYA_BLOCK.match(body)
     if match:
-        for suffix in _MMDIT_SUFFIXES:
+        for suffix in MMDIT_SUFFIXES:
             if suffix.replace(".", "_") == match.group(2):
                 return f"joint_blocks.{match.group(1)}.{suffix}"
     for mmdit in GLOBAL_LINEAR.values():
         if mmdit.replace(".", "_") == body:
             return mmdit
     raise AdapterError(f"kohya LoRA module 'lora_unet_{body}' is not a known SD3 MMDiT linear layer.")
-
-
-# --- diffusers <-> MMDiT module names, fused qkv ---------------------------------------------------
-
-
-def _swap_halves(up: torch.Tensor) -> torch.Tensor:
-    """Swap the two output halves: SD3's AdaLayerNormContinuous is (shift, scale), diffusers' (scale, shift)."""
-    import torch
-
-    first, second = up.chunk(2, dim=0)
-    return torch.cat([second, first], dim=0)
-
-
-def _needs_swap(diffusers_name: str, module: LoraModule) -> bool:
-    if diffusers_name == "norm_out.linear":
-        return True
-    # The last joint block is "context pre-only": its norm1_context is AdaLayerNormContinuous
-    # ([2 * dim] out, from a [dim] conditioning) instead of AdaLayerNormZero ([6 * dim] out).
-    return diffusers_name.endswith("norm1_context.linear") and module.up.shape[0] == 2 * module.down.shape[1]
-
-
-def to_mmdit(modules: Modules) -> Modules:
-    """Diffusers-named Modules -> MMDiT-named Modules, fusing q/k/v into qkv."""
-    out: Modules = {}
-    used: set[str] = set()
-    blocks = sorted({int(m.group(1)) for name in modules if (m := _BLOCK.match(name))})
-    for index in blocks:
-        for fused, parts in BLOCK_QKV.items():
-            members = [modules.get(f"transformer_blocks.{index}.{p}") for p in parts]
-            if any(m is not None for m in members):
-                out[f"joint_blocks.{index}.{fused}"] = fuse_qkv(members)
-                used.update(f"transformer_blocks.{index}.{p}" for p in parts)
-    for name, module in modules.items():
-        if name in used:
-            continue
-        block = _BLOCK.match(name)
-        if block and block.group(2) in BLOCK_LINEAR:
-            target = f"joint_blocks.{block.group(1)}.{BLOCK_LINEAR[block.group(2)]}"
-        elif name in GLOBAL_LINEAR:
-            target = GLOBAL_LINEAR[name]
-        else:
-            raise AdapterError(
-                f"LoRA module {name!r} has no counterpart in the original SD3 layout (kohya/ComfyUI); "
-                "keep this adapter in diffusers format."
-            )
-        up = _swap_halves(module.up) if _needs_swap(name, module) else module.up
-        out[target] = LoraModule(down=module.down, up=up, alpha=module.alpha)
-    return out
-
-
-def from_mmdit(modules: Modules) -> Modules:
-    """MMDiT-named Modules -> diffusers-named Modules, splitting qkv into q/k/v."""
-    out: Modules = {}
-    reverse_global = {v: k for k, v in GLOBAL_LINEAR.items()}
-    reverse_block = {v: k for k, v in BLOCK_LINEAR.items()}
-    for name, module in modules.items():
-        joint = _JOINT.match(name)
-        if joint and joint.group(2) in BLOCK_QKV:
-            parts = BLOCK_QKV[joint.group(2)]
-            for part, member in zip(parts, split_qkv(module), strict=True):
-                if member is not None:
-                    out[f"transformer_blocks.{joint.group(1)}.{part}"] = member
-            continue
-        if joint and joint.group(2) in reverse_block:
-            target = f"transformer_blocks.{joint.group(1)}.{reverse_block[joint.group(2)]}"
-        elif name in reverse_global:
-            target = reverse_global[name]
-        else:
-            raise AdapterError(f"LoRA module {name!r} is not a known SD3 MMDiT linear layer.")
-        swapped = LoraModule(down=module.down, up=module.up, alpha=module.alpha)
-        if _needs_swap(target, swapped):
-            swapped.up = _swap_halves(module.up)
-        out[target] = swapped
-    return dict(sorted(out.items()))
-
-
-def fuse_qkv(members: list[LoraModule | None]) -> LoraModule:
-    """Three LoRAs on q, k, v (any may be None) -> one exact LoRA on the fused qkv linear.
-
-    * Shared down (all three present, same alpha, bitwise-equal lora_A): down = A, up = cat(B_q, B_k, B_v);
-      rank r stays r.
-    * Otherwise block-diagonal: down = cat(A_q, A_k, A_v) [3r, in], up = blockdiag(B_q, B_k, B_v) [3*out, 3r];
-      qkv @ x = (B_i A_i x) per row-chunk, so it is exact. A missing member is an all-zero block of the
-      same rank (dropped again by split_qkv). Equal scales keep alpha' = alpha * 3r / r; unequal scales
-      are folded into the up matrices (alpha' = rank', scale 1): exact in value, not bitwise.
-    """
-    import torch
-
-    present = [m for m in members if m is not None]
-    first = present[0]
-    if len(present) == 3 and all(m.alpha == first.alpha and torch.equal(m.down, first.down) for m in present):
-        return LoraModule(down=first.down, up=torch.cat([m.up for m in present], dim=0), alpha=first.alpha)
-    # A missing member becomes an all-zero block of the first member's rank (split_qkv drops it again).
-    filled = [m if m is not None else _zero_like(first) for m in members]
-    if len({m.rank for m in filled}) == 1 and all(m.alpha == first.alpha for m in filled):
-        fused = _fuse_block_diagonal(filled)
-        fused.alpha = first.alpha * fused.rank / first.rank  # same scale alpha/r as each member
-        return fused
-    # Unequal ranks or scales: fold each scale into its up matrix and use scale 1 (exact in value).
-    fused = _fuse_block_diagonal([_folded(m) for m in filled])
-    fused.alpha = float(fused.rank)
-    return fused
-
-
-def _zero_like(module: LoraModule) -> LoraModule:
-    import torch
-
-    return LoraModule(down=torch.zeros_like(module.down), up=torch.zeros_like(module.up), alpha=module.alpha)
-
-
-def _folded(module: LoraModule) -> LoraModule:
-    return LoraModule(down=module.down, up=module.up * module.scale, alpha=float(module.rank))
-
-
-def _fuse_block_diagonal(members: list[LoraModule]) -> LoraModule:
-    import torch
-
-    down = torch.cat([m.down for m in members], dim=0)  # [r_q + r_k + r_v, in]
-    up = torch.block_diag(*[m.up for m in members])  # [3 * out, r_q + r_k + r_v]
-    return LoraModule(down=down, up=up, alpha=0.0)
-
-
-def split_qkv(module: LoraModule) -> list[LoraModule | None]:
-    """One LoRA on fused qkv -> q, k, v LoRAs (None for an all-zero member). Exact in both cases:
-
-    * block-diagonal (rank divisible by 3 and every off-diagonal block exactly zero): ranks r/3 each;
-    * otherwise the down matrix is shared: q = (A, B[0:out]), k = (A, B[out:2out]), v = (A, B[2out:]).
-      Each gets its own copy of A (safetensors refuses shared storage).
-    """
-    rank = module.rank
-    ups = module.up.chunk(3, dim=0)
-    if rank % 3 == 0:
-        third = rank // 3
-        blocks = [(ups[i], module.down[i * third : (i + 1) * third]) for i in range(3)]
-        off_diagonal_zero = all(
-            not ups[i][:, : i * third].any() and not ups[i][:, (i + 1) * third :].any() for i in range(3)
-        )
-        if off_diagonal_zero:
-            alpha = module.alpha * third / rank
-            out: list[LoraModule | None] = []
-            for i, (up, down) in enumerate(blocks):
-                up_block = up[:, i * third : (i + 1) * third].contiguous()
-                if not up_block.any() and not down.any():
-                    out.append(None)
-                else:
-                    out.append(LoraModule(down=down.contiguous(), up=up_block, alpha=alpha))
-            return out
-    return [LoraModule(down=module.down.clone(), up=up.contiguous(), alpha=module.alpha) for up in ups]
 
 
 # --- writing -------------------------------------------------------------------------------------
@@ -420,7 +250,9 @@ def to_state_dict(modules: Modules, fmt: str) -> tuple[dict[str, torch.Tensor], 
             state_dict[f"{DIFFUSERS_PREFIX}{name}.lora_A.weight"] = module.down.contiguous()
             state_dict[f"{DIFFUSERS_PREFIX}{name}.lora_B.weight"] = module.up.contiguous()
         config = lora_config_for(modules)
-        return state_dict, {"lora_adapter_metadata": json.dumps(_prefixed(config), indent=2, sort_keys=True)}
+        return state_dict, {
+            "lora_adapter_metadata": json.dumps(prefixed_config(config), indent=2, sort_keys=True)
+        }
     if fmt not in ("kohya", "comfyui"):
         raise AdapterError(f"Unknown adapter format {fmt!r}; use one of {', '.join(FORMATS)}.")
     state_dict = {}
@@ -432,7 +264,9 @@ def to_state_dict(modules: Modules, fmt: str) -> tuple[dict[str, torch.Tensor], 
     return state_dict, {}
 
 
-def modules_from_state_dict(state_dict: dict[str, torch.Tensor], fmt: str, lora_config: dict[str, Any] | None) -> Modules:
+def modules_from_state_dict(
+    state_dict: dict[str, torch.Tensor], fmt: str, lora_config: dict[str, Any] | None
+) -> Modules:
     """State dict in `fmt` -> diffusers-named Modules."""
     if fmt == "diffusers":
         return modules_from_diffusers(state_dict, lora_config)
@@ -458,7 +292,7 @@ def lora_config_for(modules: Modules) -> dict[str, Any]:
     }
 
 
-def _prefixed(config: dict[str, Any]) -> dict[str, Any]:
+def prefixed_config(config: dict[str, Any]) -> dict[str, Any]:
     return {f"{DIFFUSERS_PREFIX}{k}": v for k, v in config.items()}
 
 

@@ -18,7 +18,16 @@ ALL_TARGETS = [
     "norm1.linear", "norm1_context.linear", "norm_out.linear", "proj_out", "context_embedder",
     "timestep_embedder.linear_1", "text_embedder.linear_2",
 ]  # fmt: skip
-ATTENTION_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+ATTENTION_TARGETS = [
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "add_q_proj",
+    "add_k_proj",
+    "add_v_proj",
+    "to_add_out",
+]
 
 
 def tiny_pipe() -> Any:
@@ -42,7 +51,9 @@ def add_random_lora(
     """peft LoRA `name` on the transformer with random A and B (B non-zero, so the LoRA has an effect)."""
     from peft import LoraConfig
 
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets or ATTENTION_TARGETS, init_lora_weights="gaussian")
+    config = LoraConfig(
+        r=rank, lora_alpha=alpha, target_modules=targets or ATTENTION_TARGETS, init_lora_weights="gaussian"
+    )
     transformer.add_adapter(config, adapter_name=name)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
