@@ -165,6 +165,8 @@ def test_model_info_gated_card_and_auth_check(hub: HubServer, api: HfApi) -> Non
     assert err.value.response.status_code == 403
     with pytest.raises(GatedRepoError):
         hf_hub_download(repo_id, "model.safetensors", token=hub.other_token)
+    with pytest.raises(GatedRepoError):
+        snapshot_download(repo_id, token=hub.other_token)
     assert hf_hub_download(repo_id, "README.md", token=hub.other_token)  # the card is readable before accepting
     hub.grant(repo_id, "bob")
     api.auth_check(repo_id, token=hub.other_token)

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 TYPES = {"models": "model", "datasets": "dataset", "spaces": "space"}
 PREFIX = {"model": "", "dataset": "datasets/", "space": "spaces/"}
 # Files of a gated repo anyone may read (the Hub shows the card before the license is accepted).
+# Repo info, tree and paths-info stay readable too (the file list is public); other downloads are refused.
 UNGATED_FILES = ("README.md", ".gitattributes")
 RANGE_RE = re.compile(r"bytes=(\d*)-(\d*)$")
 
@@ -161,7 +162,6 @@ class HubHandler(UploadRoutes, BaseHTTPRequestHandler):
             state.check_gate(repo, token)
             return self._json({"success": True})
         if method == "GET" and action == "tree":
-            state.check_gate(repo, token)
             commit = self._commit_at(repo, rest[1] if len(rest) > 1 else "main")
             path = "/".join(rest[2:])
             entries = views.tree_entries(commit, path, self._flag("recursive"))
@@ -169,7 +169,6 @@ class HubHandler(UploadRoutes, BaseHTTPRequestHandler):
                 raise HubError(404, f"Entry not found: {path}", "EntryNotFound")
             return self._json(entries)
         if method == "POST" and action == "paths-info":
-            state.check_gate(repo, token)
             commit = self._commit_at(repo, rest[1] if len(rest) > 1 else "main")
             form = parse_qs(self.body.decode(), keep_blank_values=True)
             paths = form.get("paths", []) or (json.loads(self.body or b"{}").get("paths", []) if not form else [])
