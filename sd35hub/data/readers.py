@@ -8,6 +8,7 @@ stable order, with stable keys (local: the relative path; Hub: ``dataset/split/r
 from __future__ import annotations
 
 import csv
+import io
 import itertools
 import json
 import tarfile
@@ -199,17 +200,21 @@ def read_hub(
     if not columns:  # features unknown until the first row
         columns = list(next(iter(stream)).keys())
     image_col, caption_col = detect_columns(columns, image_column, caption_column, dataset_id)
-    feature = (stream.features or {}).get(image_col)
-    if feature is None or isinstance(feature, datasets.Image) or isinstance(feature, dict):
-        try:
-            stream = stream.cast_column(image_col, datasets.Image(decode=False))
-        except Exception:  # noqa: BLE001 - plain binary columns cannot be cast and need not be
-            pass
+    # Undecoded images ({"bytes", "path"}): casting the column to Image(decode=False) is not
+    # enough for imagefolder repos (their builder decodes anyway); IterableDataset.decode(False) is.
+    if hasattr(stream, "decode"):
+        stream = stream.decode(False)
+    elif isinstance((stream.features or {}).get(image_col), datasets.Image):
+        stream = stream.cast_column(image_col, datasets.Image(decode=False))
     for row_index, row in enumerate(stream):
         value = row.get(image_col)
         image = _image_value(value, None)
         if image is None and isinstance(value, dict) and value.get("path"):
             image = _open_remote(value["path"], token)
+        elif image is None and hasattr(value, "save"):  # already a PIL image: re-encode losslessly
+            buffer = io.BytesIO()
+            value.save(buffer, format="PNG")
+            image = buffer.getvalue()
         yield RawRecord(f"{dataset_id}/{split}/{row_index}", image, row.get(caption_col))
 
 
