@@ -63,5 +63,6 @@ def test_batches_single_bucket_complete_and_seeded() -> None:
         assert all(assign_bucket(*by_key[k].image.size, buckets) == b.bucket for k in b.keys)
     assert _order(0) == _order(0)
     assert _order(0) != _order(1)
-    dropped = list(BucketBatcher(samples, buckets, batch_size=5, buffer_size=8, seed=0, drop_last=True))
+    # buffer >= buckets * (batch - 1) + 1: a full bucket always exists when the buffer is full
+    dropped = list(BucketBatcher(samples, buckets, batch_size=5, buffer_size=16, seed=0, drop_last=True))
     assert all(len(b) == 5 for b in dropped)
