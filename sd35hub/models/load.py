@@ -14,7 +14,6 @@ tests of this path are tests of the real one.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -22,15 +21,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sd35hub.errors import (
-    ConfigError,
-    HardwareError,
-    MissingDependencyError,
     ModelLoadError,
     OutOfMemoryError,
     RepoNotFoundError,
     Sd35HubError,
 )
 from sd35hub.models.info import ModelInfo, detect_variant, model_info_from_config
+from sd35hub.models.options import check_options, quantization_config, torch_dtype
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -52,10 +49,6 @@ __all__ = [
 ]
 
 TINY = "tiny"
-DTYPES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16",
-          "bf16": "bfloat16", "bfloat16": "bfloat16"}  # fmt: skip
-QUANTIZATION = ("none", "nf4", "int8")
-ATTENTION = ("sdpa", "xformers")
 TEXT_COMPONENTS = (
     "text_encoder",
     "text_encoder_2",
@@ -144,6 +137,8 @@ def model_dir(
     try:
         check_read_access(ref.name, revision=ref.revision)
     except RepoNotFoundError as exc:
+        if ref.revision is not None:  # keep the "revision does not exist" explanation
+            raise
         raise RepoNotFoundError(
             ref.name, "model", f"(If you meant a local folder: ./{ref.name} does not exist.)"
         ) from exc
@@ -191,62 +186,6 @@ def model_info(model: str, revision: str | None = None) -> ModelInfo:
         _read_json(folder / "scheduler" / "scheduler_config.json"),
         revision=revision,
     )
-
-
-def torch_dtype(dtype: str | torch.dtype, device: str | None = None) -> torch.dtype:
-    """'fp32'/'fp16'/'bf16' (or the long names, or a torch.dtype) -> torch.dtype.
-
-    'auto': bf16 on a CUDA GPU that supports it, else fp16 on CUDA, else fp32 (CPU).
-    """
-    import torch
-
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype == "auto":
-        on_cuda = torch.cuda.is_available() and (device is None or str(device).startswith("cuda"))
-        if not on_cuda:
-            return torch.float32
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if dtype not in DTYPES:
-        raise ConfigError(
-            f"model.dtype={dtype!r} is not one of auto, fp32, fp16, bf16; pass --dtype bf16 (GPU) or fp32 (CPU)"
-        )
-    return getattr(torch, DTYPES[dtype])
-
-
-def _check_options(quantize: str, attention: str = "sdpa") -> None:
-    """Fail before any download when an option cannot work on this machine."""
-    if quantize not in QUANTIZATION:
-        raise ConfigError(f"model.quantize={quantize!r} is not one of {', '.join(QUANTIZATION)}")
-    if attention not in ATTENTION:
-        raise ConfigError(f"model.attention={attention!r} is not one of {', '.join(ATTENTION)}")
-    if quantize != "none":
-        if importlib.util.find_spec("bitsandbytes") is None:
-            raise MissingDependencyError("bitsandbytes", f"--quantize {quantize}", extra="quant")
-        import torch
-
-        if not torch.cuda.is_available():
-            raise HardwareError(
-                f"--quantize {quantize} (bitsandbytes) needs a CUDA GPU and none is visible. "
-                "Run with --quantize none on CPU, or on a machine with an NVIDIA GPU."
-            )
-    if attention == "xformers" and importlib.util.find_spec("xformers") is None:
-        raise MissingDependencyError("xformers", "--attention xformers", extra="xformers")
-
-
-def _quantization_config(quantize: str, compute_dtype: torch.dtype, library: str = "diffusers") -> Any:
-    """bitsandbytes config for diffusers models (transformer) or transformers models (T5)."""
-    if quantize == "none":
-        return None
-    if library == "diffusers":
-        from diffusers import BitsAndBytesConfig
-    else:
-        from transformers import BitsAndBytesConfig
-    if quantize == "nf4":
-        return BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype
-        )
-    return BitsAndBytesConfig(load_in_8bit=True)
 
 
 class _loading:
@@ -298,7 +237,7 @@ def load_transformer(
     device: str | None = None,
 ) -> SD3Transformer2DModel:
     """The MMDiT alone (what LoRA training wraps), optionally NF4/int8-quantized (then on the GPU)."""
-    _check_options(quantize)
+    check_options(quantize)
     weights_dtype = torch_dtype(dtype, device)
     ref = resolve_model(model, revision)
     folder = model_dir(ref, ("transformer",))
@@ -310,7 +249,7 @@ def load_transformer(
             folder,
             subfolder=subfolder,
             dtype=weights_dtype,
-            quantization_config=_quantization_config(quantize, weights_dtype),
+            quantization_config=quantization_config(quantize, weights_dtype),
         )
     if device is not None and quantize == "none":
         transformer = transformer.to(device)
@@ -388,8 +327,8 @@ def _load_pipeline(
     device: str | None,
     components: tuple[str, ...],
 ) -> StableDiffusion3Pipeline:
-    _check_options(quantize, attention)
-    _check_options(quantize_t5)
+    check_options(quantize, attention)
+    check_options(quantize_t5)
     weights_dtype = torch_dtype(dtype, device)
     ref = resolve_model(model, revision)
     wanted = [c for c in components if not (drop_t5 and c.endswith("_3"))]
@@ -411,7 +350,7 @@ def _load_pipeline(
                 folder,
                 subfolder="text_encoder_3",
                 dtype=weights_dtype,
-                quantization_config=_quantization_config(quantize_t5, weights_dtype, library="transformers"),
+                quantization_config=quantization_config(quantize_t5, weights_dtype, library="transformers"),
             )
     with _loading(model, folder):
         pipe = StableDiffusion3Pipeline.from_pretrained(folder, dtype=weights_dtype, **overrides)
