@@ -163,6 +163,9 @@ def test_model_info_gated_card_and_auth_check(hub: HubServer, api: HfApi) -> Non
     with pytest.raises(GatedRepoError) as err:
         api.auth_check(repo_id, token=hub.other_token)
     assert err.value.response.status_code == 403
+    with pytest.raises(GatedRepoError) as err:
+        api.auth_check(repo_id, token=False)
+    assert err.value.response.status_code == 401
     with pytest.raises(GatedRepoError):
         hf_hub_download(repo_id, "model.safetensors", token=hub.other_token)
     with pytest.raises(GatedRepoError):
@@ -241,6 +244,7 @@ def test_fail_next_and_request_log(hub: HubServer, api: HfApi) -> None:
         api.model_info(repo_id)  # no retry on plain API calls
     assert err.value.response.status_code == 500
     assert api.model_info(repo_id).id == repo_id  # the failure was used up
+    assert hub.requests[-2:] == [("GET", f"/api/models/{repo_id}", 500), ("GET", f"/api/models/{repo_id}", 200)]
     assert hub.downloads(repo_id) == []
 
     # preupload goes through huggingface_hub's http_backoff, which retries 5xx (after ~1 s)

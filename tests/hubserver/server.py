@@ -8,20 +8,29 @@ act on the server state directly, without HTTP.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
 from http.server import ThreadingHTTPServer
-from typing import Any
+from typing import Any, NamedTuple
 
 from .handler import PREFIX, HubHandler
 from .state import HubState, Repo
 
 
-@dataclass(frozen=True)
-class RequestRecord:
+class _RequestFields(NamedTuple):
     method: str
-    path: str  # URL path, percent-encoded as sent
+    path: str  # URL path, percent-encoded as sent, without the query string
     status: int
-    query: str = ""
+
+
+class RequestRecord(_RequestFields):
+    """(method, path, status) of one request — unpacks and compares like a 3-tuple; `.query` holds
+    the raw query string."""
+
+    query: str
+
+    def __new__(cls, method: str, path: str, status: int, query: str = "") -> RequestRecord:
+        record = super().__new__(cls, method, path, status)
+        record.query = query  # a NamedTuple subclass without __slots__ has a __dict__
+        return record
 
 
 class HubServer:
