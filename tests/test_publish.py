@@ -186,3 +186,45 @@ def test_checkpoint_adapters_go_to_their_own_branch(hub, output_dir: Path) -> No
     titles = [c["title"] for c in hub.commits("alice/publish-ckpt", revision="checkpoints")]
     assert titles[:2] == ["Checkpoint adapter at step 200", "Checkpoint adapter at step 100"]
     assert set(hub.files("alice/publish-ckpt")) == {".gitattributes"}
+
+
+@pytest.mark.slow  # builds the tiny model on first use in a session (~20 s on 2 shared cores)
+def test_card_snippet_runs_against_the_published_repo(hub, tmp_path: Path, monkeypatch) -> None:
+    """The snippet in the published card, run as written (CPU instead of CUDA), loads the
+    uploaded adapter from the Hub onto the base model and generates an image (CPU, 1 step, 64 px)."""
+    import torch
+    from diffusers import StableDiffusion3Pipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from sd35hub.models.tiny import tiny_model_path
+
+    tiny = tiny_model_path()
+    base = "sd35hub-org/tiny-sd3.5"
+    hub.seed_repo(base, {str(p.relative_to(tiny)): p.read_bytes() for p in tiny.rglob("*") if p.is_file()})
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(tiny))
+    pipe.transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, param in pipe.transformer.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.05)
+    lora_state = get_peft_model_state_dict(pipe.transformer)
+    out = make_training_output(tmp_path / "out", base_model=base, variant="tiny")
+    StableDiffusion3Pipeline.save_lora_weights(out / "adapter", transformer_lora_layers=lora_state)
+    publish(out, "alice/tiny-snippet")
+
+    card = ModelCard.load("alice/tiny-snippet")
+    snippet = card.text.split("```python\n", 1)[1].split("```", 1)[0]
+    assert f'from_pretrained("{base}"' in snippet
+    runnable = snippet.replace('.to("cuda")', "").replace("num_inference_steps=28", "num_inference_steps=1, height=64, width=64")
+    monkeypatch.chdir(tmp_path)
+    namespace: dict[str, object] = {}
+    exec(compile(runnable, "card-snippet", "exec"), namespace)  # noqa: S102 - our own generated snippet
+    loaded = namespace["pipe"]
+    assert loaded.get_active_adapters() == ["tiny_snippet"]
+    key = next(k for k in lora_state if "lora_B" in k)  # e.g. transformer_blocks.0.attn.to_q.lora_B.weight
+    module_path = key.replace(".lora_B.weight", "")
+    loaded_b = loaded.transformer.get_submodule(module_path).lora_B["tiny_snippet"].weight
+    torch.testing.assert_close(loaded_b.float(), lora_state[key].float(), atol=1e-2, rtol=1e-2)  # bf16 rounding
+    assert (tmp_path / "sample.png").is_file()
