@@ -37,12 +37,9 @@ def hub_endpoint() -> str:
 
 def _redact(text: str, token: str | bool | None) -> str:
     """Never let a token reach a message (servers sometimes echo headers back)."""
-    from huggingface_hub import get_token
+    from sd35hub.redact import redact_text
 
-    for secret in {token if isinstance(token, str) else None, get_token()}:
-        if secret:
-            text = text.replace(secret, "hf_***")
-    return text
+    return redact_text(text, [token] if isinstance(token, str) else None)
 
 
 @contextmanager
