@@ -85,7 +85,7 @@ def hub_errors(
             f"The Hub request for {repo_id} failed (HTTP {status}): {_redact(_server_message(exc), token)} "
             "Check https://status.huggingface.co and your network, then run again."
         ) from exc
-    except (httpx.TransportError, OSError) as exc:
+    except (httpx.TransportError, ConnectionError, TimeoutError) as exc:
         raise HubRequestError(
             f"Could not reach the Hub at {hub_endpoint()} for {repo_id}: {type(exc).__name__}: "
             f"{_redact(str(exc), token)}. Check your network (and HF_ENDPOINT), then run again."
