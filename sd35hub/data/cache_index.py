@@ -1,0 +1,211 @@
+"""Reading the latent + embedding cache: the index, lazy shard access, and per-epoch batches.
+
+Layout of a cache folder (written by :func:`sd35hub.data.cache.build_cache`)::
+
+    shard-<hash>.safetensors      complete shards only (written as *.tmp, then renamed); tensors
+                                  "<entry id>/latents_mean" [16, h/8, w/8], ".../latents_std",
+                                  ".../prompt_embeds" [77 + T, joint_dim], ".../pooled_prompt_embeds"
+                                  [pooled_dim]; metadata "entries" lists what the shard holds
+    empty_prompt-<hash>.safetensors   the "" caption's prompt_embeds [1, S, D] and pooled [1, P]
+    index.json                    written last: settings, VAE shift/scale, entries -> shard, skip stats
+
+Only entries listed in index.json are ever read, so a half-written or foreign shard is never used.
+Resume position for a trainer is (epoch, batch_index): ``epoch_batches(epoch)[batch_index:]``.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sd35hub.data.sources import caption_dropped, stable_seed
+from sd35hub.errors import DatasetError
+
+if TYPE_CHECKING:
+    import torch
+
+INDEX_FILE = "index.json"
+CACHE_FORMAT = "1"
+FIELDS = ("latents_mean", "latents_std", "prompt_embeds", "pooled_prompt_embeds")
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    id: str  # content hash of (image bytes, caption, crop, bucket, model id, encoder settings)
+    key: str  # the sample's stable key
+    bucket: tuple[int, int]  # (width, height) in pixels
+    shard: str  # file name inside the cache folder
+
+
+@dataclass
+class CacheIndex:
+    path: Path  # the cache folder
+    model_id: str
+    settings: dict[str, Any]  # max_sequence_length, drop_t5, dtype, resolution, crop
+    shift_factor: float  # VAE: latents = (sample - shift_factor) * scaling_factor
+    scaling_factor: float
+    entries: list[CacheEntry]
+    empty_prompt: str  # file with the empty caption's embeddings (caption dropout)
+    stats: dict[str, Any] = field(default_factory=dict)  # SkipStats.as_dict() of the build
+    encoded: int = 0  # samples encoded by the build that wrote this index (0 = all cached)
+
+    @classmethod
+    def load(cls, path: Path) -> CacheIndex:
+        path = Path(path)
+        try:
+            raw = json.loads((path / INDEX_FILE).read_text())
+        except (OSError, ValueError) as exc:
+            raise DatasetError(
+                f"No complete cache in {path} (missing or unreadable {INDEX_FILE}); build it with "
+                "`sd35hub data cache` or let `sd35hub train` build it."
+            ) from exc
+        if raw.get("format") != CACHE_FORMAT:
+            raise DatasetError(f"The cache in {path} has format {raw.get('format')!r}, not {CACHE_FORMAT}; delete it and rebuild.")
+        entries = [CacheEntry(e["id"], e["key"], (e["bucket"][0], e["bucket"][1]), e["shard"]) for e in raw["entries"]]
+        return cls(path, raw["model_id"], raw["settings"], raw["shift_factor"], raw["scaling_factor"], entries,
+                   raw["empty_prompt"], raw.get("stats", {}), raw.get("encoded", 0))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": CACHE_FORMAT,
+            "model_id": self.model_id,
+            "settings": self.settings,
+            "shift_factor": self.shift_factor,
+            "scaling_factor": self.scaling_factor,
+            "empty_prompt": self.empty_prompt,
+            "stats": self.stats,
+            "encoded": self.encoded,
+            "entries": [{"id": e.id, "key": e.key, "bucket": list(e.bucket), "shard": e.shard} for e in self.entries],
+        }
+
+    def bucket_histogram(self) -> dict[str, int]:
+        counts = Counter(f"{w}x{h}" for w, h in (e.bucket for e in self.entries))
+        return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+@dataclass(frozen=True)
+class BatchRef:
+    epoch: int
+    index: int  # position in epoch_batches(epoch): the resume point
+    bucket: tuple[int, int]
+    entries: tuple[int, ...]  # positions in CacheIndex.entries
+
+
+class ShardReader:
+    """Lazily opened shards (memory-mapped by safetensors); at most ``max_open`` kept open."""
+
+    def __init__(self, folder: Path, max_open: int = 4) -> None:
+        self.folder = folder
+        self.max_open = max_open
+        self._open: OrderedDict[str, Any] = OrderedDict()
+
+    def tensor(self, shard: str, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        handle = self._open.get(shard)
+        if handle is None:
+            handle = safe_open(str(self.folder / shard), framework="pt")
+            self._open[shard] = handle
+            if len(self._open) > self.max_open:
+                self._open.popitem(last=False)
+        else:
+            self._open.move_to_end(shard)
+        return handle.get_tensor(name)
+
+
+class CachedBatches:
+    """Single-bucket training batches over a built cache, shuffled per (seed, epoch).
+
+    ``holdout`` entries (chosen by seed) never appear in training batches; ``holdout_batch()``
+    returns them for a validation loss. With ``caption_dropout`` > 0, ``load`` swaps the cached
+    empty-caption embeddings into the rows chosen by ``caption_dropped(key, seed, epoch, rate)``.
+    """
+
+    def __init__(self, index: CacheIndex | Path, batch_size: int, seed: int = 0, holdout: int = 0,
+                 caption_dropout: float = 0.0, drop_last: bool = False) -> None:
+        self.index = index if isinstance(index, CacheIndex) else CacheIndex.load(Path(index))
+        self.batch_size = batch_size
+        self.seed = seed
+        self.caption_dropout = caption_dropout
+        self.drop_last = drop_last
+        self.reader = ShardReader(self.index.path)
+        order = sorted(range(len(self.index.entries)), key=lambda i: self.index.entries[i].key)
+        holdout = min(holdout, max(len(order) - 1, 0))  # always keep one training sample
+        held = set(random.Random(stable_seed("holdout", seed)).sample(order, holdout)) if holdout else set()
+        self.holdout_entries = tuple(i for i in order if i in held)
+        self.train_entries = tuple(i for i in order if i not in held)
+        self._empty: dict[str, torch.Tensor] | None = None
+
+    def epoch_batches(self, epoch: int) -> list[BatchRef]:
+        rng = random.Random(stable_seed("epoch", self.seed, epoch))
+        by_bucket: dict[tuple[int, int], list[int]] = {}
+        for i in self.train_entries:
+            by_bucket.setdefault(self.index.entries[i].bucket, []).append(i)
+        groups: list[tuple[tuple[int, int], tuple[int, ...]]] = []
+        for bucket in sorted(by_bucket):
+            members = by_bucket[bucket]
+            rng.shuffle(members)
+            for start in range(0, len(members), self.batch_size):
+                chunk = tuple(members[start : start + self.batch_size])
+                if len(chunk) == self.batch_size or not self.drop_last:
+                    groups.append((bucket, chunk))
+        rng.shuffle(groups)
+        return [BatchRef(epoch, n, bucket, chunk) for n, (bucket, chunk) in enumerate(groups)]
+
+    @property
+    def num_batches_per_epoch(self) -> int:
+        return len(self.epoch_batches(0))
+
+    def bucket_histogram(self) -> dict[str, int]:
+        return self.index.bucket_histogram()
+
+    def empty_prompt(self) -> dict[str, torch.Tensor]:
+        """The "" caption: prompt_embeds [1, S, D] and pooled_prompt_embeds [1, P]."""
+        if self._empty is None:
+            from safetensors.torch import load_file
+
+            self._empty = load_file(str(self.index.path / self.index.empty_prompt))
+        return self._empty
+
+    def load(self, ref: BatchRef, *, generator: torch.Generator | None = None, sample: bool = False) -> dict[str, Any]:
+        """Tensors of one batch: latents_mean/latents_std [b, 16, h/8, w/8], prompt_embeds [b, S, D],
+        pooled_prompt_embeds [b, P], keys; with ``sample=True`` also ``latents`` (VAE-sampled,
+        shifted and scaled, ready for the flow-matching loss)."""
+        return self._load(ref.entries, epoch=ref.epoch, dropout=self.caption_dropout, generator=generator, sample=sample)
+
+    def holdout_batch(self, *, generator: torch.Generator | None = None, sample: bool = False) -> dict[str, Any] | None:
+        """The held-out samples of the largest holdout bucket (one bucket: one tensor shape), or None."""
+        if not self.holdout_entries:
+            return None
+        buckets = Counter(self.index.entries[i].bucket for i in self.holdout_entries)
+        bucket = max(sorted(buckets), key=lambda b: buckets[b])
+        chosen = tuple(i for i in self.holdout_entries if self.index.entries[i].bucket == bucket)
+        return self._load(chosen, epoch=0, dropout=0.0, generator=generator, sample=sample)
+
+    def _load(self, positions: tuple[int, ...], *, epoch: int, dropout: float,
+              generator: torch.Generator | None, sample: bool) -> dict[str, Any]:
+        import torch
+
+        entries = [self.index.entries[i] for i in positions]
+        out: dict[str, Any] = {
+            name: torch.stack([self.reader.tensor(e.shard, f"{e.id}/{name}") for e in entries]) for name in FIELDS
+        }
+        dropped = [caption_dropped(e.key, seed=self.seed, epoch=epoch, rate=dropout) for e in entries]
+        if any(dropped):
+            empty = self.empty_prompt()
+            for row, is_dropped in enumerate(dropped):
+                if is_dropped:
+                    out["prompt_embeds"][row] = empty["prompt_embeds"][0].to(out["prompt_embeds"].dtype)
+                    out["pooled_prompt_embeds"][row] = empty["pooled_prompt_embeds"][0].to(out["pooled_prompt_embeds"].dtype)
+        out["keys"] = [e.key for e in entries]
+        out["dropped_captions"] = dropped
+        if sample:
+            from sd35hub.data.cache import sample_latents
+
+            out["latents"] = sample_latents(out["latents_mean"], out["latents_std"], generator,
+                                            self.index.shift_factor, self.index.scaling_factor)
+        return out

@@ -1,0 +1,152 @@
+"""Latent + embedding cache on the embedded tiny SD3.5 model: hits, invalidation, resume, batches."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from sd35hub.config import DataSpec
+from sd35hub.data.cache import CachedBatches, CacheIndex, build_cache, sample_latents
+from sd35hub.errors import DatasetError
+from sd35hub.models import tiny
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    from diffusers import StableDiffusion3Pipeline
+
+    return StableDiffusion3Pipeline.from_pretrained(tiny.tiny_model_path())
+
+
+def make_folder(root: Path, n: int = 7) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        size = [(96, 96), (128, 80), (80, 128)][i % 3]
+        buffer = io.BytesIO()
+        Image.new("RGB", size, (i * 30 % 256, 100, 200 - i * 20)).save(buffer, format="PNG")
+        (root / f"{i:02d}.png").write_bytes(buffer.getvalue())
+        (root / f"{i:02d}.txt").write_text(f"a picture number {i}")
+    return root
+
+
+class Counting:
+    """Counts calls to the pipeline's real encoders (no behaviour changed)."""
+
+    def __init__(self, pipe, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.prompt_calls = self.vae_calls = 0
+        real_prompt, real_vae = pipe.encode_prompt, pipe.vae.encode
+
+        def encode_prompt(*args, **kwargs):
+            self.prompt_calls += 1
+            return real_prompt(*args, **kwargs)
+
+        def vae_encode(*args, **kwargs):
+            self.vae_calls += 1
+            return real_vae(*args, **kwargs)
+
+        monkeypatch.setattr(pipe, "encode_prompt", encode_prompt)
+        monkeypatch.setattr(pipe.vae, "encode", vae_encode)
+
+
+def build(spec: DataSpec, pipe, cache: Path, **kwargs) -> CacheIndex:
+    return build_cache(spec, pipe, cache, model_id="tiny", batch_size=2, device="cpu", dtype=torch.float32,
+                       seed=0, progress=False, **kwargs)
+
+
+def test_build_hit_invalidate_and_batches(tmp_path: Path, pipe, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = make_folder(tmp_path / "data")
+    spec = DataSpec(source=str(data), resolution=128, min_size=64, buffer_size=4)
+    cache = tmp_path / "cache"
+    first = build(spec, pipe, cache)
+    assert first.encoded == 7 and len(first.entries) == 7
+    assert first.shift_factor == pytest.approx(tiny.VAE_SHIFT_FACTOR)
+    assert first.scaling_factor == pytest.approx(tiny.VAE_SCALING_FACTOR)
+    assert first.stats["usable"] == 7
+
+    counter = Counting(pipe, monkeypatch)
+    again = build(spec, pipe, cache)
+    assert counter.prompt_calls == 0 and counter.vae_calls == 0 and again.encoded == 0
+    assert {e.id for e in again.entries} == {e.id for e in first.entries}
+
+    (data / "03.txt").write_text("a different caption")
+    changed = build(spec, pipe, cache)
+    assert changed.encoded == 1 and counter.vae_calls == 1
+    old = {e.key: e.id for e in first.entries}
+    new = {e.key: e.id for e in changed.entries}
+    assert [k for k in old if old[k] != new[k]] == ["03.png"]
+
+    batches = CachedBatches(cache, batch_size=2, seed=5, holdout=2)
+    assert len(batches.train_entries) == 5 and not set(batches.train_entries) & set(batches.holdout_entries)
+    refs = batches.epoch_batches(0)
+    assert refs == batches.epoch_batches(0) and refs != batches.epoch_batches(1)
+    assert batches.num_batches_per_epoch == len(refs)
+    loaded_keys = []
+    for ref in refs:
+        batch = batches.load(ref, generator=torch.Generator().manual_seed(0), sample=True)
+        b = len(ref.entries)
+        w, h = ref.bucket
+        assert batch["latents_mean"].shape == (b, 16, h // 8, w // 8) == batch["latents"].shape
+        assert batch["prompt_embeds"].shape == (b, 77 + spec.max_sequence_length, tiny.T5_D_MODEL)
+        assert batch["pooled_prompt_embeds"].shape == (b, 2 * tiny.CLIP_PROJECTION)
+        loaded_keys += batch["keys"]
+    assert sorted(loaded_keys) == sorted(changed.entries[i].key for i in batches.train_entries)
+    holdout = batches.holdout_batch()
+    assert holdout is not None and set(holdout["keys"]) <= {changed.entries[i].key for i in batches.holdout_entries}
+    assert sum(batches.bucket_histogram().values()) == 7
+
+    # the cached embedding equals a fresh encode of the same caption
+    entry = next(e for e in changed.entries if e.key == "03.png")
+    fresh = pipe.encode_prompt(prompt=["a different caption"], prompt_2=None, prompt_3=None, device="cpu",
+                               do_classifier_free_guidance=False, max_sequence_length=spec.max_sequence_length)[0]
+    cached = batches.reader.tensor(entry.shard, f"{entry.id}/prompt_embeds")
+    torch.testing.assert_close(cached, fresh[0])
+
+    dropping = CachedBatches(cache, batch_size=7, seed=5, holdout=0, caption_dropout=0.5)
+    ref = dropping.epoch_batches(0)[0]
+    batch = dropping.load(ref)
+    empty = dropping.empty_prompt()["prompt_embeds"][0]
+    for row, dropped in enumerate(batch["dropped_captions"]):
+        assert torch.equal(batch["prompt_embeds"][row], empty) == dropped
+
+
+def test_interrupted_build_resumes_and_half_written_shards_are_never_read(tmp_path: Path, pipe,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    data = make_folder(tmp_path / "data", n=6)
+    spec = DataSpec(source=str(data), resolution=128, min_size=64, buffer_size=2)
+    cache = tmp_path / "cache"
+    real_encode = pipe.vae.encode
+    calls = {"n": 0}
+
+    def failing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 2:
+            raise RuntimeError("simulated crash")
+        return real_encode(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(pipe.vae, "encode", failing)
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            build(spec, pipe, cache, shard_size=2)
+    with pytest.raises(DatasetError, match="No complete cache"):
+        CacheIndex.load(cache)
+    complete = sorted(cache.glob("shard-*.safetensors"))
+    assert complete  # the shards finished before the crash survive
+    (cache / "shard-0000.safetensors.tmp").write_bytes(b"half a shard")  # a crash mid-write
+    (cache / "shard-ffff.safetensors").write_bytes(b"not a safetensors file")  # foreign junk
+    index = build(spec, pipe, cache, shard_size=2)
+    assert 0 < index.encoded < 6 and len(index.entries) == 6
+    assert not list(cache.glob("*.tmp"))
+    assert "shard-ffff.safetensors" not in {e.shard for e in index.entries}
+    batches = CachedBatches(index, batch_size=3, seed=0)
+    assert sum(len(batches.load(ref)["keys"]) for ref in batches.epoch_batches(0)) == 6
+
+
+def test_sample_latents_formula() -> None:
+    mean, std = torch.full((1, 16, 2, 2), 0.5), torch.full((1, 16, 2, 2), 0.1)
+    latents = sample_latents(mean, std, torch.Generator().manual_seed(1), 0.0609, 1.5305)
+    eps = torch.randn(mean.shape, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(latents, (mean + std * eps - 0.0609) * 1.5305)
