@@ -137,7 +137,7 @@ class LoraSpec:
     rank: int = 16  # r: adapter rank
     alpha: float | None = None  # scaling numerator; None = rank (scale 1.0)
     dropout: float = 0.0  # dropout on the LoRA branch
-    init: str = "gaussian"  # peft init_lora_weights: gaussian | default (kaiming) | pissa | olora
+    init: str = "gaussian"  # peft init_lora_weights: gaussian | default (kaiming); pissa/olora rewrite the base, unsupported
     targets: str = "attention"  # attention | attention+ff | all-linear | comma-separated module names
     blocks: str = "all"  # transformer blocks to adapt: "all", "0-11", "0-5,20-23"
 
@@ -145,7 +145,7 @@ class LoraSpec:
         out = _positive("lora", "rank", self.rank)
         out += _positive("lora", "alpha", self.alpha, allow_none=True)
         out += _fraction("lora", "dropout", self.dropout)
-        out += _choice("lora", "init", self.init, ("gaussian", "default", "pissa", "olora"))
+        out += _choice("lora", "init", self.init, ("gaussian", "default"))
         if not self.targets.strip():
             out.append("lora.targets is empty; use attention, attention+ff, all-linear or module names")
         if self.blocks != "all" and not re.fullmatch(r"\s*\d+(\s*-\s*\d+)?(\s*,\s*\d+(\s*-\s*\d+)?)*\s*", self.blocks):

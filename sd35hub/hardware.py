@@ -1,0 +1,189 @@
+"""GPU detection -> a hardware profile -> the training settings the config left open.
+
+    profile = detect_profile("auto")                 # reads torch.cuda (or faked device_props)
+    config, notes = apply_profile(config, profile)   # fills only what the user did not choose
+    print(profile.describe()); print(*notes, sep="\\n")
+
+Every value here is a default: anything set in the config (YAML, dotted override or flag) wins.
+Fields that are ``None``/``"auto"`` in the config are always taken from the profile; fields with a
+plain default (data.resolution, lora.rank, model.quantize, train.optimizer) are taken from the
+profile unless the user set them explicitly (``explicit`` keys; the Python API counts a value equal
+to the dataclass default as "not set"). Profiles are resolved from device properties and model
+configs only, before any weights load. Numbers are pending measurement (docs/performance.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from dataclasses import dataclass, field
+from typing import Any
+
+from sd35hub.config import Config, DataSpec, LoraSpec, ModelSpec, TrainSpec
+
+GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class HardwareProfile:
+    name: str  # cpu | t4 | l4 | a100-40 | a100-80 | h100
+    batch_size: int  # per device
+    gradient_accumulation: int
+    resolution: int  # pixels (bucket side)
+    rank: int
+    mixed_precision: str  # no | fp16 (GradScaler, fp32 LoRA) | bf16
+    weight_dtype: str  # frozen base dtype: fp32 | fp16 | bf16
+    gradient_checkpointing: bool
+    quantize: str  # frozen transformer: none | nf4 | int8
+    optimizer: str  # adamw | adamw8bit
+    compile: bool  # torch.compile each transformer block
+    device_name: str = "cpu"
+    vram_gib: float = 0.0
+    reasons: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        head = (
+            f"hardware profile {self.name} ({self.device_name}, {self.vram_gib:.0f} GiB): batch {self.batch_size} x "
+            f"accumulation {self.gradient_accumulation}, {self.resolution} px, rank {self.rank}, "
+            f"{self.mixed_precision} mixed precision, {self.weight_dtype} base, quantize {self.quantize}, "
+            f"checkpointing {'on' if self.gradient_checkpointing else 'off'}, optimizer {self.optimizer}, "
+            f"compile {'on' if self.compile else 'off'}"
+        )
+        return "\n".join([head] + [f"  - {r}" for r in self.reasons])
+
+
+def _has_bitsandbytes() -> bool:
+    return importlib.util.find_spec("bitsandbytes") is not None
+
+
+def _base(name: str, variant: str | None) -> dict[str, Any]:
+    """The tier table (see docs/training.md). variant: sd3.5-large/-turbo need ~2x Medium's memory."""
+    large = variant is None or "large" in variant
+    table: dict[str, dict[str, Any]] = {
+        "cpu": dict(batch_size=1, gradient_accumulation=1, resolution=512, rank=16, mixed_precision="no",
+                    weight_dtype="fp32", gradient_checkpointing=False, quantize="none", optimizer="adamw", compile=False),
+        "t4": dict(batch_size=1, gradient_accumulation=4, resolution=768, rank=16, mixed_precision="fp16",
+                   weight_dtype="fp16", gradient_checkpointing=True, quantize="nf4", optimizer="adamw8bit", compile=False),
+        "l4": dict(batch_size=1, gradient_accumulation=4, resolution=1024, rank=16, mixed_precision="bf16",
+                   weight_dtype="bf16", gradient_checkpointing=True, quantize="nf4" if large else "none",
+                   optimizer="adamw8bit", compile=False),
+        "a100-40": dict(batch_size=1, gradient_accumulation=2, resolution=1024, rank=16, mixed_precision="bf16",
+                        weight_dtype="bf16", gradient_checkpointing=large, quantize="none", optimizer="adamw",
+                        compile=False),
+        "a100-80": dict(batch_size=2 if large else 4, gradient_accumulation=1, resolution=1024, rank=16,
+                        mixed_precision="bf16", weight_dtype="bf16", gradient_checkpointing=False, quantize="none",
+                        optimizer="adamw", compile=True),
+        "h100": dict(batch_size=2 if large else 4, gradient_accumulation=1, resolution=1024, rank=16,
+                     mixed_precision="bf16", weight_dtype="bf16", gradient_checkpointing=False, quantize="none",
+                     optimizer="adamw", compile=True),
+    }  # fmt: skip
+    return dict(table[name])
+
+
+_WHY = {
+    "cpu": "no CUDA GPU: fp32 on the CPU (fine for the tiny model; real SD3.5 needs a GPU)",
+    "t4": "16 GB and no bf16 (sm75): fp16 autocast with a grad scaler and fp32 LoRA weights, NF4 base + "
+          "gradient checkpointing to fit, 768 px",
+    "l4": "24 GB with bf16: gradient checkpointing; NF4 base for Large (bf16 Large alone is 16 GB)",
+    "a100-40": "40 GB with bf16: Large needs gradient checkpointing at 1024 px, Medium does not",
+    "a100-80": "80 GB: no checkpointing, larger batches, regional torch.compile",
+    "h100": "80 GB Hopper: no checkpointing, larger batches, regional torch.compile (fastest measured step)",
+}  # fmt: skip
+
+
+def classify(device_name: str, vram_gib: float) -> tuple[str, str]:
+    """(profile name, why) from a CUDA device name and its memory."""
+    upper = device_name.upper()
+    if "T4" in upper.split() or upper.endswith("T4"):
+        return "t4", f"{device_name} is a T4"
+    if " L4" in f" {upper}":
+        return "l4", f"{device_name} is an L4"
+    if "A100" in upper:
+        return ("a100-80", f"{device_name} has {vram_gib:.0f} GiB") if vram_gib > 60 else ("a100-40", f"{device_name} has {vram_gib:.0f} GiB")
+    if any(tag in upper for tag in ("H100", "H200", "H800", "GH200", "B200", "B100")):
+        return "h100", f"{device_name} is Hopper/Blackwell class"
+    for limit, name in ((17, "t4"), (25, "l4"), (48, "a100-40")):
+        if vram_gib <= limit:
+            return name, f"unknown GPU {device_name}: chose by memory ({vram_gib:.0f} GiB)"
+    return "a100-80", f"unknown GPU {device_name}: chose by memory ({vram_gib:.0f} GiB)"
+
+
+def detect_profile(override: str = "auto", device_props: Any = None, *, variant: str | None = None) -> HardwareProfile:
+    """The profile for this machine (or ``override``). ``device_props`` fakes
+    ``torch.cuda.get_device_properties(0)`` (``.name``, ``.total_memory`` bytes, ``.major``) in tests;
+    ``variant`` (sd3.5-large / sd3.5-medium / tiny, from the model configs) tunes memory choices."""
+    reasons: list[str] = []
+    if device_props is None:
+        import torch
+
+        if torch.cuda.is_available():
+            device_props = torch.cuda.get_device_properties(0)
+    if device_props is None:
+        device_name, vram_gib, major = "cpu", 0.0, 0
+        detected, why = "cpu", "no CUDA device visible"
+    else:
+        device_name, vram_gib = str(device_props.name), device_props.total_memory / GIB
+        major = int(getattr(device_props, "major", 8))
+        detected, why = classify(device_name, vram_gib)
+    name = detected if override == "auto" else override
+    reasons.append(f"chosen because {why}" if override == "auto" else f"chosen by --profile {override} (detected: {detected})")
+    values = _base(name, variant)
+    reasons.append(_WHY[name])
+    if variant == "tiny" and name != "cpu":
+        values.update(quantize="none", gradient_checkpointing=False, compile=False, resolution=128)
+        reasons.append("tiny model: no quantization, checkpointing or compile needed; 128 px")
+    if values["mixed_precision"] == "fp16" and device_props is not None and major >= 8:
+        values.update(mixed_precision="bf16", weight_dtype="bf16")
+        reasons.append(f"{device_name} supports bf16 (sm{major}x): bf16 instead of fp16, no grad scaler")
+    needs_bnb = values["quantize"] != "none" or values["optimizer"] == "adamw8bit"
+    if needs_bnb and not _has_bitsandbytes():
+        if values["optimizer"] == "adamw8bit":
+            values["optimizer"] = "adamw"
+            reasons.append("bitsandbytes not installed: plain AdamW (pip install 'sd35hub[quant]' for 8-bit AdamW)")
+        if values["quantize"] != "none":
+            reasons.append(
+                f"the {values['quantize']} base needs bitsandbytes: pip install 'sd35hub[quant]' "
+                "(or pass model.quantize=none if the base fits in memory unquantized)"
+            )
+    return HardwareProfile(name=name, device_name=device_name, vram_gib=vram_gib, reasons=reasons, **values)
+
+
+# Config fields a profile may fill: (section, field, profile attribute, "unset" test).
+_UNSET_NONE = "none-or-auto"
+_UNSET_DEFAULT = "default"
+_FILLS = (
+    ("train", "batch_size", "batch_size", _UNSET_NONE),
+    ("train", "gradient_accumulation", "gradient_accumulation", _UNSET_NONE),
+    ("train", "gradient_checkpointing", "gradient_checkpointing", _UNSET_NONE),
+    ("train", "compile", "compile", _UNSET_NONE),
+    ("train", "mixed_precision", "mixed_precision", _UNSET_NONE),
+    ("model", "dtype", "weight_dtype", _UNSET_NONE),
+    ("data", "resolution", "resolution", _UNSET_DEFAULT),
+    ("lora", "rank", "rank", _UNSET_DEFAULT),
+    ("model", "quantize", "quantize", _UNSET_DEFAULT),
+    ("train", "optimizer", "optimizer", _UNSET_DEFAULT),
+)
+_DEFAULTS = {"model": ModelSpec(), "data": DataSpec(), "lora": LoraSpec(), "train": TrainSpec()}
+
+
+def apply_profile(config: Config, profile: HardwareProfile, explicit: set[str] | None = None) -> tuple[Config, list[str]]:
+    """Fill the settings the user left open from ``profile``; returns (resolved config, one note per
+    field saying where its value came from). ``explicit``: dotted keys the user set ("data.resolution")."""
+    sections = {name: getattr(config, name) for name in _DEFAULTS}
+    changes: dict[str, dict[str, Any]] = {name: {} for name in _DEFAULTS}
+    notes: list[str] = []
+    for section, name, attr, rule in _FILLS:
+        current = getattr(sections[section], name)
+        key = f"{section}.{name}"
+        if rule == _UNSET_NONE:
+            unset = current is None or current == "auto"
+        else:
+            unset = key not in explicit if explicit is not None else current == getattr(_DEFAULTS[section], name)
+        if unset:
+            value = getattr(profile, attr)
+            changes[section][name] = value
+            notes.append(f"{key} = {value!r} (profile {profile.name})")
+        else:
+            notes.append(f"{key} = {current!r} (your setting)")
+    resolved = {name: dataclasses.replace(sections[name], **changes[name]) for name in _DEFAULTS}
+    return config.replace(**resolved).validate(), notes

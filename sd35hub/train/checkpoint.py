@@ -1,0 +1,187 @@
+"""Resumable checkpoints: written atomically, the newest K kept, loaded so a resumed run is exact.
+
+    CHECKPOINT_DIR/checkpoint-000100/
+        lora.safetensors       trainable LoRA tensors by parameter name (fp32)
+        ema.safetensors        EMA of those tensors (when train.ema_decay is set)
+        adapter/pytorch_lora_weights.safetensors   the adapter as published (diffusers + metadata)
+        training_state.pt      optimizer, LR scheduler, grad scaler and RNG states (torch.save of
+                               plain state dicts; loaded with weights_only=True, never arbitrary pickle)
+        state.json             step, epoch, position in the epoch, samples seen, config digest
+
+Everything is written into ``.tmp-checkpoint-*`` next to the final folder and renamed into place, so a
+``checkpoint-*`` folder is always complete (a crash leaves only a temp folder, removed next time).
+The checkpoint folder can be any path (on Colab: a Google Drive folder survives a disconnect).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sd35hub.errors import ConfigError
+
+_NAME = re.compile(r"^checkpoint-(\d+)$")
+STATE_FILE = "state.json"
+
+
+@dataclass
+class TrainState:
+    """Where the run is. ``batch_in_epoch`` counts batches of ``epoch`` already consumed (all ranks)."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    samples_seen: int = 0  # training samples consumed (all processes)
+    config_digest: str = ""  # sha256 of the parts of the config that change the math
+    seen_keys_digest: str = ""  # running sha256 of the sample keys consumed, in order
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    state: TrainState
+    lora: dict[str, torch.Tensor]
+    ema: dict[str, torch.Tensor] | None
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    scaler: dict[str, Any] | None
+    rng: dict[str, Any]
+
+
+def checkpoint_name(step: int) -> str:
+    return f"checkpoint-{step:06d}"
+
+
+def list_checkpoints(checkpoint_dir: str | Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    root = Path(checkpoint_dir)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _NAME.match(p.name)) and (p / STATE_FILE).is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def resolve_resume(resume: str, checkpoint_dir: str | Path) -> Path | None:
+    """``"latest"`` -> newest checkpoint in checkpoint_dir (None when there is none yet: a fresh
+    start); a path -> that checkpoint (ConfigError when it is not one)."""
+    if resume == "latest":
+        found = list_checkpoints(checkpoint_dir)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not (path / STATE_FILE).is_file():
+        nested = list_checkpoints(path)  # a checkpoint *folder* was passed: take its newest
+        if nested:
+            return nested[-1]
+        raise ConfigError(
+            f"train.resume={resume!r} is not a checkpoint folder (no {STATE_FILE}); pass 'latest' or a path "
+            "like OUTPUT/checkpoints/checkpoint-000100"
+        )
+    return path
+
+
+# ------------------------------------------------------------------------------------------ RNG
+def capture_rng() -> dict[str, Any]:
+    """Python, numpy, torch (CPU) and CUDA RNG states as tensors/ints (loadable with weights_only)."""
+    import numpy as np
+
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    rng: dict[str, Any] = {
+        "python": {"version": version, "state": torch.tensor(internal, dtype=torch.int64), "gauss": gauss},
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached": float(cached)},
+        "torch": torch.get_rng_state(),
+    }  # fmt: skip
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return rng
+
+
+def restore_rng(rng: dict[str, Any]) -> None:
+    import numpy as np
+
+    py = rng["python"]
+    random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss"]))
+    npy = rng["numpy"]
+    np.random.set_state((npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"], npy["cached"]))
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+# ------------------------------------------------------------------------------------- save/load
+def save_checkpoint(
+    checkpoint_dir: str | Path,
+    state: TrainState,
+    *,
+    lora: dict[str, torch.Tensor],
+    optimizer: dict[str, Any],
+    scheduler: dict[str, Any],
+    scaler: dict[str, Any] | None = None,
+    ema: dict[str, torch.Tensor] | None = None,
+    write_adapter: Callable[[Path], Any] | None = None,
+    keep: int = 3,
+) -> Path:
+    """Write ``checkpoint-<step>`` atomically, then delete all but the newest ``keep``. Returns its path."""
+    from safetensors.torch import save_file
+
+    root = Path(checkpoint_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(".tmp-checkpoint-*"):  # left by a crash mid-write
+        shutil.rmtree(stale, ignore_errors=True)
+    final = root / checkpoint_name(state.step)
+    staging = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
+    try:
+        save_file({k: v.contiguous() for k, v in lora.items()}, str(staging / "lora.safetensors"))
+        if ema is not None:
+            save_file({k: v.contiguous() for k, v in ema.items()}, str(staging / "ema.safetensors"))
+        if write_adapter is not None:
+            write_adapter(staging / "adapter")
+        torch.save(
+            {"optimizer": optimizer, "scheduler": scheduler, "scaler": scaler, "rng": capture_rng()},
+            staging / "training_state.pt",
+        )
+        (staging / STATE_FILE).write_text(json.dumps(asdict(state), indent=2), encoding="utf-8")
+        if final.exists():  # the same step again (e.g. interrupted right after a periodic save)
+            shutil.rmtree(final)
+        os.replace(staging, final)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    for old in list_checkpoints(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Read a checkpoint written by :func:`save_checkpoint` (tensors via safetensors; the training
+    state with ``weights_only=True``, which refuses anything but tensors and plain containers)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    raw = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+    known = set(TrainState.__dataclass_fields__)
+    state = TrainState(**{k: v for k, v in raw.items() if k in known})
+    training = torch.load(path / "training_state.pt", map_location="cpu", weights_only=True)
+    ema_file = path / "ema.safetensors"
+    return Checkpoint(
+        path=path,
+        state=state,
+        lora=load_file(str(path / "lora.safetensors")),
+        ema=load_file(str(ema_file)) if ema_file.is_file() else None,
+        optimizer=training["optimizer"],
+        scheduler=training["scheduler"],
+        scaler=training.get("scaler"),
+        rng=training["rng"],
+    )
