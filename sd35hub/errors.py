@@ -51,6 +51,14 @@ class ConfigError(Sd35HubError):
         super().__init__(text)
 
 
+class PromptSyntaxError(ConfigError):
+    """A `<lora:owner/repo:0.8>` tag in a prompt is malformed; the message shows the tag and the fix."""
+
+    def __init__(self, message: str) -> None:
+        self.problems = [message]
+        Sd35HubError.__init__(self, message)
+
+
 class LicenseNotAcceptedError(Sd35HubError):
     exit_code = 3
 
