@@ -1,0 +1,125 @@
+"""What a finished run leaves in OUTPUT/: adapter, summary.json, training_config.yaml, loss.png, README.md.
+
+The publisher (sd35hub.publish) and the model card (sd35hub.card) read exactly this layout.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sd35hub import __version__
+from sd35hub.config import Config, dump_yaml
+
+ADAPTER_FILE = "adapter/pytorch_lora_weights.safetensors"
+
+# Settings that do not change the math of a step: a resume may change them freely.
+_NOT_MATH = {
+    "train": {"output_dir", "resume", "checkpoint_dir", "max_steps", "epochs", "checkpoint_every",
+              "keep_checkpoints", "validation_every", "validation_prompts", "validation_steps",
+              "validation_guidance", "validation_seed", "log_every", "report_to"},
+    "data": {"cache_dir"},
+}  # fmt: skip
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    adapter_path: Path
+    steps: int
+    samples_seen: int
+    final_loss: float | None
+    validation_loss: float | None
+    initial_validation_loss: float | None
+    duration_s: float
+    peak_memory_gib: float | None
+    summary: dict[str, Any] = field(default_factory=dict)
+    published: Any = None  # sd35hub.publish.PublishResult when hub.push_to_hub
+
+
+def config_digest(config: Config) -> str:
+    """sha256 of the settings that change what a step computes (not output paths, step counts, logging)."""
+    raw = config.to_dict()
+    raw.pop("hub", None)
+    for section, names in _NOT_MATH.items():
+        for name in names:
+            raw[section].pop(name, None)
+    return hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def write_text_atomic(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with os.fdopen(handle, "w", encoding="utf-8") as out:
+        out.write(text)
+    os.replace(temp, path)
+    return path
+
+
+def write_config(output_dir: Path, config: Config) -> Path:
+    return write_text_atomic(output_dir / "training_config.yaml", dump_yaml(config))
+
+
+def build_summary(*, config: Config, variant: str, steps: int, epochs: float, samples_seen: int,
+                  final_loss: float | None, validation_loss: float | None, initial_validation_loss: float | None,
+                  buckets: list[list[int]], skipped: dict[str, int], validation_images: list[dict[str, str]],
+                  loss_plot: str | None, duration_s: float, peak_memory_gib: float | None,
+                  target_names: list[str]) -> dict[str, Any]:
+    """summary.json: the keys sd35hub.card.CardInfo reads."""
+    train, lora = config.train, config.lora
+    return {
+        "base_model": config.model.name,
+        "variant": variant,
+        "adapter_file": ADAPTER_FILE,
+        "trigger_word": config.data.trigger_word or None,
+        "dataset": config.data.source,
+        "steps": steps,
+        "epochs": round(epochs, 3),
+        "samples_seen": samples_seen,
+        "final_loss": final_loss,
+        "validation_loss": validation_loss,
+        "initial_validation_loss": initial_validation_loss,
+        "resolution_buckets": buckets,
+        "skipped": skipped,
+        "validation_images": validation_images,
+        "loss_plot": loss_plot,
+        "precision": train.mixed_precision if train.mixed_precision != "no" else config.model.dtype,
+        "quantization": None if config.model.quantize == "none" else config.model.quantize,
+        "seed": train.seed,
+        "lora": {"rank": lora.rank, "alpha": lora.alpha if lora.alpha is not None else lora.rank,
+                 "targets": target_names, "dropout": lora.dropout, "blocks": lora.blocks, "preset": lora.targets},
+        "learning_rate": train.learning_rate,
+        "optimizer": train.optimizer,
+        "batch_size": train.batch_size,
+        "gradient_accumulation": train.gradient_accumulation,
+        "lr_scheduler": train.lr_scheduler,
+        "timestep_sampling": train.timestep_sampling,
+        "loss_weighting": train.loss_weighting,
+        "ema_decay": train.ema_decay,
+        "duration_s": round(duration_s, 2),
+        "peak_memory_gib": None if peak_memory_gib is None else round(peak_memory_gib, 3),
+        "sd35hub_version": __version__,
+    }  # fmt: skip
+
+
+def write_summary(output_dir: Path, summary: dict[str, Any]) -> Path:
+    return write_text_atomic(output_dir / "summary.json", json.dumps(summary, indent=2))
+
+
+def peak_memory_gib(device: Any) -> float | None:
+    """Peak CUDA memory allocated by this process (GiB); on CPU the process's peak resident set."""
+    import torch
+
+    if getattr(device, "type", str(device)) == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+    except (ImportError, OSError):  # pragma: no cover - Windows
+        return None

@@ -1,0 +1,467 @@
+"""The LoRA trainer for SD3.5: setup -> train -> save -> cleanup, top to bottom (torchtune-style recipe).
+
+    sd35hub train --config my.yaml train.max_steps=500          # or: sd35hub.train(config)
+    accelerate launch -m sd35hub train --config my.yaml         # data-parallel, same config
+
+setup: validate config -> Hub access (read base; write repo when pushing) -> check_dataset -> hardware
+       profile (from configs only) -> load pipeline -> cache latents + embeddings -> encode validation
+       prompts -> free encoders -> LoRA -> optimizer/scheduler -> resume
+train: rectified-flow steps (sd35hub.train.flow) with accumulation, clipping, EMA, periodic
+       validation and checkpoints; SIGTERM / Ctrl-C write a checkpoint and raise TrainingInterrupted
+save:  adapter (diffusers LoRA + metadata), summary.json, loss.png, training_config.yaml, README.md,
+       and the Hub publication when hub.push_to_hub
+
+Data order and noise are functions of (seed, global micro-batch index): micro-batch g is batch
+g % n of epoch g // n, process r of P handles g = round * P + r, and its latents sample, noise and
+sigmas come from a generator seeded with (seed, g). So a resumed run sees exactly the batches and
+noise an uninterrupted one would, on any number of processes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sd35hub.config import Config
+from sd35hub.errors import TrainingInterrupted
+from sd35hub.train import checkpoint as ckpt
+from sd35hub.train import outputs, validation
+from sd35hub.train.flow import draw_noise_and_sigmas, flow_loss
+from sd35hub.train.outputs import TrainResult
+
+StepCallback = Callable[["Trainer"], None]
+
+
+class Trainer:
+    def __init__(self, config: Config, *, explicit: set[str] | None = None, log: Callable[[str], None] | None = None,
+                 on_step: StepCallback | None = None, progress: bool = True) -> None:
+        self.config = config
+        self.explicit = explicit  # dotted keys the user set (CLI); None: values equal to defaults count as unset
+        self.log = log or print
+        self.on_step = on_step  # called after every optimizer step (tests interrupt through it)
+        self.progress = progress
+        self.state = ckpt.TrainState()
+        self.records: list[dict[str, Any]] = []
+        self._stop_signal: int | None = None
+        self._previous_handler: Any = None
+
+    # ------------------------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import ProjectConfiguration
+
+        from sd35hub.data.cache import CachedBatches, build_cache, free_encoders
+        from sd35hub.data.sources import check_dataset, open_samples
+        from sd35hub.hardware import apply_profile, detect_profile
+        from sd35hub.models.load import load_pipeline, model_info, torch_dtype
+        from sd35hub.train.lora import attach_lora, target_modules
+        from sd35hub.train.metrics import MetricsLog
+        from sd35hub.train.optim import LoraEMA, build_optimizer, build_scheduler
+
+        cfg = self.config.validate()  # 1. every config problem at once, before anything loads
+        self._check_access(cfg)  # 2. license + token (nothing downloaded)
+        check_dataset(cfg.data, limit=256)  # 3. DatasetError now, not after loading 16 GB
+        self.info = model_info(cfg.model.name, cfg.model.revision)  # configs only
+        self.profile = detect_profile(cfg.train.profile, variant=self.info.variant)  # 4. before weights load
+        cfg, notes = apply_profile(cfg, self.profile, self.explicit)
+        self.config = cfg
+        train = cfg.train
+        self.output_dir = Path(train.output_dir)
+        self.checkpoint_dir = Path(train.checkpoint_dir or self.output_dir / "checkpoints")
+
+        trackers = [r for r in train.report_to if r in ("tensorboard", "wandb")]
+        self.acc = acc = Accelerator(
+            mixed_precision=train.mixed_precision, gradient_accumulation_steps=train.gradient_accumulation,
+            log_with=trackers or None,
+            project_config=ProjectConfiguration(project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs")),
+        )  # fmt: skip
+        self.main = acc.is_main_process
+        if self.main:
+            self.log(self.profile.describe())
+            for note in notes:
+                self.log(f"  {note}")
+        self.device = acc.device
+        self.weight_dtype = torch_dtype(cfg.model.dtype, str(self.device))
+        if self.device.type == "cuda":
+            from sd35hub.train.speed import enable_tf32
+
+            enable_tf32()
+
+        # 5. the pipeline (transformer + encoders + VAE); encoders work on the device until cached
+        pipe = load_pipeline(cfg.model.name, dtype=self.weight_dtype, revision=cfg.model.revision,
+                             quantize=cfg.model.quantize, attention=cfg.model.attention, drop_t5=cfg.model.drop_t5)
+        pipe.set_progress_bar_config(disable=True)
+        for name in ("text_encoder", "text_encoder_2", "text_encoder_3", "vae"):
+            if getattr(pipe, name, None) is not None:
+                getattr(pipe, name).to(self.device)
+        self.pipe = pipe
+        cache_dir = Path(cfg.data.cache_dir or self.output_dir / "cache")
+        with acc.main_process_first():  # rank 0 encodes; the others then read its complete shards
+            self.index = build_cache(cfg.data, pipe, cache_dir, model_id=cfg.model.name, batch_size=train.batch_size,
+                                     device=self.device, dtype=self.weight_dtype, seed=train.seed,
+                                     progress=self.progress and self.main)  # fmt: skip
+        prompts = list(train.validation_prompts) or self._default_prompts(open_samples(cfg.data, seed=train.seed))
+        self.prompts = validation.encode_prompts(pipe, prompts, guidance=train.validation_guidance,
+                                                 max_sequence_length=cfg.data.max_sequence_length, device=self.device)
+        free_encoders(pipe)  # 6. text encoders + VAE back to the CPU: the GPU is the transformer's now
+
+        # 7. LoRA (fp32 adapter weights), memory/speed knobs, optimizer, schedule
+        transformer = pipe.transformer
+        if cfg.model.quantize == "none":
+            transformer.to(self.device)
+        self.target_names = target_modules(transformer, cfg.lora)
+        self.params = attach_lora(transformer, cfg.lora, fp32_params=True)
+        self.named_params = {n: p for n, p in transformer.named_parameters() if p.requires_grad}
+        if train.gradient_checkpointing:
+            transformer.enable_gradient_checkpointing()
+        if train.compile:
+            from sd35hub.train.speed import compile_blocks
+
+            compile_blocks(transformer)
+        optimizer = build_optimizer(self.params, train)
+        self.transformer, self.optimizer = acc.prepare(transformer, optimizer)
+        self.batches = CachedBatches(self.index, batch_size=train.batch_size, seed=train.seed,
+                                     holdout=cfg.data.holdout, caption_dropout=cfg.data.caption_dropout)
+        self._epoch_cache: dict[int, list[Any]] = {}
+        self.batches_per_epoch = len(self._epoch(0))
+        self.micro_per_step = acc.num_processes * train.gradient_accumulation
+        self.total_steps = train.max_steps or max(1, train.epochs * self.batches_per_epoch // self.micro_per_step)
+        self.scheduler = build_scheduler(optimizer, train, self.total_steps)
+        self.ema = LoraEMA(self.named_params, train.ema_decay) if train.ema_decay else None
+        self.heldout = validation.make_heldout(self.batches, train.seed)
+        self.digest = outputs.config_digest(cfg)
+        self.state.config_digest = self.digest
+        if train.resume:
+            self._resume(train.resume)
+        self.metrics = MetricsLog(self.output_dir / "logs" / "metrics.jsonl",
+                                  resume_step=self.state.step if train.resume else None) if self.main else None
+        if trackers:
+            acc.init_trackers("sd35hub", config={k: str(v) for k, v in cfg.train.__dict__.items()})
+        if self.main:
+            outputs.write_config(self.output_dir, cfg)
+            self.log(f"{len(self.index.entries)} cached samples ({len(self.batches.holdout_entries)} held out), "
+                     f"{self.batches_per_epoch} batches/epoch, {self.total_steps} steps, {len(self.params)} LoRA tensors "
+                     f"on {len(self.target_names)} layers")  # fmt: skip
+
+    def _check_access(self, cfg: Config) -> None:
+        if not cfg.hub.check_access:
+            return
+        from sd35hub.access import check_read_access, check_write_access
+        from sd35hub.models.load import resolve_model
+
+        if resolve_model(cfg.model.name, cfg.model.revision).is_hub:
+            check_read_access(cfg.model.name, revision=cfg.model.revision)
+        if cfg.hub.push_to_hub and cfg.hub.repo_id:
+            check_write_access(cfg.hub.repo_id)
+
+    def _default_prompts(self, stream: Any, count: int = 2) -> list[str]:
+        prompts: list[str] = []
+        for sample in stream:
+            if sample.caption and sample.caption not in prompts:
+                prompts.append(sample.caption)
+            if len(prompts) == count:
+                break
+        return prompts or [self.config.data.trigger_word or "a photo"]
+
+    def _epoch(self, epoch: int) -> list[Any]:
+        if epoch not in self._epoch_cache:
+            self._epoch_cache = {epoch: self.batches.epoch_batches(epoch)}
+        return self._epoch_cache[epoch]
+
+    def _ref(self, g: int) -> Any:
+        return self._epoch(g // self.batches_per_epoch)[g % self.batches_per_epoch]
+
+    def _resume(self, resume: str) -> None:
+        from sd35hub.train.lora import load_lora_state
+
+        path = ckpt.resolve_resume(resume, self.checkpoint_dir)
+        if path is None:
+            self.log(f"resume=latest: no checkpoint in {self.checkpoint_dir} yet, starting fresh")
+            return
+        saved = ckpt.load_checkpoint(path)
+        if saved.state.config_digest != self.digest and self.main:
+            self.log("warning: the config differs from the checkpoint's in settings that change the math; continuing")
+        load_lora_state(self.acc.unwrap_model(self.transformer), saved.lora)
+        self.optimizer.load_state_dict(saved.optimizer)
+        self.scheduler.load_state_dict(saved.scheduler)
+        if saved.scaler is not None and self.acc.scaler is not None:
+            self.acc.scaler.load_state_dict(saved.scaler)
+        if self.ema is not None and saved.ema is not None:
+            self.ema.load_state_dict(saved.ema)
+        ckpt.restore_rng(saved.rng)
+        self.state = saved.state
+        self.state.config_digest = self.digest
+        if self.main:
+            self.log(f"resumed from {path} at step {self.state.step} (epoch {self.state.epoch}, batch {self.state.batch_in_epoch})")
+
+    # ------------------------------------------------------------------------------------ train
+    def train(self) -> None:
+        from tqdm.auto import tqdm
+
+        cfg, state = self.config, self.state
+        t = cfg.train
+        if state.step == 0:
+            self.initial_validation_loss = self.validate(0)
+        else:
+            first = next((r for r in self._read_metrics() if r.get("validation_loss") is not None), None)
+            self.initial_validation_loss = first["validation_loss"] if first else None
+        self._install_signal_handlers()
+        bar = tqdm(total=self.total_steps, initial=state.step, disable=not (self.progress and self.main),
+                   desc="training", unit="step", dynamic_ncols=True)
+        self.start_time = time.perf_counter()
+        self.final_loss: float | None = None
+        try:
+            while state.step < self.total_steps:
+                tick = time.perf_counter()
+                loss = self._step()
+                state.step += 1
+                seconds = time.perf_counter() - tick
+                record = {"step": state.step, "loss": loss, "lr": self.scheduler.get_last_lr()[0],
+                          "s_per_step": round(seconds, 4), "samples_seen": state.samples_seen, "epoch": state.epoch}
+                if self.device.type == "cuda":
+                    record["gpu_mem_gib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 2)
+                self.final_loss = loss
+                if state.step % t.log_every == 0 or state.step == self.total_steps:
+                    self._log_record(record)
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", s_step=f"{seconds:.2f}",
+                                **({"mem": f"{record['gpu_mem_gib']}G"} if "gpu_mem_gib" in record else {}))
+                bar.update(1)
+                if t.validation_every and state.step % t.validation_every == 0 and state.step < self.total_steps:
+                    self.validate(state.step)
+                if t.checkpoint_every and state.step % t.checkpoint_every == 0:
+                    self.save_checkpoint()
+                if self.on_step is not None:
+                    self.on_step(self)
+                if self._stop_signal is not None:
+                    raise KeyboardInterrupt
+            self.final_validation_loss = self.validate(state.step)
+            self.save_checkpoint()  # the end state, so a later run can continue with more steps
+        except KeyboardInterrupt:
+            bar.close()
+            path = self.save_checkpoint()
+            raise TrainingInterrupted(
+                f"Training interrupted at step {state.step}; checkpoint written to {path}. Continue with "
+                f"--resume latest (same --output) or --resume {path}."
+            ) from None
+        finally:
+            bar.close()
+            self._restore_signal_handlers()
+        self.duration_s = time.perf_counter() - self.start_time
+
+    def _step(self) -> float:
+        """One optimizer step: gradient_accumulation micro-batches on each process. Returns the mean loss."""
+        cfg, acc, state = self.config, self.acc, self.state
+        t = cfg.train
+        base = state.epoch * self.batches_per_epoch + state.batch_in_epoch  # first global micro-batch
+        losses = []
+        for a in range(t.gradient_accumulation):
+            g = base + a * acc.num_processes + acc.process_index
+            generator = torch.Generator().manual_seed(_seed(t.seed, "noise", g))
+            batch = self.batches.load(self._ref(g), generator=generator, sample=True)
+            noise, sigmas = draw_noise_and_sigmas(
+                tuple(batch["latents"].shape), generator, scheme=t.timestep_sampling, shift=t.timestep_shift,
+                logit_mean=t.logit_mean, logit_std=t.logit_std, mode_scale=t.mode_scale,
+            )  # fmt: skip
+            dev, dt = self.device, self.weight_dtype
+            with acc.accumulate(self.transformer):
+                loss = flow_loss(self.transformer, batch["latents"].to(dev, dt), batch["prompt_embeds"].to(dev, dt),
+                                 batch["pooled_prompt_embeds"].to(dev, dt), noise.to(dev, dt), sigmas.to(dev),
+                                 weighting=t.loss_weighting, precondition=t.precondition_outputs)  # fmt: skip
+                acc.backward(loss)
+                if acc.sync_gradients and t.max_grad_norm > 0:
+                    acc.clip_grad_norm_(self.params, t.max_grad_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.detach())
+        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update()
+        # bookkeeping for every process's micro-batches (refs are deterministic: no communication)
+        digest = hashlib.sha256(state.seen_keys_digest.encode())
+        for g in range(base, base + self.micro_per_step):
+            entries = self._ref(g).entries
+            state.samples_seen += len(entries)
+            digest.update("\n".join(self.batches.index.entries[i].key for i in entries).encode())
+        state.seen_keys_digest = digest.hexdigest()
+        nxt = base + self.micro_per_step
+        state.epoch, state.batch_in_epoch = divmod(nxt, self.batches_per_epoch)
+        return float(acc.reduce(torch.stack(losses).mean(), reduction="mean"))
+
+    def _log_record(self, record: dict[str, Any]) -> None:
+        self.records.append(record)
+        if self.metrics is not None:
+            self.metrics.write(record)
+        if self.acc.trackers:
+            self.acc.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+    def _read_metrics(self) -> list[dict[str, Any]]:
+        return self.metrics.read() if getattr(self, "metrics", None) is not None else self.records
+
+    # ------------------------------------------------------------------------ validation + ckpt
+    def validate(self, step: int) -> float | None:
+        """Held-out loss + a base-vs-LoRA grid (main process); every process waits for it."""
+        loss = None
+        if self.main:
+            model = self.acc.unwrap_model(self.transformer)
+            model.eval()
+            if self.ema is not None:
+                self.ema.swap_in()
+            try:
+                if self.heldout is not None:
+                    loss = validation.heldout_loss(model, self.heldout, device=self.device, dtype=self.weight_dtype,
+                                                   autocast=self.acc.autocast())
+                    self._log_record({"step": step, "validation_loss": loss})
+                self.validation_grid = self._render_grid(model, step)
+            finally:
+                if self.ema is not None:
+                    self.ema.swap_out()
+                model.train()
+            self.log(f"step {step}: held-out loss {loss if loss is None else round(loss, 5)}, grid {self.validation_grid}")
+        self.acc.wait_for_everyone()
+        return loss
+
+    def _render_grid(self, model: Any, step: int) -> Path:
+        t, pipe = self.config.train, self.pipe
+        size = self.config.data.resolution
+        kwargs = dict(size=size, steps=t.validation_steps, guidance=t.validation_guidance, seed=t.validation_seed,
+                      device=self.device, dtype=self.weight_dtype)
+        pipe.vae.to(self.device)
+        with self.acc.autocast():
+            if not hasattr(self, "base_images"):
+                model.disable_adapters()
+                self.base_images = validation.render(pipe, self.prompts, **kwargs)
+                model.enable_adapters()
+            self.lora_images = validation.render(pipe, self.prompts, **kwargs)
+        pipe.vae.to("cpu")
+        image = validation.grid([("base", self.base_images), (f"LoRA step {step}", self.lora_images)])
+        return validation.save_png(image, self.output_dir / "samples" / f"step_{step:06d}.png")
+
+    def save_checkpoint(self) -> Path | None:
+        from sd35hub.train.lora import lora_state
+
+        path = None
+        self.acc.wait_for_everyone()
+        if self.main:
+            model = self.acc.unwrap_model(self.transformer)
+            path = ckpt.save_checkpoint(
+                self.checkpoint_dir, self.state, lora=lora_state(model), optimizer=self.optimizer.state_dict(),
+                scheduler=self.scheduler.state_dict(), scaler=self.acc.scaler.state_dict() if self.acc.scaler else None,
+                ema=self.ema.state_dict() if self.ema is not None else None, write_adapter=self._write_adapter,
+                keep=self.config.train.keep_checkpoints,
+            )  # fmt: skip
+            if self.config.hub.push_checkpoints and self.config.hub.repo_id:
+                from sd35hub.hub import publish_checkpoint_adapter
+
+                publish_checkpoint_adapter(path / outputs.ADAPTER_FILE, self.config.hub.repo_id, step=self.state.step,
+                                           private=self.config.hub.private)
+        self.acc.wait_for_everyone()
+        return path
+
+    def _write_adapter(self, folder: Path) -> Path:
+        from sd35hub.adapters import AdapterMetadata, save_adapter
+
+        cfg = self.config
+        metadata = AdapterMetadata(
+            rank=cfg.lora.rank, alpha=float(cfg.lora.alpha or cfg.lora.rank), base_model=cfg.model.name,
+            variant=self.info.variant, config_digest=self.digest,
+            trigger_words=[cfg.data.trigger_word] if cfg.data.trigger_word else [],
+        )  # fmt: skip
+        return save_adapter(self.acc.unwrap_model(self.transformer), folder, metadata=metadata)
+
+    # ------------------------------------------------------------------------------------- save
+    def save(self) -> TrainResult:
+        """Adapter (EMA weights when on), final images, loss plot, summary, card; then publish."""
+        from sd35hub.card import write_model_card
+        from sd35hub.train.metrics import plot_loss
+
+        cfg, out, state = self.config, self.output_dir, self.state
+        summary: dict[str, Any] = {}
+        published = None
+        peak = outputs.peak_memory_gib(self.device)
+        if self.main:
+            if self.ema is not None:
+                self.ema.swap_in()
+            self._write_adapter(out / "adapter")
+            if self.ema is not None:
+                self.ema.swap_out()
+            images = []
+            for i, (prompt, image) in enumerate(zip(self.prompts.prompts, self.lora_images, strict=True)):
+                validation.save_png(image, out / "samples" / f"final_{i}.png")
+                images.append({"path": f"samples/final_{i}.png", "prompt": prompt})
+            plot = plot_loss(self._read_metrics(), out / "loss.png")
+            train_samples = max(len(self.batches.train_entries), 1)
+            summary = outputs.build_summary(
+                config=cfg, variant=self.info.variant, steps=state.step, epochs=state.samples_seen / train_samples,
+                samples_seen=state.samples_seen, final_loss=self.final_loss, validation_loss=self.final_validation_loss,
+                initial_validation_loss=self.initial_validation_loss,
+                buckets=[list(b) for b in sorted({e.bucket for e in self.index.entries})],
+                skipped=dict(self.index.stats.get("skipped", {})), validation_images=images,
+                loss_plot="loss.png" if plot else None, duration_s=self.duration_s, peak_memory_gib=peak,
+                target_names=sorted({n.split(".", 2)[-1] for n in self.target_names}),
+            )  # fmt: skip
+            outputs.write_summary(out, summary)
+            write_model_card(out, repo_id=cfg.hub.repo_id)
+            skipped = sum(summary["skipped"].values())
+            self.log(
+                f"done: {state.step} steps in {self.duration_s:.1f} s, {state.samples_seen} samples seen, "
+                f"{skipped} inputs skipped, peak memory {peak if peak is None else f'{peak:.2f} GiB'}; "
+                f"held-out loss {self.initial_validation_loss} -> {self.final_validation_loss}; adapter in {out / 'adapter'}"
+            )
+            if cfg.hub.push_to_hub and cfg.hub.repo_id:
+                from sd35hub.hub import publish
+
+                published = publish(out, cfg.hub.repo_id, private=cfg.hub.private, revision=cfg.hub.revision)
+        self.acc.wait_for_everyone()
+        return TrainResult(
+            output_dir=out, adapter_path=out / outputs.ADAPTER_FILE, steps=state.step, samples_seen=state.samples_seen,
+            final_loss=self.final_loss, validation_loss=self.final_validation_loss,
+            initial_validation_loss=self.initial_validation_loss, duration_s=self.duration_s, peak_memory_gib=peak,
+            summary=summary, published=published,
+        )  # fmt: skip
+
+    # ----------------------------------------------------------------------------------- signals
+    def _install_signal_handlers(self) -> None:
+        def _on_sigterm(signum: int, frame: Any) -> None:
+            self._stop_signal = signum  # checked after the current step: checkpoint, then exit 130
+
+        try:
+            self._previous_handler = signal.signal(signal.SIGTERM, _on_sigterm)
+        except ValueError:  # not the main thread (e.g. a notebook worker): Ctrl-C handling still works
+            self._previous_handler = None
+
+    def _restore_signal_handlers(self) -> None:
+        if self._previous_handler is not None:
+            signal.signal(signal.SIGTERM, self._previous_handler)
+            self._previous_handler = None
+
+    def cleanup(self) -> None:
+        acc = getattr(self, "acc", None)
+        if acc is not None:
+            if acc.trackers:
+                acc.end_training()
+            acc.free_memory()
+        self.pipe = None
+
+
+def _seed(*parts: object) -> int:
+    from sd35hub.data.sources import stable_seed
+
+    return stable_seed(*parts) % (2**63)
+
+
+def train(config: Config, *, explicit: set[str] | None = None, log: Callable[[str], None] | None = None,
+          on_step: StepCallback | None = None, progress: bool = True) -> TrainResult:
+    """Train a LoRA adapter as ``config`` says; returns what it wrote (see the module docstring)."""
+    trainer = Trainer(config, explicit=explicit, log=log, on_step=on_step, progress=progress)
+    try:
+        trainer.setup()
+        trainer.train()
+        return trainer.save()
+    finally:
+        trainer.cleanup()

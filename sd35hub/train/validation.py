@@ -1,0 +1,128 @@
+"""Validation during training: image grids with fixed prompts and seeds, and a held-out loss.
+
+Prompts are encoded once, *before* the text encoders leave the GPU, and the embeddings are reused
+at every validation (the encoders are never needed again). Each grid has one row per prompt and two
+columns: the base model (rendered once, adapter disabled) and the LoRA at this step, same seed.
+
+The held-out loss uses samples that never train (``data.holdout``), one fixed VAE latent sample,
+fixed noise and a fixed spread of sigmas, so its changes come from the adapter alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, ImageDraw
+
+from sd35hub.train.flow import flow_loss
+
+HELDOUT_SIGMAS = (0.1, 0.3, 0.5, 0.7, 0.9)  # every held-out sample is scored at each of these
+
+
+@dataclass
+class EncodedPrompts:
+    prompts: list[str]
+    embeds: dict[str, torch.Tensor]  # pipeline kwargs: prompt_embeds, pooled_prompt_embeds (+ negative_*), CPU
+
+
+def encode_prompts(pipe: Any, prompts: list[str], *, guidance: float, max_sequence_length: int,
+                   device: str | torch.device) -> EncodedPrompts:
+    """Run the pipeline's text encoders once for the validation prompts (and the empty negative)."""
+    with torch.no_grad():
+        pe, npe, pooled, npooled = pipe.encode_prompt(
+            prompt=prompts, prompt_2=None, prompt_3=None, device=device,
+            do_classifier_free_guidance=guidance > 1.0, max_sequence_length=max_sequence_length,
+        )  # fmt: skip
+    embeds = {"prompt_embeds": pe.cpu(), "pooled_prompt_embeds": pooled.cpu()}
+    if npe is not None:
+        embeds.update(negative_prompt_embeds=npe.cpu(), negative_pooled_prompt_embeds=npooled.cpu())
+    return EncodedPrompts(list(prompts), embeds)
+
+
+def render(pipe: Any, encoded: EncodedPrompts, *, size: int, steps: int, guidance: float, seed: int,
+           device: str | torch.device, dtype: torch.dtype) -> list[Image.Image]:
+    """One image per prompt (seed + row index), with whatever adapter state the transformer has."""
+    images = []
+    for row in range(len(encoded.prompts)):
+        kwargs = {k: v[row : row + 1].to(device, dtype) for k, v in encoded.embeds.items()}
+        generator = torch.Generator("cpu").manual_seed(seed + row)
+        with torch.no_grad():
+            images.append(pipe(
+                **kwargs, height=size, width=size, num_inference_steps=steps, guidance_scale=guidance,
+                generator=generator,
+            ).images[0])  # fmt: skip
+    return images
+
+
+def grid(columns: list[tuple[str, list[Image.Image]]]) -> Image.Image:
+    """Columns of equally-sized images side by side, each under a one-line label."""
+    label_h = 14
+    width, height = columns[0][1][0].size
+    rows = len(columns[0][1])
+    canvas = Image.new("RGB", (width * len(columns), label_h + height * rows), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for c, (label, images) in enumerate(columns):
+        draw.text((c * width + 3, 1), label, fill=(0, 0, 0))
+        for r, image in enumerate(images):
+            canvas.paste(image, (c * width, label_h + r * height))
+    return canvas
+
+
+def save_png(image: Image.Image, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    image.save(partial, format="PNG")
+    partial.replace(path)
+    return path
+
+
+@dataclass
+class HeldOut:
+    """Fixed inputs of the held-out loss: every sample repeated at each sigma of HELDOUT_SIGMAS."""
+
+    latents: torch.Tensor  # [n*k, 16, h/8, w/8]
+    prompt_embeds: torch.Tensor
+    pooled_prompt_embeds: torch.Tensor
+    noise: torch.Tensor
+    sigmas: torch.Tensor  # [n*k]
+    keys: list[str]
+
+
+def make_heldout(batches: Any, seed: int) -> HeldOut | None:
+    """Fixed held-out inputs from ``CachedBatches.holdout_batch`` (None when data.holdout is 0)."""
+    generator = torch.Generator().manual_seed(seed)
+    batch = batches.holdout_batch(generator=generator, sample=True)
+    if batch is None:
+        return None
+    k = len(HELDOUT_SIGMAS)
+    latents = batch["latents"].float().repeat_interleave(k, 0)
+    return HeldOut(
+        latents=latents,
+        prompt_embeds=batch["prompt_embeds"].repeat_interleave(k, 0),
+        pooled_prompt_embeds=batch["pooled_prompt_embeds"].repeat_interleave(k, 0),
+        noise=torch.randn(latents.shape, generator=generator),
+        sigmas=torch.tensor(HELDOUT_SIGMAS).repeat(len(batch["keys"])),
+        keys=list(batch["keys"]),
+    )
+
+
+def heldout_loss(transformer: Any, heldout: HeldOut, *, device: str | torch.device, dtype: torch.dtype,
+                 autocast: Any = None, chunk: int = 8) -> float:
+    """Mean unweighted flow loss on the fixed held-out inputs (no gradients)."""
+    import contextlib
+
+    total, count = 0.0, 0
+    with torch.no_grad(), (autocast or contextlib.nullcontext()):
+        for start in range(0, heldout.latents.shape[0], chunk):
+            part = slice(start, start + chunk)
+            losses = flow_loss(
+                transformer, heldout.latents[part].to(device, dtype), heldout.prompt_embeds[part].to(device, dtype),
+                heldout.pooled_prompt_embeds[part].to(device, dtype), heldout.noise[part].to(device, dtype),
+                heldout.sigmas[part].to(device), reduction="none",
+            )  # fmt: skip
+            total += float(losses.sum())
+            count += losses.shape[0]
+    return total / max(count, 1)
