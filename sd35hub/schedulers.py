@@ -19,68 +19,39 @@ from typing import Any
 from sd35hub.errors import ConfigError
 
 
-def _flow_kwargs(config: dict[str, Any]) -> dict[str, Any]:
+def _flow(config: dict[str, Any]) -> dict[str, Any]:
     """DPM-Solver/UniPC/DEIS settings equivalent to the pipeline's FlowMatch scheduler config."""
     return {
         "prediction_type": "flow_prediction",
         "use_flow_sigmas": True,
         "flow_shift": float(config.get("shift", 3.0)),
-        "num_train_timesteps": int(config.get("num_train_timesteps", 1000)),
     }
 
 
-def _euler(config: dict[str, Any]) -> Any:
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    return FlowMatchEulerDiscreteScheduler.from_config(config)
-
-
-def _heun(config: dict[str, Any]) -> Any:
-    from diffusers import FlowMatchHeunDiscreteScheduler
-
-    return FlowMatchHeunDiscreteScheduler.from_config(config)
-
-
-def _lcm(config: dict[str, Any]) -> Any:
-    from diffusers import FlowMatchLCMScheduler
-
-    return FlowMatchLCMScheduler.from_config(config)
-
-
-def _dpmpp_2m(config: dict[str, Any]) -> Any:
-    from diffusers import DPMSolverMultistepScheduler
-
-    return DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2, **_flow_kwargs(config))
-
-
-def _dpmpp_2m_sde(config: dict[str, Any]) -> Any:
-    from diffusers import DPMSolverMultistepScheduler
-
-    return DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++", solver_order=2, **_flow_kwargs(config))
-
-
-def _unipc(config: dict[str, Any]) -> Any:
-    from diffusers import UniPCMultistepScheduler
-
-    return UniPCMultistepScheduler(**_flow_kwargs(config))
-
-
-def _deis(config: dict[str, Any]) -> Any:
-    from diffusers import DEISMultistepScheduler
-
-    return DEISMultistepScheduler(**_flow_kwargs(config))
-
-
-# name -> factory(pipeline scheduler config) -> scheduler instance
-SCHEDULERS: dict[str, Callable[[dict[str, Any]], Any]] = {
-    "euler": _euler,  # FlowMatchEulerDiscrete: what SD3.5 ships; 28-40 steps
-    "heun": _heun,  # FlowMatchHeunDiscrete: 2nd order, 2 model calls per step
-    "dpmpp-2m": _dpmpp_2m,  # DPM-Solver++ 2M on flow sigmas: good at 20-28 steps
-    "dpmpp-2m-sde": _dpmpp_2m_sde,  # stochastic variant: more detail, less reproducible across step counts
-    "unipc": _unipc,  # UniPC on flow sigmas
-    "deis": _deis,  # DEIS on flow sigmas
-    "lcm": _lcm,  # FlowMatchLCM: for few-step distilled models (e.g. Large Turbo-style), else blurry
+# name -> (diffusers class, overrides given the pipeline's scheduler config). Every scheduler is built as
+# `Class.from_config(pipe.scheduler.config, **overrides)`, the way a diffusers user would write it.
+SCHEDULERS: dict[str, tuple[str, Callable[[dict[str, Any]], dict[str, Any]]]] = {
+    # FlowMatchEulerDiscrete: what SD3.5 ships; 28-40 steps
+    "euler": ("FlowMatchEulerDiscreteScheduler", lambda c: {}),
+    # FlowMatchHeunDiscrete: 2nd order, 2 model calls per step
+    "heun": ("FlowMatchHeunDiscreteScheduler", lambda c: {}),
+    # DPM-Solver++ 2M on flow sigmas: good at 20-28 steps
+    "dpmpp-2m": (
+        "DPMSolverMultistepScheduler",
+        lambda c: {"algorithm_type": "dpmsolver++", "solver_order": 2, **_flow(c)},
+    ),
+    # stochastic variant: injects noise each step, so it does not converge to the ODE solution
+    "dpmpp-2m-sde": (
+        "DPMSolverMultistepScheduler",
+        lambda c: {"algorithm_type": "sde-dpmsolver++", "solver_order": 2, **_flow(c)},
+    ),
+    # UniPC / DEIS on flow sigmas
+    "unipc": ("UniPCMultistepScheduler", _flow),
+    "deis": ("DEISMultistepScheduler", _flow),
+    # FlowMatchLCM: for few-step distilled models; stochastic, blurry on a non-distilled model
+    "lcm": ("FlowMatchLCMScheduler", lambda c: {}),
 }
+
 
 # Classic samplers people ask for, and why they do not apply.
 NOT_FOR_RECTIFIED_FLOW = {
@@ -99,11 +70,12 @@ NOT_FOR_RECTIFIED_FLOW = {
 }
 
 
-def make_scheduler(name: str, base_config: dict[str, Any]) -> Any:
-    """A scheduler named `name`, configured from the pipeline's own scheduler config (shift etc.)."""
+def scheduler_recipe(name: str, base_config: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """(diffusers class name, overrides) for `name`; raises ConfigError for samplers that do not apply."""
     key = name.strip().lower()
     if key in SCHEDULERS:
-        return SCHEDULERS[key](dict(base_config))
+        class_name, overrides = SCHEDULERS[key]
+        return class_name, overrides(dict(base_config))
     if key in NOT_FOR_RECTIFIED_FLOW:
         raise ConfigError(
             f"scheduler {name!r} ({NOT_FOR_RECTIFIED_FLOW[key]}) does not apply to Stable Diffusion 3.5: it assumes an "
@@ -111,3 +83,11 @@ def make_scheduler(name: str, base_config: dict[str, Any]) -> Any:
             "velocity along a straight (rectified-flow) path. Use one of: " + ", ".join(SCHEDULERS)
         )
     raise ConfigError(f"unknown scheduler {name!r}; use one of: {', '.join(SCHEDULERS)}")
+
+
+def make_scheduler(name: str, base_config: dict[str, Any]) -> Any:
+    """A new scheduler named `name`, configured from the pipeline's own scheduler config (shift etc.)."""
+    import diffusers
+
+    class_name, overrides = scheduler_recipe(name, base_config)
+    return getattr(diffusers, class_name).from_config(dict(base_config), **overrides)

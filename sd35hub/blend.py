@@ -1,0 +1,360 @@
+"""The multi-adapter engine: one base pipeline, any number of LoRAs, weights per request.
+
+    engine = BlendEngine("stabilityai/stable-diffusion-3.5-large", cpu_offload=True)
+    result = engine.generate(GenerationRequest(
+        prompt="a castle <lora:me/watercolor-sd35:0.8>", adapters=[AdapterRef("me/ink-sd35", 0.5)], seed=7))
+    result.images[0].save("castle.png"); print(result.diffusers_snippet())
+
+* The base pipeline is loaded ONCE (sd35hub.models.load.load_pipeline).
+* Each adapter is read (any layout: diffusers/kohya/ComfyUI), checked against the base, and loaded
+  ONCE into the transformer under a stable peft name; an LRU keeps at most `max_cached_adapters`,
+  evicting with `delete_adapters` (the peft modules are really removed). A request never reloads:
+  it only calls `set_adapters(names, weights)`, or `disable_lora()` for the base model.
+* One lock covers "load missing adapters + set weights + run the pipeline", so a shared engine
+  (the Space serves many users) never renders one user's prompt with another's weights. Hub
+  downloads happen before taking the lock.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sd35hub import __version__
+from sd35hub.adapters import Adapter, AdapterMetadata, load_into_transformer, read_adapter
+from sd35hub.blend_request import (
+    AdapterRef,
+    GenerationRequest,
+    GenerationResult,
+    parse_prompt,
+    with_trigger_words,
+)
+from sd35hub.errors import AdapterError, ConfigError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_ADAPTER_BYTES = 2 * 1024**3  # a LoRA is MBs to a few hundred MB; a full model is many GB
+_HUB_SOURCE = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?P<file>/[^@]+)?(?:@(?P<rev>[\w./-]+))?$")
+
+
+@dataclass
+class LoadedAdapter:
+    name: str  # peft adapter name inside the transformer
+    source: str
+    file: Path
+    format: str
+    metadata: AdapterMetadata | None
+    trigger_words: list[str] = field(default_factory=list)
+    repo_id: str | None = None
+    filename: str | None = None
+    revision: str | None = None
+
+
+def adapter_name_for(source: str) -> str:
+    """A stable peft adapter name for a source (peft names cannot hold '.')."""
+    stem = re.sub(r"[^A-Za-z0-9_]+", "_", source.strip()).strip("_")[-40:] or "adapter"
+    return f"{stem}_{hashlib.sha256(source.strip().encode()).hexdigest()[:8]}"
+
+
+class BlendEngine:
+    def __init__(
+        self,
+        model: str = "tiny",
+        *,
+        dtype: str = "auto",
+        device: str | None = None,
+        max_cached_adapters: int = 8,
+        cpu_offload: bool = False,
+        drop_t5: bool = False,
+        quantize: str = "none",
+        max_adapters_per_request: int = 5,
+        max_adapter_bytes: int = DEFAULT_MAX_ADAPTER_BYTES,
+        token: str | bool | None = None,
+        revision: str | None = None,
+    ) -> None:
+        import torch
+
+        from sd35hub.models.load import load_pipeline, model_info
+        from sd35hub.models.options import torch_dtype
+
+        if max_cached_adapters < 1 or max_adapters_per_request < 1:
+            raise ConfigError("max_cached_adapters and max_adapters_per_request must be >= 1")
+        self.model = model
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.dtype = torch_dtype(dtype, self.device)
+        self.info = model_info(model, revision)
+        self.max_cached_adapters = max_cached_adapters
+        self.max_adapters_per_request = min(
+            max_adapters_per_request, max_cached_adapters
+        )  # must fit the cache
+        self.max_adapter_bytes = max_adapter_bytes
+        self.token = token
+        self.cpu_offload = cpu_offload and self.device.startswith("cuda")
+        if cpu_offload and not self.cpu_offload:
+            log.warning("cpu_offload needs a CUDA GPU; running on %s without offload", self.device)
+        self.pipe = load_pipeline(
+            model,
+            dtype=self.dtype,
+            revision=revision,
+            quantize=quantize,
+            drop_t5=drop_t5,
+            device=None if self.cpu_offload or self.device == "cpu" else self.device,
+        )
+        if self.cpu_offload:
+            self.pipe.enable_model_cpu_offload()
+        self.pipe.set_progress_bar_config(disable=True)
+        self._base_scheduler_config = dict(self.pipe.scheduler.config)
+        self._model_path = str(
+            getattr(self.pipe, "name_or_path", "") or self.pipe.config.get("_name_or_path", model)
+        )
+        self._lock = threading.Lock()  # set adapters + generate: one request at a time on the pipeline
+        self._files_lock = threading.Lock()  # the source -> file cache (downloads happen outside _lock)
+        self._files: dict[str, tuple[Path, dict[str, Any]]] = {}
+        self._loaded: OrderedDict[str, LoadedAdapter] = OrderedDict()  # source -> adapter, LRU order
+
+    # --- adapters --------------------------------------------------------------------------------
+
+    @property
+    def loaded_adapters(self) -> list[str]:
+        """Sources currently loaded, least recently used first."""
+        return list(self._loaded)
+
+    def load(self, source: str) -> str:
+        """Make sure `source` is loaded (local path, 'owner/repo[@rev]' or 'owner/repo/file.safetensors');
+        return its adapter name. Loading again is free; it only refreshes the LRU position."""
+        file, hub = self._fetch(source)
+        with self._lock:
+            return self._ensure_loaded(source, file, hub, keep=set()).name
+
+    def _fetch(self, source: str) -> tuple[Path, dict[str, Any]]:
+        """Local file for a source (downloading Hub adapters once), and its Hub coordinates."""
+        source = source.strip()
+        with self._files_lock:
+            if source in self._files:
+                return self._files[source]
+        local = Path(source).expanduser()
+        hub: dict[str, Any] = {}
+        if local.exists():
+            file = local
+        else:
+            match = _HUB_SOURCE.match(source)
+            if match is None:
+                raise AdapterError(
+                    f"Adapter {source!r} is neither an existing local path nor a Hub id "
+                    "('owner/repo', 'owner/repo@revision' or 'owner/repo/file.safetensors')."
+                )
+            from sd35hub.hub import download_adapter
+
+            filename = match.group("file")[1:] if match.group("file") else None
+            file = download_adapter(
+                match.group("repo"),
+                filename=filename,
+                revision=match.group("rev"),
+                token=self.token,
+                max_bytes=self.max_adapter_bytes,
+            )
+            hub = {"repo_id": match.group("repo"), "revision": match.group("rev")}
+            hub["filename"] = filename or _repo_relative(file)
+            hub["card_trigger_words"] = _card_trigger_words(
+                match.group("repo"), match.group("rev"), self.token
+            )
+        with self._files_lock:
+            self._files[source] = (file, hub)
+        return file, hub
+
+    def _ensure_loaded(self, source: str, file: Path, hub: dict[str, Any], keep: set[str]) -> LoadedAdapter:
+        """Caller holds self._lock."""
+        if source in self._loaded:
+            self._loaded.move_to_end(source)
+            return self._loaded[source]
+        adapter: Adapter = read_adapter(file)
+        while len(self._loaded) >= self.max_cached_adapters:
+            self._evict_one(keep)
+        name = adapter_name_for(source)
+        load_into_transformer(self.pipe.transformer, adapter, name)
+        words = list(adapter.metadata.trigger_words) if adapter.metadata else []
+        words += [w for w in hub.get("card_trigger_words", []) if w not in words]
+        loaded = LoadedAdapter(
+            name=name,
+            source=source,
+            file=adapter.path or file,
+            format=adapter.format,
+            metadata=adapter.metadata,
+            trigger_words=words,
+            repo_id=hub.get("repo_id"),
+            filename=hub.get("filename"),
+            revision=hub.get("revision"),
+        )
+        self._loaded[source] = loaded
+        return loaded
+
+    def _evict_one(self, keep: set[str]) -> None:
+        for source, loaded in self._loaded.items():
+            if source not in keep:
+                self.pipe.transformer.delete_adapters([loaded.name])
+                del self._loaded[source]
+                log.info("Evicted adapter %s (%s) from the cache", loaded.name, source)
+                return
+        raise ConfigError(
+            "all cached adapters are in use by this request; raise max_cached_adapters"
+        )  # pragma: no cover
+
+    def unload(self, source: str) -> None:
+        """Remove one adapter from the transformer now."""
+        with self._lock:
+            loaded = self._loaded.pop(source.strip(), None)
+            if loaded is not None:
+                self.pipe.transformer.delete_adapters([loaded.name])
+
+    # --- generation ------------------------------------------------------------------------------
+
+    def resolve(self, request: GenerationRequest) -> tuple[str, list[AdapterRef]]:
+        """The clean prompt and the request's adapters (explicit + prompt tags; duplicates summed)."""
+        clean, from_prompt = parse_prompt(request.prompt)
+        weights: dict[str, float] = {}
+        for ref in [*request.adapters, *from_prompt]:
+            weights[ref.source.strip()] = weights.get(ref.source.strip(), 0.0) + float(ref.weight)
+        if len(weights) > self.max_adapters_per_request:
+            raise ConfigError(
+                f"{len(weights)} adapters in one request; at most {self.max_adapters_per_request} are allowed "
+                "(BlendEngine(max_adapters_per_request=...) or merge some with `sd35hub merge`)"
+            )
+        return clean, [AdapterRef(source, weight) for source, weight in weights.items()]
+
+    def generate(self, request: GenerationRequest) -> GenerationResult:
+        import torch
+
+        from sd35hub.schedulers import make_scheduler
+
+        prompt, refs = self.resolve(request)
+        steps = request.steps or self.info.default_steps
+        guidance = (
+            self.info.default_guidance_scale if request.guidance_scale is None else request.guidance_scale
+        )
+        width = request.width or self.info.native_resolution
+        height = request.height or self.info.native_resolution
+        if width % 16 or height % 16 or request.num_images < 1 or steps < 1:
+            raise ConfigError(
+                f"width={width}, height={height} must be multiples of 16, steps={steps} and "
+                f"num_images={request.num_images} must be >= 1"
+            )
+        scheduler = make_scheduler(request.scheduler, self._base_scheduler_config)
+        fetched = [self._fetch(ref.source) for ref in refs]  # downloads before taking the lock
+        seeds = [request.seed + i for i in range(request.num_images)]
+
+        def run(final_prompt: str) -> list[Any]:
+            return self.pipe(
+                prompt=final_prompt,
+                negative_prompt=request.negative_prompt or None,
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                width=width,
+                height=height,
+                num_images_per_prompt=len(seeds),
+                generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
+            ).images
+
+        with self._lock:
+            keep = {ref.source for ref in refs}
+            loaded = [
+                self._ensure_loaded(ref.source, f, hub, keep)
+                for ref, (f, hub) in zip(refs, fetched, strict=True)
+            ]
+            final_prompt = prompt
+            if request.insert_trigger_words:
+                final_prompt = with_trigger_words(prompt, [w for a in loaded for w in a.trigger_words])
+            self.pipe.scheduler = scheduler
+            base_images = None
+            with torch.inference_mode():
+                if request.compare_base or not loaded:
+                    self._disable_adapters()
+                    base_images = run(final_prompt)  # same prompt and seeds: only the adapters differ
+                if loaded:
+                    self.pipe.transformer.enable_lora()
+                    self.pipe.transformer.set_adapters([a.name for a in loaded], [ref.weight for ref in refs])
+                    images = run(final_prompt)
+                else:
+                    images = base_images
+        params = self._params(request, final_prompt, refs, loaded, steps, guidance, width, height, seeds)
+        return GenerationResult(
+            images=images, params=params, base_images=base_images if request.compare_base else None
+        )
+
+    def _disable_adapters(self) -> None:
+        if getattr(self.pipe.transformer, "_hf_peft_config_loaded", False):
+            self.pipe.transformer.disable_lora()
+
+    def _params(
+        self,
+        request: GenerationRequest,
+        prompt: str,
+        refs: list[AdapterRef],
+        loaded: list[LoadedAdapter],
+        steps: int,
+        guidance: float,
+        width: int,
+        height: int,
+        seeds: list[int],
+    ) -> dict[str, Any]:
+        from sd35hub.schedulers import scheduler_recipe
+
+        scheduler_class, scheduler_kwargs = scheduler_recipe(request.scheduler, self._base_scheduler_config)
+        return {
+            "prompt": prompt,
+            "negative_prompt": request.negative_prompt,
+            "seed": request.seed,
+            "seeds": seeds,
+            "steps": steps,
+            "guidance_scale": guidance,
+            "width": width,
+            "height": height,
+            "scheduler": request.scheduler,
+            "scheduler_class": scheduler_class,
+            "scheduler_kwargs": scheduler_kwargs,
+            "model": self.model,
+            "model_path": self._model_path,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "device": self.device,
+            "adapters": [
+                {
+                    "source": a.source,
+                    "weight": ref.weight,
+                    "name": a.name,
+                    "format": a.format,
+                    "file": str(a.file),
+                    "repo_id": a.repo_id,
+                    "filename": a.filename,
+                    "revision": a.revision,
+                }
+                for ref, a in zip(refs, loaded, strict=True)
+            ],
+            "sd35hub_version": __version__,
+        }
+
+
+def _repo_relative(file: Path) -> str:
+    """'.../snapshots/<commit>/sub/x.safetensors' -> 'sub/x.safetensors' (the name inside the repo)."""
+    parts = file.parts
+    if "snapshots" in parts:
+        return "/".join(parts[parts.index("snapshots") + 2 :])
+    return file.name
+
+
+def _card_trigger_words(repo_id: str, revision: str | None, token: str | bool | None) -> list[str]:
+    """Trigger words from the adapter's model card (`instance_prompt`, or `trigger_words`), if any."""
+    from huggingface_hub import ModelCard, hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        readme = hf_hub_download(repo_id, "README.md", revision=revision, token=token)
+        data = ModelCard.load(readme).data.to_dict()
+    except (HfHubHTTPError, OSError, ValueError):  # no card or an unreadable one: no trigger words
+        return []
+    words = data.get("trigger_words") or data.get("instance_prompt") or []
+    return [words] if isinstance(words, str) else [str(w) for w in words]
