@@ -138,32 +138,7 @@ class BlendEngine:
         with self._files_lock:
             if source in self._files:
                 return self._files[source]
-        local = Path(source).expanduser()
-        hub: dict[str, Any] = {}
-        if local.exists():
-            file = local
-        else:
-            match = _HUB_SOURCE.match(source)
-            if match is None:
-                raise AdapterError(
-                    f"Adapter {source!r} is neither an existing local path nor a Hub id "
-                    "('owner/repo', 'owner/repo@revision' or 'owner/repo/file.safetensors')."
-                )
-            from sd35hub.hub import download_adapter
-
-            filename = match.group("file")[1:] if match.group("file") else None
-            file = download_adapter(
-                match.group("repo"),
-                filename=filename,
-                revision=match.group("rev"),
-                token=self.token,
-                max_bytes=self.max_adapter_bytes,
-            )
-            hub = {"repo_id": match.group("repo"), "revision": match.group("rev")}
-            hub["filename"] = filename or _repo_relative(file)
-            hub["card_trigger_words"] = _card_trigger_words(
-                match.group("repo"), match.group("rev"), self.token
-            )
+        file, hub = fetch_adapter_source(source, token=self.token, max_bytes=self.max_adapter_bytes)
         with self._files_lock:
             self._files[source] = (file, hub)
         return file, hub
@@ -336,6 +311,37 @@ class BlendEngine:
             ],
             "sd35hub_version": __version__,
         }
+
+
+def fetch_adapter_source(
+    source: str, *, token: str | bool | None = None, max_bytes: int | None = DEFAULT_MAX_ADAPTER_BYTES
+) -> tuple[Path, dict[str, Any]]:
+    """Local file for an adapter source, downloading Hub adapters (into the HF cache), and its Hub
+    coordinates {repo_id, revision, filename, card_trigger_words} ({} for local paths).
+
+    Sources: a local file or folder; 'owner/repo'; 'owner/repo@revision'; 'owner/repo/file.safetensors'.
+    """
+    source = source.strip()
+    local = Path(source).expanduser()
+    if local.exists():
+        return local, {}
+    match = _HUB_SOURCE.match(source)
+    if match is None:
+        raise AdapterError(
+            f"Adapter {source!r} is neither an existing local path nor a Hub id "
+            "('owner/repo', 'owner/repo@revision' or 'owner/repo/file.safetensors')."
+        )
+    from sd35hub.hub import download_adapter
+
+    filename = match.group("file")[1:] if match.group("file") else None
+    repo_id, revision = match.group("repo"), match.group("rev")
+    file = download_adapter(repo_id, filename=filename, revision=revision, token=token, max_bytes=max_bytes)
+    return file, {
+        "repo_id": repo_id,
+        "revision": revision,
+        "filename": filename or _repo_relative(file),
+        "card_trigger_words": _card_trigger_words(repo_id, revision, token),
+    }
 
 
 def _repo_relative(file: Path) -> str:

@@ -1,0 +1,112 @@
+"""Merge a weighted blend of LoRAs into ONE adapter that reproduces the blend exactly.
+
+For every module, a blend of adapters i with weights w_i and scales s_i = alpha_i / r_i adds
+
+    delta_W = sum_i w_i * s_i * B_i @ A_i = B_cat @ A_cat,
+    A_cat = concat_rows(A_i)                 [sum r_i, in]
+    B_cat = concat_cols(w_i * s_i * B_i)     [out, sum r_i]
+
+so the merged adapter has rank sum r_i and alpha = rank (scale 1): no SVD, no approximation, only
+float rounding. A module present in some adapters only gets the ranks of those adapters.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sd35hub.errors import AdapterError
+from sd35hub.formats import LoraModule, Modules, detect_format, modules_from_state_dict, to_state_dict
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+LICENSE_LINK = "https://huggingface.co/stabilityai/stable-diffusion-3.5-large/blob/main/LICENSE.md"
+
+
+def _modules_of(item: Any) -> Modules:
+    from sd35hub.adapters import Adapter, read_adapter
+
+    if isinstance(item, Adapter):
+        return item.modules
+    if isinstance(item, dict):  # a state dict; diffusers layout without metadata means alpha = rank
+        return modules_from_state_dict(item, detect_format(item), None)
+    return read_adapter(Path(item)).modules
+
+
+def merge_modules(items: list[tuple[Any, float]]) -> Modules:
+    """[(path | state dict | Adapter, weight), ...] -> merged Modules (rank = sum of ranks, scale 1)."""
+    import torch
+
+    if not items:
+        raise AdapterError("Nothing to merge: pass at least one adapter with a weight, e.g. A:0.7 B:0.3")
+    loaded = [(_modules_of(item), float(weight)) for item, weight in items]
+    names = sorted({name for modules, _ in loaded for name in modules})
+    merged: Modules = {}
+    for name in names:
+        parts = [(modules[name], weight) for modules, weight in loaded if name in modules]
+        shapes = {(m.down.shape[1], m.up.shape[0]) for m, _ in parts}
+        if len(shapes) > 1:
+            raise AdapterError(
+                f"Cannot merge {name}: the adapters disagree on its shape {sorted(shapes)} (different bases?)"
+            )
+        dtype = parts[0][0].up.dtype
+        down = torch.cat([m.down.to(dtype) for m, _ in parts], dim=0)  # [sum r_i, in]
+        up = torch.cat([(m.up.double() * (w * m.scale)).to(dtype) for m, w in parts], dim=1)  # [out, sum r_i]
+        merged[name] = LoraModule(down=down, up=up, alpha=float(down.shape[0]))
+    return merged
+
+
+def merge_adapters(items: list[tuple[Any, float]]) -> dict[str, torch.Tensor]:
+    """Merged adapter as a diffusers-layout state dict (alpha = rank per module, so no metadata needed)."""
+    return to_state_dict(merge_modules(items), "diffusers")[0]
+
+
+def write_merged(items: list[tuple[str, float]], out_dir: str | Path, *, base_model: str = "") -> Path:
+    """Merge local/Hub sources into `out_dir` (adapter + README listing sources and weights)."""
+    from sd35hub.adapters import AdapterMetadata, metadata_for, read_adapter, write_adapter
+    from sd35hub.blend import fetch_adapter_source
+
+    adapters = [(read_adapter(fetch_adapter_source(source)[0]), weight) for source, weight in items]
+    metas: list[AdapterMetadata] = [a.metadata for a, _ in adapters if a.metadata is not None]
+    bases = sorted({m.base_model for m in metas if m.base_model})
+    base = base_model or (bases[0] if len(bases) == 1 else "")
+    words = [w for m in metas for w in m.trigger_words]
+    modules = merge_modules(adapters)
+    variants = {m.variant for m in metas if m.variant}
+    meta = metadata_for(
+        modules, base_model=base, variant=variants.pop() if len(variants) == 1 else "", trigger_words=words
+    )
+    out = Path(out_dir)
+    file = write_adapter(modules, out, metadata=meta)
+    (out / "README.md").write_text(merge_card(items, base, words, file.name), encoding="utf-8")
+    return file
+
+
+def merge_card(
+    items: list[tuple[str, float]], base_model: str, trigger_words: list[str], filename: str
+) -> str:
+    """A small model card: Hub metadata (SD3.5 community license), the sources and their weights."""
+    from huggingface_hub import ModelCardData
+
+    data = ModelCardData(
+        license="other",
+        license_name="stabilityai-ai-community",
+        license_link=LICENSE_LINK,
+        base_model=base_model or None,
+        library_name="diffusers",
+        tags=["lora", "sd3.5", "stable-diffusion-3.5", "text-to-image", "sd35hub", "merged-lora"],
+        instance_prompt=", ".join(trigger_words) or None,
+    )
+    rows = "\n".join(f"| `{source}` | {weight:g} |" for source, weight in items)
+    return (
+        f"---\n{data.to_yaml()}\n---\n\n# Merged LoRA\n\n"
+        "This adapter is an exact merge (concatenated ranks, no SVD) of a weighted blend: loading it at weight 1.0 "
+        "gives the same result as loading the sources and calling `set_adapters` with these weights.\n\n"
+        f"| source | weight |\n|---|---|\n{rows}\n\n"
+        "## Use\n\n```python\nimport torch\nfrom diffusers import StableDiffusion3Pipeline\n\n"
+        f"pipe = StableDiffusion3Pipeline.from_pretrained({base_model or '<base model>'!r}, dtype=torch.bfloat16)\n"
+        f"pipe.load_lora_weights('.', weight_name={filename!r})\n```\n\n"
+        "## License\n\nThe base model's weights are under the Stability AI Community License "
+        f"({LICENSE_LINK}); the sources' own licenses also apply.\n"
+    )
