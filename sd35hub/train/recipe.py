@@ -116,6 +116,9 @@ class Trainer:
         if cfg.model.quantize == "none":
             transformer.to(self.device)
         self.target_names = target_modules(transformer, cfg.lora)
+        from accelerate.utils import set_seed
+
+        set_seed(train.seed)  # LoRA init and dropout draw from the global RNGs: same start every run
         self.params = attach_lora(transformer, cfg.lora, fp32_params=True)
         self.named_params = {n: p for n, p in transformer.named_parameters() if p.requires_grad}
         if train.gradient_checkpointing:

@@ -1,0 +1,57 @@
+"""LoRA targets on the tiny SD3.5 transformer: presets, block selection, explicit names, fp32 weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sd35hub.config import LoraSpec
+from sd35hub.errors import ConfigError
+from sd35hub.train.lora import attach_lora, target_modules
+
+
+@pytest.fixture
+def transformer():
+    from sd35hub.models.load import load_transformer
+
+    return load_transformer("tiny", dtype="bf16")
+
+
+def test_attention_preset_covers_both_streams_and_attn2(transformer):
+    names = target_modules(transformer, LoraSpec(targets="attention"))
+    n = len(transformer.transformer_blocks)
+    dual = [i for i, b in enumerate(transformer.transformer_blocks) if getattr(b, "attn2", None) is not None]
+    assert dual  # the tiny model is Medium-style
+    assert "transformer_blocks.0.attn.to_q" in names and "transformer_blocks.0.attn.add_q_proj" in names
+    assert "transformer_blocks.0.attn.to_add_out" in names
+    assert f"transformer_blocks.{n - 1}.attn.to_add_out" not in names  # the last block's text stream ends
+    for i in dual:
+        assert f"transformer_blocks.{i}.attn2.to_q" in names
+    assert not any("ff" in name for name in names)
+    with_ff = target_modules(transformer, LoraSpec(targets="attention+ff"))
+    assert "transformer_blocks.0.ff.net.2" in with_ff and set(names) < set(with_ff)
+    assert set(with_ff) <= set(target_modules(transformer, LoraSpec(targets="all-linear")))
+
+
+def test_block_selection_and_explicit_names(transformer):
+    names = target_modules(transformer, LoraSpec(targets="attn.to_q,ff.net.2", blocks="1"))
+    assert names == ["transformer_blocks.1.attn.to_q", "transformer_blocks.1.ff.net.2"]
+    suffix = target_modules(transformer, LoraSpec(targets="to_q", blocks="0-1"))  # a bare name matches attn and attn2
+    assert {n.rsplit(".", 2)[-2] for n in suffix} <= {"attn", "attn2"} and "transformer_blocks.0.attn.to_q" in suffix
+    with pytest.raises(ConfigError, match="match no Linear"):
+        target_modules(transformer, LoraSpec(targets="to_qq"))
+    with pytest.raises(ConfigError, match=r"selects block\(s\) \[.*5\]"):
+        target_modules(transformer, LoraSpec(blocks="0-5"))
+
+
+def test_attach_keeps_base_frozen_and_adapter_fp32(transformer):
+    params = attach_lora(transformer, LoraSpec(rank=4, alpha=2.0, targets="attention", blocks="0"))
+    assert params and all(p.dtype == torch.float32 and p.requires_grad for p in params)
+    trainable = {n for n, p in transformer.named_parameters() if p.requires_grad}
+    assert all("lora_" in n and n.startswith("transformer_blocks.0.") for n in trainable)
+    assert transformer.peft_config["default"].lora_alpha == 2.0
+    x = dict(hidden_states=torch.randn(1, 16, 8, 8, dtype=torch.bfloat16), timestep=torch.tensor([10.0]),
+             encoder_hidden_states=torch.randn(1, 4, 64, dtype=torch.bfloat16),
+             pooled_projections=torch.randn(1, 64, dtype=torch.bfloat16))
+    out = transformer(**x, return_dict=False)[0]
+    assert out.dtype == torch.bfloat16  # fp32 adapter inside a bf16 base runs
