@@ -20,9 +20,13 @@ def two(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     pipe = tiny_pipe()
     root = tmp_path_factory.mktemp("merge")
     add_random_lora(pipe.transformer, "a", rank=4, alpha=8.0, targets=ATTENTION_TARGETS, seed=21, std=0.3)
-    add_random_lora(pipe.transformer, "b", rank=2, alpha=1.0, targets=["ff.net.0.proj", "to_q"], seed=22, std=0.3)
+    add_random_lora(
+        pipe.transformer, "b", rank=2, alpha=1.0, targets=["ff.net.0.proj", "to_q"], seed=22, std=0.3
+    )
     return {
-        n: save_adapter(pipe.transformer, root / n, metadata=AdapterMetadata(0, 0.0, base_model="tiny"), adapter_name=n)
+        n: save_adapter(
+            pipe.transformer, root / n, metadata=AdapterMetadata(0, 0.0, base_model="tiny"), adapter_name=n
+        )
         for n in ("a", "b")
     }
 
