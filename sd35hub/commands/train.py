@@ -1,9 +1,73 @@
-"""CLI commands for this area (filled in by its issue)."""
+"""`sd35hub train`: a YAML config, dotted overrides, and the common settings as flags."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import typer
+
+# flag -> config key (the value is passed through YAML, so numbers and booleans keep their type)
+FLAG_KEYS = {
+    "model": "model.name", "dataset": "data.source", "rank": "lora.rank", "steps": "train.max_steps",
+    "epochs": "train.epochs", "resolution": "data.resolution", "seed": "train.seed", "output": "train.output_dir",
+    "resume": "train.resume", "profile": "train.profile", "trigger_word": "data.trigger_word",
+    "repo_id": "hub.repo_id",
+}  # fmt: skip
+
+
+def build_overrides(flags: dict[str, object], overrides: list[str]) -> list[str]:
+    """Flags become dotted overrides placed before the positional ones (which therefore win)."""
+    out = [f"{FLAG_KEYS[name]}={json.dumps(value)}" for name, value in flags.items() if value is not None]
+    return out + list(overrides)
+
+
+def explicit_keys(config_file: Path | None, overrides: list[str]) -> set[str]:
+    """Dotted keys the user set (YAML file + overrides): the hardware profile never replaces these."""
+    import yaml
+
+    from sd35hub.config import parse_overrides
+
+    keys: set[str] = set()
+    if config_file is not None and config_file.is_file():
+        raw = yaml.safe_load(config_file.read_text()) or {}
+        if isinstance(raw, dict):
+            keys |= {f"{s}.{k}" for s, values in raw.items() if isinstance(values, dict) for k in values}
+    keys |= {f"{s}.{k}" for s, values in parse_overrides(overrides).items() for k in values}
+    return keys
 
 
 def register(app: typer.Typer) -> None:
-    return None
+    @app.command(context_settings={"allow_interspersed_args": True})
+    def train(
+        overrides: list[str] = typer.Argument(None, help="Dotted overrides, e.g. train.learning_rate=5e-5 lora.rank=32."),
+        config: Path | None = typer.Option(None, "--config", "-c", help="YAML config (sections model/data/lora/train/hub)."),
+        model: str | None = typer.Option(None, "--model", help="Base: Hub id, local diffusers folder, or 'tiny'."),
+        dataset: str | None = typer.Option(None, "--dataset", help="Hub dataset id, folder, parquet, webdataset or 'sample'."),
+        rank: int | None = typer.Option(None, "--rank", help="LoRA rank (default 16 / profile)."),
+        steps: int | None = typer.Option(None, "--steps", help="Optimizer steps (overrides --epochs)."),
+        epochs: int | None = typer.Option(None, "--epochs", help="Passes over the data (default 10)."),
+        resolution: int | None = typer.Option(None, "--resolution", help="Bucket side in pixels (multiple of 64)."),
+        seed: int | None = typer.Option(None, "--seed"),
+        output: str | None = typer.Option(None, "--output", "-o", help="Output folder (adapter, card, samples, checkpoints)."),
+        resume: str | None = typer.Option(None, "--resume", help="'latest' or a checkpoint folder."),
+        profile: str | None = typer.Option(None, "--profile", help="auto | cpu | t4 | l4 | a100-40 | a100-80 | h100."),
+        trigger_word: str | None = typer.Option(None, "--trigger-word", help="Prepended to every caption."),
+        push_to_hub: bool = typer.Option(False, "--push-to-hub", help="Publish adapter + card at the end."),
+        repo_id: str | None = typer.Option(None, "--repo-id", help="OWNER/NAME of the model repo to publish to."),
+    ) -> None:
+        """Train a LoRA adapter on SD3.5 (rectified flow). Multi-GPU: accelerate launch -m sd35hub train ..."""
+        from sd35hub.config import load_config
+        from sd35hub.train.recipe import train as run_training
+
+        flags = dict(model=model, dataset=dataset, rank=rank, steps=steps, epochs=epochs, resolution=resolution,
+                     seed=seed, output=output, resume=resume, profile=profile, trigger_word=trigger_word,
+                     repo_id=repo_id)  # fmt: skip
+        all_overrides = build_overrides(flags, overrides or [])
+        if push_to_hub:
+            all_overrides.insert(0, "hub.push_to_hub=true")
+        cfg = load_config(config, all_overrides)  # ConfigError (exit 2) before anything loads
+        result = run_training(cfg, explicit=explicit_keys(config, all_overrides), log=typer.echo)
+        typer.echo(f"adapter: {result.adapter_path}")
+        if result.published is not None:
+            typer.echo(f"published: {getattr(result.published, 'commit_url', None) or cfg.hub.repo_id}")
