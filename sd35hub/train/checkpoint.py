@@ -20,6 +20,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -185,3 +186,27 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         scaler=training.get("scaler"),
         rng=training["rng"],
     )
+
+
+class SigtermFlag:
+    """SIGTERM (Colab/Slurm/`kill`) sets ``received`` instead of killing the process, so the trainer can
+    finish its step, write a checkpoint and exit 130. Outside the main thread it is a no-op."""
+
+    def __init__(self) -> None:
+        self.received = False
+        self._previous: Any = None
+
+    def install(self) -> SigtermFlag:
+        def _handler(signum: int, frame: Any) -> None:
+            self.received = True
+
+        try:
+            self._previous = signal.signal(signal.SIGTERM, _handler)
+        except ValueError:  # not the main thread (e.g. a notebook worker)
+            self._previous = None
+        return self
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None

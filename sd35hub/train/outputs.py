@@ -123,3 +123,56 @@ def peak_memory_gib(device: Any) -> float | None:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
     except (ImportError, OSError):  # pragma: no cover - Windows
         return None
+
+
+def finish(trainer: Any) -> TrainResult:
+    """Everything a finished run writes into OUTPUT/ (main process), then the Hub publication."""
+    from sd35hub.card import write_model_card
+    from sd35hub.train import validation
+    from sd35hub.train.metrics import plot_loss
+
+    cfg, out, state = trainer.config, trainer.output_dir, trainer.state
+    summary: dict[str, Any] = {}
+    published = None
+    peak = peak_memory_gib(trainer.device)
+    if trainer.main:
+        if trainer.ema is not None:
+            trainer.ema.swap_in()
+        trainer._write_adapter(out / "adapter")
+        if trainer.ema is not None:
+            trainer.ema.swap_out()
+        images = []
+        for i, (prompt, image) in enumerate(zip(trainer.prompts.prompts, trainer.lora_images, strict=True)):
+            validation.save_png(image, out / "samples" / f"final_{i}.png")
+            images.append({"path": f"samples/final_{i}.png", "prompt": prompt})
+        plot = plot_loss(trainer._read_metrics(), out / "loss.png")
+        train_samples = max(len(trainer.batches.train_entries), 1)
+        summary = build_summary(
+            config=cfg, variant=trainer.info.variant, steps=state.step, epochs=state.samples_seen / train_samples,
+            samples_seen=state.samples_seen, final_loss=trainer.final_loss, validation_loss=trainer.final_validation_loss,
+            initial_validation_loss=trainer.initial_validation_loss,
+            buckets=[list(b) for b in sorted({e.bucket for e in trainer.index.entries})],
+            skipped=dict(trainer.index.stats.get("skipped", {})), validation_images=images,
+            loss_plot="loss.png" if plot else None, duration_s=trainer.duration_s, peak_memory_gib=peak,
+            target_names=sorted({n.split(".", 2)[-1] for n in trainer.target_names}),
+        )  # fmt: skip
+        write_summary(out, summary)
+        write_model_card(out, repo_id=cfg.hub.repo_id)
+        skipped = sum(summary["skipped"].values())
+        trainer.log(
+            f"done: {state.step} steps in {trainer.duration_s:.1f} s, {state.samples_seen} samples seen, "
+            f"{skipped} inputs skipped, peak memory {peak if peak is None else f'{peak:.2f} GiB'}; "
+            f"held-out loss {trainer.initial_validation_loss} -> {trainer.final_validation_loss}; adapter in {out / 'adapter'}"
+        )
+        if cfg.hub.push_to_hub and cfg.hub.repo_id:
+            from sd35hub.hub import publish
+
+            published = publish(out, cfg.hub.repo_id, private=cfg.hub.private, revision=cfg.hub.revision)
+    trainer.acc.wait_for_everyone()
+    return TrainResult(
+        output_dir=out, adapter_path=out / ADAPTER_FILE, steps=state.step, samples_seen=state.samples_seen,
+        final_loss=trainer.final_loss, validation_loss=trainer.final_validation_loss,
+        initial_validation_loss=trainer.initial_validation_loss, duration_s=trainer.duration_s, peak_memory_gib=peak,
+        summary=summary, published=published,
+    )  # fmt: skip
+

@@ -20,7 +20,6 @@ noise an uninterrupted one would, on any number of processes.
 from __future__ import annotations
 
 import hashlib
-import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -48,8 +47,6 @@ class Trainer:
         self.progress = progress
         self.state = ckpt.TrainState()
         self.records: list[dict[str, Any]] = []
-        self._stop_signal: int | None = None
-        self._previous_handler: Any = None
 
     # ------------------------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -214,7 +211,7 @@ class Trainer:
         else:
             first = next((r for r in self._read_metrics() if r.get("validation_loss") is not None), None)
             self.initial_validation_loss = first["validation_loss"] if first else None
-        self._install_signal_handlers()
+        sigterm = ckpt.SigtermFlag().install()
         bar = tqdm(total=self.total_steps, initial=state.step, disable=not (self.progress and self.main),
                    desc="training", unit="step", dynamic_ncols=True)
         self.start_time = time.perf_counter()
@@ -241,7 +238,7 @@ class Trainer:
                     self.save_checkpoint()
                 if self.on_step is not None:
                     self.on_step(self)
-                if self._stop_signal is not None:
+                if sigterm.received:
                     raise KeyboardInterrupt
             self.final_validation_loss = self.validate(state.step)
             self.save_checkpoint()  # the end state, so a later run can continue with more steps
@@ -254,7 +251,7 @@ class Trainer:
             ) from None
         finally:
             bar.close()
-            self._restore_signal_handlers()
+            sigterm.restore()
         self.duration_s = time.perf_counter() - self.start_time
 
     def _step(self) -> float:
@@ -380,68 +377,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------- save
     def save(self) -> TrainResult:
         """Adapter (EMA weights when on), final images, loss plot, summary, card; then publish."""
-        from sd35hub.card import write_model_card
-        from sd35hub.train.metrics import plot_loss
-
-        cfg, out, state = self.config, self.output_dir, self.state
-        summary: dict[str, Any] = {}
-        published = None
-        peak = outputs.peak_memory_gib(self.device)
-        if self.main:
-            if self.ema is not None:
-                self.ema.swap_in()
-            self._write_adapter(out / "adapter")
-            if self.ema is not None:
-                self.ema.swap_out()
-            images = []
-            for i, (prompt, image) in enumerate(zip(self.prompts.prompts, self.lora_images, strict=True)):
-                validation.save_png(image, out / "samples" / f"final_{i}.png")
-                images.append({"path": f"samples/final_{i}.png", "prompt": prompt})
-            plot = plot_loss(self._read_metrics(), out / "loss.png")
-            train_samples = max(len(self.batches.train_entries), 1)
-            summary = outputs.build_summary(
-                config=cfg, variant=self.info.variant, steps=state.step, epochs=state.samples_seen / train_samples,
-                samples_seen=state.samples_seen, final_loss=self.final_loss, validation_loss=self.final_validation_loss,
-                initial_validation_loss=self.initial_validation_loss,
-                buckets=[list(b) for b in sorted({e.bucket for e in self.index.entries})],
-                skipped=dict(self.index.stats.get("skipped", {})), validation_images=images,
-                loss_plot="loss.png" if plot else None, duration_s=self.duration_s, peak_memory_gib=peak,
-                target_names=sorted({n.split(".", 2)[-1] for n in self.target_names}),
-            )  # fmt: skip
-            outputs.write_summary(out, summary)
-            write_model_card(out, repo_id=cfg.hub.repo_id)
-            skipped = sum(summary["skipped"].values())
-            self.log(
-                f"done: {state.step} steps in {self.duration_s:.1f} s, {state.samples_seen} samples seen, "
-                f"{skipped} inputs skipped, peak memory {peak if peak is None else f'{peak:.2f} GiB'}; "
-                f"held-out loss {self.initial_validation_loss} -> {self.final_validation_loss}; adapter in {out / 'adapter'}"
-            )
-            if cfg.hub.push_to_hub and cfg.hub.repo_id:
-                from sd35hub.hub import publish
-
-                published = publish(out, cfg.hub.repo_id, private=cfg.hub.private, revision=cfg.hub.revision)
-        self.acc.wait_for_everyone()
-        return TrainResult(
-            output_dir=out, adapter_path=out / outputs.ADAPTER_FILE, steps=state.step, samples_seen=state.samples_seen,
-            final_loss=self.final_loss, validation_loss=self.final_validation_loss,
-            initial_validation_loss=self.initial_validation_loss, duration_s=self.duration_s, peak_memory_gib=peak,
-            summary=summary, published=published,
-        )  # fmt: skip
-
-    # ----------------------------------------------------------------------------------- signals
-    def _install_signal_handlers(self) -> None:
-        def _on_sigterm(signum: int, frame: Any) -> None:
-            self._stop_signal = signum  # checked after the current step: checkpoint, then exit 130
-
-        try:
-            self._previous_handler = signal.signal(signal.SIGTERM, _on_sigterm)
-        except ValueError:  # not the main thread (e.g. a notebook worker): Ctrl-C handling still works
-            self._previous_handler = None
-
-    def _restore_signal_handlers(self) -> None:
-        if self._previous_handler is not None:
-            signal.signal(signal.SIGTERM, self._previous_handler)
-            self._previous_handler = None
+        return outputs.finish(self)
 
     def cleanup(self) -> None:
         acc = getattr(self, "acc", None)
