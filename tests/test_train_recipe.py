@@ -137,3 +137,23 @@ def test_bad_config_and_empty_dataset_fail_before_any_model_loads(tmp_path, monk
     with pytest.raises(DatasetError):
         recipe.train(empty, log=lambda s: None)
     assert not (tmp_path / "o").exists()
+
+
+def test_cli_rejects_a_bad_config_with_exit_2(tmp_path, capsys):
+    from sd35hub.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--model", "tiny", "--dataset", "sample", "--resolution", "100", "--output", str(tmp_path / "o"),
+              "train.optimizer=sgd"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "data.resolution=100" in err and "train.optimizer='sgd'" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_flags_are_explicit_keys():
+    from sd35hub.commands.train import build_overrides, explicit_keys
+
+    overrides = build_overrides({"resolution": 1024, "trigger_word": "sks, dog", "rank": None}, ["lora.rank=8"])
+    assert overrides == ['data.resolution=1024', 'data.trigger_word="sks, dog"', "lora.rank=8"]
+    assert explicit_keys(None, overrides) == {"data.resolution", "data.trigger_word", "lora.rank"}
