@@ -85,7 +85,9 @@ def use_hub_endpoint(endpoint: str | None) -> str:
     return os.environ.get("HF_ENDPOINT", "https://huggingface.co")
 
 
-def _show_sd35hub_error(shell: Any, etype: type, value: BaseException, tb: Any, tb_offset: int | None = None) -> Any:
+def _show_sd35hub_error(
+    shell: Any, etype: type, value: BaseException, tb: Any, tb_offset: int | None = None
+) -> Any:
     """sd35hub errors are for people: show the message (it says the fix), not a traceback."""
     print(f"{etype.__name__}: {value}", file=sys.stderr)
     return [f"{etype.__name__}: {value}"]
@@ -95,6 +97,9 @@ def setup(hub_endpoint: str | None = None) -> str:
     """Hub endpoint, quiet per-file loading bars, and a one-line display for sd35hub errors."""
     endpoint = use_hub_endpoint(hub_endpoint)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.disable_progress_bar()  # per-component loading bars; training and downloads keep theirs
     shell = _ipython()
     if shell is not None and hasattr(shell, "set_custom_exc"):
         shell.set_custom_exc((Sd35HubError,), _show_sd35hub_error)
@@ -129,8 +134,9 @@ def environment(model: str, profile: str = "auto") -> Any:
 class RunPlan:
     """The validated config, resolved against the hardware profile, and what the user chose."""
 
-    config: Config
-    explicit: set[str]  # dotted keys the user set: the trainer keeps these over the profile
+    config: Config  # what the trainer gets: the profile's choices are left open, the trainer makes them
+    resolved: Config  # the same config with the profile applied (what will actually run; shown to the user)
+    explicit: set[str]  # dotted keys the user set: they win over the profile
     notes: list[str] = field(default_factory=list)  # where each resolved setting came from
 
     @property
@@ -142,14 +148,19 @@ class RunPlan:
         return Path(self.config.train.checkpoint_dir or self.output_dir / "checkpoints")
 
     def replace(self, **sections: Any) -> RunPlan:
-        """Replace fields of sections: ``plan.replace(train={"resume": "latest"})``."""
-        config = self.config.replace(
-            **{name: dataclasses.replace(getattr(self.config, name), **values) for name, values in sections.items()}
-        ).validate()
-        return dataclasses.replace(self, config=config)
+        """Replace fields of sections in both configs: ``plan.replace(train={"resume": "latest"})``."""
+
+        def apply(config: Config) -> Config:
+            changed = {
+                name: dataclasses.replace(getattr(config, name), **values)
+                for name, values in sections.items()
+            }
+            return config.replace(**changed).validate()
+
+        return dataclasses.replace(self, config=apply(self.config), resolved=apply(self.resolved))
 
     def describe(self) -> str:
-        c = self.config
+        c = self.resolved
         lines = [
             f"model {c.model.name} | data {c.data.source} @ {c.data.resolution} px, trigger {c.data.trigger_word!r}",
             f"LoRA rank {c.lora.rank} on {c.lora.targets} | "
@@ -161,11 +172,25 @@ class RunPlan:
         return "\n".join(lines + [f"  {n}" for n in self.notes])
 
 
-def build_plan(*, model: str, dataset: str, trigger_word: str = "", rank: int | None = None, epochs: int = 10,
-               max_steps: int | None = None, resolution: int | None = None, repo_id: str | None = None,
-               private: bool = False, output_dir: str = "output", checkpoint_dir: str | None = None,
-               checkpoint_every: int = 100, validation_every: int = 0, validation_prompts: list[str] | None = None,
-               profile: Any = None, extra: list[str] | None = None) -> RunPlan:
+def build_plan(
+    *,
+    model: str,
+    dataset: str,
+    trigger_word: str = "",
+    rank: int | None = None,
+    epochs: int = 10,
+    max_steps: int | None = None,
+    resolution: int | None = None,
+    repo_id: str | None = None,
+    private: bool = False,
+    output_dir: str = "output",
+    checkpoint_dir: str | None = None,
+    checkpoint_every: int = 100,
+    validation_every: int = 0,
+    validation_prompts: list[str] | None = None,
+    profile: Any = None,
+    extra: list[str] | None = None,
+) -> RunPlan:
     """The notebook's config cell -> a validated, profile-resolved plan. Every problem in one ConfigError.
     ``None`` values are left to the hardware profile; ``extra`` takes ``section.key=value`` strings."""
     chosen = {
@@ -180,14 +205,15 @@ def build_plan(*, model: str, dataset: str, trigger_word: str = "", rank: int | 
     raw = {s: {k: v for k, v in values.items() if v is not None} for s, values in chosen.items()}
     overrides = parse_overrides(list(extra or []))
     explicit = {f"{s}.{k}" for s, values in merge(raw, overrides).items() for k in values}
+    if profile is not None and "train.profile" not in explicit:
+        raw["train"]["profile"] = profile.name  # the trainer uses the profile shown here, not a new guess
     config = from_dict(merge(raw, overrides))  # validates every field at once
-    notes: list[str] = []
+    resolved, notes = config, []
     if profile is not None:
         from sd35hub.hardware import apply_profile
 
-        config, notes = apply_profile(config, profile, explicit)
-        explicit |= {n.split(" = ")[0] for n in notes}  # resolved now: the trainer must not re-decide
-    return RunPlan(config=config, explicit=explicit, notes=notes)
+        resolved, notes = apply_profile(config, profile, explicit)  # the trainer repeats this, same result
+    return RunPlan(config=config, resolved=resolved, explicit=explicit, notes=notes)
 
 
 # ----------------------------------------------------------------------------------- the Hub
@@ -257,7 +283,9 @@ def prepare_run(plan: RunPlan) -> RunPlan:
     requested = plan.config.train.checkpoint_dir
     if requested and requested.startswith(DRIVE_ROOT):
         if mount_drive() is None:
-            print(f"Google Drive is only available in Colab: checkpoints go to {plan.output_dir / 'checkpoints'}")
+            print(
+                f"Google Drive is only available in Colab: checkpoints go to {plan.output_dir / 'checkpoints'}"
+            )
             plan = plan.replace(train={"checkpoint_dir": None})
         else:
             print(f"checkpoints on Google Drive: {requested} (they survive a disconnect)")

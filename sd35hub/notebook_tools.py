@@ -42,15 +42,24 @@ def make_engine(config: Config, *, vram_gib: float | None = None) -> Any:
                        cpu_offload=offload, drop_t5=config.model.drop_t5)  # fmt: skip
 
 
-def _grid(engine: Any, requests: list[GenerationRequest], labels: list[str], out: Path, title: str,
-          columns: int | None = None) -> Path:
+def _grid(
+    engine: Any,
+    requests: list[GenerationRequest],
+    labels: list[str],
+    out: Path,
+    title: str,
+    columns: int | None = None,
+) -> Path:
     from sd35hub.pngmeta import make_grid, save_png
 
     results = [engine.generate(r) for r in requests]
     images = [result.images[0] for result in results]
     grid = make_grid(images, labels, columns=columns or len(images), title=title)
     first = results[0].params
-    params = {**first, "grid": [{"label": label, **r.params} for label, r in zip(labels, results, strict=True)]}
+    params = {
+        **first,
+        "grid": [{"label": label, **r.params} for label, r in zip(labels, results, strict=True)],
+    }
     return save_png(grid, Path(out), params)
 
 
@@ -58,8 +67,17 @@ def _request(prompt: str, adapters: Sequence[AdapterRef], **kwargs: Any) -> Gene
     return GenerationRequest(prompt=prompt, adapters=list(adapters), **kwargs)
 
 
-def sample_grid(engine: Any, adapter: str, prompts: Sequence[str], *, out: Path, steps: int | None = None,
-                size: int | None = None, seed: int = 0, weight: float = 1.0) -> Path:
+def sample_grid(
+    engine: Any,
+    adapter: str,
+    prompts: Sequence[str],
+    *,
+    out: Path,
+    steps: int | None = None,
+    size: int | None = None,
+    seed: int = 0,
+    weight: float = 1.0,
+) -> Path:
     """Base model (top row) vs the adapter (bottom row) for each prompt, same seeds."""
     base = [_request(p, [], steps=steps, width=size, height=size, seed=seed) for p in prompts]
     tuned = [_request(p, [AdapterRef(adapter, weight)], steps=steps, width=size, height=size, seed=seed)
@@ -68,25 +86,50 @@ def sample_grid(engine: Any, adapter: str, prompts: Sequence[str], *, out: Path,
     return _grid(engine, base + tuned, labels, out, "base vs adapter", columns=len(prompts))
 
 
-def scheduler_grid(engine: Any, adapter: str, prompt: str, *, out: Path,
-                   schedulers: Sequence[str] = DEFAULT_SCHEDULERS, steps: int | None = None,
-                   size: int | None = None, seed: int = 0) -> Path:
+def scheduler_grid(
+    engine: Any,
+    adapter: str,
+    prompt: str,
+    *,
+    out: Path,
+    schedulers: Sequence[str] = DEFAULT_SCHEDULERS,
+    steps: int | None = None,
+    size: int | None = None,
+    seed: int = 0,
+) -> Path:
     """The same prompt, seed and adapter under each sampler (sd35hub.schedulers names)."""
     requests = [_request(prompt, [AdapterRef(adapter)], scheduler=name, steps=steps, width=size, height=size,
                          seed=seed) for name in schedulers]  # fmt: skip
     return _grid(engine, requests, list(schedulers), out, f"samplers, seed {seed}")
 
 
-def cfg_sweep(engine: Any, adapter: str, prompt: str, *, out: Path, scales: Sequence[float] = DEFAULT_GUIDANCE,
-              steps: int | None = None, size: int | None = None, seed: int = 0) -> Path:
+def cfg_sweep(
+    engine: Any,
+    adapter: str,
+    prompt: str,
+    *,
+    out: Path,
+    scales: Sequence[float] = DEFAULT_GUIDANCE,
+    steps: int | None = None,
+    size: int | None = None,
+    seed: int = 0,
+) -> Path:
     """The same prompt and seed at each classifier-free guidance scale."""
     requests = [_request(prompt, [AdapterRef(adapter)], guidance_scale=float(s), steps=steps, width=size,
                          height=size, seed=seed) for s in scales]  # fmt: skip
     return _grid(engine, requests, [f"cfg {s:g}" for s in scales], out, f"guidance sweep, seed {seed}")
 
 
-def blend_grid(engine: Any, adapters: Sequence[tuple[str, float]], prompt: str, *, out: Path,
-               steps: int | None = None, size: int | None = None, seed: int = 0) -> Path:
+def blend_grid(
+    engine: Any,
+    adapters: Sequence[tuple[str, float]],
+    prompt: str,
+    *,
+    out: Path,
+    steps: int | None = None,
+    size: int | None = None,
+    seed: int = 0,
+) -> Path:
     """Base, each adapter alone at its weight, then all of them blended (``set_adapters`` with weights)."""
     refs = [AdapterRef(source, weight) for source, weight in adapters]
     kwargs: dict[str, Any] = dict(steps=steps, width=size, height=size, seed=seed)
@@ -97,14 +140,18 @@ def blend_grid(engine: Any, adapters: Sequence[tuple[str, float]], prompt: str, 
 
 
 # ------------------------------------------------------------------------------------ evaluation
-def clip_score(images: Sequence[Any], prompts: Sequence[str], model_id: str, *, device: str | None = None) -> float:
+def clip_score(
+    images: Sequence[Any], prompts: Sequence[str], model_id: str, *, device: str | None = None
+) -> float:
     """Mean CLIP score, 100 * max(cos(image_embeds, text_embeds), 0) (the torchmetrics definition), of each
     image with its prompt; ``model_id`` is a CLIPModel on the Hub or a local folder with its processor."""
     import torch
     from transformers import CLIPModel, CLIPProcessor
 
     if len(images) != len(prompts) or not images:
-        raise ValueError(f"clip_score needs one prompt per image, got {len(images)} images and {len(prompts)} prompts")
+        raise ValueError(
+            f"clip_score needs one prompt per image, got {len(images)} images and {len(prompts)} prompts"
+        )
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = CLIPModel.from_pretrained(model_id).to(device).eval()
     processor = CLIPProcessor.from_pretrained(model_id)
@@ -144,7 +191,11 @@ def evaluate(output_dir: str | Path, clip_model: str | None) -> Evaluation:
 
     out = Path(output_dir)
     summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
-    pairs = [(out / v["path"], v["prompt"]) for v in summary.get("validation_images", []) if (out / v["path"]).is_file()]
+    pairs = [
+        (out / v["path"], v["prompt"])
+        for v in summary.get("validation_images", [])
+        if (out / v["path"]).is_file()
+    ]
     score, message = None, ""
     if not clip_model:
         message = "CLIP score skipped: no CLIP model configured (set CLIP_MODEL, e.g. openai/clip-vit-large-patch14)"
@@ -155,8 +206,10 @@ def evaluate(output_dir: str | Path, clip_model: str | None) -> Evaluation:
             images = [Image.open(path) for path, _ in pairs]
             score = clip_score(images, [prompt for _, prompt in pairs], clip_model)
             message = f"CLIP score {score:.2f} over {len(pairs)} validation image(s) with {clip_model}"
-        except OSError as exc:  # not on the Hub / offline / not a CLIP checkpoint (transformers raises OSError)
-            message = f"CLIP score skipped: {clip_model} could not be loaded ({str(exc).splitlines()[0][:160]})"
+        except OSError as exc:  # transformers' answer to: not on the Hub, offline, not a CLIP checkpoint
+            message = (
+                f"CLIP score skipped: {clip_model} could not be loaded ({str(exc).splitlines()[0][:160]})"
+            )
     plot = out / summary["loss_plot"] if summary.get("loss_plot") else None
     return Evaluation(clip_score=score, clip_message=message, images=len(pairs), loss_plot=plot,
                       final_loss=summary.get("final_loss"), validation_loss=summary.get("validation_loss"),
@@ -173,7 +226,9 @@ def card_preview(output_dir: str | Path, repo_id: str) -> str:
     return f"**Files to upload to `{repo_id}`:**\n\n{listing}\n\n---\n\n{card}"
 
 
-def publish_adapter(output_dir: str | Path, repo_id: str, *, private: bool = False, dry_run: bool = False) -> Any:
+def publish_adapter(
+    output_dir: str | Path, repo_id: str, *, private: bool = False, dry_run: bool = False
+) -> Any:
     """One commit with adapter, card, images and sanitized config (sd35hub.publish); prints the plan."""
     from sd35hub.publish import publish
 
@@ -182,8 +237,9 @@ def publish_adapter(output_dir: str | Path, repo_id: str, *, private: bool = Fal
     return result
 
 
-def space_link(repo_id: str, *, space_id: str = DEFAULT_SPACE, weight: float | None = None,
-               endpoint: str | None = None) -> str:
+def space_link(
+    repo_id: str, *, space_id: str = DEFAULT_SPACE, weight: float | None = None, endpoint: str | None = None
+) -> str:
     """A link that opens the blending Space with this adapter preselected (``?adapter=owner/repo[:weight]``)."""
     from sd35hub.access import hub_endpoint
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import uuid
 from pathlib import Path
@@ -25,8 +26,12 @@ KERNEL = "sd35hub-test-python"
 
 def inject_parameters(notebook: Any, params: dict[str, Any]) -> Any:
     """Insert ``NAME = repr(value)`` lines after the cell tagged ``parameters`` (papermill's convention)."""
-    index = next(i for i, c in enumerate(notebook.cells) if "parameters" in c.get("metadata", {}).get("tags", []))
-    source = "# Parameters injected by tests/test_notebook.py\n" + "".join(f"{k} = {v!r}\n" for k, v in params.items())
+    index = next(
+        i for i, c in enumerate(notebook.cells) if "parameters" in c.get("metadata", {}).get("tags", [])
+    )
+    source = "# Parameters injected by tests/test_notebook.py\n" + "".join(
+        f"{k} = {v!r}\n" for k, v in params.items()
+    )
     cell = nbformat.v4.new_code_cell(source, metadata={"tags": ["injected-parameters"]})
     notebook.cells.insert(index + 1, cell)
     return notebook
@@ -78,9 +83,14 @@ def seed_blend_adapter(hub: Any, repo_id: str, tmp: Path) -> None:
 
     transformer = load_pipeline("tiny").transformer
     add_random_lora(transformer, seed=3)
-    path = save_adapter(transformer, tmp / "blend", metadata=AdapterMetadata(rank=4, alpha=8.0, base_model="tiny"))
+    path = save_adapter(
+        transformer, tmp / "blend", metadata=AdapterMetadata(rank=4, alpha=8.0, base_model="tiny")
+    )
     file = path if path.is_file() else path / "pytorch_lora_weights.safetensors"
-    hub.seed_repo(repo_id, {"pytorch_lora_weights.safetensors": file.read_bytes(), "README.md": "---\ntags: [lora]\n---\n"})
+    hub.seed_repo(
+        repo_id,
+        {"pytorch_lora_weights.safetensors": file.read_bytes(), "README.md": "---\ntags: [lora]\n---\n"},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -108,9 +118,20 @@ def runs(hub, kernel_name, tmp_path_factory):
 
 def test_first_execution_writes_adapter_card_preview_and_validation_images(runs, hub) -> None:
     out, files = runs["out"], runs["first_files"]
-    for name in ("adapter/pytorch_lora_weights.safetensors", "README.md", "preview.png", "loss.png", "summary.json",
-                 "samples/step_000000.png", "samples/step_000002.png", "samples/step_000004.png",
-                 "gallery/samples.png", "gallery/schedulers.png", "gallery/cfg_sweep.png", "gallery/blend.png"):
+    for name in (
+        "adapter/pytorch_lora_weights.safetensors",
+        "README.md",
+        "preview.png",
+        "loss.png",
+        "summary.json",
+        "samples/step_000000.png",
+        "samples/step_000002.png",
+        "samples/step_000004.png",
+        "gallery/samples.png",
+        "gallery/schedulers.png",
+        "gallery/cfg_sweep.png",
+        "gallery/blend.png",
+    ):
         assert name in files, name
     text = text_of(runs["first"])
     assert "hardware profile cpu" in text
@@ -157,8 +178,10 @@ def test_committed_notebook_has_no_outputs_and_one_parameters_cell() -> None:
     assert all(c.outputs == [] and c.execution_count is None for c in code)
     tagged = [c for c in code if "parameters" in c.metadata.get("tags", [])]
     assert len(tagged) == 1
-    assert "HF_TOKEN" not in "".join(c.source for c in code if "userdata" in c.source)  # no token in code
-    assert not any("hf_" in c.source for c in code)
+    sources = "\n".join(c.source for c in code)
+    # tokens come from Colab secrets / the login cache only
+    assert not re.search(r"hf_[A-Za-z0-9]{8,}|token\s*=", sources)
+    assert "nb.login()" in sources
 
 
 def test_every_code_cell_is_a_short_call_into_sd35hub() -> None:
@@ -167,3 +190,128 @@ def test_every_code_cell_is_a_short_call_into_sd35hub() -> None:
         if cell.cell_type == "code" and "parameters" not in cell.metadata.get("tags", []):
             assert len(cell.source.splitlines()) <= 12, cell.source
             assert "def " not in cell.source and "class " not in cell.source, cell.source
+
+
+# ----------------------------------------------------------------------- the helpers, one by one
+def _plan(**kwargs: Any) -> Any:
+    from sd35hub.notebook import build_plan
+
+    defaults: dict[str, Any] = dict(model="tiny", dataset="sample", output_dir="out")
+    return build_plan(**{**defaults, **kwargs})
+
+
+class _T4:
+    name, total_memory, major = "Tesla T4", 15 * 1024**3, 7
+
+
+def test_plan_reports_every_config_problem_at_once_before_loading_anything() -> None:
+    from sd35hub.errors import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        _plan(rank=0, resolution=100, repo_id="not a repo", extra=["train.optimizer=sgd"])
+    text = str(info.value)
+    for flag in ("lora.rank", "data.resolution", "hub.repo_id", "train.optimizer"):
+        assert flag in text
+    with pytest.raises(ConfigError, match="unknown key train.learning_rat"):
+        _plan(extra=["train.learning_rat=1e-4"])
+
+
+def test_plan_leaves_open_settings_to_the_profile_and_keeps_the_users() -> None:
+    from sd35hub.hardware import detect_profile
+
+    t4 = detect_profile("auto", device_props=_T4(), variant="sd3.5-large")
+    plan = _plan(
+        model="stabilityai/stable-diffusion-3.5-large", profile=t4, extra=["train.learning_rate=5e-5"]
+    )
+    # the trainer gets the open settings and decides them exactly as the resolved plan shows
+    assert plan.config.train.profile == "t4" and plan.config.train.batch_size is None
+    assert plan.resolved.data.resolution == 768 and plan.resolved.train.mixed_precision == "fp16"
+    assert plan.resolved.train.learning_rate == 5e-5 and "train.learning_rate" in plan.explicit
+    mine = _plan(model="stabilityai/stable-diffusion-3.5-large", profile=t4, resolution=1024, rank=16)
+    assert mine.resolved.data.resolution == 1024 and {"data.resolution", "lora.rank"} <= mine.explicit
+    assert "data.resolution = 1024 (your setting)" in mine.describe()
+
+
+def test_prepare_run_falls_back_from_drive_outside_colab_and_resumes_when_a_checkpoint_exists(
+    tmp_path,
+) -> None:
+    from sd35hub.notebook import prepare_run
+
+    plan = prepare_run(_plan(output_dir=str(tmp_path), checkpoint_dir="/content/drive/MyDrive/sd35hub/ckpt"))
+    assert plan.config.train.checkpoint_dir is None and plan.config.train.resume is None
+    assert plan.checkpoint_dir == tmp_path / "checkpoints"
+    (tmp_path / "checkpoints" / "checkpoint-000012").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "checkpoint-000012" / "state.json").write_text('{"step": 12}')
+    (tmp_path / "checkpoints" / ".tmp-checkpoint-000014-x").mkdir()  # a crash mid-write is no checkpoint
+    assert prepare_run(plan).config.train.resume == "latest"
+
+
+def test_login_and_access_checks_against_the_local_hub(hub, monkeypatch) -> None:
+    from sd35hub.errors import LicenseNotAcceptedError, NotLoggedInError, WritePermissionError
+    from sd35hub.notebook import check_access, login, target_repo
+
+    assert login() == "alice"  # HF_TOKEN, resolved by huggingface_hub itself
+    repo = f"bob/gated-base-{uuid.uuid4().hex[:6]}"  # gated for alice (not her repo)
+    hub.seed_repo(repo, {"README.md": "---\nlicense: other\n---\n", "model_index.json": "{}"})
+    hub.gate(repo, mode="manual")
+    plan = _plan(model=repo, dataset="lambdalabs/naruto-blip-captions")
+    with pytest.raises(LicenseNotAcceptedError) as info:
+        check_access(plan, "alice")
+    assert f"{hub.endpoint}/{repo}" in str(info.value)  # the exact link to accept it
+    hub.grant(repo, "alice")
+    checked = check_access(plan, "alice")
+    assert (
+        checked.config.hub.repo_id
+        == "alice/sd35-naruto-blip-captions-lora"
+        == target_repo(None, "alice", "a/naruto-blip-captions")
+    )
+    monkeypatch.setenv("HF_TOKEN", hub.read_token)
+    with pytest.raises(WritePermissionError, match="read-only token"):
+        check_access(plan, "alice")
+    monkeypatch.delenv("HF_TOKEN")
+    with pytest.raises(NotLoggedInError, match="Secrets"):
+        login(interactive=False)
+
+
+def test_space_link_preselects_the_adapter() -> None:
+    from sd35hub.notebook_tools import space_link
+
+    assert space_link("me/my-lora", endpoint="https://huggingface.co") == (
+        "https://huggingface.co/spaces/sd35hub/lora-blend?adapter=me/my-lora"
+    )
+    assert space_link("me/my-lora", weight=0.8, space_id="a/b", endpoint="https://hf.co/").endswith(
+        "/spaces/a/b?adapter=me/my-lora:0.8"
+    )
+
+
+def test_clip_score_with_a_local_clip_model(tmp_path) -> None:
+    """A small random CLIPModel (vision + text towers) saved with its processor: the score is computed,
+    bounded, deterministic, and order-sensitive (image i is scored against prompt i)."""
+    import torch
+    from PIL import Image
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    from sd35hub.models.tiny import tiny_model_path
+    from sd35hub.notebook_tools import clip_score
+
+    tokenizer = CLIPTokenizer.from_pretrained(tiny_model_path() / "tokenizer")
+    config = CLIPConfig(
+        text_config=dict(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=77, eos_token_id=tokenizer.eos_token_id),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=32, patch_size=8),
+        projection_dim=16,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    CLIPModel(config).save_pretrained(tmp_path / "clip")
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(tmp_path / "clip")
+    images = [Image.new("RGB", (48, 48), c) for c in ((220, 30, 30), (30, 30, 220))]
+    prompts = ["a red circle", "a blue square"]
+    score = clip_score(images, prompts, str(tmp_path / "clip"), device="cpu")
+    assert 0.0 <= score <= 100.0
+    assert clip_score(images, prompts, str(tmp_path / "clip"), device="cpu") == score
+    swapped = clip_score(images, prompts[::-1], str(tmp_path / "clip"), device="cpu")
+    assert swapped != score
+    with pytest.raises(ValueError, match="one prompt per image"):
+        clip_score(images, prompts[:1], str(tmp_path / "clip"))
