@@ -30,8 +30,12 @@ VARIANTS = {
     "ref-ckpt": B.REFERENCE_STEPS["checkpointing"],
     "ref-nf4": B.REFERENCE_STEPS["nf4"],
     "h100": B.PROFILE_STEPS["h100"],
-    "h100-flash": replace(B.PROFILE_STEPS["h100"], name="ours compile + flash", attention="flash"),
+    "h100-flash": replace(B.PROFILE_STEPS["h100"], name="ours h100, flash attention", attention="flash"),
     "eager-cudnn": replace(B.PROFILE_STEPS["h100"], name="ours eager + cudnn", compile=False),
+    "h100-cg": replace(B.PROFILE_STEPS["h100"], name="ours compile reduce-overhead", compile_mode="reduce-overhead"),
+    "h100-mat": replace(B.PROFILE_STEPS["h100"], name="ours compile max-autotune", compile_mode="max-autotune-no-cudagraphs"),
+    "h100-nocg": replace(B.PROFILE_STEPS["h100"], name="ours compile, no CUDA graphs", compile_mode=None),
+    "t4-cg": replace(B.PROFILE_STEPS["t4"], name="ours nf4 + ckpt + CUDA graphs", compile_mode="reduce-overhead"),
     "t4": B.PROFILE_STEPS["t4"],
     "t4-ckpt2": replace(B.PROFILE_STEPS["t4"], name="ours nf4 + ckpt/2 + compile", checkpoint_every=2),
     "t4-eager": replace(B.PROFILE_STEPS["t4"], name="ours nf4 + ckpt, no compile", compile=False),
@@ -48,6 +52,7 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--trace", default="", help="model:variant to profile (kernel time vs wall time)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     import torch
@@ -77,6 +82,38 @@ def main() -> None:
                 torch.cuda.empty_cache() if device == "cuda" else None
             (args.out / "bench.json").write_text(json.dumps(everything, indent=2))
         print(B.format_table(results), flush=True)
+    if args.trace:
+        model, key = args.trace.split(":")
+        print(trace(model, VARIANTS[key], args), flush=True)
+
+
+def trace(model: str, variant: B.StepVariant, args: argparse.Namespace) -> str:
+    """Sum of GPU kernel time per step vs wall time per step: tells launch-bound from compute-bound."""
+    import time
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    transformer = B.build_transformer(model, variant, "cuda", torch.bfloat16)
+    inputs = B.make_inputs(B.transformer_config(model), args.resolution, args.batch, "cuda", torch.bfloat16)
+    _, step = B.prepare(transformer, variant, args.rank)
+    for _ in range(3):
+        step(inputs)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        t = time.perf_counter()
+        for _ in range(3):
+            step(inputs)
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t) / 3
+    events = prof.key_averages()
+    kernel_us = sum(e.self_device_time_total for e in events) / 3
+    top = sorted(events, key=lambda e: e.self_device_time_total, reverse=True)[:25]
+    lines = [f"trace {model} {variant.name}: wall {wall*1e3:.1f} ms/step, GPU kernels {kernel_us/1e3:.1f} ms/step "
+             f"({100*kernel_us/1e3/(wall*1e3):.0f}% busy)"]
+    for e in top:
+        lines.append(f"  {e.self_device_time_total/3/1e3:8.2f} ms  {e.count//3:5d}x  {e.key[:110]}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -47,6 +47,7 @@ class StepVariant:
 
     name: str
     compile: bool = False  # torch.compile each block (regional)
+    compile_mode: str | None = "auto"  # auto (CUDA graphs unless checkpointing) | None | reduce-overhead | max-autotune-no-cudagraphs
     checkpoint_every: int = 0  # 0 = no gradient checkpointing, 1 = every block, k = every k-th block
     quantize: str = "none"  # none | nf4 (bitsandbytes, frozen base)
     attention: str = "auto"  # SDPA backend: auto | cudnn | flash
@@ -192,7 +193,7 @@ def prepare(transformer: Any, variant: StepVariant, rank: int) -> tuple[Any, Cal
         else:
             speed.checkpoint_blocks(transformer, variant.checkpoint_every)
     if variant.compile:
-        speed.compile_blocks(transformer)
+        speed.compile_blocks(transformer, mode=variant.compile_mode)
     speed.enable_tf32() if not variant.reference else None
     opt_kwargs = speed.fused_adamw_kwargs(params) if variant.fused_adamw else {}
     optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-4, **opt_kwargs)
@@ -229,6 +230,10 @@ def run_variant(model: str, variant: StepVariant, *, resolution: int, batch: int
     import torch
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    if variant.compile:
+        from sd35hub.train import speed
+
+        speed.reset_compiler()  # graphs of a previous model must not count against the recompile limit
     if device == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()

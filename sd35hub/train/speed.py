@@ -16,18 +16,39 @@ import torch
 ATTENTION_BACKENDS = ("auto", "cudnn", "flash", "efficient", "math")
 
 
-def compile_blocks(transformer: Any, *, mode: str | None = None, fullgraph: bool = False) -> int:
+def compile_blocks(transformer: Any, *, mode: str | None = "auto", fullgraph: bool = False) -> int:
     """torch.compile each transformer block in place ("regional compilation").
+
+    ``mode="auto"`` adds CUDA graphs ("reduce-overhead") on a GPU when no gradient checkpointing
+    is on: measured on an H100 the eager-launched step was launch-bound (35% of the wall time in
+    kernels for SD3.5 Medium at 1024 px) and CUDA graphs took it from 0.17 to 0.08 s/step.
 
     The blocks share one code path, so dynamo traces it once per block *kind* (normal,
     dual-attention, the last context_pre_only block) and reuses the graph for all of them: warm-up
     is a few graphs instead of the whole 38-block model, and inductor's on-disk cache makes later
     runs start faster still. Returns the number of blocks compiled.
     """
+    if mode == "auto":
+        on_gpu = next(transformer.parameters()).is_cuda
+        mode = "reduce-overhead" if on_gpu and not getattr(transformer, "gradient_checkpointing", False) else None
     blocks = transformer.transformer_blocks
     for block in blocks:
         block.compile(mode=mode, fullgraph=fullgraph, dynamic=False)
     return len(blocks)
+
+
+def reset_compiler(recompile_limit: int = 64) -> None:
+    """Forget compiled graphs (e.g. of another model in the same process) and allow enough
+    recompiles for every block kind x input shape (one per aspect-ratio bucket)."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    config = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(config, name):
+            setattr(config, name, max(getattr(config, name), recompile_limit))
+    if hasattr(config, "accumulated_recompile_limit"):
+        config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4 * recompile_limit)
 
 
 def checkpoint_blocks(transformer: Any, every: int = 1) -> list[int]:

@@ -1,0 +1,86 @@
+"""End-to-end `sd35hub train` on a full-size random SD3.5 architecture, with the GPU-busy fraction.
+
+Runs the real recipe (access checks off, sample dataset -> buckets -> latent/embedding cache ->
+LoRA training) on a folder from benchmarks/random_model.py, and profiles a window of optimizer
+steps: GPU busy = summed kernel time / wall time of those steps (input stalls show up as idle).
+
+usage: python benchmarks/train_e2e.py --model-dir DIR --profile h100 --steps 30 --out OUT [overrides...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model-dir", required=True)
+    ap.add_argument("--profile", default="h100")
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--window", type=int, default=8, help="profiled optimizer steps (after warm-up)")
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--name", default="run")
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args()
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from sd35hub.config import load_config
+    from sd35hub.train.recipe import train
+
+    out_dir = args.out / args.name
+    overrides = [
+        f"model.name={args.model_dir}", "data.source=sample", "data.min_size=64", "data.holdout=2",
+        f"train.max_steps={args.steps}", f"train.profile={args.profile}", f"train.output_dir={out_dir}",
+        "train.checkpoint_every=0", "train.validation_every=0", "train.validation_steps=2", "hub.check_access=false",
+        "train.log_every=5", *args.overrides,
+    ]
+    cfg = load_config(None, overrides)
+    start = max(args.steps - args.window - 2, 3)
+    window = {"prof": None, "t0": 0.0, "steps": 0}
+
+    def on_step(trainer) -> None:  # noqa: ANN001
+        step = trainer.state.step
+        if not torch.cuda.is_available():
+            return
+        if step == start:
+            torch.cuda.synchronize()
+            window["prof"] = profile(activities=[ProfilerActivity.CUDA])
+            window["prof"].__enter__()
+            window["t0"] = time.perf_counter()
+        elif window["prof"] is not None and step == start + args.window:
+            torch.cuda.synchronize()
+            window["wall"] = time.perf_counter() - window["t0"]
+            window["prof"].__exit__(None, None, None)
+            events = window["prof"].key_averages()
+            window["kernel_s"] = sum(e.self_device_time_total for e in events) / 1e6
+            window["prof"] = None
+
+    explicit = {o.split("=")[0] for o in args.overrides}
+    t0 = time.perf_counter()
+    result = train(cfg, explicit=explicit, on_step=on_step, progress=False)
+    total = time.perf_counter() - t0
+    summary = json.loads((out_dir / "summary.json").read_text())
+    report = {
+        "name": args.name, "profile": args.profile, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "variant": summary.get("variant"), "steps": summary.get("steps"), "batch_size": summary.get("batch_size"),
+        "resolution_buckets": summary.get("resolution_buckets"), "peak_memory_gib": summary.get("peak_memory_gib"),
+        "final_loss": summary.get("final_loss"), "initial_validation_loss": summary.get("initial_validation_loss"),
+        "validation_loss": summary.get("validation_loss"), "wall_total_s": round(total, 1),
+        "window_steps": args.window, "window_wall_s": window.get("wall"), "window_kernel_s": window.get("kernel_s"),
+        "s_per_step": (window["wall"] / args.window) if "wall" in window else None,
+        "gpu_busy": (window["kernel_s"] / window["wall"]) if "wall" in window else None,
+        "adapter": str(result.adapter_path),
+    }
+    print(json.dumps(report, indent=2), flush=True)
+    (args.out / f"{args.name}.json").write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
