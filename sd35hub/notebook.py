@@ -7,7 +7,7 @@
     user = nb.login()                               # Colab secret HF_TOKEN / login cache / notebook_login
     plan = nb.check_access(plan, user)              # license of the base (exact link) + write to the repo
     plan = nb.prepare_run(plan)                     # Drive for checkpoints; resume="latest" if one exists
-    run = nb.run_training(plan)                     # live progress + validation grids; notebook_runs.jsonl
+    run = nb.run_training(plan)                     # live progress + validation grids; a line in notebook_runs.jsonl
 
 Inference, evaluation and export helpers live in :mod:`sd35hub.notebook_tools`. Nothing here holds
 training logic: it composes sd35hub.config, sd35hub.hardware, sd35hub.access and sd35hub.train.
@@ -29,7 +29,7 @@ from sd35hub.config import Config, from_dict, merge, parse_overrides
 from sd35hub.errors import ConfigError, NotLoggedInError, Sd35HubError
 
 DRIVE_ROOT = "/content/drive"
-RUNS_LOG = "logs/notebook_runs.jsonl"  # one line per execution of the training cell
+RUNS_LOG = "notebook_runs.jsonl"  # in the checkpoint folder (on Drive it outlives the runtime)
 
 
 def in_colab() -> bool:
@@ -310,7 +310,7 @@ class NotebookRun:
 
 def run_training(plan: RunPlan, *, show_validation: bool = True) -> NotebookRun:
     """Train with a live progress bar, showing each validation grid as it is written. Appends
-    {start_step, resumed_from, end_step, ...} to OUTPUT/logs/notebook_runs.jsonl."""
+    {start_step, resumed_from, end_step, ...} to CHECKPOINT_DIR/notebook_runs.jsonl."""
     from sd35hub.train.checkpoint import resolve_resume
     from sd35hub.train.recipe import Trainer
 
@@ -338,7 +338,7 @@ def run_training(plan: RunPlan, *, show_validation: bool = True) -> NotebookRun:
     record = {"start_step": start_step, "resumed_from": str(resumed_from) if resumed_from else None,
               "end_step": result.steps, "duration_s": round(time.time() - started, 2),
               "adapter": str(result.adapter_path)}  # fmt: skip
-    log = Path(cfg.train.output_dir) / RUNS_LOG
+    log = plan.checkpoint_dir / RUNS_LOG
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("a", encoding="utf-8") as handle:
         handle.write(json.dumps(record) + "\n")
@@ -347,9 +347,9 @@ def run_training(plan: RunPlan, *, show_validation: bool = True) -> NotebookRun:
     return NotebookRun(start_step=start_step, resumed_from=record["resumed_from"], result=result)
 
 
-def read_runs(output_dir: str | Path) -> list[dict[str, Any]]:
-    """Every execution of the training cell recorded in OUTPUT/logs/notebook_runs.jsonl, oldest first."""
-    path = Path(output_dir) / RUNS_LOG
+def read_runs(checkpoint_dir: str | Path) -> list[dict[str, Any]]:
+    """Every execution of the training cell recorded in CHECKPOINT_DIR/notebook_runs.jsonl, oldest first."""
+    path = Path(checkpoint_dir) / RUNS_LOG
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

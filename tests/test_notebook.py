@@ -160,7 +160,7 @@ def test_second_execution_resumes_from_the_checkpoint(runs) -> None:
     from sd35hub.notebook import read_runs
 
     out = runs["out"]
-    first, second = read_runs(out)
+    first, second = read_runs(out / "checkpoints")
     assert first["start_step"] == 0 and first["resumed_from"] is None and first["end_step"] == 4
     assert second["start_step"] == 4 and second["end_step"] == 8
     assert Path(second["resumed_from"]).name == "checkpoint-000004"
