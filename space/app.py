@@ -169,6 +169,10 @@ with blend:
                 disabled=not words,
             )
             st.button("Remove", key=f"remove_{choice.source}", on_click=on_remove, args=(choice.source,))
+    if state.adapters:
+        st.caption(
+            "Blend: " + " + ".join(f"{choice.source} × {choice.weight:g}" for choice in state.adapters)
+        )
 
 # --- generation form -----------------------------------------------------------------------------
 st.subheader("Generate")
@@ -235,7 +239,7 @@ if state.history:
         base_col.image(latest["base_png"], caption=f"base model · seed {params['seed']}")
         blend_col.image(latest["png"], caption=f"{blend_label} · seed {params['seed']}")
     else:
-        st.image(latest["png"], caption=f"{blend_label} · seed {params['seed']}")
+        st.image(latest["png"], caption=f"{blend_label} · seed {params['seed']}", width=512)
     st.download_button(
         "Download PNG (parameters inside)", latest["png"], file_name=f"sd35-{params['seed']}.png", mime="image/png",
         key="download",

@@ -1,0 +1,65 @@
+"""The Space in a real browser: search the local Hub, add two adapters, move a slider, generate, see the
+image, save a screenshot (docs/images/space.png when SD35HUB_UPDATE_SCREENSHOT=1, else a temp file)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from space_helpers import SpaceRepos, seed_space_repos
+
+pytestmark = pytest.mark.browser
+
+SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "images" / "space.png"
+TIMEOUT_MS = 60_000
+
+
+@pytest.fixture(scope="module")
+def repos(hub) -> SpaceRepos:  # noqa: ANN001
+    return seed_space_repos(hub)
+
+
+def test_search_blend_generate_in_browser(
+    chromium_browser, space_url: str, repos: SpaceRepos, tmp_path
+) -> None:  # noqa: ANN001
+    from playwright.sync_api import expect
+
+    page = chromium_browser.new_page(viewport={"width": 1400, "height": 2000})
+    page.set_default_timeout(TIMEOUT_MS)
+    page.goto(space_url)
+    search = page.get_by_label("Search adapters")
+    search.fill(repos.tag)
+    search.press("Enter")
+    page.get_by_role("button", name="Search", exact=True).click()
+    sliders = page.get_by_test_id("stSlider")
+    for count, repo in enumerate((repos.watercolor, repos.ink), start=1):
+        card = (
+            page.get_by_test_id("stVerticalBlock")
+            .filter(has_text=repo)
+            .filter(has=page.get_by_role("button", name="Add", exact=True))
+        )
+        expect(card.last).to_be_visible()
+        card.last.get_by_role("button", name="Add", exact=True).click()
+        expect(sliders).to_have_count(count)  # one weight slider per adapter in the blend
+    thumb = sliders.first.get_by_role("slider")
+    thumb.focus()
+    for _ in range(4):
+        thumb.press("ArrowRight")  # 1.00 -> 1.20 in steps of 0.05
+    expect(sliders.first).to_contain_text("1.20")
+    expect(page.get_by_text("× 1.2 +")).to_be_visible()  # the server saw the new weight (blend summary)
+
+    page.get_by_label("Prompt", exact=True).fill("a lighthouse on a cliff at sunset")
+    page.get_by_role("button", name="Generate").click()
+    result = page.get_by_test_id("stImage").filter(has_text="× 1.2")
+    expect(result).to_have_count(1)
+    expect(result.locator("img")).to_be_visible()
+    assert result.locator("img").evaluate("img => img.complete && img.naturalWidth") > 0
+    expect(page.get_by_text("Use it in diffusers")).to_be_visible()
+
+    target = SCREENSHOT if os.environ.get("SD35HUB_UPDATE_SCREENSHOT") == "1" else tmp_path / "space.png"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    page.get_by_role("heading", name="SD3.5 LoRA blender").scroll_into_view_if_needed()
+    page.screenshot(path=str(target))
+    assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    page.close()
