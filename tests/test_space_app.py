@@ -5,6 +5,7 @@ plus the logic of sd35hub.space_support that the app relies on."""
 from __future__ import annotations
 
 import io
+import re
 
 import numpy as np
 import pytest
@@ -250,3 +251,29 @@ def test_sample_adapters_work_offline() -> None:
     request = space.build_request(space.GenerationForm(prompt="a fox", steps=2, width=64, height=64), choices)
     assert request.prompt == "wtrclr style, inkd style, a fox"
     assert all(ref.source.endswith(".safetensors") for ref in request.adapters)
+
+
+# --- hosting files -------------------------------------------------------------------------------
+
+
+def test_space_metadata_dockerfile_and_pins() -> None:
+    from importlib.metadata import version
+    from pathlib import Path
+
+    import yaml
+
+    space_dir = Path(SPACE_APP).parent
+    front = space_dir.joinpath("README.md").read_text().split("---")[1]
+    meta = yaml.safe_load(front)
+    assert meta["sdk"] == "docker" and meta["app_port"] == 8501 and meta["suggested_hardware"] == "l40sx1"
+    dockerfile = space_dir.joinpath("Dockerfile").read_text()
+    assert '"--server.port", "8501"' in dockerfile and "space/app.py" in dockerfile
+    assert not re.search(r"^\s*(ENV|ARG)\b.*HF_TOKEN", dockerfile, re.M)  # no token baked into the image
+    pins = [
+        line.split("==")
+        for line in space_dir.joinpath("requirements.txt").read_text().splitlines()
+        if line and not line.startswith("#")
+    ]
+    assert pins and all(len(pin) == 2 for pin in pins)  # every requirement pinned exactly
+    for name, pinned in pins:  # pinned = what this test suite runs with (local labels like +cpu aside)
+        assert version(name).split("+")[0] == pinned, name
