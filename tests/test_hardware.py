@@ -32,7 +32,7 @@ def test_t4_is_fp16_nf4_checkpointed_768(with_bnb):
     p = hardware.detect_profile("auto", T4, variant="sd3.5-large")
     assert p.name == "t4"
     assert (p.mixed_precision, p.weight_dtype, p.quantize, p.gradient_checkpointing) == ("fp16", "fp16", "nf4", True)
-    assert (p.resolution, p.batch_size, p.gradient_accumulation, p.optimizer, p.compile) == (768, 1, 4, "adamw8bit", False)
+    assert (p.resolution, p.batch_size, p.gradient_accumulation, p.optimizer, p.compile) == (768, 1, 4, "adamw8bit", True)
     assert "no bf16" in p.describe()
 
 

@@ -123,7 +123,7 @@ class Trainer:
         if train.compile:
             from sd35hub.train.speed import compile_blocks
 
-            compile_blocks(transformer)
+            compile_blocks(transformer, gradient_accumulation=train.gradient_accumulation)
         optimizer = build_optimizer(self.params, train)
         self.transformer, self.optimizer = acc.prepare(transformer, optimizer)
         self.batches = CachedBatches(self.index, batch_size=train.batch_size, seed=train.seed,
