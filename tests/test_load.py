@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import HUB_OTHER_TOKEN
 
 from sd35hub.errors import (
     ConfigError,
@@ -287,7 +286,7 @@ def test_hub_model_downloads_only_the_needed_component_files(hub) -> None:
 
 
 def test_gated_hub_model_not_accepted_raises_before_any_download(hub) -> None:
-    hub.seed_repo("bob/gated-sd35", _tiny_repo_files(), gated=True, owner_token=HUB_OTHER_TOKEN)
+    hub.seed_repo("bob/gated-sd35", _tiny_repo_files(), gated=True, owner_token=hub.other_token)
     hub.clear_requests()
     with pytest.raises(LicenseNotAcceptedError, match="bob/gated-sd35"):
         load_pipeline("bob/gated-sd35")
