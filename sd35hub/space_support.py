@@ -233,6 +233,29 @@ def lookup_adapter(source: str, base: BaseChoice, *, token: str | None = None) -
     )
 
 
+def adapters_from_query(
+    values: list[str], base: BaseChoice, *, token: str | None = None
+) -> tuple[list[AdapterChoice], list[str]]:
+    """Preselected adapters from the Space URL, `?adapter=owner/repo:0.8&adapter=owner/other` (the
+    convention the notebook's Space link uses; weight 1.0 when none is given): (choices, error messages)."""
+    from sd35hub.blend_request import split_source_weight
+
+    choices: list[AdapterChoice] = []
+    problems: list[str] = []
+    for value in values[:MAX_ADAPTERS]:
+        try:
+            ref = split_source_weight(value, f"?adapter={value[:80]}")
+            choice = lookup_adapter(ref.source, base, token=token)
+            choice.weight = min(max(ref.weight, WEIGHT_RANGE[0]), WEIGHT_RANGE[1])
+            if all(existing.source != choice.source for existing in choices):
+                choices.append(choice)
+        except Sd35HubError as exc:
+            problems.append(friendly_error(exc, token))
+    if len(values) > MAX_ADAPTERS:
+        problems.append(f"The link names {len(values)} adapters; the first {MAX_ADAPTERS} were kept.")
+    return choices, problems
+
+
 def sample_choice(name: str, base: BaseChoice) -> AdapterChoice:
     if base.model != "tiny":
         raise AdapterIncompatibleError(

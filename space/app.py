@@ -107,6 +107,14 @@ except Exception as exc:  # noqa: BLE001 - gated base, missing model, OOM: a mes
     st.error(space.friendly_error(exc))
     st.stop()
 
+if "query_adapters_done" not in state:  # a shared link (?adapter=owner/repo:0.8) preselects a blend, once
+    state.query_adapters_done = True
+    preselected, problems = space.adapters_from_query(
+        st.query_params.get_all("adapter"), base, token=user_token()
+    )
+    state.adapters = preselected
+    state.messages.extend(problems)
+
 for message in state.messages:
     st.error(message)
 state.messages = []

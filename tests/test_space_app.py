@@ -171,6 +171,22 @@ def test_errors_render_as_messages(app: AppTest, repos: SpaceRepos) -> None:
     assert "local paths are not accepted" in _errors(app)[0]
 
 
+def test_link_preselects_adapters_with_weights(monkeypatch: pytest.MonkeyPatch, repos: SpaceRepos) -> None:
+    monkeypatch.setenv(space.SPACE_MODEL_ENV, "tiny")
+    at = AppTest.from_file(SPACE_APP, default_timeout=60)
+    at.query_params["adapter"] = [f"{repos.watercolor}:0.8", repos.ink, "alice/missing-xyz:0.5"]
+    at.run()
+    assert [(c.source, c.weight) for c in at.session_state["adapters"]] == [
+        (repos.watercolor, 0.8),
+        (repos.ink, 1.0),
+    ]
+    assert at.slider(key=f"weight_{repos.watercolor}").value == 0.8
+    errors = _errors(at)
+    assert len(errors) == 1 and "alice/missing-xyz" in errors[0]
+    at.run()  # only the first visit reads the link: removing an adapter afterwards sticks
+    assert len(at.session_state["adapters"]) == 2
+
+
 def test_gated_base_not_accepted_is_a_message(monkeypatch: pytest.MonkeyPatch, repos: SpaceRepos) -> None:
     monkeypatch.setenv(space.SPACE_MODEL_ENV, repos.gated_base)
     at = AppTest.from_file(SPACE_APP, default_timeout=60).run()
