@@ -214,7 +214,9 @@ def build_model_card(info: CardInfo, *, repo_id: str | None) -> ModelCard:
     for_repo = repo_id is not None
     variant = info.resolved_variant
     base_is_hub = is_hub_id(info.base_model)
-    license_link = f"{HUB_URL}/{info.base_model}/blob/main/LICENSE.md"
+    # the base repo's own LICENSE.md; a local/tiny base has no Hub page, so link the license itself
+    license_link = (f"{HUB_URL}/{info.base_model}/blob/main/LICENSE.md" if base_is_hub
+                    else "https://stability.ai/community-license-agreement")
     tags = ["lora", "diffusers", "text-to-image", "sd3.5"]
     if variant in ("sd3.5-medium", "sd3.5-large"):
         tags.append(variant)
