@@ -100,13 +100,21 @@ def attention_backend(name: str = "auto") -> Iterator[None]:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     order = {
-        "cudnn": [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION],
-        "flash": [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION],
-        "efficient": [SDPBackend.EFFICIENT_ATTENTION],
+        "cudnn": [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
+        "flash": [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
+        "efficient": [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
         "math": [SDPBackend.MATH],
     }[name]
     with sdpa_kernel(order, set_priority=True):
         yield
+
+
+def to_device(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Host -> GPU copy that does not block the host: pinned staging + non_blocking, so the next
+    batch is copied while the GPU still runs the previous step. Plain ``.to`` elsewhere."""
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        tensor = tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device, dtype) if dtype is not None else tensor.to(device)
 
 
 def enable_tf32() -> None:
