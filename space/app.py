@@ -244,10 +244,12 @@ if state.history:
     blend_label = " + ".join(f"{source} × {weight:g}" for source, weight in latest["blend"]) or "base"
     if latest["base_png"]:
         base_col, blend_col = st.columns(2)
-        base_col.image(latest["base_png"], caption=f"base model · seed {params['seed']}")
-        blend_col.image(latest["png"], caption=f"{blend_label} · seed {params['seed']}")
+        base_col.image(latest["base_png"], caption=f"base model · seed {params['seed']}", output_format="PNG")
+        blend_col.image(latest["png"], caption=f"{blend_label} · seed {params['seed']}", output_format="PNG")
     else:
-        st.image(latest["png"], caption=f"{blend_label} · seed {params['seed']}", width=512)
+        st.image(
+            latest["png"], caption=f"{blend_label} · seed {params['seed']}", width=512, output_format="PNG"
+        )
     st.download_button(
         "Download PNG (parameters inside)", latest["png"], file_name=f"sd35-{params['seed']}.png", mime="image/png",
         key="download",

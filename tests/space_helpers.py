@@ -5,7 +5,12 @@ card, and a gated copy of the tiny base owned by bob (alice, the HF_TOKEN user, 
 from __future__ import annotations
 
 import io
+import socket
+import subprocess
+import sys
 import tempfile
+import time
+import urllib.request
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +23,48 @@ from sd35hub.space_support import TINY_HUB_BASE
 
 LARGE = "stabilityai/stable-diffusion-3.5-large"
 SPACE_APP = str(Path(__file__).resolve().parents[1] / "space" / "app.py")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_streamlit(env: dict[str, str], log: Path, *extra: str) -> tuple[subprocess.Popen, str]:
+    """Start `streamlit run app` headless on a free loopback port; return (process, base URL) once
+    /_stcore/health answers."""
+    port = _free_port()
+    command = [
+        sys.executable, "-m", "streamlit", "run", SPACE_APP, "--server.headless", "true",
+        "--server.address", "127.0.0.1", "--server.port", str(port), "--browser.gatherUsageStats", "false",
+        "--server.fileWatcherType", "none", *extra,
+    ]  # fmt: skip
+    out = log.open("wb")
+    process = subprocess.Popen(
+        command, cwd=Path(SPACE_APP).parents[1], env=env, stdout=out, stderr=subprocess.STDOUT
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"streamlit exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
+                if response.status == 200:
+                    return process, url
+        except OSError:
+            time.sleep(0.3)
+    process.kill()
+    raise RuntimeError(f"streamlit did not become healthy in 60 s:\n{log.read_text()[-3000:]}")
+
+
+def stop_streamlit(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
 
 
 @dataclass(frozen=True)

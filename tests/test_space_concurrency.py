@@ -1,18 +1,26 @@
-"""Several users at once on one shared engine: parallel AppTest sessions (each its own st.session_state,
-one st.cache_resource engine) and parallel requests through the app's code path (build_request +
-generate) render different blends at the same time; each gets exactly its own image, no errors."""
+"""Several users at once on one shared engine: parallel sessions of a real `streamlit run` server (driven
+over HTTP by Streamlit's agent API, no browser: each its own st.session_state, one st.cache_resource
+engine) and parallel requests through the app's code path (build_request + generate) render different
+blends at the same time; each gets exactly its own image, no errors.
+
+(Parallel AppTests are not used: AppTest swaps process-wide globals, the mock Runtime and config
+options, around every run, so concurrent AppTest runs interfere with each other, not with the app.)"""
 
 from __future__ import annotations
 
 import io
+import json
+import os
 import threading
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 from PIL import Image
-from space_helpers import SPACE_APP, SpaceRepos, seed_space_repos
-from streamlit.testing.v1 import AppTest
+from space_helpers import SpaceRepos, seed_space_repos, start_streamlit, stop_streamlit
 
 from sd35hub import space_support as space
 
@@ -61,44 +69,74 @@ def test_parallel_requests_on_one_engine_match_sequential(repos: SpaceRepos) -> 
         assert np.array_equal(pixels, sequential[i % 4]), f"request {i} got another blend's image"
 
 
-def _session(blend: list[tuple[str, float]], seed: int) -> AppTest:
-    at = AppTest.from_file(SPACE_APP, default_timeout=120).run()
-    for source, _ in blend:
-        at.text_input(key="paste_source").input(source)
-        at.button(key="add_pasted").click().run()
-    for source, weight in blend:
-        at.slider(key=f"weight_{source}").set_value(weight)
-        at.checkbox(key=f"trigger_{source}").uncheck()
-    at.text_area(key="prompt").input("a fox in the snow")
-    at.number_input(key="steps_tiny").set_value(2)
-    at.selectbox(key="size_tiny").set_value("64×64")
-    at.checkbox(key="random_seed").uncheck()
-    at.number_input(key="seed").set_value(seed)
-    return at
+@pytest.fixture(scope="module")
+def agent_url(hub, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:  # noqa: ANN001
+    """`streamlit run space/app.py` with Streamlit's agent API (POST /_stcore/agent/interact): real
+    server sessions driven over HTTP without a browser, all sharing the server's one cached engine."""
+    env = {**os.environ, "HF_ENDPOINT": hub.endpoint, "SD35HUB_SPACE_MODEL": "tiny"}
+    log = tmp_path_factory.mktemp("space-agent") / "streamlit.log"
+    process, url = start_streamlit(env, log, "--server.enableAgentApi", "true")
+    yield url
+    stop_streamlit(process)
 
 
-def test_parallel_app_sessions_get_their_own_results(
-    monkeypatch: pytest.MonkeyPatch, repos: SpaceRepos
-) -> None:
-    monkeypatch.setenv(space.SPACE_MODEL_ENV, "tiny")
+def _interact(url: str, body: dict) -> dict:
+    request = urllib.request.Request(
+        f"{url}/_stcore/agent/interact",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=120) as response:
+        assert response.status == 200, response.status  # 202 would mean the run outlasted the wait
+        return json.load(response)
+
+
+def _elements(tree: object, kind: str) -> list[dict]:
+    found: list[dict] = []
+    if isinstance(tree, dict):
+        if tree.get("type") == kind:
+            found.append(tree)
+        for value in tree.values():
+            found += _elements(value, kind)
+    elif isinstance(tree, list):
+        for value in tree:
+            found += _elements(value, kind)
+    return found
+
+
+def test_parallel_server_sessions_get_their_own_results(agent_url: str, repos: SpaceRepos) -> None:
     blends = _blends(repos)
-    sessions = [_session(blend, seed=10 + i) for i, blend in enumerate(blends)]
+    sessions = []
+    for blend in blends:  # each session opens the shared link that preselects its blend (?adapter=repo:w)
+        snapshot = _interact(agent_url, {"query_params": {"adapter": [f"{s}:{w}" for s, w in blend]}})
+        assert _elements(snapshot["tree"], "error") == [], _elements(snapshot["tree"], "error")
+        sessions.append(snapshot["session_id"])
     start = threading.Barrier(len(sessions))
 
-    def click(at: AppTest) -> AppTest:
-        start.wait()
-        return at.button(key="generate").click().run()
+    def generate(i: int, wait: threading.Barrier | None = None) -> dict:
+        settings = {"steps_tiny": 2, "size_tiny": "64×64", "random_seed": False, "seed": 10 + i}
+        settings |= {f"trigger_{source}": False for source, _ in blends[i]}
+        if wait is not None:
+            wait.wait()  # every session clicks Generate at the same moment
+        body = {"session_id": sessions[i], "widget_state": settings, "trigger": {"key": "generate"}}
+        return _interact(agent_url, body)
 
+    def result(i: int, snapshot: dict) -> np.ndarray:
+        assert snapshot["status"] == "ready" and _elements(snapshot["tree"], "error") == []
+        images = [
+            e for e in _elements(snapshot["tree"], "image") if "seed" in (e["props"].get("caption") or "")
+        ]
+        assert len(images) == 1  # this session's latest result
+        label = " + ".join(f"{source} × {weight:g}" for source, weight in blends[i])
+        assert images[0]["props"]["caption"] == f"{label} · seed {10 + i}"  # its own blend and seed
+        media = urllib.parse.urljoin(f"{agent_url}/_stcore/agent/interact", images[0]["props"]["url"])
+        with urllib.request.urlopen(media, timeout=30) as response:
+            return np.asarray(Image.open(io.BytesIO(response.read())).convert("RGB"), dtype=np.int16)
+
+    start = threading.Barrier(len(sessions))
     with ThreadPoolExecutor(len(sessions)) as pool:
-        done = list(pool.map(click, sessions))
-    engine = space.load_engine("tiny")  # a separate engine: the sequential reference
-    for i, at in enumerate(done):
-        assert not at.exception and [e.value for e in at.error] == []
-        history = at.session_state["history"]
-        assert len(history) == 1  # nobody else's result landed in this session
-        params = history[0]["params"]
-        assert [(a["source"], a["weight"]) for a in params["adapters"]] == blends[i]
-        assert params["seed"] == 10 + i
-        expected = space.generate(engine, space.build_request(_form(seed=10 + i), _choices(blends[i])))
-        got = np.asarray(Image.open(io.BytesIO(history[0]["png"])).convert("RGB"), dtype=np.int16)
-        assert np.array_equal(got, np.asarray(expected.images[0], dtype=np.int16))
+        parallel = list(pool.map(lambda i: result(i, generate(i, start)), range(len(sessions))))
+    sequential = [result(i, generate(i)) for i in range(len(sessions))]  # one at a time, same server
+    for i in range(len(sessions)):
+        assert np.array_equal(parallel[i], sequential[i]), f"session {i} got another blend's image"
+    assert len({image.tobytes() for image in sequential}) == len(sessions)  # four blends, four images
