@@ -25,6 +25,7 @@ def test_search_blend_generate_in_browser(
 ) -> None:  # noqa: ANN001
     from playwright.sync_api import expect
 
+    expect.set_options(timeout=TIMEOUT_MS)  # a loaded CI machine can take a while to render
     page = chromium_browser.new_page(viewport={"width": 1400, "height": 2000})
     page.set_default_timeout(TIMEOUT_MS)
     page.goto(space_url)
