@@ -20,8 +20,10 @@ CHROMIUM_ARGS = [
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def chromium_browser() -> Iterator[object]:
+    """Module-scoped on purpose: playwright's sync API keeps an asyncio loop running in this thread
+    while it is open, which breaks later tests that run their own loop (datasets' streaming)."""
     if not Path(CHROMIUM).exists():
         pytest.skip(f"{CHROMIUM} is missing: install Debian's chromium (apt-get install -y chromium)")
     try:
@@ -34,6 +36,9 @@ def chromium_browser() -> Iterator[object]:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         yield browser
         browser.close()
+    import asyncio
+
+    asyncio.set_event_loop(asyncio.new_event_loop())  # leave a fresh, idle loop behind
 
 
 @pytest.fixture(scope="module")
