@@ -1,0 +1,78 @@
+"""`sd35hub bench` smoke test on the tiny model (CPU), and the speed knobs' CPU-checkable behaviour.
+
+GPU timings live in benchmarks/ and docs/performance.md; here we check that the code paths the GPU
+runs are correct: the reference and our step compute the same loss, selective checkpointing gives
+the same gradients as none, and the CLI validates its options."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from sd35hub import bench as B
+from sd35hub.cli import main
+from sd35hub.train import speed
+
+
+def test_bench_tiny_runs_reference_and_ours_in_one_process() -> None:
+    results = B.bench("tiny", steps=2, warmup=1)
+    assert [r.variant for r in results] == ["reference eager", "sd35hub cpu"]
+    for r in results:
+        assert r.s_per_step > 0 and r.samples_per_s > 0 and r.resolution == 128
+        assert r.tflops is not None and r.tflops > 0  # FLOPs counted once, reused for ours
+    # same model init, inputs and LoRA init: the first loss is the same computation
+    assert results[0].loss_start == pytest.approx(results[1].loss_start, rel=1e-5)
+    table = B.format_table(results)
+    assert "reference eager" in table and "1.00x" in table
+    assert len(json.loads(B.results_json(results))) == 2
+
+
+def test_bench_cli_rejects_bad_options(capsys) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["bench", "--model", "tiny", "--reference", "fast", "--resolution", "100"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--reference 'fast'" in err and "--resolution 100" in err
+
+
+def test_full_size_configs_are_the_public_sd35_ones() -> None:
+    large, medium = B.SD35_CONFIGS["large"], B.SD35_CONFIGS["medium"]
+    assert (large["num_layers"], large["num_attention_heads"], large["caption_projection_dim"]) == (38, 38, 2432)
+    assert (medium["num_layers"], len(medium["dual_attention_layers"]), medium["caption_projection_dim"]) == (24, 13, 1536)
+
+
+def _grads(transformer, inputs) -> dict[str, torch.Tensor]:  # noqa: ANN001
+    for p in transformer.parameters():
+        p.grad = None
+    B._loss(transformer, inputs).backward()
+    return {n: p.grad.clone() for n, p in transformer.named_parameters() if p.grad is not None}
+
+
+def test_selective_checkpointing_keeps_gradients_exact() -> None:
+    variant = B.StepVariant("t", fp32_lora=False)
+    transformer = B.build_transformer("tiny", variant, "cpu", torch.float32)
+    B.prepare(transformer, variant, rank=4)
+    for p in (p for p in transformer.parameters() if p.requires_grad):
+        torch.nn.init.normal_(p, std=0.02)  # non-zero B so every LoRA tensor gets a gradient
+    inputs = B.make_inputs(B.transformer_config("tiny"), 64, 1, "cpu", torch.float32)
+    plain = _grads(transformer, inputs)
+    assert speed.checkpoint_blocks(transformer, every=2) == [0, 2]
+    checkpointed = _grads(transformer, inputs)
+    assert plain.keys() == checkpointed.keys() and len(plain) > 0
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=0, atol=1e-6)
+    assert speed.checkpoint_blocks(transformer, every=0) == [] and not transformer.gradient_checkpointing
+
+
+def test_cpu_paths_of_the_gpu_knobs() -> None:
+    with speed.attention_backend("cudnn"):  # no CUDA: a no-op, not an error
+        pass
+    with pytest.raises(ValueError, match="not one of"):
+        with speed.attention_backend("turbo"):
+            pass
+    t = torch.ones(2, dtype=torch.float32)
+    moved = speed.to_device(t, torch.device("cpu"), torch.bfloat16)
+    assert moved.dtype == torch.bfloat16 and moved.device.type == "cpu"
+    assert speed.fused_adamw_kwargs([torch.nn.Parameter(t)]) == {}
