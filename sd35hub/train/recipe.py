@@ -31,6 +31,7 @@ from sd35hub.config import Config
 from sd35hub.errors import TrainingInterrupted
 from sd35hub.train import checkpoint as ckpt
 from sd35hub.train import outputs, validation
+from sd35hub.train.distributed import any_process, launched_without_cuda
 from sd35hub.train.flow import draw_noise_and_sigmas, flow_loss
 from sd35hub.train.outputs import TrainResult
 from sd35hub.train.speed import attention_backend, to_device
@@ -54,7 +55,7 @@ class Trainer:
         from accelerate import Accelerator
         from accelerate.utils import ProjectConfiguration
 
-        from sd35hub.data.cache import CachedBatches, build_cache, free_encoders
+        from sd35hub.data.cache import CachedBatches, CacheIndex, build_cache, free_encoders
         from sd35hub.data.sources import check_dataset, open_samples
         from sd35hub.hardware import apply_profile, detect_profile
         from sd35hub.models.load import load_pipeline, model_info, torch_dtype
@@ -75,7 +76,7 @@ class Trainer:
 
         trackers = [r for r in train.report_to if r in ("tensorboard", "wandb")]
         self.acc = acc = Accelerator(
-            mixed_precision=train.mixed_precision, gradient_accumulation_steps=train.gradient_accumulation,
+            cpu=launched_without_cuda(), mixed_precision=train.mixed_precision, gradient_accumulation_steps=train.gradient_accumulation,
             log_with=trackers or None,
             project_config=ProjectConfiguration(project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs")),
         )  # fmt: skip
@@ -101,10 +102,14 @@ class Trainer:
                 getattr(pipe, name).to(self.device)
         self.pipe = pipe
         cache_dir = Path(cfg.data.cache_dir or self.output_dir / "cache")
-        with acc.main_process_first():  # rank 0 encodes; the others then read its complete shards
-            self.index = build_cache(cfg.data, pipe, cache_dir, model_id=cfg.model.name, batch_size=train.batch_size,
-                                     device=self.device, dtype=self.weight_dtype, seed=train.seed,
-                                     progress=self.progress and self.main)  # fmt: skip
+        with acc.main_process_first():  # rank 0 encodes; then the first process of each other node checks/fills its cache
+            if acc.is_local_main_process:
+                self.index = build_cache(cfg.data, pipe, cache_dir, model_id=cfg.model.name, batch_size=train.batch_size,
+                                         device=self.device, dtype=self.weight_dtype, seed=train.seed,
+                                         progress=self.progress and self.main)  # fmt: skip
+        acc.wait_for_everyone()
+        if not acc.is_local_main_process:  # one writer per cache dir: the others read the index it just wrote
+            self.index = CacheIndex.load(cache_dir)
         prompts = list(train.validation_prompts) or self._default_prompts(open_samples(cfg.data, seed=train.seed))
         self.prompts = validation.encode_prompts(pipe, prompts, guidance=train.validation_guidance,
                                                  max_sequence_length=cfg.data.max_sequence_length, device=self.device)
@@ -245,13 +250,16 @@ class Trainer:
                     self.save_checkpoint()
                 if self.on_step is not None:
                     self.on_step(self)
-                if sigterm.received:
+                stop = sigterm.received
+                if self.acc.num_processes > 1:  # all stop after the same step: agree at log points (a host sync anyway)
+                    stop = state.step % t.log_every == 0 and any_process(self.acc, stop)
+                if stop:
                     raise KeyboardInterrupt
             self.final_validation_loss = self.validate(state.step)
             self.save_checkpoint()  # the end state, so a later run can continue with more steps
         except KeyboardInterrupt:
             bar.close()
-            path = self.save_checkpoint()
+            path = self.save_checkpoint() or self.checkpoint_dir / ckpt.checkpoint_name(state.step)  # rank 0 wrote it
             raise TrainingInterrupted(
                 f"Training interrupted at step {state.step}; checkpoint written to {path}. Continue with "
                 f"--resume latest (same --output) or --resume {path}."
