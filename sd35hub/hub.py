@@ -131,6 +131,7 @@ class AdapterInfo:
     downloads: int = 0
     license: str | None = None
     license_name: str | None = None
+    files: tuple[str, ...] = ()  # every file of the repo (for explicit owner/repo/file.safetensors sources)
 
 
 def _as_list(value: Any) -> list[str]:
@@ -206,24 +207,44 @@ def list_adapters(
                 filenames = [s.rfilename for s in model.siblings or []] or api.list_repo_files(model.id, token=token)
                 card = _card_data(api, model.id, model.card_data, token)
             try:
-                adapter_file = pick_adapter_file(filenames)
+                found[model.id] = _adapter_info(model, card, filenames, fallback_base=base)
             except AdapterError as exc:
                 logger.info("skipping %s: %s", model.id, exc)
-                continue
-            card_base = card.get("base_model")
-            found[model.id] = AdapterInfo(
-                repo_id=model.id,
-                base_model=(card_base[0] if isinstance(card_base, list) and card_base else card_base) or base,
-                adapter_file=adapter_file,
-                trigger_words=_as_list(card.get("instance_prompt")),
-                preview_url=_preview(model.id, card, filenames),
-                likes=model.likes or 0,
-                downloads=model.downloads or 0,
-                license=card.get("license"),
-                license_name=card.get("license_name"),
-            )
     adapters = sorted(found.values(), key=lambda info: (-info.downloads, -info.likes, info.repo_id))
     return adapters[:limit]
+
+
+def _adapter_info(model: Any, card: dict[str, Any], filenames: list[str], *, fallback_base: str | None) -> AdapterInfo:
+    """AdapterInfo from a model listing/info entry and its card; AdapterError when no usable file."""
+    adapter_file = pick_adapter_file(filenames)
+    declared = _as_list(card.get("base_model"))
+    return AdapterInfo(
+        repo_id=model.id,
+        base_model=declared[0] if declared else fallback_base,
+        adapter_file=adapter_file,
+        trigger_words=_as_list(card.get("instance_prompt")) or _as_list(card.get("trigger_words")),
+        preview_url=_preview(model.id, card, filenames),
+        likes=getattr(model, "likes", 0) or 0,
+        downloads=getattr(model, "downloads", 0) or 0,
+        license=card.get("license"),
+        license_name=card.get("license_name"),
+        files=tuple(filenames),
+    )
+
+
+def adapter_info(repo_id: str, *, revision: str | None = None, token: str | bool | None = None) -> AdapterInfo:
+    """One adapter repo's metadata (card, trigger words, preview, the file to load); no weights read.
+
+    Raises RepoNotFoundError / LicenseNotAcceptedError (via the Hub), AdapterError when the repo has
+    no usable .safetensors file (UnsafeFileError for pickle-only repos)."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    with hub_errors(repo_id, token=token, what=f"reading the adapter {repo_id}"):
+        model = api.model_info(repo_id, revision=revision, token=token)
+    filenames = [sibling.rfilename for sibling in model.siblings or []]
+    card = model.card_data.to_dict() if model.card_data is not None else {}
+    return _adapter_info(model, card, filenames, fallback_base=None)
 
 
 def publish(*args: Any, **kwargs: Any) -> Any:

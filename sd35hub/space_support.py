@@ -198,38 +198,29 @@ def choice_from_info(info: AdapterInfo) -> AdapterChoice:
 def lookup_adapter(source: str, base: BaseChoice, *, token: str | None = None) -> AdapterChoice:
     """Check a pasted adapter before it joins a blend: it exists, has a .safetensors adapter file, and
     its card does not name another base. Reads metadata only (no weights)."""
-    from huggingface_hub import HfApi
-
-    from sd35hub.access import hub_errors
-    from sd35hub.hub import _as_list, _preview, pick_adapter_file
+    from sd35hub.hub import adapter_info
 
     source = parse_adapter_source(source)
     name = sample_name(source)
     if name is not None:
         return sample_choice(name, base)
     repo_id = "/".join(source.split("/")[:2])
-    with hub_errors(repo_id, token=token, what=f"reading the adapter {repo_id}"):
-        info = HfApi(token=token).model_info(repo_id, token=token)
-    filenames = [sibling.rfilename for sibling in info.siblings or []]
     explicit = source[len(repo_id) + 1 :] or None
-    if explicit is None:
-        pick_adapter_file(filenames)  # raises for pickle-only or weightless repos
-    elif explicit not in filenames:
+    info = adapter_info(repo_id, token=token)  # refuses pickle-only or weightless repos
+    if explicit is not None and explicit not in info.files:
         raise AdapterError(f"{repo_id} has no file {explicit!r}. Check the name, or paste the repo id alone.")
-    card = info.card_data.to_dict() if info.card_data is not None else {}
-    declared = _as_list(card.get("base_model"))
-    if declared and base.hub_base not in declared:
+    declared = info.base_model
+    if declared and declared != base.hub_base:
         raise AdapterIncompatibleError(
-            f"{repo_id} is an adapter for {declared[0]}, but this Space is running {base.label} "
+            f"{repo_id} is an adapter for {declared}, but this Space is running {base.label} "
             f"({base.hub_base}). Pick an adapter made for {base.label} (the search lists only those), "
             "or switch the base model in the sidebar."
         )
-    words = _as_list(card.get("instance_prompt")) or _as_list(card.get("trigger_words"))
     return AdapterChoice(
         source=source,
-        trigger_words=words,
-        preview_url=_preview(repo_id, card, filenames),
-        base_model=declared[0] if declared else None,
+        trigger_words=info.trigger_words,
+        preview_url=info.preview_url,
+        base_model=declared,
     )
 
 
