@@ -3,7 +3,7 @@
 Two processes with accumulation 1 must train exactly what one process with accumulation 2 trains (same
 samples in the same global batches, same noise, gradients averaged either way); only rank 0 writes; a
 SIGTERM that reaches one process stops both after the same step; the 2-process run resumes exactly.
-Four trainings, three of them 2-process launches: ~50 s on 2 shared cores (a launch is ~15 s of imports).
+Four 2-process launches and one in-process run: ~70 s on 2 shared cores (a launch is ~15 s of imports).
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ from safetensors.torch import load_file
 from sd35hub.commands.train import explicit_keys
 from sd35hub.config import load_config
 from sd35hub.train import recipe
+
+pytestmark = pytest.mark.slow  # ~70 s in all (see above)
 
 CONFIG = {
     "model": {"name": "tiny"},
@@ -173,3 +175,26 @@ def test_sigterm_on_one_process_stops_both_after_the_same_step_and_resume_is_exa
     assert state_term["step"] == 6 and state_term["samples_seen"] == state_two["samples_seen"]
     assert state_term["seen_keys_digest"] == state_two["seen_keys_digest"]
     assert _max_diff(_adapter(term), _adapter(runs["two"])) <= 1e-6
+
+
+# each process gets its own checkpoint folder, as on two machines without shared storage: rank 0 finds the
+# step-2 checkpoint, rank 1 none; both must stop with a ConfigError (exit 2), not train apart or hang
+SPLIT_CHECKPOINTS_WORKER = """
+import os, shutil, sys
+from pathlib import Path
+from sd35hub.cli import main
+
+ckpts = Path(sys.argv[1]) / f"checkpoints-rank{os.environ['RANK']}"
+if os.environ["RANK"] == "0":
+    shutil.copytree(Path(sys.argv[2]) / "checkpoints" / "checkpoint-000002", ckpts / "checkpoint-000002")
+main(["train", "--config", sys.argv[3], "--output", sys.argv[1], "--resume", "latest", f"train.checkpoint_dir={ckpts}"])
+"""
+
+
+def test_processes_that_see_different_checkpoints_refuse_to_resume(runs, tmp_path):
+    worker = tmp_path / "worker.py"
+    worker.write_text(SPLIT_CHECKPOINTS_WORKER)
+    split = _launch([str(worker), str(tmp_path / "out"), str(runs["term"]), str(runs["root"] / "tiny.yaml")])
+    log = split.stdout + split.stderr
+    assert split.returncode != 0 and "found checkpoints at different steps [2, 0]" in log, log[-3000:]
+    assert not (tmp_path / "out" / "adapter").exists()

@@ -31,3 +31,20 @@ def any_process(acc: Any, flag: bool) -> bool:
 
     flags = torch.tensor([1.0 if flag else 0.0], device=acc.device)
     return bool(acc.reduce(flags, reduction="sum").item() > 0)
+
+
+def check_same_resume_step(acc: Any, step: int, checkpoint_dir: Any) -> None:
+    """Every process must resume from the same step (each reads the checkpoint itself). Different steps mean
+    the machines see different checkpoint folders: a ConfigError on every process instead of a hang."""
+    if acc.num_processes == 1:
+        return
+    import torch
+
+    from sd35hub.errors import ConfigError
+
+    steps = acc.gather(torch.tensor([step], device=acc.device)).tolist()
+    if len(set(steps)) > 1:
+        raise ConfigError(
+            f"train.resume: the processes found checkpoints at different steps {steps} in {checkpoint_dir}; on "
+            "several machines put train.checkpoint_dir (or --output) on storage that every machine reads"
+        )

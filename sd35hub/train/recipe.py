@@ -31,7 +31,7 @@ from sd35hub.config import Config
 from sd35hub.errors import TrainingInterrupted
 from sd35hub.train import checkpoint as ckpt
 from sd35hub.train import outputs, validation
-from sd35hub.train.distributed import any_process, launched_without_cuda
+from sd35hub.train.distributed import any_process, check_same_resume_step, launched_without_cuda
 from sd35hub.train.flow import draw_noise_and_sigmas, flow_loss
 from sd35hub.train.outputs import TrainResult
 from sd35hub.train.speed import attention_backend, to_device
@@ -146,6 +146,7 @@ class Trainer:
         self.state.config_digest = self.digest
         if train.resume:
             self._resume(train.resume)
+            check_same_resume_step(acc, self.state.step, self.checkpoint_dir)
         self.metrics = MetricsLog(self.output_dir / "logs" / "metrics.jsonl",
                                   resume_step=self.state.step if train.resume else None) if self.main else None
         if trackers:
