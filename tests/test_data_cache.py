@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -135,11 +137,16 @@ def test_interrupted_build_resumes_and_half_written_shards_are_never_read(tmp_pa
         CacheIndex.load(cache)
     complete = sorted(cache.glob("shard-*.safetensors"))
     assert complete  # the shards finished before the crash survive
-    (cache / "shard-0000.safetensors.tmp").write_bytes(b"half a shard")  # a crash mid-write
+    crashed = cache / "shard-0000.safetensors.123-abcd.tmp"
+    crashed.write_bytes(b"half a shard")  # a crash mid-write, hours ago
+    os.utime(crashed, (time.time() - 7200, time.time() - 7200))
+    in_flight = cache / "shard-0001.safetensors.456-ef01.tmp"
+    in_flight.write_bytes(b"another machine is writing this")  # shared cache: not ours to delete
     (cache / "shard-ffff.safetensors").write_bytes(b"not a safetensors file")  # foreign junk
     index = build(spec, pipe, cache, shard_size=2)
     assert 0 < index.encoded < 6 and len(index.entries) == 6
-    assert not list(cache.glob("*.tmp"))
+    assert not crashed.exists() and in_flight.exists()
+    assert not [p for p in cache.glob("*.tmp") if p != in_flight]  # our own temp files were all renamed
     assert "shard-ffff.safetensors" not in {e.shard for e in index.entries}
     batches = CachedBatches(index, batch_size=3, seed=0)
     assert sum(len(batches.load(ref)["keys"]) for ref in batches.epoch_batches(0)) == 6

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import typer
@@ -68,6 +69,8 @@ def register(app: typer.Typer) -> None:
             all_overrides.insert(0, "hub.push_to_hub=true")
         cfg = load_config(config, all_overrides)  # ConfigError (exit 2) before anything loads
         result = run_training(cfg, explicit=explicit_keys(config, all_overrides), log=typer.echo)
+        if os.environ.get("RANK", "0") != "0":  # under `accelerate launch` only rank 0 reports
+            return
         typer.echo(f"adapter: {result.adapter_path}")
         if result.published is not None:
             typer.echo(f"published: {getattr(result.published, 'commit_url', None) or cfg.hub.repo_id}")

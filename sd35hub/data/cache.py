@@ -106,21 +106,36 @@ def entry_id(content_hash: str, caption: str, crop: tuple[int, int], bucket: tup
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
 
 
+STALE_TMP_S = 3600  # a *.tmp older than this is a crashed build's leftover, not another writer's work
+
+
+def _tmp_name(path: Path) -> Path:
+    """A temp name of this writer alone: several processes/machines may share one cache folder."""
+    return path.with_name(f"{path.name}.{os.getpid()}-{os.urandom(4).hex()}.tmp")
+
+
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     from safetensors.torch import save_file
 
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = _tmp_name(path)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
     os.replace(tmp, path)
 
 
 def scan_shards(folder: Path) -> dict[str, str]:
-    """entry id -> shard file, for every complete shard; leftover *.tmp files are deleted."""
+    """entry id -> shard file, for every complete shard; stale *.tmp leftovers are deleted (fresh ones
+    may belong to another process writing into a shared cache, and are never read either way)."""
+    import time
+
     from safetensors import safe_open
 
     found: dict[str, str] = {}
-    for tmp in folder.glob("*.safetensors.tmp"):
-        tmp.unlink(missing_ok=True)
+    for tmp in folder.glob("*.safetensors.*tmp"):
+        try:
+            if time.time() - tmp.stat().st_mtime > STALE_TMP_S:
+                tmp.unlink(missing_ok=True)
+        except FileNotFoundError:
+            pass
     for shard in sorted(folder.glob("shard-*.safetensors")):
         try:
             with safe_open(str(shard), framework="pt") as handle:
@@ -212,7 +227,7 @@ def build_cache(spec: DataSpec, pipe: Any, cache_dir: Path, *, model_id: str, ba
         entries=[CacheEntry(eid, key, bucket, existing[eid]) for eid, key, bucket in rows],
         empty_prompt=empty_name, stats=stream.stats.as_dict(), encoded=encoded,
     )
-    tmp = cache_dir / (INDEX_FILE + ".tmp")
+    tmp = _tmp_name(cache_dir / INDEX_FILE)
     tmp.write_text(json.dumps(index.to_json(), indent=1))
     os.replace(tmp, cache_dir / INDEX_FILE)
     return index
