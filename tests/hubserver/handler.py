@@ -52,8 +52,17 @@ class HubHandler(UploadRoutes, BaseHTTPRequestHandler):
     def do_DELETE(self) -> None:
         self._dispatch("DELETE")
 
+    def send_response(self, code: int, message: str | None = None) -> None:
+        # Record before the status line goes out: once the client has the response, a test may read
+        # hub.requests at once, so recording after the body is written would race with it.
+        if not self._recorded:
+            self._recorded = True
+            self.hub._record(self._method, self._url.path, self._url.query, code)
+        super().send_response(code, message)
+
     def _dispatch(self, method: str) -> None:
         url = urlsplit(self.path)
+        self._method, self._url, self._recorded = method, url, False
         self.query = parse_qs(url.query, keep_blank_values=True)
         self.segments = [unquote(s) for s in url.path.split("/")[1:]]
         self.body = self._read_body()
@@ -69,7 +78,9 @@ class HubHandler(UploadRoutes, BaseHTTPRequestHandler):
         except Exception as err:  # a server bug: answer 500 so the test sees it, with the reason
             status = self._error(HubError(500, f"test hub server error: {type(err).__name__}: {err}"))
         finally:
-            self.hub._record(method, url.path, url.query, status)
+            if not self._recorded:  # no response was sent (e.g. the client went away)
+                self._recorded = True
+                self.hub._record(method, url.path, url.query, status)
 
     def _read_body(self) -> bytes:
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
