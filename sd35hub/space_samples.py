@@ -38,7 +38,7 @@ _BUILD_LOCK = threading.Lock()  # two sessions clicking "use samples" at once bu
 
 
 def samples_dir(cache_dir: Path | None = None) -> Path:
-    from sd35hub.models.tiny import default_cache_dir
+    from sd35hub.paths import default_cache_dir
 
     return (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / SAMPLES_DIRNAME
 

@@ -10,14 +10,11 @@ generated into a temporary folder and renamed into place, so a reader never sees
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from sd35hub.models.tiny import default_cache_dir
+from sd35hub.paths import build_into_place, default_cache_dir
 
 SAMPLE_VERSION = "1"
 SAMPLE_DIRNAME = f"sample-dataset-v{SAMPLE_VERSION}"
@@ -43,23 +40,7 @@ SIZES = ((512, 512), (640, 384), (384, 640), (576, 448), (448, 576), (704, 320))
 def sample_dataset_path(cache_dir: Path | None = None) -> Path:
     """The folder of the sample dataset, generated on first use (< 1 s); safe against races."""
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    target = cache / SAMPLE_DIRNAME
-    if _complete(target):
-        return target
-    cache.mkdir(parents=True, exist_ok=True)
-    if target.exists():
-        shutil.rmtree(target, ignore_errors=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{SAMPLE_DIRNAME}-", dir=cache))
-    try:
-        write_sample_dataset(staging)
-        try:
-            os.rename(staging, target)
-        except OSError:
-            if not _complete(target):  # not a lost race with another process: a real error
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+    return build_into_place(cache / SAMPLE_DIRNAME, write_sample_dataset, _complete)
 
 
 def _complete(path: Path) -> bool:

@@ -24,12 +24,13 @@ another version are ignored and rebuilt.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 import threading
 from pathlib import Path
 from typing import Any
+
+from sd35hub.paths import build_into_place, default_cache_dir
+
+__all__ = ["build_tiny_model", "default_cache_dir", "is_tiny_model_dir", "tiny_model_path"]
 
 TINY_MODEL_VERSION = "1"
 TINY_MODEL_DIRNAME = f"tiny-sd35-v{TINY_MODEL_VERSION}"
@@ -63,12 +64,6 @@ VAE_SHIFT_FACTOR = 0.0609  # the real SD3.5 VAE's values
 VAE_SCALING_FACTOR = 1.5305
 
 
-def default_cache_dir() -> Path:
-    """`$SD35HUB_CACHE`, else `~/.cache/sd35hub`."""
-    env = os.environ.get("SD35HUB_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "sd35hub"
-
-
 def is_tiny_model_dir(path: Path) -> bool:
     """True if `path` holds a complete tiny model of the current version."""
     marker = path / MARKER_FILE
@@ -93,26 +88,8 @@ def tiny_model_path(cache_dir: Path | None = None) -> Path:
     with _BUILD_LOCK:
         if is_tiny_model_dir(target):  # another thread finished it while we waited
             return target
-        _build_into_place(cache, target)
+        build_into_place(target, build_tiny_model, is_tiny_model_dir)
     return target
-
-
-def _build_into_place(cache: Path, target: Path) -> None:
-    cache.mkdir(parents=True, exist_ok=True)
-    if is_tiny_model_dir(target):  # another process renamed its build into place meanwhile
-        return
-    if target.exists():  # incomplete or edited by hand (builds only ever appear by rename)
-        shutil.rmtree(target, ignore_errors=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{TINY_MODEL_DIRNAME}-", dir=cache))
-    try:
-        build_tiny_model(staging)
-        try:
-            os.rename(staging, target)
-        except OSError:
-            if not is_tiny_model_dir(target):  # not a lost race: a real error
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def build_tiny_model(out_dir: Path) -> Path:

@@ -1,0 +1,41 @@
+"""Where sd35hub keeps what it builds itself (tiny model, sample dataset, sample adapters), and how
+such a folder appears: built in a private temporary folder, then renamed into place in one step."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+def default_cache_dir() -> Path:
+    """`$SD35HUB_CACHE`, else `~/.cache/sd35hub`."""
+    env = os.environ.get("SD35HUB_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "sd35hub"
+
+
+def build_into_place(target: Path, build: Callable[[Path], Any], is_complete: Callable[[Path], bool]) -> Path:
+    """Make ``target`` by ``build(staging)`` + rename, unless it is already complete.
+
+    Safe when several processes race: each builds into its own temporary folder next to ``target``
+    and renames it into place; the loser of the rename throws its copy away (builds must be
+    deterministic). An incomplete ``target`` (a crash, or hand edits) is replaced."""
+    if is_complete(target):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists():  # complete builds only ever appear by rename, so this one is broken
+        shutil.rmtree(target, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        build(staging)
+        try:
+            os.rename(staging, target)
+        except OSError:
+            if not is_complete(target):  # not a lost race with another process: a real error
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
