@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 
 import pytest
+from cli_helpers import run_cli
 
 from sd35hub.access import check_read_access, check_write_access
-from sd35hub.cli import main
 from sd35hub.errors import LicenseNotAcceptedError, NotLoggedInError, RepoNotFoundError, WritePermissionError
 
 GATED = "stabilityai/stable-diffusion-3.5-medium"
@@ -19,14 +19,6 @@ def gated_repo(hub):
                   owner_token=hub.other_token)
     hub.add_user("carol", "hf_test_carol_write_00000000000000000", role="write")
     return GATED
-
-
-def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exit_info:
-        main(args)
-        raise SystemExit(0)
-    out, err = capsys.readouterr()
-    return int(exit_info.value.code or 0), out, err
 
 
 def test_gated_not_accepted_names_the_url_and_downloads_nothing(hub, gated_repo) -> None:

@@ -6,9 +6,10 @@ import subprocess
 import sys
 
 import pytest
+from cli_helpers import run_cli
 
 from sd35hub import __version__
-from sd35hub.cli import format_error, main
+from sd35hub.cli import format_error
 from sd35hub.errors import (
     AdapterIncompatibleError,
     ConfigError,
@@ -18,16 +19,6 @@ from sd35hub.errors import (
     RepoNotFoundError,
     WritePermissionError,
 )
-
-
-def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
-    code = 0
-    try:
-        main(args)
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def test_help_lists_the_commands_and_version(capsys) -> None:

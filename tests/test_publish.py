@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from cli_helpers import run_cli
 from huggingface_hub import ModelCard
 from training_output import BASE_MODEL, make_training_output
 
-from sd35hub.cli import main
 from sd35hub.errors import HubRequestError, WritePermissionError
 from sd35hub.hub import publish, publish_checkpoint_adapter
 
@@ -27,14 +27,6 @@ def output_dir(tmp_path: Path, hub) -> Path:
     # The real token in the config (as a secret key and inside a value) must never be published.
     config.write_text(config.read_text() + f"notes: 'pushed with {hub.token}'\nhf_token: {hub.token}\n")
     return out
-
-
-def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exit_info:
-        main(args)
-        raise SystemExit(0)
-    out, err = capsys.readouterr()
-    return int(exit_info.value.code or 0), out, err
 
 
 def test_publish_creates_exactly_the_expected_files_in_one_commit(hub, output_dir: Path) -> None:
