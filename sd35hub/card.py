@@ -261,6 +261,8 @@ def build_model_card(info: CardInfo, *, repo_id: str | None) -> ModelCard:
         template_path=str(TEMPLATE_PATH),
         title=name or f"{_VARIANT_LABELS.get(variant or '', 'SD3.5')} LoRA",
         base_model_url=f"{HUB_URL}/{info.base_model}" if base_is_hub else HUB_URL,
+        base_model_text=(f"[{info.base_model}]({HUB_URL}/{info.base_model})" if base_is_hub
+                         else f"`{info.base_model}`"),
         variant_label=_VARIANT_LABELS.get(variant or "", "Stable Diffusion 3.5"),
         dataset_text=dataset_text,
         trigger_word=info.trigger_word,

@@ -61,6 +61,7 @@ def test_card_body_has_snippet_settings_losses_license_and_skips(output_dir: Pat
     assert "(https://huggingface.co/datasets/lambdalabs/naruto-blip-captions)" in body
     assert "USD 1M" in body and "https://stability.ai/community-license-agreement" in body
     assert "Enterprise" in body
+    assert f"A LoRA adapter for [{BASE_MODEL}](https://huggingface.co/{BASE_MODEL})" in body
 
 
 def test_snippet_compiles(output_dir: Path) -> None:
@@ -111,6 +112,16 @@ def test_minimal_summary_and_missing_files_give_a_valid_card_without_dead_links(
     assert "gone.png" not in str(card) and "loss.png" not in str(card)
     assert card.data.get("instance_prompt") is None and card.data.get("widget") is None
     assert "a local dataset" in card.text
+
+
+def test_non_hub_base_is_named_not_linked(tmp_path: Path) -> None:
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "summary.json").write_text(json.dumps({"base_model": "tiny", "variant": "tiny"}))
+    card = ModelCard(str(build_model_card(CardInfo.from_output_dir(out), repo_id=None)))
+    assert "A LoRA adapter for `tiny`" in card.text and "[](" not in card.text
+    assert card.data.base_model is None  # no Hub relation claimed for a local model
+    assert card.data.license_link == "https://stability.ai/community-license-agreement"
 
 
 def test_output_dir_without_summary_is_a_clear_error(tmp_path: Path) -> None:
