@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -66,8 +67,10 @@ def main() -> None:
     t0 = time.perf_counter()
     result = train(cfg, explicit=explicit, on_step=on_step, progress=False)
     total = time.perf_counter() - t0
-    summary = json.loads((out_dir / "summary.json").read_text())
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    summary = json.loads((out_dir / "summary.json").read_text()) if rank == 0 else {}
     report = {
+        "rank": rank, "processes": world,
         "name": args.name, "profile": args.profile, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "variant": summary.get("variant"), "steps": summary.get("steps"), "batch_size": summary.get("batch_size"),
         "resolution_buckets": summary.get("resolution_buckets"), "peak_memory_gib": summary.get("peak_memory_gib"),
@@ -78,8 +81,12 @@ def main() -> None:
         "gpu_busy": (window["kernel_s"] / window["wall"]) if "wall" in window else None,
         "adapter": str(result.adapter_path),
     }
+    if report["s_per_step"] and summary.get("batch_size"):
+        accumulation = summary.get("gradient_accumulation") or 1
+        report["global_samples_per_s"] = summary["batch_size"] * accumulation * world / report["s_per_step"]
     print(json.dumps(report, indent=2), flush=True)
-    (args.out / f"{args.name}.json").write_text(json.dumps(report, indent=2))
+    suffix = f".rank{rank}" if world > 1 else ""
+    (args.out / f"{args.name}{suffix}.json").write_text(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":
