@@ -79,7 +79,8 @@ def main() -> None:
             except Exception as exc:  # keep going: one failing variant must not lose the others
                 traceback.print_exc()
                 everything["errors"].append({"model": model, "variant": key, "error": f"{type(exc).__name__}: {exc}"})
-                torch.cuda.empty_cache() if device == "cuda" else None
+                if device == "cuda":
+                    torch.cuda.empty_cache()
             (args.out / "bench.json").write_text(json.dumps(everything, indent=2))
         print(B.format_table(results), flush=True)
     if args.trace:

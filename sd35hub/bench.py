@@ -194,7 +194,8 @@ def prepare(transformer: Any, variant: StepVariant, rank: int) -> tuple[Any, Cal
             speed.checkpoint_blocks(transformer, variant.checkpoint_every)
     if variant.compile:
         speed.compile_blocks(transformer, mode=variant.compile_mode)
-    speed.enable_tf32() if not variant.reference else None
+    if not variant.reference:  # the reference keeps PyTorch's defaults, as diffusers' script does
+        speed.enable_tf32()
     opt_kwargs = speed.fused_adamw_kwargs(params) if variant.fused_adamw else {}
     optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-4, **opt_kwargs)
     device_type = "cuda" if params and params[0].is_cuda else "cpu"
