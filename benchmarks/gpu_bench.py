@@ -68,10 +68,8 @@ def main() -> None:
             variant = VARIANTS[key]
             try:
                 r = B.run_variant(model, variant, resolution=args.resolution, batch=args.batch, rank=args.rank,
-                                  steps=args.steps, warmup=args.warmup, device=device, count=flops is None)
-                flops = flops or r.extra.get("flops")
-                if r.tflops is None and flops:
-                    r.tflops = flops / r.s_per_step / 1e12
+                                  steps=args.steps, warmup=args.warmup, device=device, flops=flops)
+                flops = r.extra["flops"]
                 results.append(r)
                 everything["results"].append(asdict(r))
                 print(f"[{model}] {variant.name}: {r.s_per_step:.4f} s/step, {r.peak_gib:.2f} GiB, warmup {r.warmup_s:.1f} s, "

@@ -227,7 +227,9 @@ def count_flops(transformer: Any, inputs: dict[str, Any]) -> float:
 
 
 def run_variant(model: str, variant: StepVariant, *, resolution: int, batch: int, rank: int, steps: int,
-                warmup: int, device: str, count: bool = True) -> BenchResult:
+                warmup: int, device: str, flops: float | None = None) -> BenchResult:
+    """Time one variant. ``flops`` (per step, from an earlier variant of the same model and inputs)
+    is reused; otherwise they are counted here on the eager step (a compiled step can't be counted)."""
     import torch
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -242,7 +244,8 @@ def run_variant(model: str, variant: StepVariant, *, resolution: int, batch: int
     cfg = transformer_config(model)
     inputs = make_inputs(cfg, resolution, batch, device, dtype)
     _, step = prepare(transformer, variant, rank)
-    flops = count_flops(transformer, inputs) if count and not variant.compile else None
+    if flops is None and not variant.compile:
+        flops = count_flops(transformer, inputs)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     t0 = time.perf_counter()
     loss_start = float(step(inputs))
@@ -289,11 +292,8 @@ def bench(model: str = "tiny", *, profile: str = "auto", reference: str = "eager
     flops = None
     for variant in chosen:
         r = run_variant(model, variant, resolution=resolution, batch=batch, rank=rank, steps=steps, warmup=warmup,
-                        device=device, count=flops is None)
-        flops = flops or r.extra.get("flops")
-        if r.tflops is None and flops:
-            r.tflops = flops / r.s_per_step / 1e12
-            r.extra["flops"] = flops
+                        device=device, flops=flops)
+        flops = r.extra["flops"]
         results.append(r)
     return results
 
