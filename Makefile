@@ -26,8 +26,11 @@ $(VENV)/.runtime: pyproject.toml $(VENV)/.torch
 	$(PIP) install -q -e .
 	touch $@
 
-$(VENV)/.dev: pyproject.toml $(VENV)/.torch
-	$(PIP) install -q -e ".[dev,space]"
+# The dev/test environment is the one the Space pins (space/requirements.txt), so tests run with the
+# tested versions; torch stays whatever $(TORCH) chose.
+$(VENV)/.dev: pyproject.toml space/requirements.txt $(VENV)/.torch
+	grep -v '^torch==' space/requirements.txt > $(VENV)/constraints.txt
+	$(PIP) install -q -c $(VENV)/constraints.txt -e ".[dev,space]"
 	touch $@ $(VENV)/.runtime
 
 venv: $(VENV)/.runtime

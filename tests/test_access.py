@@ -40,11 +40,16 @@ def test_accepted_license_passes(hub, gated_repo) -> None:
     check_read_access(gated_repo, token="hf_test_dave_write_000000000000000000")
 
 
-def test_missing_repo_and_revision(hub) -> None:
+@pytest.fixture(scope="module")
+def public_repo(hub) -> str:
+    hub.seed_repo("alice/public-model", {"a.txt": "x"})
+    return "alice/public-model"
+
+
+def test_missing_repo_and_revision(hub, public_repo) -> None:
     with pytest.raises(RepoNotFoundError, match="does not exist or is private"):
         check_read_access("nobody/no-such-model")
-    hub.seed_repo("alice/public-model", {"a.txt": "x"})
-    check_read_access("alice/public-model")
+    check_read_access(public_repo)
     with pytest.raises(RepoNotFoundError, match="revision"):
         check_read_access("alice/public-model", revision="no-such-branch")
 
@@ -79,7 +84,7 @@ def test_write_access_without_or_with_invalid_token(hub, monkeypatch) -> None:
         check_write_access("alice/x")
 
 
-def test_cli_check_access_exit_codes(hub, gated_repo, capsys, monkeypatch) -> None:
+def test_cli_check_access_exit_codes(hub, gated_repo, public_repo, capsys, monkeypatch) -> None:
     hub.grant(gated_repo, "alice")
     code, out, err = run_cli(["check-access", gated_repo, "--write", "alice/my-lora"], capsys)
     assert code == 0, err

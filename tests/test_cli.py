@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -52,7 +53,7 @@ def test_errors_map_to_messages_and_exit_codes(error, code, needle) -> None:
 
 
 def test_a_bad_config_exits_2_with_one_message_and_no_traceback(tmp_path) -> None:
-    env = {"SD35HUB_DEBUG": "0", "PATH": "/usr/bin:/bin"}
+    env = {**os.environ, "SD35HUB_DEBUG": "0"}  # keeps the session's offline HF_ENDPOINT/caches
     proc = subprocess.run([sys.executable, "-m", "sd35hub", "train", "--model", "tiny", "lora.rank=0", "train.nope=1"],
                           capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
     assert proc.returncode == 2, proc.stderr
@@ -63,7 +64,7 @@ def test_a_bad_config_exits_2_with_one_message_and_no_traceback(tmp_path) -> Non
 
 def test_debug_shows_the_traceback(tmp_path) -> None:
     proc = subprocess.run([sys.executable, "-m", "sd35hub", "train", "--model", "tiny", "lora.rank=0"],
-                          capture_output=True, text=True, cwd=tmp_path, env={"SD35HUB_DEBUG": "1", "PATH": "/usr/bin:/bin"},
+                          capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "SD35HUB_DEBUG": "1"},
                           timeout=120)
     assert proc.returncode == 2
     assert "Traceback" in proc.stderr and "ConfigError" in proc.stderr

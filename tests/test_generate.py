@@ -76,8 +76,10 @@ def test_convert_cli_round_trip(adapter: Path, tmp_path: Path) -> None:
     original, back = read_adapter(adapter), read_adapter(tmp_path / "back")
     assert read_adapter(tmp_path / "k.safetensors").format == "kohya" and back.format == "diffusers"
     assert back.metadata is not None and back.metadata.trigger_words == ["zxq style"]
+    assert original.modules and back.modules.keys() == original.modules.keys()
     for name, module in original.modules.items():
         assert module.up.equal(back.modules[name].up) and module.down.equal(back.modules[name].down)
+        assert module.alpha == back.modules[name].alpha
 
 
 def test_pickled_adapter_exit_9(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
