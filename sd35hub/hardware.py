@@ -94,9 +94,11 @@ _WHY = {
 def classify(device_name: str, vram_gib: float) -> tuple[str, str]:
     """(profile name, why) from a CUDA device name and its memory."""
     upper = device_name.upper()
-    if "T4" in upper.split() or upper.endswith("T4"):
+    # whole tokens, not substrings: "NVIDIA L40S" / "NVIDIA L40" are 48 GB cards, not L4s
+    tokens = upper.replace("-", " ").split()
+    if "T4" in tokens:
         return "t4", f"{device_name} is a T4"
-    if " L4" in f" {upper}":
+    if "L4" in tokens:
         return "l4", f"{device_name} is an L4"
     if "A100" in upper:
         return ("a100-80", f"{device_name} has {vram_gib:.0f} GiB") if vram_gib > 60 else ("a100-40", f"{device_name} has {vram_gib:.0f} GiB")

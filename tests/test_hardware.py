@@ -66,6 +66,17 @@ def test_cpu_and_override_and_unknown_gpu(with_bnb):
     assert unknown.name == "l4" and "chose by memory" in unknown.describe()
 
 
+def test_device_names_match_whole_tokens():
+    assert hardware.classify("NVIDIA L4", 22.5)[0] == "l4"
+    assert hardware.classify("Tesla T4", 15.0)[0] == "t4"
+    assert hardware.classify("Tesla-T4", 15.0)[0] == "t4"
+    # L40S / L40 contain "L4" as a substring but are 48 GB cards: chosen by memory, never the L4 profile
+    l40s = hardware.classify("NVIDIA L40S", 44.5)
+    assert l40s[0] == "a100-40" and "chose by memory" in l40s[1]
+    assert hardware.classify("NVIDIA L40", 44.5)[0] == "a100-40"
+    assert hardware.detect_profile("auto", device("NVIDIA L40S", 48.0, 8)).name != "l4"
+
+
 def _cuda() -> bool:
     import torch
 
