@@ -49,8 +49,12 @@ def hub_errors(
     repo_type: str = "model",
     token: str | bool | None = None,
     what: str = "this action",
+    write: bool = False,
 ) -> Iterator[None]:
-    """Turn huggingface_hub / network exceptions raised inside the block into sd35hub errors."""
+    """Turn huggingface_hub / network exceptions raised inside the block into sd35hub errors.
+
+    ``write``: the block writes to ``repo_id``, so a 403 means the token lacks write permission;
+    otherwise a 403 means it may not read the repo (e.g. a fine-grained token without access)."""
     try:
         import httpx2 as httpx  # huggingface_hub >= 2.4's HTTP client (an httpx fork)
     except ImportError:  # pragma: no cover - older huggingface_hub 2.x
@@ -80,7 +84,11 @@ def hub_errors(
         if status == 401:
             raise NotLoggedInError(what) from exc
         if status == 403:
-            raise WritePermissionError(repo_id, _redact(_server_message(exc), token)) from exc
+            if write:
+                raise WritePermissionError(repo_id, _redact(_server_message(exc), token)) from exc
+            raise RepoNotFoundError(
+                repo_id, repo_type, f"Your token is not allowed to read it: {_redact(_server_message(exc), token)}"
+            ) from exc
         raise HubRequestError(
             f"The Hub request for {repo_id} failed (HTTP {status}): {_redact(_server_message(exc), token)} "
             "Check https://status.huggingface.co and your network, then run again."
@@ -172,7 +180,7 @@ def check_write_access(repo_id: str, *, token: str | bool | None = None) -> str:
         raise NotLoggedInError(f"publishing to {repo_id}")
     namespace = repo_id.split("/")[0] if "/" in repo_id else None
     api = HfApi(token=token)
-    with hub_errors(repo_id, token=token, what=f"publishing to {repo_id}"):
+    with hub_errors(repo_id, token=token, what=f"publishing to {repo_id}", write=True):
         try:
             whoami = api.whoami(token=token)
         except Exception as exc:

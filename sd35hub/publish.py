@@ -196,7 +196,7 @@ def publish(
         repo_id=repo_id, revision=branch, dry_run=dry_run, planned=[f.path_in_repo for f in files],
         card=card_text, sizes={f.path_in_repo: f.size for f in files},
     )
-    with hub_errors(repo_id, token=token, what=f"publishing to {repo_id}"):
+    with hub_errors(repo_id, token=token, what=f"publishing to {repo_id}", write=True):
         remote, head = with_retries(lambda: _remote_oids(api, repo_id, branch, token), "reading the remote repo")
         if head is None and branch != "main":  # a new branch starts as a copy of main: compare with main
             remote, _ = with_retries(lambda: _remote_oids(api, repo_id, "main", token), "reading the remote repo")
@@ -274,7 +274,7 @@ def publish_checkpoint_adapter(
     adapter_path = Path(adapter_path)
     _check_safetensors(adapter_path)
     api = HfApi(token=token)
-    with hub_errors(repo_id, token=token, what=f"publishing to {repo_id}"):
+    with hub_errors(repo_id, token=token, what=f"publishing to {repo_id}", write=True):
         with_retries(lambda: api.create_repo(repo_id, private=private, exist_ok=True, token=token), "create_repo")
         with_retries(lambda: api.create_branch(repo_id, branch=branch, exist_ok=True, token=token), "create_branch")
         operation = CommitOperationAdd(path_in_repo=ADAPTER_FILE_IN_REPO, path_or_fileobj=adapter_path.read_bytes())

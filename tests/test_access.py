@@ -109,3 +109,18 @@ def test_cli_check_access_exit_codes(hub, gated_repo, public_repo, capsys, monke
     code, _, err = run_cli(["check-access", "alice/public-model", "--write", "alice/x"], capsys)
     assert code == 4 and "hf auth login" in err
     assert os.environ.get("HF_TOKEN") is None
+
+
+def test_403_means_write_only_when_writing(hub, public_repo) -> None:
+    from huggingface_hub import HfApi
+
+    from sd35hub.access import hub_errors
+
+    hub.fail_next("GET", f"/api/models/{public_repo}", status=403)
+    with pytest.raises(RepoNotFoundError, match="not allowed to read"):
+        with hub_errors(public_repo, what="reading"):
+            HfApi().model_info(public_repo)
+    hub.fail_next("GET", f"/api/models/{public_repo}", status=403)
+    with pytest.raises(WritePermissionError, match="cannot write"):
+        with hub_errors(public_repo, what="publishing", write=True):
+            HfApi().model_info(public_repo)
