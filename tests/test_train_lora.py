@@ -55,3 +55,19 @@ def test_attach_keeps_base_frozen_and_adapter_fp32(transformer):
              pooled_projections=torch.randn(1, 64, dtype=torch.bfloat16))
     out = transformer(**x, return_dict=False)[0]
     assert out.dtype == torch.bfloat16  # fp32 adapter inside a bf16 base runs
+
+
+def test_load_lora_state_refuses_a_different_block_selection_before_copying(transformer):
+    from sd35hub.models.load import load_transformer
+    from sd35hub.train.lora import load_lora_state, lora_state
+
+    attach_lora(transformer, LoraSpec(rank=4, blocks="0"))
+    saved = lora_state(transformer)
+    other = load_transformer("tiny", dtype="bf16")
+    attach_lora(other, LoraSpec(rank=4, blocks="all"))
+    before = lora_state(other)
+    with pytest.raises(ConfigError, match=r"lacks transformer_blocks\.1\..*new output dir"):
+        load_lora_state(other, saved)  # a subset of the keys: missing tensors, not a silent partial load
+    after = lora_state(other)
+    assert all(torch.equal(before[k], after[k]) for k in before)  # nothing was copied
+    load_lora_state(transformer, saved)  # the same config still loads

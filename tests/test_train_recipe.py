@@ -120,6 +120,19 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, cache_dir):
     assert state_a["seen_keys_digest"] == state_b["seen_keys_digest"]
 
 
+def test_resume_with_another_lora_rank_is_a_config_error_and_changes_nothing(tmp_path, cache_dir):
+    config = tiny_config(tmp_path / "run", cache_dir, max_steps=2, validation_every=0, checkpoint_every=1)
+    recipe.train(config, log=lambda s: None, progress=False)
+    ckpt_dir = tmp_path / "run" / "checkpoints"
+    before = {p.relative_to(ckpt_dir): p.read_bytes() for p in ckpt_dir.rglob("*") if p.is_file()}
+    wider = config.replace(lora=LoraSpec(rank=8, alpha=8.0),
+                           train=TrainSpec(**{**config.train.__dict__, "resume": "latest", "max_steps": 4}))
+    with pytest.raises(ConfigError, match=r"has shape \(4, \d+\) in the checkpoint but \(8, \d+\) here.*new output dir"):
+        recipe.train(wider, log=lambda s: None, progress=False)
+    after = {p.relative_to(ckpt_dir): p.read_bytes() for p in ckpt_dir.rglob("*") if p.is_file()}
+    assert after == before  # no checkpoint written, changed or removed
+
+
 def test_bad_config_and_empty_dataset_fail_before_any_model_loads(tmp_path, monkeypatch):
     import sd35hub.models.load as load
 

@@ -109,14 +109,29 @@ def lora_state(transformer: Any) -> dict[str, torch.Tensor]:
 
 
 def load_lora_state(transformer: Any, state: dict[str, torch.Tensor]) -> None:
-    """Copy tensors from :func:`lora_state` back into the adapter (exact, dtype of the parameter)."""
-    params = dict(transformer.named_parameters())
-    missing = [n for n in state if n not in params]
-    if missing:
+    """Copy tensors from :func:`lora_state` back into the adapter (exact, dtype of the parameter).
+
+    ConfigError, before anything is copied, unless ``state`` has exactly the adapter's tensors with
+    the same shapes (a changed lora.rank / lora.blocks / lora.targets would otherwise fail mid-copy).
+    """
+    expected = {n: p for n, p in transformer.named_parameters() if "lora_" in n}
+    fix = ("resume with the same lora.* and model settings the checkpoint was written with, "
+           "or start a new run in a new output dir (train.output_dir) without train.resume")
+    if set(state) != set(expected):
+        extra = sorted(set(state) - set(expected))
+        missing = sorted(set(expected) - set(state))
+        first = f"checkpoint has {extra[0]} which this LoRA lacks" if extra else f"checkpoint lacks {missing[0]}"
         raise ConfigError(
-            f"the checkpoint's LoRA does not fit this model/LoRA config (e.g. {missing[0]}); resume with the "
-            "same lora.* and model settings it was written with"
+            f"the checkpoint's LoRA does not fit this model/LoRA config ({first}; {len(extra)} extra, "
+            f"{len(missing)} missing tensors); {fix}"
         )
+    for name in sorted(state):  # sorted: the first bad key named is the same every time
+        tensor = state[name]
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise ConfigError(
+                f"the checkpoint's LoRA does not fit this LoRA config: {name} has shape {tuple(tensor.shape)} in "
+                f"the checkpoint but {tuple(expected[name].shape)} here (lora.rank changed?); {fix}"
+            )
     with torch.no_grad():
         for name, tensor in state.items():
-            params[name].copy_(tensor.to(params[name].dtype))
+            expected[name].copy_(tensor.to(expected[name].dtype))
