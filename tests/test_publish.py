@@ -20,6 +20,14 @@ EXPECTED = {
 }
 
 
+@pytest.fixture(autouse=True)
+def fast_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The retry backoff is real code; its waits need not be real seconds here."""
+    import sd35hub.publish
+
+    monkeypatch.setattr(sd35hub.publish, "RETRY_BASE_WAIT_S", 0.01)
+
+
 @pytest.fixture()
 def output_dir(tmp_path: Path, hub) -> Path:
     out = make_training_output(tmp_path / "out")
@@ -112,7 +120,6 @@ def test_a_500_on_the_first_commit_attempt_is_retried(hub, output_dir: Path) -> 
 def test_permanent_errors_leave_the_repo_unchanged(hub, output_dir: Path, monkeypatch) -> None:
     import sd35hub.publish
 
-    monkeypatch.setattr(sd35hub.publish, "RETRY_BASE_WAIT_S", 0.01)  # keep the test fast
     publish(output_dir, "alice/publish-fail")
     (output_dir / "samples" / "val_0.png").write_bytes((output_dir / "loss.png").read_bytes())
     before = hub.commits("alice/publish-fail")
