@@ -127,8 +127,12 @@ def read_adapter(path: str | Path) -> Adapter:
             f"{file} is not a readable safetensors file ({exc}). Re-download or re-export it."
         ) from exc
     fmt = detect_format(tensors)
-    modules = modules_from_state_dict(tensors, fmt, unprefixed_config(header.get("lora_adapter_metadata")))
-    metadata = AdapterMetadata.from_json(header[HEADER_KEY]) if header.get(HEADER_KEY) else None
+    try:  # JSON strings in the header: invalid JSON, or JSON that is not an object (list, number...)
+        config = unprefixed_config(header.get("lora_adapter_metadata"))
+        metadata = AdapterMetadata.from_json(header[HEADER_KEY]) if header.get(HEADER_KEY) else None
+    except (ValueError, TypeError, AttributeError) as exc:  # JSONDecodeError is a ValueError
+        raise AdapterError(f"{file} has a malformed metadata header ({exc}); re-export the adapter.") from exc
+    modules = modules_from_state_dict(tensors, fmt, config)
     if metadata is not None:
         metadata.format = fmt
     return Adapter(modules=modules, metadata=metadata, format=fmt, path=file)

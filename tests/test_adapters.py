@@ -106,6 +106,22 @@ def test_corrupt_file_is_a_clear_error(tmp_path: Path) -> None:
         load_adapter_file(path)
 
 
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("lora_adapter_metadata", "{not json"), ("sd35hub", "{not json"), ("sd35hub", "[1, 2]")],
+)
+def test_malformed_metadata_header_is_an_adapter_error(
+    trained: dict, tmp_path: Path, key: str, value: str
+) -> None:
+    with safe_open(str(trained["file"]), framework="pt") as handle:
+        header = handle.metadata()
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+    bad = tmp_path / "bad.safetensors"
+    save_file(tensors, str(bad), metadata={**header, key: value})
+    with pytest.raises(AdapterError, match="malformed metadata header.*re-export the adapter"):
+        read_adapter(bad)
+
+
 def test_large_lora_on_smaller_base_names_both(trained: dict) -> None:
     """A Large-width adapter (2432 wide, 38 blocks) on the tiny base: no shape traceback, both named."""
     large = {
