@@ -133,6 +133,27 @@ def test_resume_with_another_lora_rank_is_a_config_error_and_changes_nothing(tmp
     assert after == before  # no checkpoint written, changed or removed
 
 
+def test_final_checkpoint_is_written_once(tmp_path, cache_dir):
+    trainer = recipe.Trainer(tiny_config(tmp_path / "run", cache_dir, max_steps=4, validation_every=0, checkpoint_every=2),
+                             log=lambda s: None, progress=False)
+    saved_at: list[int] = []
+    write = trainer.save_checkpoint
+
+    def counting_save():
+        saved_at.append(trainer.state.step)
+        return write()
+
+    trainer.save_checkpoint = counting_save  # type: ignore[method-assign]
+    try:
+        trainer.setup()
+        trainer.train()
+    finally:
+        trainer.cleanup()
+    assert saved_at == [2, 4]  # not [2, 4, 4]: the end save is the only one at the last step (one Hub push)
+    assert [p.name for p in sorted((tmp_path / "run" / "checkpoints").glob("checkpoint-*"))] == [
+        "checkpoint-000002", "checkpoint-000004"]
+
+
 def test_bad_config_and_empty_dataset_fail_before_any_model_loads(tmp_path, monkeypatch):
     import sd35hub.models.load as load
 

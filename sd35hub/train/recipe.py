@@ -247,7 +247,8 @@ class Trainer:
                 bar.update(1)
                 if t.validation_every and state.step % t.validation_every == 0 and state.step < self.total_steps:
                     self.validate(state.step)
-                if t.checkpoint_every and state.step % t.checkpoint_every == 0:
+                # the last step's checkpoint is written once, after the final validation below
+                if t.checkpoint_every and state.step % t.checkpoint_every == 0 and state.step < self.total_steps:
                     self.save_checkpoint()
                 if self.on_step is not None:
                     self.on_step(self)
