@@ -191,8 +191,10 @@ def _results(info: CardInfo) -> list[tuple[str, str]]:
 
 
 def _snippet(info: CardInfo, source: str, adapter_name: str, prompt: str) -> str:
-    turbo = info.resolved_variant == "sd3.5-large-turbo"
-    steps, guidance = (4, 0.0) if turbo else (28, 4.5 if info.resolved_variant == "sd3.5-medium" else 3.5)
+    from sd35hub.models.info import SAMPLING_DEFAULTS  # stdlib-only module: cheap
+
+    # the same per-variant defaults the blending engine samples with, so the card and the Space agree
+    steps, guidance = SAMPLING_DEFAULTS.get(info.resolved_variant or "", SAMPLING_DEFAULTS["sd3.5-large"])
     return "\n".join(
         [
             "import torch",

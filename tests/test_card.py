@@ -83,7 +83,7 @@ def test_local_card_links_files_next_to_it(output_dir: Path) -> None:
     [
         ("stabilityai/stable-diffusion-3.5-large", None, {"sd3.5-large"}, 28),
         ("stabilityai/stable-diffusion-3.5-large-turbo", None, {"sd3.5-large", "sd3.5-large-turbo"}, 4),
-        ("someone/finetune-of-medium", "sd3.5-medium", {"sd3.5-medium"}, 28),
+        ("someone/finetune-of-medium", "sd3.5-medium", {"sd3.5-medium"}, 40),  # Medium samples with 40 steps
     ],
 )
 def test_variant_tags_and_sampler_defaults(
