@@ -154,6 +154,30 @@ def test_final_checkpoint_is_written_once(tmp_path, cache_dir):
         "checkpoint-000002", "checkpoint-000004"]
 
 
+def test_step_0_grid_reuses_the_base_images(tmp_path, cache_dir, monkeypatch):
+    from sd35hub.train import validation
+
+    rendered: list[bool] = []
+    render = validation.render
+
+    def counting_render(pipe, *args, **kwargs):
+        rendered.append(pipe.transformer._hf_peft_config_loaded and not _adapters_disabled(pipe.transformer))
+        return render(pipe, *args, **kwargs)
+
+    monkeypatch.setattr(validation, "render", counting_render)
+    result = recipe.train(tiny_config(tmp_path / "run", cache_dir, max_steps=1, validation_every=0), log=lambda s: None,
+                          progress=False)
+    # step 0: the base once (adapter off), no LoRA render (lora_B is zero); step 1: the LoRA
+    assert rendered == [False, True]
+    assert (result.output_dir / "samples" / "step_000000.png").is_file()
+
+
+def _adapters_disabled(transformer) -> bool:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return any(m.disable_adapters for m in transformer.modules() if isinstance(m, BaseTunerLayer))
+
+
 def test_bad_config_and_empty_dataset_fail_before_any_model_loads(tmp_path, monkeypatch):
     import sd35hub.models.load as load
 

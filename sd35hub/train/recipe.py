@@ -358,7 +358,12 @@ class Trainer:
                 model.disable_adapters()
                 self.base_images = validation.render(pipe, self.prompts, **kwargs)
                 model.enable_adapters()
-            self.lora_images = validation.render(pipe, self.prompts, **kwargs)
+            if step == 0:
+                # no optimizer step yet: peft starts lora_B at zero for every lora.init (default and gaussian),
+                # so the adapter (and its EMA) adds nothing and the LoRA column is the base column
+                self.lora_images = self.base_images
+            else:
+                self.lora_images = validation.render(pipe, self.prompts, **kwargs)
         pipe.vae.to("cpu")
         image = validation.grid([("base", self.base_images), (f"LoRA step {step}", self.lora_images)])
         return validation.save_png(image, self.output_dir / "samples" / f"step_{step:06d}.png")
