@@ -12,7 +12,6 @@ Every grid is a labelled PNG whose text chunks carry the parameters of each cell
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -189,13 +188,11 @@ def evaluate(output_dir: str | Path, clip_model: str | None) -> Evaluation:
     CLIP model is configured or it cannot be loaded), plus the losses and loss curve of the run."""
     from PIL import Image
 
+    from sd35hub.card import CardInfo
+
     out = Path(output_dir)
-    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
-    pairs = [
-        (out / v["path"], v["prompt"])
-        for v in summary.get("validation_images", [])
-        if (out / v["path"]).is_file()
-    ]
+    info = CardInfo.from_output_dir(out)  # typed errors; keeps only images/plots that exist on disk
+    pairs = [(out / image.path, image.prompt) for image in info.validation_images]
     score, message = None, ""
     if not clip_model:
         message = "CLIP score skipped: no CLIP model configured (set CLIP_MODEL, e.g. openai/clip-vit-large-patch14)"
@@ -203,17 +200,19 @@ def evaluate(output_dir: str | Path, clip_model: str | None) -> Evaluation:
         message = "CLIP score skipped: the run wrote no validation images"
     else:
         try:
-            images = [Image.open(path) for path, _ in pairs]
+            images = []
+            for path, _ in pairs:
+                with Image.open(path) as image:
+                    images.append(image.convert("RGB"))
             score = clip_score(images, [prompt for _, prompt in pairs], clip_model)
             message = f"CLIP score {score:.2f} over {len(pairs)} validation image(s) with {clip_model}"
         except OSError as exc:  # transformers' answer to: not on the Hub, offline, not a CLIP checkpoint
             message = (
                 f"CLIP score skipped: {clip_model} could not be loaded ({str(exc).splitlines()[0][:160]})"
             )
-    plot = out / summary["loss_plot"] if summary.get("loss_plot") else None
-    return Evaluation(clip_score=score, clip_message=message, images=len(pairs), loss_plot=plot,
-                      final_loss=summary.get("final_loss"), validation_loss=summary.get("validation_loss"),
-                      initial_validation_loss=summary.get("initial_validation_loss"))  # fmt: skip
+    return Evaluation(clip_score=score, clip_message=message, images=len(pairs),
+                      loss_plot=out / info.loss_plot if info.loss_plot else None, final_loss=info.final_loss,
+                      validation_loss=info.validation_loss, initial_validation_loss=info.initial_validation_loss)
 
 
 # ---------------------------------------------------------------------------------------- export

@@ -315,3 +315,23 @@ def test_clip_score_with_a_local_clip_model(tmp_path) -> None:
     assert swapped != score
     with pytest.raises(ValueError, match="one prompt per image"):
         clip_score(images, prompts[:1], str(tmp_path / "clip"))
+
+
+def test_evaluate_reads_the_run_through_the_card_info(tmp_path) -> None:
+    import json as _json
+
+    from training_output import make_training_output
+
+    from sd35hub.errors import ConfigError
+    from sd35hub.notebook_tools import evaluate
+
+    out = make_training_output(tmp_path / "o")
+    summary = _json.loads((out / "summary.json").read_text())
+    result = evaluate(out, None)
+    assert result.clip_score is None and "no CLIP model configured" in result.clip_message
+    on_disk = [v for v in summary["validation_images"] if (out / v["path"]).is_file()]
+    assert result.images == len(on_disk) > 0
+    assert result.loss_plot == out / summary["loss_plot"] and result.loss_plot.is_file()
+    assert (result.final_loss, result.validation_loss) == (summary["final_loss"], summary["validation_loss"])
+    with pytest.raises(ConfigError, match="summary.json"):
+        evaluate(tmp_path / "missing", None)
