@@ -178,6 +178,36 @@ def _adapters_disabled(transformer) -> bool:
     return any(m.disable_adapters for m in transformer.modules() if isinstance(m, BaseTunerLayer))
 
 
+def test_checkpoint_adapter_has_the_ema_weights_like_the_final_adapter(tmp_path, cache_dir):
+    from safetensors.torch import load_file
+
+    result = recipe.train(tiny_config(tmp_path / "run", cache_dir, max_steps=4, validation_every=0, checkpoint_every=2,
+                                      ema_decay=0.5), log=lambda s: None, progress=False)
+    final = load_file(str(result.adapter_path))
+    last = load_file(str(tmp_path / "run" / "checkpoints" / "checkpoint-000004" / "adapter" / result.adapter_path.name))
+    assert final.keys() == last.keys()
+    assert all(torch.equal(final[k], last[k]) for k in final)  # same step, same (EMA) weights
+    earlier = load_file(str(tmp_path / "run" / "checkpoints" / "checkpoint-000002" / "adapter" / result.adapter_path.name))
+    assert any(not torch.equal(final[k], earlier[k]) for k in final)
+
+
+def test_resume_without_ema_state_starts_the_ema_from_the_resumed_weights(tmp_path, cache_dir):
+    config = tiny_config(tmp_path / "run", cache_dir, max_steps=2, validation_every=0)
+    recipe.train(config, log=lambda s: None, progress=False)  # no EMA in this run's checkpoints
+    with_ema = config.replace(train=TrainSpec(**{**config.train.__dict__, "resume": "latest", "max_steps": 3,
+                                                 "ema_decay": 0.9}))
+    trainer = recipe.Trainer(with_ema, log=lambda s: None, progress=False)
+    try:
+        trainer.setup()
+        assert trainer.state.step == 2
+        trained_b = [n for n, p in trainer.named_params.items() if "lora_B" in n and p.abs().max() > 0]
+        assert trained_b  # the resumed lora_B is no longer its zero init...
+        for name, p in trainer.named_params.items():  # ...and the EMA averages from it
+            torch.testing.assert_close(trainer.ema.shadow[name], p.detach().float(), atol=0, rtol=0)
+    finally:
+        trainer.cleanup()
+
+
 def test_bad_config_and_empty_dataset_fail_before_any_model_loads(tmp_path, monkeypatch):
     import sd35hub.models.load as load
 

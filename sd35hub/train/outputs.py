@@ -136,11 +136,7 @@ def finish(trainer: Any) -> TrainResult:
     published = None
     peak = peak_memory_gib(trainer.device)
     if trainer.main:
-        if trainer.ema is not None:
-            trainer.ema.swap_in()
-        trainer._write_adapter(out / "adapter")
-        if trainer.ema is not None:
-            trainer.ema.swap_out()
+        trainer._write_adapter(out / "adapter")  # EMA weights when on (swapped in and out by the trainer)
         images = []
         for i, (prompt, image) in enumerate(zip(trainer.prompts.prompts, trainer.lora_images, strict=True)):
             validation.save_png(image, out / "samples" / f"final_{i}.png")

@@ -200,8 +200,15 @@ class Trainer:
         self.scheduler.load_state_dict(saved.scheduler)
         if saved.scaler is not None and self.acc.scaler is not None:
             self.acc.scaler.load_state_dict(saved.scaler)
-        if self.ema is not None and saved.ema is not None:
-            self.ema.load_state_dict(saved.ema)
+        if self.ema is not None:
+            if saved.ema is not None:
+                self.ema.load_state_dict(saved.ema)
+            else:  # ema_decay newly set: average from the resumed weights, not from the LoRA's init
+                from sd35hub.train.optim import LoraEMA
+
+                self.ema = LoraEMA(self.named_params, self.config.train.ema_decay)
+                if self.main:
+                    self.log("the checkpoint has no EMA state: the EMA starts from the resumed weights")
         ckpt.restore_rng(saved.rng)
         self.state = saved.state
         self.state.config_digest = self.digest
@@ -390,6 +397,8 @@ class Trainer:
         return path
 
     def _write_adapter(self, folder: Path) -> Path:
+        """The adapter as published, with the EMA weights when train.ema_decay is set (checkpoints and
+        the final adapter alike); the trained weights are back in place afterwards, even on an error."""
         from sd35hub.adapters import AdapterMetadata, save_adapter
 
         cfg = self.config
@@ -398,7 +407,13 @@ class Trainer:
             variant=self.info.variant, config_digest=self.digest,
             trigger_words=[cfg.data.trigger_word] if cfg.data.trigger_word else [],
         )  # fmt: skip
-        return save_adapter(self.acc.unwrap_model(self.transformer), folder, metadata=metadata)
+        if self.ema is not None:
+            self.ema.swap_in()
+        try:
+            return save_adapter(self.acc.unwrap_model(self.transformer), folder, metadata=metadata)
+        finally:
+            if self.ema is not None:
+                self.ema.swap_out()
 
     # ------------------------------------------------------------------------------------- save
     def save(self) -> TrainResult:
