@@ -285,6 +285,18 @@ def test_hub_model_downloads_only_the_needed_component_files(hub) -> None:
     assert info.variant == "tiny"
 
 
+def test_cached_hub_model_loads_offline(hub, monkeypatch) -> None:
+    from huggingface_hub import constants
+
+    hub.seed_repo("alice/tiny-sd35-offline", _tiny_repo_files())
+    load_pipeline("alice/tiny-sd35-offline", drop_t5=True)  # online: checks access, fills the cache
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # what HF_HUB_OFFLINE=1 sets at import
+    hub.clear_requests()
+    pipe = load_pipeline("alice/tiny-sd35-offline", drop_t5=True)
+    assert pipe.transformer is not None and model_info("alice/tiny-sd35-offline").variant == "tiny"
+    assert hub.requests == []  # no access check, no download: the cache served it
+
+
 def test_gated_hub_model_not_accepted_raises_before_any_download(hub) -> None:
     hub.seed_repo("bob/gated-sd35", _tiny_repo_files(), gated=True, owner_token=hub.other_token)
     hub.clear_requests()

@@ -129,13 +129,15 @@ def model_dir(
     """
     if ref.local_path is not None:
         return ref.local_path
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import constants, snapshot_download
 
     from sd35hub.access import check_read_access, hub_errors
 
     # License / token / existence first: a clear message instead of a failed 20 GB download.
+    # Offline (HF_HUB_OFFLINE=1) there is no Hub to ask: snapshot_download serves the local cache.
     try:
-        check_read_access(ref.name, revision=ref.revision)
+        if not constants.HF_HUB_OFFLINE:
+            check_read_access(ref.name, revision=ref.revision)
     except RepoNotFoundError as exc:
         if ref.revision is not None:  # keep the "revision does not exist" explanation
             raise
