@@ -152,6 +152,23 @@ def test_interrupted_build_resumes_and_half_written_shards_are_never_read(tmp_pa
     assert sum(len(batches.load(ref)["keys"]) for ref in batches.epoch_batches(0)) == 6
 
 
+def test_a_batch_over_many_shards_opens_each_shard_once(tmp_path: Path, pipe) -> None:
+    data = make_folder(tmp_path / "data", n=6)
+    index = build(DataSpec(source=str(data), resolution=128, min_size=64), pipe, tmp_path / "cache", shard_size=1)
+    shards = {e.shard for e in index.entries}
+    assert len(shards) == 6  # more shards than the old 4-handle LRU held
+    batches = CachedBatches(index, batch_size=6, seed=0)
+    (ref,) = batches.epoch_batches(0)
+    batch = batches.load(ref)
+    assert batches.reader.opened == len(shards)  # not one reopen per field per entry
+    batches.load(ref)
+    assert batches.reader.opened == len(shards)  # all still open for the next batch
+    for row, i in enumerate(ref.entries):
+        e = index.entries[i]
+        assert torch.equal(batch["prompt_embeds"][row], batches.reader.tensor(e.shard, f"{e.id}/prompt_embeds"))
+        assert torch.equal(batch["latents_mean"][row], batches.reader.tensor(e.shard, f"{e.id}/latents_mean"))
+
+
 def test_sample_latents_formula() -> None:
     mean, std = torch.full((1, 16, 2, 2), 0.5), torch.full((1, 16, 2, 2), 0.1)
     latents = sample_latents(mean, std, torch.Generator().manual_seed(1), 0.0609, 1.5305)
