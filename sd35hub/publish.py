@@ -20,6 +20,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -47,11 +48,11 @@ class PlannedFile:
     def size(self) -> int:
         return len(self.content)
 
-    @property
+    @cached_property  # hashed once: the adapter can be hundreds of MB and is compared repeatedly
     def sha256(self) -> str:
         return hashlib.sha256(self.content).hexdigest()
 
-    @property
+    @cached_property
     def git_oid(self) -> str:
         """The git blob id the Hub reports for a non-LFS file with this content."""
         return hashlib.sha1(b"blob %d\0" % len(self.content) + self.content).hexdigest()
