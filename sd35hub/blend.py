@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from sd35hub import __version__
-from sd35hub.adapters import Adapter, AdapterMetadata, load_into_transformer, read_adapter
+from sd35hub.adapters import Adapter, AdapterMetadata, adapter_file, load_into_transformer, read_adapter
 from sd35hub.blend_request import (
     AdapterRef,
     GenerationRequest,
@@ -77,6 +77,7 @@ class BlendEngine:
         max_adapter_bytes: int = DEFAULT_MAX_ADAPTER_BYTES,
         token: str | bool | None = None,
         revision: str | None = None,
+        local_roots: tuple[Path, ...] | None = None,
     ) -> None:
         import torch
 
@@ -94,7 +95,10 @@ class BlendEngine:
             max_adapters_per_request, max_cached_adapters
         )  # must fit the cache
         self.max_adapter_bytes = max_adapter_bytes
-        self.token = token
+        self.token = token  # for adapter downloads only (the base is read by load_pipeline)
+        # None: any local path is an adapter (CLI, notebook). Set (a server such as the Space): only
+        # paths inside these folders are local; anything else is looked up as a Hub id.
+        self.local_roots = None if local_roots is None else tuple(Path(r).resolve() for r in local_roots)
         self.cpu_offload = cpu_offload and self.device.startswith("cuda")
         if cpu_offload and not self.cpu_offload:
             log.warning("cpu_offload needs a CUDA GPU; running on %s without offload", self.device)
@@ -138,7 +142,9 @@ class BlendEngine:
         with self._files_lock:
             if source in self._files:
                 return self._files[source]
-        file, hub = fetch_adapter_source(source, token=self.token, max_bytes=self.max_adapter_bytes)
+        file, hub = fetch_adapter_source(
+            source, token=self.token, max_bytes=self.max_adapter_bytes, local_roots=self.local_roots
+        )
         with self._files_lock:
             self._files[source] = (file, hub)
         return file, hub
@@ -314,23 +320,37 @@ class BlendEngine:
 
 
 def fetch_adapter_source(
-    source: str, *, token: str | bool | None = None, max_bytes: int | None = DEFAULT_MAX_ADAPTER_BYTES
+    source: str,
+    *,
+    token: str | bool | None = None,
+    max_bytes: int | None = DEFAULT_MAX_ADAPTER_BYTES,
+    local_roots: tuple[Path, ...] | None = None,
 ) -> tuple[Path, dict[str, Any]]:
     """Local file for an adapter source, downloading Hub adapters (into the HF cache), and its Hub
     coordinates {repo_id, revision, filename, card_trigger_words} ({} for local paths).
 
     Sources: a local file or folder; 'owner/repo'; 'owner/repo@revision'; 'owner/repo/file.safetensors'.
+    `local_roots`: None accepts any existing local path; otherwise only a path that resolves (symlinks
+    and '..' followed) inside one of these folders is local, and every other source is a Hub id.
+    `max_bytes` applies to local files too, checked before reading.
     """
     source = source.strip()
     local = Path(source).expanduser()
-    if local.exists():
-        return local, {}
+    if local.exists() and _inside_roots(local, local_roots):
+        file = adapter_file(local)  # a folder -> its adapter file; pickles refused unopened
+        size = file.stat().st_size
+        if max_bytes is not None and size > max_bytes:
+            raise AdapterError(
+                f"{file} is {size / 1024**2:.0f} MB, over the limit of {max_bytes / 1024**2:.0f} MB: this is "
+                "probably a full model, not a LoRA adapter. Pick another file or raise the limit."
+            )
+        return file, {}
     match = _HUB_SOURCE.match(source)
     if match is None:
-        raise AdapterError(
-            f"Adapter {source!r} is neither an existing local path nor a Hub id "
-            "('owner/repo', 'owner/repo@revision' or 'owner/repo/file.safetensors')."
-        )
+        hub_forms = "('owner/repo', 'owner/repo@revision' or 'owner/repo/file.safetensors')"
+        if local_roots is not None:  # say nothing about local files here: not even whether one exists
+            raise AdapterError(f"Adapter {source[:200]!r} is not a Hub id {hub_forms}.")
+        raise AdapterError(f"Adapter {source!r} is neither an existing local path nor a Hub id {hub_forms}.")
     from sd35hub.hub import download_adapter
 
     filename = match.group("file")[1:] if match.group("file") else None
@@ -342,6 +362,13 @@ def fetch_adapter_source(
         "filename": filename or _repo_relative(file),
         "card_trigger_words": _card_trigger_words(repo_id, revision, token),
     }
+
+
+def _inside_roots(path: Path, roots: tuple[Path, ...] | None) -> bool:
+    if roots is None:
+        return True
+    resolved = path.resolve()
+    return any(resolved.is_relative_to(Path(root).resolve()) for root in roots)
 
 
 def _repo_relative(file: Path) -> str:

@@ -9,7 +9,9 @@ Safety rules enforced here (the Space serves strangers):
   base model than the running one is refused before anything is downloaded;
 * at most `MAX_ADAPTERS` per request, `MAX_CACHED_ADAPTERS` loaded at once, prompts of at most
   `MAX_PROMPT_CHARS`, steps and size bounded;
-* tokens are passed to huggingface_hub and never put in a message (sd35hub.redact).
+* tokens are passed to huggingface_hub and never put in a message (sd35hub.redact);
+* the shared engine treats a local path as an adapter only inside the sample and download folders
+  (BlendEngine(local_roots=...)), so a path that slips past the checks above still reads nothing else.
 """
 
 from __future__ import annotations
@@ -81,6 +83,16 @@ def available_bases(setting: str | None = None, *, has_gpu: bool | None = None) 
     return [BASES.get(name) or BaseChoice(name, name, name, name) for name in names]
 
 
+def engine_local_roots() -> tuple[Path, ...]:
+    """Folders the shared engine may read local adapter files from: the built-in samples, and the HF
+    cache where engine_source puts adapters fetched with a visitor's own token."""
+    from huggingface_hub import constants
+
+    from sd35hub.space_samples import samples_dir
+
+    return (samples_dir(), Path(constants.HF_HUB_CACHE))
+
+
 def load_engine(model: str) -> BlendEngine:
     """The shared engine of one base (space/app.py caches it with st.cache_resource). The gated base is
     read with the Space's own token (the HF_TOKEN secret, resolved by huggingface_hub)."""
@@ -93,6 +105,7 @@ def load_engine(model: str) -> BlendEngine:
         max_adapters_per_request=MAX_ADAPTERS,
         max_adapter_bytes=MAX_ADAPTER_BYTES,
         cpu_offload=offload,
+        local_roots=engine_local_roots(),
     )
 
 

@@ -12,9 +12,9 @@ import torch
 from lora_helpers import ATTENTION_TARGETS, add_random_lora, tiny_pipe
 
 from sd35hub.adapters import AdapterMetadata, save_adapter
-from sd35hub.blend import BlendEngine
+from sd35hub.blend import BlendEngine, fetch_adapter_source
 from sd35hub.blend_request import AdapterRef, GenerationRequest, parse_prompt
-from sd35hub.errors import AdapterError, ConfigError, PromptSyntaxError
+from sd35hub.errors import AdapterError, ConfigError, PromptSyntaxError, Sd35HubError
 from sd35hub.schedulers import SCHEDULERS
 
 FF_TARGETS = ["ff.net.0.proj", "ff.net.2", "to_q", "to_out.0"]
@@ -169,6 +169,35 @@ def test_hub_adapter_loads_once(engine: BlendEngine, adapters: dict[str, Path], 
     assert with_words.params["prompt"].startswith("qqz, ")
     with pytest.raises(AdapterError, match="neither an existing local path nor a Hub id"):
         engine.load("not a path or repo")
+
+
+def test_local_roots_confine_local_paths_and_size_limit(
+    adapters: dict[str, Path], tmp_path: Path, hub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    repo_root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(repo_root)  # 'sd35hub/templates' is then an existing local folder
+    roots = (adapters["a"],)
+    file, coords = fetch_adapter_source(str(adapters["a"]), local_roots=roots)
+    assert file == adapters["a"] / "pytorch_lora_weights.safetensors" and coords == {}
+    # Outside the roots a local path is a Hub id: nothing local is read or listed.
+    with pytest.raises(Sd35HubError) as info:
+        fetch_adapter_source("sd35hub/templates", token=False, local_roots=roots)
+    assert "model_card.md" not in info.value.message and "does not exist" in info.value.message
+    escapes = [str(adapters["a"] / ".." / "b"), str(adapters["b"] / "pytorch_lora_weights.safetensors")]
+    link = adapters["a"] / "link.safetensors"  # a symlink inside a root, pointing outside it
+    link.symlink_to(adapters["b"] / "pytorch_lora_weights.safetensors")
+    try:
+        for outside in [*escapes, str(link)]:
+            with pytest.raises(AdapterError, match="is not a Hub id") as info:
+                fetch_adapter_source(outside, token=False, local_roots=roots)
+            assert "existing local path" not in info.value.message
+    finally:
+        link.unlink()
+    # No roots (CLI, notebook): any local path, as before.
+    assert fetch_adapter_source(str(adapters["b"]))[0].parent == adapters["b"]
+    # The size limit holds for local files too, before reading.
+    with pytest.raises(AdapterError, match="over the limit"):
+        fetch_adapter_source(str(adapters["a"]), max_bytes=1024, local_roots=roots)
 
 
 @pytest.mark.parametrize("name", list(SCHEDULERS))

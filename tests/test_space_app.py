@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ from streamlit.testing.v1 import AppTest
 from sd35hub import space_support as space
 from sd35hub.blend import BlendEngine
 from sd35hub.blend_request import AdapterRef, GenerationRequest
-from sd35hub.errors import AdapterError, ConfigError, PromptSyntaxError
+from sd35hub.errors import AdapterError, ConfigError, PromptSyntaxError, Sd35HubError
 from sd35hub.pngmeta import read_png_params
 
 
@@ -195,6 +196,21 @@ def test_gated_base_not_accepted_is_a_message(monkeypatch: pytest.MonkeyPatch, r
     errors = _errors(at)
     assert len(errors) == 1 and errors[0].startswith(f"License not accepted for {repos.gated_base}")
     assert not any(b.key == "generate" for b in at.button)  # the app stops after the message
+
+
+def test_space_engine_reads_no_local_files_but_the_samples(monkeypatch: pytest.MonkeyPatch, hub) -> None:
+    monkeypatch.chdir(Path(SPACE_APP).parents[1])  # 'sd35hub/templates' is a local folder from here
+    engine = space.load_engine("tiny")
+    with pytest.raises(Sd35HubError) as info:
+        engine.load("sd35hub/templates")  # looked up on the Hub, not listed from the disk
+    assert "model_card.md" not in info.value.message and "does not exist" in info.value.message
+    with pytest.raises(AdapterError, match="is not a Hub id"):
+        engine.load(str(Path(SPACE_APP).resolve()))
+    request = space.build_request(
+        space.GenerationForm(prompt="a fox", steps=1, width=64, height=64), space.sample_choices(space.BASES["tiny"])
+    )
+    result = space.generate(engine, request)
+    assert [a["source"] for a in result.params["adapters"]] == [ref.source for ref in request.adapters]
 
 
 # --- sd35hub.space_support -----------------------------------------------------------------------
