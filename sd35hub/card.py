@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
+from sd35hub.adapters import ADAPTER_FILENAME
 from sd35hub.errors import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -24,7 +25,7 @@ logger = logging.getLogger(__name__)
 
 TEMPLATE_PATH = Path(__file__).parent / "templates" / "model_card.md"
 HUB_URL = "https://huggingface.co"  # cards link to the public Hub even when published to a mirror
-ADAPTER_FILE_IN_REPO = "pytorch_lora_weights.safetensors"
+ADAPTER_FILE_IN_REPO = ADAPTER_FILENAME  # at the repo root: load_lora_weights(repo) finds it by default
 LICENSE_NAME = "stabilityai-ai-community"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _VARIANT_LABELS = {

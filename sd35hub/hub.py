@@ -14,13 +14,13 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from sd35hub.access import hub_endpoint, hub_errors
+from sd35hub.adapters import ADAPTER_FILENAME as DEFAULT_ADAPTER_FILE
+from sd35hub.adapters import PICKLE_SUFFIXES
 from sd35hub.errors import AdapterError, UnsafeFileError
 
 logger = logging.getLogger(__name__)
 
 # The file diffusers' save_lora_weights writes and load_lora_weights looks for first.
-DEFAULT_ADAPTER_FILE = "pytorch_lora_weights.safetensors"
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif")
 SD35_BASE_MODELS = (
     "stabilityai/stable-diffusion-3.5-large",
