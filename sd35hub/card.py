@@ -210,6 +210,13 @@ def _snippet(info: CardInfo, source: str, adapter_name: str, prompt: str) -> str
     )
 
 
+def license_link_for(base_model: str | None) -> str:
+    """The base repo's own LICENSE.md; a local/tiny base has no Hub page, so the license itself."""
+    if is_hub_id(base_model):
+        return f"{HUB_URL}/{base_model}/blob/main/LICENSE.md"
+    return "https://stability.ai/community-license-agreement"
+
+
 def build_model_card(info: CardInfo, *, repo_id: str | None) -> ModelCard:
     """The card for ``repo_id`` (image links under images/), or a local card (links under samples/)."""
     from huggingface_hub import ModelCard, ModelCardData
@@ -217,9 +224,7 @@ def build_model_card(info: CardInfo, *, repo_id: str | None) -> ModelCard:
     for_repo = repo_id is not None
     variant = info.resolved_variant
     base_is_hub = is_hub_id(info.base_model)
-    # the base repo's own LICENSE.md; a local/tiny base has no Hub page, so link the license itself
-    license_link = (f"{HUB_URL}/{info.base_model}/blob/main/LICENSE.md" if base_is_hub
-                    else "https://stability.ai/community-license-agreement")
+    license_link = license_link_for(info.base_model)
     tags = ["lora", "diffusers", "text-to-image", "sd3.5"]
     if variant in ("sd3.5-medium", "sd3.5-large"):
         tags.append(variant)

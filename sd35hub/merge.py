@@ -21,7 +21,6 @@ from sd35hub.formats import LoraModule, Modules, detect_format, modules_from_sta
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-LICENSE_LINK = "https://huggingface.co/stabilityai/stable-diffusion-3.5-large/blob/main/LICENSE.md"
 
 
 def _modules_of(item: Any) -> Modules:
@@ -89,10 +88,13 @@ def merge_card(
     """A small model card: Hub metadata (SD3.5 community license), the sources and their weights."""
     from huggingface_hub import ModelCardData
 
+    from sd35hub.card import LICENSE_NAME, license_link_for
+
+    license_link = license_link_for(base_model or "stabilityai/stable-diffusion-3.5-large")
     data = ModelCardData(
         license="other",
-        license_name="stabilityai-ai-community",
-        license_link=LICENSE_LINK,
+        license_name=LICENSE_NAME,
+        license_link=license_link,
         base_model=base_model or None,
         library_name="diffusers",
         tags=["lora", "sd3.5", "stable-diffusion-3.5", "text-to-image", "sd35hub", "merged-lora"],
@@ -108,5 +110,5 @@ def merge_card(
         f"pipe = StableDiffusion3Pipeline.from_pretrained({base_model or '<base model>'!r}, dtype=torch.bfloat16)\n"
         f"pipe.load_lora_weights('.', weight_name={filename!r})\n```\n\n"
         "## License\n\nThe base model's weights are under the Stability AI Community License "
-        f"({LICENSE_LINK}); the sources' own licenses also apply.\n"
+        f"({license_link}); the sources' own licenses also apply.\n"
     )
