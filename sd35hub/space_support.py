@@ -10,6 +10,9 @@ Safety rules enforced here (the Space serves strangers):
 * at most `MAX_ADAPTERS` per request, `MAX_CACHED_ADAPTERS` loaded at once, prompts of at most
   `MAX_PROMPT_CHARS`, steps and size bounded;
 * tokens are passed to huggingface_hub and never put in a message (sd35hub.redact);
+* a visitor's Hub calls use the visitor's own token or none (`token=user_token or False`): huggingface_hub
+  reads token=None as "use HF_TOKEN", which here is the Space owner's secret and would show visitors the
+  owner's private adapters. Only the base model is read with the Space's token;
 * the shared engine treats a local path as an adapter only inside the sample and download folders
   (BlendEngine(local_roots=...)), so a path that slips past the checks above still reads nothing else.
 """
@@ -83,6 +86,12 @@ def available_bases(setting: str | None = None, *, has_gpu: bool | None = None) 
     return [BASES.get(name) or BaseChoice(name, name, name, name) for name in names]
 
 
+def visitor_token(token: str | None) -> str | bool:
+    """The token for Hub calls made on a visitor's behalf: theirs, or False (anonymous), never None
+    (None would make huggingface_hub use the Space owner's HF_TOKEN)."""
+    return (token or "").strip() or False
+
+
 def engine_local_roots() -> tuple[Path, ...]:
     """Folders the shared engine may read local adapter files from: the built-in samples, and the HF
     cache where engine_source puts adapters fetched with a visitor's own token."""
@@ -95,7 +104,8 @@ def engine_local_roots() -> tuple[Path, ...]:
 
 def load_engine(model: str) -> BlendEngine:
     """The shared engine of one base (space/app.py caches it with st.cache_resource). The gated base is
-    read with the Space's own token (the HF_TOKEN secret, resolved by huggingface_hub)."""
+    read with the Space's own token (the HF_TOKEN secret, resolved by huggingface_hub in the loader);
+    adapters are downloaded anonymously (token=False), since they are fetched for visitors."""
     from sd35hub.blend import BlendEngine
 
     offload = os.environ.get("SD35HUB_SPACE_CPU_OFFLOAD", "").lower() in ("1", "true", "yes")
@@ -105,6 +115,7 @@ def load_engine(model: str) -> BlendEngine:
         max_adapters_per_request=MAX_ADAPTERS,
         max_adapter_bytes=MAX_ADAPTER_BYTES,
         cpu_offload=offload,
+        token=False,
         local_roots=engine_local_roots(),
     )
 
@@ -195,7 +206,9 @@ def search_adapters(
             f"Could not reach the Hub at {hub_endpoint()} ({exc.__class__.__name__}). Check the network "
             "(and HF_ENDPOINT); with the tiny model, the local sample adapters work offline."
         ) from exc
-    return list_adapters(base.hub_base, search=(query or "").strip() or None, limit=limit, token=token)
+    return list_adapters(
+        base.hub_base, search=(query or "").strip() or None, limit=limit, token=visitor_token(token)
+    )
 
 
 def choice_from_info(info: AdapterInfo) -> AdapterChoice:
@@ -219,7 +232,7 @@ def lookup_adapter(source: str, base: BaseChoice, *, token: str | None = None) -
         return sample_choice(name, base)
     repo_id = "/".join(source.split("/")[:2])
     explicit = source[len(repo_id) + 1 :] or None
-    info = adapter_info(repo_id, token=token)  # refuses pickle-only or weightless repos
+    info = adapter_info(repo_id, token=visitor_token(token))  # refuses pickle-only or weightless repos
     if explicit is not None and explicit not in info.files:
         raise AdapterError(f"{repo_id} has no file {explicit!r}. Check the name, or paste the repo id alone.")
     declared = info.base_model
@@ -338,15 +351,16 @@ def build_request(
 
 
 def engine_source(source: str, token: str | None) -> str:
-    """What the shared engine loads for a choice: the Hub id (downloaded with the Space's token), or a
-    file path when the Space made the file itself (samples) or the user's own token fetched it."""
+    """What the shared engine loads for a choice: the Hub id (downloaded anonymously by the engine), or a
+    file path when the Space made the file itself (samples) or the user's own token fetched it (so the
+    engine's source cache never hands a file fetched with one visitor's token to another by repo id)."""
     name = sample_name(source)
     if name is not None:
         return str(ensure_sample_adapters()[name])
     if token:
         from sd35hub.blend import fetch_adapter_source
 
-        return str(fetch_adapter_source(source, token=token, max_bytes=MAX_ADAPTER_BYTES)[0])
+        return str(fetch_adapter_source(source, token=visitor_token(token), max_bytes=MAX_ADAPTER_BYTES)[0])
     return source
 
 

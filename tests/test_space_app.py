@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from space_helpers import SPACE_APP, SpaceRepos, seed_space_repos
+from space_helpers import SPACE_APP, SpaceRepos, card, seed_space_repos
 from streamlit.testing.v1 import AppTest
 
 from sd35hub import space_support as space
@@ -20,6 +20,7 @@ from sd35hub.blend import BlendEngine
 from sd35hub.blend_request import AdapterRef, GenerationRequest
 from sd35hub.errors import AdapterError, ConfigError, PromptSyntaxError, Sd35HubError
 from sd35hub.pngmeta import read_png_params
+from sd35hub.space_support import TINY_HUB_BASE
 
 
 @pytest.fixture(scope="module")
@@ -196,6 +197,38 @@ def test_gated_base_not_accepted_is_a_message(monkeypatch: pytest.MonkeyPatch, r
     errors = _errors(at)
     assert len(errors) == 1 and errors[0].startswith(f"License not accepted for {repos.gated_base}")
     assert not any(b.key == "generate" for b in at.button)  # the app stops after the message
+
+
+def test_visitors_never_use_the_space_token(monkeypatch: pytest.MonkeyPatch, repos: SpaceRepos, hub) -> None:
+    """HF_TOKEN (alice's here) is the Space owner's secret: a visitor without a token must not find, add or
+    render alice's private adapter; a visitor who pastes alice's token can."""
+    private = f"alice/{repos.tag}-private"
+    weights = hub.files(repos.watercolor)["pytorch_lora_weights.safetensors"]
+    hub.seed_repo(private, {"README.md": card(TINY_HUB_BASE, "prvt style", None),
+                            "pytorch_lora_weights.safetensors": weights}, private=True)  # fmt: skip
+    base = space.BASES["tiny"]
+    assert private not in [a.repo_id for a in space.search_adapters(base, repos.tag)]
+    assert private in [a.repo_id for a in space.search_adapters(base, repos.tag, token=hub.token)]
+    with pytest.raises(Sd35HubError) as info:
+        space.lookup_adapter(private, base)
+    assert "does not exist" in space.friendly_error(info.value)
+    assert space.lookup_adapter(private, base, token=hub.token).trigger_words == ["prvt style"]
+    assert space.adapters_from_query([private], base)[0] == []
+
+    engine = space.load_engine("tiny")  # adapters anonymous, local files only from the Space's folders
+    with pytest.raises(Sd35HubError, match="does not exist"):
+        engine.load(private)  # e.g. a <lora:alice/...-private:1> prompt tag
+    engine.load(space.engine_source(private, hub.token))  # fetched with the visitor's own token
+
+    monkeypatch.setenv(space.SPACE_MODEL_ENV, "tiny")
+    at = AppTest.from_file(SPACE_APP, default_timeout=90).run()
+    at.text_input(key="paste_source").input(private)
+    at.button(key="add_pasted").click().run()
+    errors = _errors(at)
+    assert len(errors) == 1 and "does not exist" in errors[0] and at.session_state["adapters"] == []
+    at.text_input(key="user_token").input(hub.token)
+    at.button(key="add_pasted").click().run()
+    assert _errors(at) == [] and [c.source for c in at.session_state["adapters"]] == [private]
 
 
 def test_space_engine_reads_no_local_files_but_the_samples(monkeypatch: pytest.MonkeyPatch, hub) -> None:
