@@ -120,6 +120,26 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, cache_dir):
     assert state_a["seen_keys_digest"] == state_b["seen_keys_digest"]
 
 
+def test_ctrl_c_mid_step_finishes_the_step_then_checkpoints(tmp_path, cache_dir):
+    import os
+    import signal
+
+    def ctrl_c_during_next_forward(trainer: recipe.Trainer) -> None:
+        if trainer.state.step == 2:  # the signal arrives inside step 3's forward pass
+            def send(module, args):  # noqa: ANN001
+                handle.remove()
+                os.kill(os.getpid(), signal.SIGINT)
+
+            handle = trainer.transformer.register_forward_pre_hook(send)
+
+    config = tiny_config(tmp_path / "run", cache_dir, max_steps=6, validation_every=0)
+    with pytest.raises(TrainingInterrupted, match="at step 3"):
+        recipe.train(config, log=lambda s: None, on_step=ctrl_c_during_next_forward, progress=False)
+    checkpoints = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert checkpoints == ["checkpoint-000003"]  # step 3 completed: weights, optimizer and step agree
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+
+
 def test_resume_with_another_lora_rank_is_a_config_error_and_changes_nothing(tmp_path, cache_dir):
     config = tiny_config(tmp_path / "run", cache_dir, max_steps=2, validation_every=0, checkpoint_every=1)
     recipe.train(config, log=lambda s: None, progress=False)

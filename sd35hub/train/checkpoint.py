@@ -189,24 +189,32 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
 
 
 class SigtermFlag:
-    """SIGTERM (Colab/Slurm/`kill`) sets ``received`` instead of killing the process, so the trainer can
-    finish its step, write a checkpoint and exit 130. Outside the main thread it is a no-op."""
+    """SIGTERM (Colab/Slurm/`kill`) and a first Ctrl-C (SIGINT, also the notebook's interrupt button)
+    set ``received`` instead of killing the process, so the trainer finishes the step it is in, writes
+    a consistent checkpoint and exits 130. A second Ctrl-C interrupts at once (KeyboardInterrupt).
+    Outside the main thread it is a no-op."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self) -> None:
         self.received = False
-        self._previous: Any = None
+        self._previous: dict[int, Any] = {}
 
     def install(self) -> SigtermFlag:
         def _handler(signum: int, frame: Any) -> None:
+            if signum == signal.SIGINT and self.received:
+                raise KeyboardInterrupt  # asked twice: stop now
             self.received = True
 
         try:
-            self._previous = signal.signal(signal.SIGTERM, _handler)
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, _handler)
         except ValueError:  # not the main thread (e.g. a notebook worker)
-            self._previous = None
+            self.restore()
         return self
 
     def restore(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._previous = None
+        for sig, previous in self._previous.items():
+            if previous is not None:
+                signal.signal(sig, previous)
+        self._previous = {}
