@@ -57,7 +57,7 @@ def test_parallel_requests_on_one_engine_match_sequential(repos: SpaceRepos) -> 
 
     sequential = [render(i) for i in range(4)]
     assert len({s.tobytes() for s in sequential}) == 4  # four different blends, four different images
-    start = threading.Barrier(8)
+    start = threading.Barrier(8, timeout=120)
 
     def worker(i: int) -> np.ndarray:
         start.wait()  # all eight requests arrive together
@@ -75,7 +75,9 @@ def agent_url(hub, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:  
     server sessions driven over HTTP without a browser, all sharing the server's one cached engine."""
     env = {**os.environ, "HF_ENDPOINT": hub.endpoint, "SD35HUB_SPACE_MODEL": "tiny"}
     log = tmp_path_factory.mktemp("space-agent") / "streamlit.log"
-    process, url = start_streamlit(env, log, "--server.enableAgentApi", "true")
+    # the server-side wait (default 30 s) must outlast a first run on 2 busy cores (engine load +
+    # adapter downloads + 4 generations at once); the client timeout stays above it
+    process, url = start_streamlit(env, log, "--server.enableAgentApi", "true", "--server.agentWaitTimeout", "300")
     yield url
     stop_streamlit(process)
 
@@ -86,7 +88,7 @@ def _interact(url: str, body: dict) -> dict:
         data=json.dumps(body).encode(),
         headers={"Content-Type": "application/json"},
     )
-    with urllib.request.urlopen(request, timeout=120) as response:
+    with urllib.request.urlopen(request, timeout=360) as response:
         assert response.status == 200, response.status  # 202 would mean the run outlasted the wait
         return json.load(response)
 
@@ -111,7 +113,6 @@ def test_parallel_server_sessions_get_their_own_results(agent_url: str, repos: S
         snapshot = _interact(agent_url, {"query_params": {"adapter": [f"{s}:{w}" for s, w in blend]}})
         assert _elements(snapshot["tree"], "error") == [], _elements(snapshot["tree"], "error")
         sessions.append(snapshot["session_id"])
-    start = threading.Barrier(len(sessions))
 
     def generate(i: int, wait: threading.Barrier | None = None) -> dict:
         settings = {"steps_tiny": 2, "size_tiny": "64×64", "random_seed": False, "seed": 10 + i}
@@ -133,7 +134,7 @@ def test_parallel_server_sessions_get_their_own_results(agent_url: str, repos: S
         with urllib.request.urlopen(media, timeout=30) as response:
             return np.asarray(Image.open(io.BytesIO(response.read())).convert("RGB"), dtype=np.int16)
 
-    start = threading.Barrier(len(sessions))
+    start = threading.Barrier(len(sessions), timeout=120)  # a stuck session fails instead of hanging
     with ThreadPoolExecutor(len(sessions)) as pool:
         parallel = list(pool.map(lambda i: result(i, generate(i, start)), range(len(sessions))))
     sequential = [result(i, generate(i)) for i in range(len(sessions))]  # one at a time, same server
