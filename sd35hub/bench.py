@@ -162,7 +162,9 @@ def make_inputs(cfg: dict[str, Any], resolution: int, batch: int, device: Any, d
 
 
 def _loss(transformer: Any, inputs: dict[str, Any]) -> Any:
-    """Rectified-flow loss: noisy = (1-σ)·x0 + σ·noise, target = noise − x0 (fp32 MSE)."""
+    """The reference's loss, written out as diffusers' SD3 script does: noisy = (1-σ)·x0 + σ·noise,
+    target = noise − x0, fp32 MSE. Ours is sd35hub.train.flow.flow_loss; the tiny-model test checks
+    that both give the same first loss."""
     sigmas = inputs["sigmas"].view(-1, 1, 1, 1)
     x0, noise = inputs["latents"], inputs["noise"]
     noisy = ((1.0 - sigmas) * x0 + sigmas * noise).to(x0.dtype)
@@ -179,6 +181,8 @@ def prepare(transformer: Any, variant: StepVariant, rank: int) -> tuple[Any, Cal
     from peft import LoraConfig
 
     from sd35hub.train import speed
+    from sd35hub.train.flow import flow_loss
+    from sd35hub.train.optim import optimizer_step
 
     transformer.add_adapter(
         LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=ATTENTION_TARGETS)
@@ -200,15 +204,25 @@ def prepare(transformer: Any, variant: StepVariant, rank: int) -> tuple[Any, Cal
     optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-4, **opt_kwargs)
     device_type = "cuda" if params and params[0].is_cuda else "cpu"
 
-    def step(inputs: dict[str, Any]) -> float:
-        with speed.attention_backend(variant.attention):
-            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=device_type == "cuda"):
-                loss = _loss(transformer, inputs)
-            loss.backward()
+    def reference_step(inputs: dict[str, Any]) -> Any:
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=device_type == "cuda"):
+            loss = _loss(transformer, inputs)
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss.detach()
+
+    def our_step(inputs: dict[str, Any]) -> Any:  # the trainer's own loss and update (sd35hub.train)
+        with speed.attention_backend(variant.attention):
+            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=device_type == "cuda"):
+                loss = flow_loss(transformer, inputs["latents"], inputs["prompt_embeds"],
+                                 inputs["pooled_prompt_embeds"], inputs["noise"], inputs["sigmas"])
+            loss.backward()
+        optimizer_step(params, optimizer, max_grad_norm=1.0)
+        return loss.detach()
+
+    step = reference_step if variant.reference else our_step
 
     return optimizer, step
 

@@ -53,11 +53,12 @@ def optimizer_step(
     *,
     max_grad_norm: float = 1.0,
     scaler: torch.amp.GradScaler | None = None,
-) -> float | None:
+) -> torch.Tensor | None:
     """Clip, step, schedule, zero: one update after ``loss.backward()`` (or ``scaler.scale(loss).backward()``).
 
-    Returns the gradient norm before clipping (None when clipping is off). With fp16 a ``scaler``
-    unscales first and skips the step on inf/nan gradients.
+    Returns the gradient norm before clipping as a device tensor (None when clipping is off): reading
+    it on the host would wait for the GPU, so callers do that only when they log. With fp16 a
+    ``scaler`` unscales first and skips the step on inf/nan gradients.
     """
     if scaler is not None:
         scaler.unscale_(optimizer)
@@ -70,7 +71,7 @@ def optimizer_step(
     if scheduler is not None:
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return float(norm) if norm is not None else None
+    return norm
 
 
 class LoraEMA:
