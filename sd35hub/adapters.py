@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,6 +31,7 @@ from sd35hub.formats import (
     to_state_dict,
     unprefixed_config,
 )
+from sd35hub.paths import atomic_write
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -170,15 +169,7 @@ def write_adapter(
     header = {"format": "pt", **header}
     if metadata is not None:
         header[HEADER_KEY] = dataclasses.replace(metadata, format=fmt).to_json()
-    handle, temp = tempfile.mkstemp(prefix=f".{file.name}.", suffix=".tmp", dir=file.parent)
-    os.close(handle)
-    try:
-        save_file(state_dict, temp, metadata=header)
-        os.replace(temp, file)
-    finally:
-        if os.path.exists(temp):
-            os.unlink(temp)
-    return file
+    return atomic_write(file, lambda temp: save_file(state_dict, str(temp), metadata=header))
 
 
 def peft_modules(transformer: Any, adapter_name: str = "default") -> Modules:

@@ -12,6 +12,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from sd35hub.paths import atomic_write
+
 DEMO_PROMPT = "a watercolor painting of a lighthouse at sunset"
 DEMO_SEED = 0
 DEMO_SIZE = 128  # pixels; latents [1, 16, 16, 16]
@@ -59,9 +61,7 @@ def run_demo(output: Path) -> Iterator[str]:
         generator=torch.Generator("cpu").manual_seed(DEMO_SEED),
     ).images[0]
     path = output / "base.png"
-    partial = path.with_name(path.name + ".partial")
-    image.save(partial, format="PNG")
-    partial.replace(path)  # never a half-written image under the final name
+    atomic_write(path, lambda temp: image.save(temp, format="PNG"))  # never a half-written image
     yield f"generated {image.width}x{image.height} '{DEMO_PROMPT}' (seed {DEMO_SEED}) -> {path} ({time.perf_counter() - start:.1f} s)"
 
     yield from train_demo(output / "train")

@@ -39,3 +39,20 @@ def build_into_place(target: Path, build: Callable[[Path], Any], is_complete: Ca
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def atomic_write(path: Path, write: Callable[[Path], Any]) -> Path:
+    """``write(temp)`` into a temp file of this writer alone next to ``path``, then rename it over
+    ``path``: readers see the old file or the complete new one, never half of it; a failed write
+    leaves nothing behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    try:
+        write(Path(temp))
+        os.replace(temp, path)
+    finally:
+        if os.path.exists(temp):
+            os.unlink(temp)
+    return path

@@ -7,7 +7,6 @@ bucket histogram and the skips by reason: the first thing to look at before a lo
 
 from __future__ import annotations
 
-import os
 import random
 import textwrap
 from collections import Counter
@@ -21,6 +20,7 @@ from sd35hub.data.buckets import assign_bucket, bucket_set, resize_and_crop
 from sd35hub.data.images import SkipStats
 from sd35hub.data.sources import SampleStream, no_usable_message, stable_seed
 from sd35hub.errors import DatasetError
+from sd35hub.paths import atomic_write
 
 TILE = 256  # longest side of a tile, pixels
 LABEL_LINES = 4
@@ -61,11 +61,7 @@ def preview_grid(spec: DataSpec, n: int = 16, out: Path = Path("preview.png"), r
     grid = Image.new("RGB", (cols * tiles[0].width, rows * tiles[0].height), "white")
     for i, tile in enumerate(tiles):
         grid.paste(tile, ((i % cols) * tile.width, (i // cols) * tile.height))
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    grid.save(tmp, format="PNG")
-    os.replace(tmp, out)
+    out = atomic_write(Path(out), lambda temp: grid.save(temp, format="PNG"))
     ordered = dict(sorted(histogram.items(), key=lambda kv: -kv[1]))
     return PreviewSummary(out=out, shown=len(tiles), stats=stream.stats, buckets=ordered)
 

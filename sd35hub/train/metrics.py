@@ -7,6 +7,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from sd35hub.paths import atomic_write
+
 
 class MetricsLog:
     """Append-only JSONL; on resume, lines past the checkpoint's step are dropped (they were not kept)."""
@@ -58,9 +60,7 @@ def plot_loss(records: list[dict[str, Any]], path: Path) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    path = Path(path)
-    partial = path.with_name(path.name + ".partial")
-    fig.savefig(partial, format="png")
-    plt.close(fig)
-    partial.replace(path)
-    return path
+    try:
+        return atomic_write(Path(path), lambda temp: fig.savefig(temp, format="png"))
+    finally:
+        plt.close(fig)

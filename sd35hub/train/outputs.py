@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from sd35hub import __version__
 from sd35hub.config import Config, dump_yaml
+from sd35hub.paths import atomic_write
 
 ADAPTER_FILE = "adapter/pytorch_lora_weights.safetensors"
 
@@ -53,12 +52,7 @@ def config_digest(config: Config) -> str:
 
 
 def write_text_atomic(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(handle, "w", encoding="utf-8") as out:
-        out.write(text)
-    os.replace(temp, path)
-    return path
+    return atomic_write(path, lambda temp: temp.write_text(text, encoding="utf-8"))
 
 
 def write_config(output_dir: Path, config: Config) -> Path:

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from PIL import Image, ImageDraw
 
+from sd35hub.paths import atomic_write
 from sd35hub.train.flow import flow_loss
 
 HELDOUT_SIGMAS = (0.1, 0.3, 0.5, 0.7, 0.9)  # every held-out sample is scored at each of these
@@ -72,11 +73,7 @@ def grid(columns: list[tuple[str, list[Image.Image]]]) -> Image.Image:
 
 
 def save_png(image: Image.Image, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    image.save(partial, format="PNG")
-    partial.replace(path)
-    return path
+    return atomic_write(path, lambda temp: image.save(temp, format="PNG"))
 
 
 @dataclass
