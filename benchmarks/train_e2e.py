@@ -61,6 +61,11 @@ def main() -> None:
             window["prof"].__exit__(None, None, None)
             events = window["prof"].key_averages()
             window["kernel_s"] = sum(e.self_device_time_total for e in events) / 1e6
+            top = sorted(events, key=lambda e: e.self_device_time_total, reverse=True)[:25]
+            window["top_kernels"] = [
+                {"name": e.key[:120], "calls": e.count, "ms_per_step": round(e.self_device_time_total / 1e3 / args.window, 3)}
+                for e in top
+            ]
             window["prof"] = None
 
     explicit = {o.split("=")[0] for o in args.overrides}
@@ -80,6 +85,7 @@ def main() -> None:
         "s_per_step": (window["wall"] / args.window) if "wall" in window else None,
         "gpu_busy": (window["kernel_s"] / window["wall"]) if "wall" in window else None,
         "adapter": str(result.adapter_path),
+        "top_kernels": window.get("top_kernels"),
     }
     if report["s_per_step"] and summary.get("batch_size"):
         accumulation = summary.get("gradient_accumulation") or 1
