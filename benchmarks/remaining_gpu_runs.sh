@@ -22,6 +22,14 @@ case "${1:-e2e}" in
     e2e 150 --model-dir /tmp/rm --profile t4 --steps 8 --window 4 --name medium_t4
     timeout 180 python3 benchmarks/gpu_bench.py --out "$OUT/bench_t4" --models medium --variants t4,t4-ckpt2 --steps 6 2>&1 | quiet | tail -4
     ;;
+  train)
+    # all three `sd35hub train` runs (after the recompile-limit fix), no bench
+    python3 benchmarks/random_model.py medium /tmp/rm | tail -1
+    e2e 150 --model-dir /tmp/rm --profile h100 --steps 30 --window 10 --name medium_h100
+    e2e 130 --model-dir /tmp/rm --profile t4 --steps 8 --window 4 --name medium_t4
+    python3 benchmarks/random_model.py large /tmp/rl | tail -1
+    e2e 220 --model-dir /tmp/rl --profile h100 --steps 20 --window 8 --name large_h100
+    ;;
   large)
     python3 benchmarks/random_model.py large /tmp/rl | tail -1
     e2e 240 --model-dir /tmp/rl --profile h100 --steps 20 --window 8 --name large_h100

@@ -265,3 +265,33 @@ def test_cli_flags_are_explicit_keys():
     overrides = build_overrides({"resolution": 1024, "trigger_word": "sks, dog", "rank": None}, ["lora.rank=8"])
     assert overrides == ['data.resolution=1024', 'data.trigger_word="sks, dog"', "lora.rank=8"]
     assert explicit_keys(None, overrides) == {"data.resolution", "data.trigger_word", "lora.rank"}
+
+
+def test_compiled_blocks_compile_training_shapes_only(tmp_path, cache_dir, monkeypatch):
+    """train.compile: the blocks compile for the training step; held-out loss and validation sampling
+    (other shapes, no_grad) run them eagerly, so they add no graphs; the recompile limit allows one
+    graph per block kind x bucket (past dynamo's default 8 it would silently fall back to eager)."""
+    import torch._dynamo
+
+    from sd35hub.train import speed
+
+    compiled: list[tuple[bool, tuple[int, ...]]] = []
+
+    def counting_backend(gm, example_inputs):
+        shapes = [tuple(t.shape) for t in example_inputs if isinstance(t, torch.Tensor) and t.dim() == 3]
+        compiled.append((torch.is_grad_enabled(), max(shapes)))
+        return gm.forward
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(speed, "COMPILE_BACKEND", counting_backend)
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
+    try:
+        result = recipe.train(tiny_config(tmp_path / "run", cache_dir, max_steps=4, validation_every=2, compile=True),
+                              log=lambda s: None, progress=False)
+    finally:
+        torch._dynamo.reset()
+    assert compiled, "no block was compiled"
+    assert all(grad for grad, _ in compiled), compiled  # nothing compiled under no_grad (held-out loss, sampling)
+    assert {shape[0] for _, shape in compiled} == {2}  # the training batch size, not the held-out/sampling batches
+    assert torch._dynamo.config.recompile_limit >= 64
+    assert json.loads((result.output_dir / "summary.json").read_text())["validation_loss"] is not None

@@ -334,6 +334,8 @@ class Trainer:
     # ------------------------------------------------------------------------ validation + ckpt
     def validate(self, step: int) -> float | None:
         """Held-out loss + a base-vs-LoRA grid (main process); every process waits for it."""
+        from sd35hub.train.speed import eager
+
         loss = None
         if self.main:
             model = self.acc.unwrap_model(self.transformer)
@@ -341,11 +343,12 @@ class Trainer:
             if self.ema is not None:
                 self.ema.swap_in()
             try:
-                if self.heldout is not None:
-                    loss = validation.heldout_loss(model, self.heldout, device=self.device, dtype=self.weight_dtype,
-                                                   autocast=self.acc.autocast())
-                    self._log_record({"step": step, "validation_loss": loss})
-                self.validation_grid = self._render_grid(model, step)
+                with eager():  # compiled blocks run eagerly here: no extra graphs for these shapes
+                    if self.heldout is not None:
+                        loss = validation.heldout_loss(model, self.heldout, device=self.device, dtype=self.weight_dtype,
+                                                       autocast=self.acc.autocast())
+                        self._log_record({"step": step, "validation_loss": loss})
+                    self.validation_grid = self._render_grid(model, step)
             finally:
                 if self.ema is not None:
                     self.ema.swap_out()
