@@ -42,6 +42,9 @@ case "${1:-e2e}" in
     e2e 200 --model-dir /tmp/rm --profile h100 --steps 24 --window 8 --name medium_1gpu train.batch_size=4
     timeout 240 accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no \
       benchmarks/train_e2e.py --model-dir /tmp/rm --profile h100 --steps 24 --window 8 \
-      --out "$OUT" --name medium_2gpu data.source=/tmp/sq train.batch_size=2 2>&1 | quiet | tail -40
+      --out "$OUT" --name medium_2gpu data.source=/tmp/sq train.batch_size=2 2>&1 | quiet \
+      | grep -v -E '^\s+("name"|"calls"|"ms_per_step"|\{|\},?)' | tail -40
+    # then, time left: the same-run bench (reference vs ours), Medium
+    timeout 200 python3 benchmarks/gpu_bench.py --out "$OUT/bench" --models medium --variants ref,h100 --steps 10 2>&1 | quiet | tail -4
     ;;
 esac
