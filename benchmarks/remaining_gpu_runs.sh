@@ -47,4 +47,15 @@ case "${1:-e2e}" in
     # then, time left: the same-run bench (reference vs ours), Medium
     timeout 200 python3 benchmarks/gpu_bench.py --out "$OUT/bench" --models medium --variants ref,h100 --steps 10 2>&1 | quiet | tail -4
     ;;
+  ddp8)
+    # the H100 profile's own per-GPU batch (4): 1 GPU x batch 8 vs 2 GPUs x batch 4 (global batch 8);
+    # then where the T4-profile step spends host time
+    python3 benchmarks/random_model.py medium /tmp/rm | tail -1
+    e2e 150 --model-dir /tmp/rm --profile h100 --steps 20 --window 8 --name medium_1gpu_b8 train.batch_size=8
+    timeout 170 accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no \
+      benchmarks/train_e2e.py --model-dir /tmp/rm --profile h100 --steps 20 --window 8 \
+      --out "$OUT" --name medium_2gpu_b4 data.source=/tmp/sq train.batch_size=4 2>&1 | quiet \
+      | grep -v -E '^\s+("name"|"calls"|"ms_per_step"|\{|\},?)' | tail -40
+    e2e 130 --model-dir /tmp/rm --profile t4 --steps 8 --window 3 --name medium_t4_host --cpu-profile
+    ;;
 esac

@@ -27,6 +27,7 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=8, help="profiled optimizer steps (after warm-up)")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--name", default="run")
+    ap.add_argument("--cpu-profile", action="store_true", help="also record the top host-side ops of the window")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     import torch
@@ -52,7 +53,8 @@ def main() -> None:
             return
         if step == start:
             torch.cuda.synchronize()
-            window["prof"] = profile(activities=[ProfilerActivity.CUDA])
+            activities = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if args.cpu_profile else [])
+            window["prof"] = profile(activities=activities)
             window["prof"].__enter__()
             window["t0"] = time.perf_counter()
         elif window["prof"] is not None and step == start + args.window:
@@ -61,6 +63,12 @@ def main() -> None:
             window["prof"].__exit__(None, None, None)
             events = window["prof"].key_averages()
             window["kernel_s"] = sum(e.self_device_time_total for e in events) / 1e6
+            if args.cpu_profile:
+                host = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:30]
+                window["top_host_ops"] = [
+                    {"name": e.key[:120], "calls": e.count, "ms_per_step": round(e.self_cpu_time_total / 1e3 / args.window, 3)}
+                    for e in host
+                ]
             top = sorted(events, key=lambda e: e.self_device_time_total, reverse=True)[:25]
             window["top_kernels"] = [
                 {"name": e.key[:120], "calls": e.count, "ms_per_step": round(e.self_device_time_total / 1e3 / args.window, 3)}
@@ -86,6 +94,7 @@ def main() -> None:
         "gpu_busy": (window["kernel_s"] / window["wall"]) if "wall" in window else None,
         "adapter": str(result.adapter_path),
         "top_kernels": window.get("top_kernels"),
+        "top_host_ops": window.get("top_host_ops"),
     }
     if report["s_per_step"] and summary.get("batch_size"):
         accumulation = summary.get("gradient_accumulation") or 1
