@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# The GPU measurements issues #5 and #9 need, in three device calls (each < 10 min on one H100):
-#   bash benchmarks/remaining_gpu_runs.sh e2e      Medium H100 + T4 profiles through `sd35hub train` (GPU busy,
-#                                                  top kernels), Medium 16 GB-profile bench (ckpt every block / every 2nd)
-#   bash benchmarks/remaining_gpu_runs.sh large    Large H100 profile through `sd35hub train`; same-run bench ref vs ours
-#   bash benchmarks/remaining_gpu_runs.sh ddp      (kind nvidia-h100-x2) 1 vs 2 GPUs at the same global batch
+# The GPU runs behind docs/performance.md, each one device call (< 10 min):
+#   bash benchmarks/gpu_runs.sh train   one H100: Medium (h100, t4 profiles) and Large (h100) through `sd35hub train`
+#                                       with GPU busy and top kernels (run 7)
+#   bash benchmarks/gpu_runs.sh e2e     one H100: Medium h100 + t4 through `sd35hub train`, then the Medium 16 GB-profile
+#                                       bench (checkpointing every block / every 2nd block) (run 6)
+#   bash benchmarks/gpu_runs.sh large   one H100: Large h100 through `sd35hub train`, same-run bench reference vs ours
+#   bash benchmarks/gpu_runs.sh ddp     kind nvidia-h100-x2: 1 vs 2 GPUs at global batch 4, then the Medium bench (run 8)
+#   bash benchmarks/gpu_runs.sh ddp8    kind nvidia-h100-x2: 1 vs 2 GPUs at global batch 8; T4-profile host profile (run 9)
 # Device-tool usage: carry .whl (../shared/device/pack-wheels.sh output). Results land in $OUT as JSON;
 # copy them to benchmarks/results/ and update docs/performance.md.
 set -uo pipefail
