@@ -295,3 +295,39 @@ def test_compiled_blocks_compile_training_shapes_only(tmp_path, cache_dir, monke
     assert {shape[0] for _, shape in compiled} == {2}  # the training batch size, not the held-out/sampling batches
     assert torch._dynamo.config.recompile_limit >= 64
     assert json.loads((result.output_dir / "summary.json").read_text())["validation_loss"] is not None
+
+
+def test_log_points_are_written_one_step_late_in_order_with_the_exact_loss(tmp_path, cache_dir):
+    """A log point's loss is read after the next step is queued (no GPU drain for logging); records
+    still come in step order, once each, with that step's loss, and validation / checkpoint / the last
+    step read it at once."""
+    trainer = recipe.Trainer(tiny_config(tmp_path / "run", cache_dir, max_steps=7, log_every=2, validation_every=4,
+                                         checkpoint_every=5), log=lambda s: None, progress=False)
+    losses: list[float] = []
+    step = trainer._step
+    written_at: dict[int, int] = {}
+
+    def recording_step():
+        loss = step()
+        losses.append(float(loss))
+        return loss
+
+    def on_step(tr):
+        for r in tr.records:
+            if "loss" in r:
+                written_at.setdefault(r["step"], tr.state.step)
+
+    trainer._step = recording_step  # type: ignore[method-assign]
+    trainer.on_step = on_step
+    try:
+        trainer.setup()
+        trainer.train()
+    finally:
+        trainer.cleanup()
+    records = [json.loads(line) for line in (tmp_path / "run" / "logs" / "metrics.jsonl").read_text().splitlines()]
+    order = [(r["step"], "val" if "validation_loss" in r else "loss") for r in records]
+    assert order == [(0, "val"), (2, "loss"), (4, "loss"), (4, "val"), (6, "loss"), (7, "loss"), (7, "val")]
+    assert {r["step"]: r["loss"] for r in records if "loss" in r} == {s: losses[s - 1] for s in (2, 4, 6, 7)}
+    # 2 and 6 one step late; 4 at once (validation follows); 7 at once (the last step)
+    assert written_at == {2: 3, 4: 4, 6: 7, 7: 7}
+    assert trainer.final_loss == losses[-1]

@@ -10,6 +10,29 @@ from typing import Any
 from sd35hub.paths import atomic_write
 
 
+class PendingLog:
+    """A log point's record and its loss, copied to pinned host memory without waiting for the GPU;
+    :meth:`loss` waits for that copy only (the trainer reads it one step later)."""
+
+    def __init__(self, record: dict[str, Any], loss: Any) -> None:
+        import torch
+
+        self.record, self.event = record, None
+        loss = loss.detach()
+        if loss.is_cuda:
+            self.host = torch.empty(loss.shape, dtype=loss.dtype, pin_memory=True)
+            self.host.copy_(loss, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host = loss
+
+    def loss(self) -> float:
+        if self.event is not None:
+            self.event.synchronize()
+        return float(self.host)
+
+
 class MetricsLog:
     """Append-only JSONL; on resume, lines past the checkpoint's step are dropped (they were not kept)."""
 

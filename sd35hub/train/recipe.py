@@ -33,8 +33,9 @@ from sd35hub.train import checkpoint as ckpt
 from sd35hub.train import outputs, validation
 from sd35hub.train.distributed import any_process, check_same_resume_step, launched_without_cuda
 from sd35hub.train.flow import draw_noise_and_sigmas, flow_loss
+from sd35hub.train.metrics import PendingLog
 from sd35hub.train.outputs import TrainResult
-from sd35hub.train.speed import attention_backend, to_device
+from sd35hub.train.speed import attention_backend, eager, to_device
 
 StepCallback = Callable[["Trainer"], None]
 
@@ -231,31 +232,37 @@ class Trainer:
                    desc="training", unit="step", dynamic_ncols=True)
         self.start_time = time.perf_counter()
         self.final_loss: float | None = None
-        # The loss stays on the device between log points: reading it every step would make the host
-        # wait for the GPU each step, and the next batch could not be loaded while the GPU works.
+        # The loss stays on the device: a log point copies it to the host asynchronously and reads it
+        # one step later, once the next step is queued, so the GPU never drains for logging and the
+        # next batch loads while the GPU works. Validation and checkpoints read it at once.
         window_start, window_first = time.perf_counter(), state.step
+        pending: PendingLog | None = None
         try:
             while state.step < self.total_steps:
                 loss_t = self._step()
                 state.step += 1
+                if pending is not None:  # the previous log point: its step has run (or runs) on the GPU
+                    self._emit_log(pending, bar)
+                    pending = None
+                validating = bool(t.validation_every) and state.step % t.validation_every == 0 and state.step < self.total_steps
+                # the last step's checkpoint is written once, after the final validation below
+                checkpointing = bool(t.checkpoint_every) and state.step % t.checkpoint_every == 0 and state.step < self.total_steps
                 if state.step % t.log_every == 0 or state.step == self.total_steps:
-                    loss = float(loss_t)  # the one host<->device sync per log window
                     now = time.perf_counter()
                     seconds = (now - window_start) / max(state.step - window_first, 1)
                     window_start, window_first = now, state.step
-                    record = {"step": state.step, "loss": loss, "lr": self.scheduler.get_last_lr()[0],
-                              "s_per_step": round(seconds, 4), "samples_seen": state.samples_seen, "epoch": state.epoch}
+                    record = {"step": state.step, "lr": self.scheduler.get_last_lr()[0], "s_per_step": round(seconds, 4),
+                              "samples_seen": state.samples_seen, "epoch": state.epoch}
                     if self.device.type == "cuda":
                         record["gpu_mem_gib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 2)
-                    self.final_loss = loss
-                    self._log_record(record)
-                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", s_step=f"{seconds:.2f}",
-                                    **({"mem": f"{record['gpu_mem_gib']}G"} if "gpu_mem_gib" in record else {}))
+                    pending = PendingLog(record, loss_t)
+                    if validating or checkpointing or state.step == self.total_steps:
+                        self._emit_log(pending, bar)
+                        pending = None
                 bar.update(1)
-                if t.validation_every and state.step % t.validation_every == 0 and state.step < self.total_steps:
+                if validating:
                     self.validate(state.step)
-                # the last step's checkpoint is written once, after the final validation below
-                if t.checkpoint_every and state.step % t.checkpoint_every == 0 and state.step < self.total_steps:
+                if checkpointing:
                     self.save_checkpoint()
                 if self.on_step is not None:
                     self.on_step(self)
@@ -267,6 +274,8 @@ class Trainer:
             self.final_validation_loss = self.validate(state.step)
             self.save_checkpoint()  # the end state, so a later run can continue with more steps
         except KeyboardInterrupt:
+            if pending is not None:
+                self._emit_log(pending, bar)
             bar.close()
             path = self.save_checkpoint() or self.checkpoint_dir / ckpt.checkpoint_name(state.step)  # rank 0 wrote it
             raise TrainingInterrupted(
@@ -321,6 +330,15 @@ class Trainer:
         state.epoch, state.batch_in_epoch = divmod(nxt, self.batches_per_epoch)
         return acc.reduce(torch.stack(losses).mean(), reduction="mean")  # a device tensor: no sync here
 
+    def _emit_log(self, pending: PendingLog, bar: Any) -> None:
+        """Write a log point's record with its loss (waits for that step's GPU work only)."""
+        rest = dict(pending.record)
+        record = {"step": rest.pop("step"), "loss": pending.loss(), **rest}
+        self.final_loss = record["loss"]
+        self._log_record(record)
+        bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", s_step=f"{record['s_per_step']:.2f}",
+                        **({"mem": f"{record['gpu_mem_gib']}G"} if "gpu_mem_gib" in record else {}))
+
     def _log_record(self, record: dict[str, Any]) -> None:
         self.records.append(record)
         if self.metrics is not None:
@@ -334,8 +352,6 @@ class Trainer:
     # ------------------------------------------------------------------------ validation + ckpt
     def validate(self, step: int) -> float | None:
         """Held-out loss + a base-vs-LoRA grid (main process); every process waits for it."""
-        from sd35hub.train.speed import eager
-
         loss = None
         if self.main:
             model = self.acc.unwrap_model(self.transformer)
