@@ -7,6 +7,8 @@
 #   bash benchmarks/gpu_runs.sh large   one H100: Large h100 through `sd35hub train`, same-run bench reference vs ours
 #   bash benchmarks/gpu_runs.sh ddp     kind nvidia-h100-x2: 1 vs 2 GPUs at global batch 4, then the Medium bench (run 8)
 #   bash benchmarks/gpu_runs.sh ddp8    kind nvidia-h100-x2: 1 vs 2 GPUs at global batch 8; T4-profile host profile (run 9)
+#   bash benchmarks/gpu_runs.sh next    one H100: what is not measured yet — Medium busy after the no-drain log points,
+#                                       and the T4 fp16 + grad-scaler path (an H100 forced to the t4 profile uses bf16)
 # Device-tool usage: carry .whl (../shared/device/pack-wheels.sh output). Results land in $OUT as JSON;
 # copy them to benchmarks/results/ and update docs/performance.md.
 set -uo pipefail
@@ -60,5 +62,11 @@ case "${1:-e2e}" in
       --out "$OUT" --name medium_2gpu_b4 data.source=/tmp/sq train.batch_size=4 2>&1 | quiet \
       | grep -v -E '^\s+("name"|"calls"|"ms_per_step"|\{|\},?)' | tail -40
     e2e 130 --model-dir /tmp/rm --profile t4 --steps 8 --window 3 --name medium_t4_host --cpu-profile
+    ;;
+  next)
+    python3 benchmarks/random_model.py medium /tmp/rm | tail -1
+    e2e 150 --model-dir /tmp/rm --profile h100 --steps 30 --window 10 --name medium_h100_nodrain
+    e2e 150 --model-dir /tmp/rm --profile t4 --steps 12 --window 4 --name medium_t4_fp16 \
+      train.mixed_precision=fp16 model.dtype=fp16
     ;;
 esac
