@@ -283,6 +283,7 @@ def test_compiled_blocks_compile_training_shapes_only(tmp_path, cache_dir, monke
         return gm.forward
 
     torch._dynamo.reset()
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # compile_blocks keeps an explicit one
     monkeypatch.setattr(speed, "COMPILE_BACKEND", counting_backend)
     monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
     try:
@@ -331,3 +332,21 @@ def test_log_points_are_written_one_step_late_in_order_with_the_exact_loss(tmp_p
     # 2 and 6 one step late; 4 at once (validation follows); 7 at once (the last step)
     assert written_at == {2: 3, 4: 4, 6: 7, 7: 7}
     assert trainer.final_loss == losses[-1]
+
+
+def test_compile_cache_lives_in_the_sd35hub_cache_unless_set(tmp_path, monkeypatch):
+    import os
+
+    from sd35hub.train import speed
+
+    monkeypatch.setenv("SD35HUB_CACHE", str(tmp_path / "c"))
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    assert speed.keep_compile_cache() == tmp_path / "c" / "inductor"
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "c" / "inductor")  # what inductor reads
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    assert speed.keep_compile_cache() == tmp_path / "mine"
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    cache_dir()  # inductor fills in its /tmp default, as torch._dynamo.reset() does
+    assert speed.keep_compile_cache() == tmp_path / "c" / "inductor"

@@ -8,7 +8,9 @@ benchmarks/NOTES.md.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -42,6 +44,7 @@ def compile_blocks(transformer: Any, *, mode: str | None = "auto", fullgraph: bo
     :func:`eager` so they add no graphs of their own.
     """
     allow_recompiles()
+    keep_compile_cache()
     if mode == "auto":
         on_gpu = next(transformer.parameters()).is_cuda
         checkpointing = getattr(transformer, "gradient_checkpointing", False)
@@ -54,6 +57,23 @@ def compile_blocks(transformer: Any, *, mode: str | None = "auto", fullgraph: bo
         transformer.register_forward_pre_hook(lambda module, args: torch.compiler.cudagraph_mark_step_begin())
         transformer._sd35hub_graph_steps = True
     return len(blocks)
+
+
+def keep_compile_cache() -> Path:
+    """Keep inductor's on-disk cache (compiled kernels and graphs) in ``$SD35HUB_CACHE/inductor``
+    instead of /tmp, so later runs skip most of the warm-up; a TORCHINDUCTOR_CACHE_DIR set by the user
+    wins. (Inductor writes its /tmp default into that variable the first time it looks, e.g. on
+    ``torch._dynamo.reset()``, so that value counts as unset.)"""
+    from sd35hub.paths import default_cache_dir
+
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir as inductor_default
+    except ImportError:  # another torch layout: only an unset variable is ours to fill
+        inductor_default = None
+    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if current is None or (inductor_default is not None and current == inductor_default()):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(default_cache_dir() / "inductor")
+    return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
 
 
 def reset_compiler(recompile_limit: int = 64) -> None:
