@@ -7,7 +7,7 @@
 #   bash benchmarks/gpu_runs.sh large   one H100: Large h100 through `sd35hub train`, same-run bench reference vs ours
 #   bash benchmarks/gpu_runs.sh ddp     kind nvidia-h100-x2: 1 vs 2 GPUs at global batch 4, then the Medium bench (run 8)
 #   bash benchmarks/gpu_runs.sh ddp8    kind nvidia-h100-x2: 1 vs 2 GPUs at global batch 8; T4-profile host profile (run 9)
-#   bash benchmarks/gpu_runs.sh next    one H100: what is not measured yet — Medium busy after the no-drain log points, compile cache,
+#   bash benchmarks/gpu_runs.sh next    one H100, ~9 min: what is not measured yet — Medium busy after the no-drain log points, compile cache, three buckets,
 #                                       and the T4 fp16 + grad-scaler path (an H100 forced to the t4 profile uses bf16)
 # Device-tool usage: carry .whl (../shared/device/pack-wheels.sh output). Results land in $OUT as JSON;
 # copy them to benchmarks/results/ and update docs/performance.md.
@@ -69,5 +69,9 @@ case "${1:-e2e}" in
     e2e 150 --model-dir /tmp/rm --profile t4 --steps 12 --window 4 --name medium_t4_fp16 \
       train.mixed_precision=fp16 model.dtype=fp16
     timeout 200 python3 benchmarks/compile_cache.py --model medium 2>&1 | quiet | tail -3
+    # three aspect buckets: warm-up (a compile per bucket shape) and peak memory (CUDA graphs per shape)
+    python3 benchmarks/square_dataset.py /tmp/mix 36 --aspects 1,1.5,0.67 >/dev/null
+    timeout 240 python3 benchmarks/train_e2e.py --out "$OUT" --model-dir /tmp/rm --profile h100 --steps 30 --window 10 \
+      --name medium_h100_3buckets data.source=/tmp/mix 2>&1 | quiet | grep -E "done:|s_per_step|gpu_busy|peak|wall_total"
     ;;
 esac
