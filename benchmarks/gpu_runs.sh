@@ -69,9 +69,10 @@ case "${1:-e2e}" in
     e2e 150 --model-dir /tmp/rm --profile t4 --steps 12 --window 4 --name medium_t4_fp16 \
       train.mixed_precision=fp16 model.dtype=fp16
     timeout 200 python3 benchmarks/compile_cache.py --model medium 2>&1 | quiet | tail -3
-    # three aspect buckets: warm-up (a compile per bucket shape) and peak memory (CUDA graphs per shape)
+    # three aspect buckets: warm-up (a compile per bucket shape), peak memory (CUDA graphs per shape), and
+    # validation in the middle of CUDA-graphed training (eager blocks in between graph replays)
     python3 benchmarks/square_dataset.py /tmp/mix 36 --aspects 1,1.5,0.67 >/dev/null
     timeout 240 python3 benchmarks/train_e2e.py --out "$OUT" --model-dir /tmp/rm --profile h100 --steps 30 --window 10 \
-      --name medium_h100_3buckets data.source=/tmp/mix 2>&1 | quiet | grep -E "done:|s_per_step|gpu_busy|peak|wall_total"
+      --name medium_h100_3buckets data.source=/tmp/mix train.validation_every=12 2>&1 | quiet | grep -E "done:|s_per_step|gpu_busy|peak|wall_total"
     ;;
 esac
