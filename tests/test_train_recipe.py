@@ -294,7 +294,7 @@ def test_compiled_blocks_compile_training_shapes_only(tmp_path, cache_dir, monke
     assert compiled, "no block was compiled"
     assert all(grad for grad, _ in compiled), compiled  # nothing compiled under no_grad (held-out loss, sampling)
     assert {shape[0] for _, shape in compiled} == {2}  # the training batch size, not the held-out/sampling batches
-    assert torch._dynamo.config.recompile_limit >= 64
+    assert torch._dynamo.config.recompile_limit >= speed.RECOMPILE_LIMIT >= 3 * 13 * 2  # kinds x buckets x sizes
     assert json.loads((result.output_dir / "summary.json").read_text())["validation_loss"] is not None
 
 
