@@ -47,9 +47,11 @@ def main() -> None:
         env = {**os.environ, "SD35HUB_CACHE": cache}
         env.pop("TORCHINDUCTOR_CACHE_DIR", None)
         for label in ("fresh cache", "second run, same cache"):
-            out = subprocess.run([sys.executable, __file__, "--child", "--model", args.model, "--resolution", str(resolution)],
-                                 env=env, capture_output=True, text=True, check=True).stdout
-            result = json.loads(out.strip().splitlines()[-1])
+            run = subprocess.run([sys.executable, __file__, "--child", "--model", args.model, "--resolution", str(resolution)],
+                                 env=env, capture_output=True, text=True)
+            if run.returncode != 0:
+                sys.exit(f"{label}: the child process failed (exit {run.returncode}):\n{run.stderr[-3000:]}")
+            result = json.loads(run.stdout.strip().splitlines()[-1])
             print(f"{label:24s} warm-up {result['warmup_s']:7.2f} s   step {result['s_per_step']:.4f} s   ({result['device']})")
         print(f"inductor cache: {sum(1 for _ in Path(cache, 'inductor').rglob('*'))} files under $SD35HUB_CACHE/inductor")
 
