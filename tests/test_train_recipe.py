@@ -285,16 +285,17 @@ def test_compiled_blocks_compile_training_shapes_only(tmp_path, cache_dir, monke
     torch._dynamo.reset()
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # compile_blocks keeps an explicit one
     monkeypatch.setattr(speed, "COMPILE_BACKEND", counting_backend)
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
     try:
-        result = recipe.train(tiny_config(tmp_path / "run", cache_dir, max_steps=4, validation_every=2, compile=True),
-                              log=lambda s: None, progress=False)
+        with torch._dynamo.config.patch(recompile_limit=8, accumulated_recompile_limit=256):  # dynamo's defaults
+            result = recipe.train(tiny_config(tmp_path / "run", cache_dir, max_steps=4, validation_every=2, compile=True),
+                                  log=lambda s: None, progress=False)
+            raised_to = torch._dynamo.config.recompile_limit
     finally:
         torch._dynamo.reset()
     assert compiled, "no block was compiled"
     assert all(grad for grad, _ in compiled), compiled  # nothing compiled under no_grad (held-out loss, sampling)
     assert {shape[0] for _, shape in compiled} == {2}  # the training batch size, not the held-out/sampling batches
-    assert torch._dynamo.config.recompile_limit >= speed.RECOMPILE_LIMIT >= 3 * 13 * 2  # kinds x buckets x sizes
+    assert raised_to >= speed.RECOMPILE_LIMIT >= 3 * 6 * 2  # kinds x token counts x batch sizes
     assert json.loads((result.output_dir / "summary.json").read_text())["validation_loss"] is not None
 
 
@@ -350,3 +351,37 @@ def test_compile_cache_lives_in_the_sd35hub_cache_unless_set(tmp_path, monkeypat
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
     cache_dir()  # inductor fills in its /tmp default, as torch._dynamo.reset() does
     assert speed.keep_compile_cache() == tmp_path / "c" / "inductor"
+
+
+@pytest.mark.parametrize("batch_shapes", [1, 4])
+def test_compile_blocks_is_static_for_few_shapes_and_dynamic_for_many(batch_shapes, monkeypatch, tmp_path):
+    """Few input shapes: one static graph each. Many (several aspect buckets): automatic dynamic shapes,
+    so a few graphs per block kind cover them all instead of one compile per shape and kind."""
+    import torch._dynamo
+    from diffusers import SD3Transformer2DModel
+
+    from sd35hub.models.tiny import TRANSFORMER_CONFIG
+    from sd35hub.train import speed
+
+    graphs: list[int] = []
+    monkeypatch.setattr(speed, "COMPILE_BACKEND", lambda gm, example_inputs: graphs.append(1) or gm.forward)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    torch.manual_seed(0)
+    transformer = SD3Transformer2DModel(**TRANSFORMER_CONFIG)
+    torch._dynamo.reset()
+    try:
+        speed.compile_blocks(transformer, batch_shapes=batch_shapes)
+        latent_sides = [(16, 16), (16, 24), (24, 24), (24, 32), (32, 32)]  # 5 token counts, batch 2
+        g = torch.Generator().manual_seed(0)
+        for h, w in latent_sides:
+            out = transformer(hidden_states=torch.randn(2, 16, h, w, generator=g), timestep=torch.tensor([500.0, 20.0]),
+                              encoder_hidden_states=torch.randn(2, 12, 64, generator=g),
+                              pooled_projections=torch.randn(2, 64, generator=g), return_dict=False)[0]
+            out.mean().backward()
+    finally:
+        torch._dynamo.reset()
+    kinds = 2  # the tiny transformer's block kinds: dual attention (blocks 0, 1), the last context_pre_only (2)
+    if batch_shapes <= 2:
+        assert len(graphs) == kinds * len(latent_sides)
+    else:
+        assert len(graphs) <= kinds * 2  # static for the first shape, one dynamic graph for the rest

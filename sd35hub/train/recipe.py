@@ -128,16 +128,21 @@ class Trainer:
         self.named_params = {n: p for n, p in transformer.named_parameters() if p.requires_grad}
         if train.gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
-        if train.compile:
-            from sd35hub.train.speed import compile_blocks
-
-            compile_blocks(transformer, gradient_accumulation=train.gradient_accumulation)
-        optimizer = build_optimizer(self.params, train)
-        self.transformer, self.optimizer = acc.prepare(transformer, optimizer)
         self.batches = CachedBatches(self.index, batch_size=train.batch_size, seed=train.seed,
                                      holdout=cfg.data.holdout, caption_dropout=cfg.data.caption_dropout)
         self._epoch_cache: dict[int, list[Any]] = {}
         self.batches_per_epoch = len(self._epoch(0))
+        if train.compile:
+            from sd35hub.train.speed import compile_blocks
+
+            # what a block sees: (tokens = bucket area, batch size); w x h and h x w are the same shape
+            shapes = {(ref.bucket[0] * ref.bucket[1], len(ref.entries)) for ref in self._epoch(0)}  # every epoch
+            compile_blocks(transformer, gradient_accumulation=train.gradient_accumulation, batch_shapes=len(shapes))
+            if self.main:
+                self.log(f"compiling the transformer blocks for {len(shapes)} input shape(s) (bucket area x batch size)"
+                         + ("; shapes that change become dynamic" if len(shapes) > 2 else ""))
+        optimizer = build_optimizer(self.params, train)
+        self.transformer, self.optimizer = acc.prepare(transformer, optimizer)
         self.micro_per_step = acc.num_processes * train.gradient_accumulation
         self.total_steps = train.max_steps or max(1, train.epochs * self.batches_per_epoch // self.micro_per_step)
         self.scheduler = build_scheduler(optimizer, train, self.total_steps)

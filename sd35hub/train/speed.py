@@ -22,7 +22,7 @@ COMPILE_BACKEND: Any = "inductor"  # torch.compile backend for the blocks (tests
 
 
 def compile_blocks(transformer: Any, *, mode: str | None = "auto", fullgraph: bool = False,
-                   gradient_accumulation: int = 1) -> int:
+                   gradient_accumulation: int = 1, batch_shapes: int = 1) -> int:
     """torch.compile each transformer block in place ("regional compilation").
 
     The blocks share one code path, so dynamo traces it once per block *kind* (normal,
@@ -42,6 +42,14 @@ def compile_blocks(transformer: Any, *, mode: str | None = "auto", fullgraph: bo
     so dynamo's default recompile limit (8) is raised (:data:`RECOMPILE_LIMIT`): past it, dynamo silently runs the block
     eagerly (measured on an H100: Medium `sd35hub train` 0.575 s/step that way, 0.309 s compiled).
     Validation and sampling should run under :func:`eager` so they add no graphs of their own.
+
+    ``batch_shapes``: how many block input shapes (token count = bucket area, batch size) training
+    will feed. Up to 2, every shape gets its own static graph (the measured fastest kernels; e.g. one
+    more compile for a smaller last batch). Beyond that (several aspect buckets: 6 token counts x 2
+    batch sizes at 1024 px, each a compile of every block kind), dynamo's automatic dynamic shapes turn
+    the dimensions that change into symbols after the first change, so a few graphs cover every
+    bucket (batch size 1 stays a graph of its own: dynamo specializes sizes 0 and 1). CUDA graphs are
+    still recorded per shape.
     """
     allow_recompiles()
     keep_compile_cache()
@@ -51,8 +59,9 @@ def compile_blocks(transformer: Any, *, mode: str | None = "auto", fullgraph: bo
         mode = "reduce-overhead" if on_gpu and not checkpointing and gradient_accumulation == 1 else None
     blocks = transformer.transformer_blocks
     options = {"mode": mode} if COMPILE_BACKEND == "inductor" else {}
+    dynamic = None if batch_shapes > 2 else False  # None: static first, dynamic once a shape changes
     for block in blocks:
-        block.compile(backend=COMPILE_BACKEND, fullgraph=fullgraph, dynamic=False, **options)
+        block.compile(backend=COMPILE_BACKEND, fullgraph=fullgraph, dynamic=dynamic, **options)
     if mode == "reduce-overhead" and not getattr(transformer, "_sd35hub_graph_steps", False):
         transformer.register_forward_pre_hook(lambda module, args: torch.compiler.cudagraph_mark_step_begin())
         transformer._sd35hub_graph_steps = True
@@ -76,8 +85,9 @@ def keep_compile_cache() -> Path:
     return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
 
 
-# Graphs one compiled block function may hold: block kinds (Medium 3, Large 2) x aspect buckets (13 at
-# 1024 px) x batch sizes (a bucket's last batch of an epoch may be smaller): 3 x 13 x 2 = 78 at most.
+# Graphs one compiled block function may hold when compiled statically: block kinds (Medium 3, Large 2)
+# x token counts (13 buckets at 1024 px have 6 distinct areas) x batch sizes (a bucket's last batch of
+# an epoch may be smaller) = 36, x ~2 for any other guard split. compile_blocks goes dynamic past 2 shapes anyway.
 RECOMPILE_LIMIT = 128
 
 
