@@ -40,12 +40,17 @@ class UploadRoutes:
         raise HubError(405, f"{method} not allowed on branches")
 
     # -- uploads ----------------------------------------------------------------------------------
-    def _preupload(self, repo: Repo, revision: str, token: Token | None) -> int:
+    def _check_commit_rights(self, repo: Repo, token: Token | None) -> bool:
+        """A commit to the repo needs write access; a pull request only a signed-in user. Returns create_pr."""
         create_pr = self._flag("create_pr")
         if not create_pr:
             self._require_write(repo, token)
         elif token is None:
             raise HubError(401, "You must be authenticated to open a pull request")
+        return create_pr
+
+    def _preupload(self, repo: Repo, revision: str, token: Token | None) -> int:
+        create_pr = self._check_commit_rights(repo, token)
         existing = repo.resolve(revision)
         if existing is None and not create_pr:
             raise HubError(404, f"Invalid rev id: {revision}", "RevisionNotFound")
@@ -64,11 +69,7 @@ class UploadRoutes:
         return self._json({"files": answer, "commitOid": existing.oid if existing else None})
 
     def _commit(self, repo: Repo, revision: str, token: Token | None) -> int:
-        create_pr = self._flag("create_pr")
-        if not create_pr:
-            self._require_write(repo, token)
-        elif token is None:
-            raise HubError(401, "You must be authenticated to open a pull request")
+        create_pr = self._check_commit_rights(repo, token)
         assert token is not None
         header: dict[str, Any] = {}
         additions: dict[str, bytes] = {}
