@@ -64,17 +64,9 @@ def main() -> None:
             events = window["prof"].key_averages()
             window["kernel_s"] = sum(e.self_device_time_total for e in events) / 1e6
             window["kernel_span_s"] = kernel_span_s(window["prof"])
+            window["top_kernels"] = top_events(events, "self_device_time_total", args.window, 25)
             if args.cpu_profile:
-                host = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:30]
-                window["top_host_ops"] = [
-                    {"name": e.key[:120], "calls": e.count, "ms_per_step": round(e.self_cpu_time_total / 1e3 / args.window, 3)}
-                    for e in host
-                ]
-            top = sorted(events, key=lambda e: e.self_device_time_total, reverse=True)[:25]
-            window["top_kernels"] = [
-                {"name": e.key[:120], "calls": e.count, "ms_per_step": round(e.self_device_time_total / 1e3 / args.window, 3)}
-                for e in top
-            ]
+                window["top_host_ops"] = top_events(events, "self_cpu_time_total", args.window, 30)
             window["prof"] = None
 
     explicit = {o.split("=")[0] for o in args.overrides}
@@ -106,6 +98,12 @@ def main() -> None:
     print(json.dumps(report, indent=2), flush=True)
     suffix = f".rank{rank}" if world > 1 else ""
     (args.out / f"{args.name}{suffix}.json").write_text(json.dumps(report, indent=2))
+
+
+def top_events(events, time_attr: str, steps: int, count: int) -> list[dict]:  # noqa: ANN001
+    """The ``count`` profiler events with the most ``time_attr`` (µs), as ms per optimizer step."""
+    top = sorted(events, key=lambda e: getattr(e, time_attr), reverse=True)[:count]
+    return [{"name": e.key[:120], "calls": e.count, "ms_per_step": round(getattr(e, time_attr) / 1e3 / steps, 3)} for e in top]
 
 
 def kernel_span_s(prof) -> float | None:  # noqa: ANN001

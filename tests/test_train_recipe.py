@@ -269,8 +269,8 @@ def test_cli_flags_are_explicit_keys():
 
 def test_compiled_blocks_compile_training_shapes_only(tmp_path, cache_dir, monkeypatch):
     """train.compile: the blocks compile for the training step; held-out loss and validation sampling
-    (other shapes, no_grad) run them eagerly, so they add no graphs; the recompile limit allows one
-    graph per block kind x bucket (past dynamo's default 8 it would silently fall back to eager)."""
+    (other shapes, no_grad) run them eagerly, so they add no graphs; the recompile limit covers every
+    block kind x token count x batch size (past dynamo's default 8 it would silently fall back to eager)."""
     import torch._dynamo
 
     from sd35hub.train import speed
