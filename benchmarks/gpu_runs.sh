@@ -4,9 +4,10 @@
 #                                       with GPU busy and top kernels (run 7)
 #   bash benchmarks/gpu_runs.sh ddp     kind nvidia-h100-x2: 1 vs 2 GPUs at global batch 4, then the Medium bench (run 8)
 #   bash benchmarks/gpu_runs.sh ddp8    kind nvidia-h100-x2: 1 vs 2 GPUs at global batch 8; T4-profile host profile (run 9)
-#   bash benchmarks/gpu_runs.sh next    one H100, ~9 min: what is not measured yet — Medium busy after the no-drain
-#                                       log points, the T4 fp16 + grad-scaler path (an H100 forced to the t4 profile
-#                                       uses bf16), the compile cache, three aspect buckets
+#   bash benchmarks/gpu_runs.sh next    one H100, ~6 min: Medium busy after the no-drain log points, the T4 fp16 +
+#                                       grad-scaler path (an H100 forced to the t4 profile uses bf16), the compile cache
+#   bash benchmarks/gpu_runs.sh buckets one H100, ~5 min: three aspect buckets (dynamic-shape compile, CUDA graphs
+#                                       per shape, validation in the middle of CUDA-graphed training)
 # The bench-only runs (1-3, 6) are single gpu_bench.py commands, listed in docs/performance.md.
 # Device-tool usage: carry .whl (../shared/device/pack-wheels.sh output). Results land in $OUT as JSON;
 # copy them to benchmarks/results/ and update docs/performance.md.
@@ -52,11 +53,13 @@ case "${1:-train}" in
     e2e 150 --model-dir /tmp/rm --profile t4 --steps 12 --window 4 --name medium_t4_fp16 \
       train.mixed_precision=fp16 model.dtype=fp16
     timeout 200 python3 benchmarks/compile_cache.py --model medium 2>&1 | quiet | tail -3
+    ;;
+  buckets)
     # three aspect buckets: warm-up (dynamic-shape compile), peak memory (CUDA graphs per shape), and
     # validation in the middle of CUDA-graphed training (eager blocks in between graph replays)
     python3 benchmarks/square_dataset.py /tmp/mix 36 --aspects 1,1.5,0.67 >/dev/null
     DATA=/tmp/mix e2e 240 --model-dir /tmp/rm --profile h100 --steps 30 --window 10 --name medium_h100_3buckets \
       train.validation_every=12
     ;;
-  *) echo "usage: bash benchmarks/gpu_runs.sh train|ddp|ddp8|next" >&2; exit 2 ;;
+  *) echo "usage: bash benchmarks/gpu_runs.sh train|ddp|ddp8|next|buckets" >&2; exit 2 ;;
 esac
