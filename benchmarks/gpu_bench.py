@@ -35,6 +35,7 @@ VARIANTS = {
     "h100-cg": replace(B.PROFILE_STEPS["h100"], name="ours compile reduce-overhead", compile_mode="reduce-overhead"),
     "h100-mat": replace(B.PROFILE_STEPS["h100"], name="ours compile max-autotune", compile_mode="max-autotune-no-cudagraphs"),
     "h100-nocg": replace(B.PROFILE_STEPS["h100"], name="ours compile, no CUDA graphs", compile_mode=None),
+    "h100-fp8": replace(B.PROFILE_STEPS["h100"], name="ours h100 + FP8 base", float8=True),
     "t4-cg": replace(B.PROFILE_STEPS["t4"], name="ours nf4 + ckpt + CUDA graphs", compile_mode="reduce-overhead"),
     "t4": B.PROFILE_STEPS["t4"],
     "t4-ckpt2": replace(B.PROFILE_STEPS["t4"], name="ours nf4 + ckpt/2 + compile", checkpoint_every=2),

@@ -6,8 +6,11 @@
 #   bash benchmarks/gpu_runs.sh ddp8    kind nvidia-h100-x2: 1 vs 2 GPUs at global batch 8; T4-profile host profile (run 9)
 #   bash benchmarks/gpu_runs.sh next    one H100, ~6 min: Medium busy after the no-drain log points, the T4 fp16 +
 #                                       grad-scaler path (an H100 forced to the t4 profile uses bf16), the compile cache
-#   bash benchmarks/gpu_runs.sh buckets one H100, ~5 min: three aspect buckets (dynamic-shape compile, CUDA graphs
-#                                       per shape, validation in the middle of CUDA-graphed training)
+#   bash benchmarks/gpu_runs.sh buckets ["dynamic static fill"]   one H100, ~3 min each: three aspect buckets
+#                                       (dynamic vs static compile, partial batches filled, CUDA graphs per shape,
+#                                       validation in the middle of CUDA-graphed training)
+#   bash benchmarks/gpu_runs.sh fp8     one H100, ~8 min: same-run bench of the FP8 base (carry .whl and .whlx, the
+#                                       torchao wheel); fp8-train: Large bf16 vs FP8 loss curves through `sd35hub train`
 # The bench-only runs (1-3, 6) are single gpu_bench.py commands, listed in docs/performance.md.
 # Device-tool usage: carry .whl (../shared/device/pack-wheels.sh output). Results land in $OUT as JSON;
 # copy them to benchmarks/results/ and update docs/performance.md.
@@ -55,11 +58,34 @@ case "${1:-train}" in
     timeout 200 python3 benchmarks/compile_cache.py --model medium 2>&1 | quiet | tail -3
     ;;
   buckets)
-    # three aspect buckets: warm-up (dynamic-shape compile), peak memory (CUDA graphs per shape), and
-    # validation in the middle of CUDA-graphed training (eager blocks in between graph replays)
+    # three aspect buckets (two token counts) with validation in the middle of CUDA-graphed training; variants
+    # (default all): dynamic = the blocks' automatic dynamic shapes (what `auto` picks past 2 shapes), static =
+    # one graph per (token count, batch size), fill = partial batches filled (one batch size) -> 2 static shapes
     python3 benchmarks/square_dataset.py /tmp/mix 36 --aspects 1,1.5,0.67 >/dev/null
-    DATA=/tmp/mix e2e 240 --model-dir /tmp/rm --profile h100 --steps 30 --window 10 --name medium_h100_3buckets \
-      train.validation_every=12
+    for v in ${2:-dynamic static fill}; do
+      case $v in
+        dynamic) extra=(train.compile_shapes=dynamic) ;;
+        static) extra=(train.compile_shapes=static) ;;
+        fill) extra=(data.partial_batches=fill) ;;
+      esac
+      DATA=/tmp/mix e2e 240 --model-dir /tmp/rm --profile h100 --steps 30 --window 10 --name "medium_3buckets_$v" \
+        train.validation_every=15 "${extra[@]}"
+      rm -rf "$OUT/medium_3buckets_$v"
+    done
     ;;
-  *) echo "usage: bash benchmarks/gpu_runs.sh train|ddp|ddp8|next|buckets" >&2; exit 2 ;;
+  fp8)
+    # FP8 base layers (torchao float8, carried in .whlx): the same-run bench, reference vs bf16 vs FP8
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whlx/*.whl || exit 1
+    timeout 560 python3 benchmarks/gpu_bench.py --out "$OUT/bench" --models large,medium --variants ref,h100,h100-fp8 \
+      --steps 8 2>&1 | quiet | grep -v Traceback | tail -30
+    ;;
+  fp8-train)
+    # the loss curve with FP8 base layers: Large through `sd35hub train`, bf16 then FP8, same seed and data
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whlx/*.whl || exit 1
+    python3 benchmarks/random_model.py large /tmp/rl | tail -1
+    e2e 240 --model-dir /tmp/rl --profile h100 --steps 30 --window 8 --name large_bf16 train.log_every=1
+    e2e 240 --model-dir /tmp/rl --profile h100 --steps 30 --window 8 --name large_fp8 train.log_every=1 model.float8=true
+    for n in large_bf16 large_fp8; do cp "$OUT/$n/logs/metrics.jsonl" "$OUT/$n.metrics.jsonl"; rm -rf "${OUT:?}/$n"; done
+    ;;
+  *) echo "usage: bash benchmarks/gpu_runs.sh train|ddp|ddp8|next|buckets|fp8|fp8-train" >&2; exit 2 ;;
 esac

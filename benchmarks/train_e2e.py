@@ -14,6 +14,7 @@ import json
 import os
 import sys
 import time
+from itertools import pairwise
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -46,12 +47,15 @@ def main() -> None:
     cfg = load_config(None, overrides)
     start = max(args.steps - args.window - 2, 3)
     window = {"prof": None, "t0": 0.0, "steps": 0}
+    step_ends: list[float] = []  # host time at each optimizer step's end (recompiles and graph recordings show here)
 
     def on_step(trainer) -> None:  # noqa: ANN001
         step = trainer.state.step
+        step_ends.append(time.perf_counter())
         if not torch.cuda.is_available():
             return
         if step == start:
+            window["samples0"] = trainer.state.samples_seen
             torch.cuda.synchronize()
             activities = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if args.cpu_profile else [])
             window["prof"] = profile(activities=activities)
@@ -60,6 +64,7 @@ def main() -> None:
         elif window["prof"] is not None and step == start + args.window:
             torch.cuda.synchronize()
             window["wall"] = time.perf_counter() - window["t0"]
+            window["samples"] = trainer.state.samples_seen - window["samples0"]
             window["prof"].__exit__(None, None, None)
             events = window["prof"].key_averages()
             window["kernel_s"] = sum(e.self_device_time_total for e in events) / 1e6
@@ -88,6 +93,8 @@ def main() -> None:
         # the same over first kernel start -> last kernel end: leaves out the drain that the window's own
         # opening synchronize causes (the host prepares the first step while the GPU waits)
         "gpu_busy_kernel_span": (window["kernel_s"] / window["kernel_span_s"]) if window.get("kernel_span_s") else None,
+        "window_samples_per_s": (window["samples"] / window["wall"]) if "wall" in window else None,
+        "to_first_step_s": round(step_ends[0] - t0, 1) if step_ends else None,
         "adapter": str(result.adapter_path),
         "top_kernels": window.get("top_kernels"),
         "top_host_ops": window.get("top_host_ops"),
@@ -96,6 +103,7 @@ def main() -> None:
         accumulation = summary.get("gradient_accumulation") or 1
         report["global_samples_per_s"] = summary["batch_size"] * accumulation * world / report["s_per_step"]
     print(json.dumps(report, indent=2), flush=True)
+    report["step_wall_s"] = [round(b - a, 3) for a, b in pairwise(step_ends)]
     suffix = f".rank{rank}" if world > 1 else ""
     (args.out / f"{args.name}{suffix}.json").write_text(json.dumps(report, indent=2))
 

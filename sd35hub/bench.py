@@ -53,6 +53,7 @@ class StepVariant:
     attention: str = "auto"  # SDPA backend: auto | cudnn | flash
     fp32_lora: bool = True  # LoRA master weights in fp32 under bf16 autocast
     fused_adamw: bool = False
+    float8: bool = False  # FP8 matmuls for the frozen base (torchao float8; Ada/Hopper)
     reference: bool = False
 
 
@@ -191,6 +192,8 @@ def prepare(transformer: Any, variant: StepVariant, rank: int) -> tuple[Any, Cal
     if variant.fp32_lora:
         for p in params:
             p.data = p.data.float()
+    if variant.float8:
+        speed.float8_base(transformer, emulate=not (params and params[0].is_cuda))
     if variant.checkpoint_every:
         if variant.reference:
             transformer.enable_gradient_checkpointing()

@@ -39,6 +39,8 @@ LOSS_WEIGHTING = ("none", "sigma_sqrt", "cosmap")
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
+PARTIAL_BATCHES = ("keep", "fill", "drop")
+COMPILE_SHAPES = ("auto", "static", "dynamic")
 PROFILES = ("auto", "cpu", "t4", "l4", "a100-40", "a100-80", "h100")
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
@@ -76,6 +78,7 @@ class ModelSpec:
     text_encoder_quantize: str = "none"  # T5-XXL during embedding precompute: none|nf4|int8
     attention: str = "sdpa"  # sdpa (PyTorch, default) | xformers (needs sd35hub[xformers])
     drop_t5: bool = False  # skip T5-XXL entirely (zero embeddings, saves ~9 GB; lower prompt fidelity)
+    float8: bool = False  # FP8 matmuls for the frozen base layers (torchao; L4/H100 class GPUs)
 
     def problems(self) -> list[str]:
         out: list[str] = []
@@ -85,6 +88,9 @@ class ModelSpec:
         out += _choice("model", "quantize", self.quantize, QUANTIZATION)
         out += _choice("model", "text_encoder_quantize", self.text_encoder_quantize, QUANTIZATION)
         out += _choice("model", "attention", self.attention, ATTENTION)
+        if self.float8 and self.quantize != "none":
+            out.append(f"model.float8 and model.quantize={self.quantize} both replace the base layers; choose one "
+                       "(float8 for speed on L4/H100, nf4/int8 for memory)")
         return out
 
 
@@ -109,6 +115,9 @@ class DataSpec:
     holdout: int = 2  # samples kept out of training for the validation loss
     cache_dir: str | None = None  # latent + embedding cache (default: OUTPUT/cache)
     max_sequence_length: int = 77  # T5 tokens (SD3 default 77; up to 256 for long captions)
+    # a bucket's last batch of an epoch when it has fewer than batch_size samples: fill it with other samples
+    # of the same bucket (seen twice that epoch; every batch the same size), keep it smaller, or drop it
+    partial_batches: str = "fill"
 
     def problems(self) -> list[str]:
         out: list[str] = []
@@ -125,6 +134,7 @@ class DataSpec:
         out += _positive("data", "max_samples", self.max_samples, allow_none=True)
         out += _positive("data", "buffer_size", self.buffer_size)
         out += _positive("data", "holdout", self.holdout, zero_ok=True)
+        out += _choice("data", "partial_batches", self.partial_batches, PARTIAL_BATCHES)
         if not 1 <= self.max_sequence_length <= 512:
             out.append(f"data.max_sequence_length={self.max_sequence_length} must be in 1..512")
         return out
@@ -185,6 +195,9 @@ class TrainSpec:
     mixed_precision: str = "auto"  # auto (profile) | no | fp16 (grad scaler, fp32 LoRA) | bf16
     gradient_checkpointing: bool | None = None  # None = from the hardware profile
     compile: bool | None = None  # torch.compile each transformer block; None = from profile
+    # static: one graph per block input shape (bucket area x batch size; one compile each); dynamic: a few
+    # graphs for every shape; auto: static up to 6 shapes
+    compile_shapes: str = "auto"
     profile: str = "auto"  # hardware profile: auto | cpu | t4 | l4 | a100-40 | a100-80 | h100
     ema_decay: float | None = None  # EMA of the LoRA weights (e.g. 0.999); None = off
     # rectified flow: noisy = (1 - sigma) * x0 + sigma * noise, target = noise - x0
@@ -226,6 +239,7 @@ class TrainSpec:
         out += _positive(s, "max_grad_norm", self.max_grad_norm, zero_ok=True)
         out += _choice(s, "mixed_precision", self.mixed_precision, MIXED_PRECISION)
         out += _choice(s, "profile", self.profile, PROFILES)
+        out += _choice(s, "compile_shapes", self.compile_shapes, COMPILE_SHAPES)
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             out.append(f"train.ema_decay={self.ema_decay} must be in (0, 1), e.g. 0.999 (or null to disable)")
         out += _choice(s, "timestep_sampling", self.timestep_sampling, TIMESTEP_SAMPLING)

@@ -174,3 +174,30 @@ def test_sample_latents_formula() -> None:
     latents = sample_latents(mean, std, torch.Generator().manual_seed(1), 0.0609, 1.5305)
     eps = torch.randn(mean.shape, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(latents, (mean + std * eps - 0.0609) * 1.5305)
+
+
+def test_partial_batches_are_filled_kept_or_dropped(tmp_path: Path, pipe) -> None:
+    """A bucket's last, short batch of an epoch: "fill" tops it up with other samples of the same bucket
+    (every batch the same size, so compiled blocks see one batch size), "keep" leaves it short, "drop"
+    skips it; a bucket smaller than one batch stays one short batch under "fill"."""
+    data = make_folder(tmp_path / "data", n=7)  # buckets of 3 (square), 2 and 2 samples
+    index = build(DataSpec(source=str(data), resolution=256, min_size=64), pipe, tmp_path / "cache")
+    by_bucket: dict[tuple[int, int], set[int]] = {}
+    for i, e in enumerate(index.entries):
+        by_bucket.setdefault(e.bucket, set()).add(i)
+    assert sorted(len(v) for v in by_bucket.values()) == [2, 2, 3]
+
+    def epoch(partial: str, batch_size: int, n: int = 0) -> list:
+        return CachedBatches(index, batch_size=batch_size, seed=3, partial=partial).epoch_batches(n)
+
+    keep, fill, drop = epoch("keep", 2), epoch("fill", 2), epoch("drop", 2)
+    assert sorted(len(r.entries) for r in keep) == [1, 2, 2, 2]
+    assert sorted(i for r in keep for i in r.entries) == list(range(7))  # each sample once
+    assert [len(r.entries) for r in fill] == [2, 2, 2, 2] and fill == epoch("fill", 2)
+    assert {i for r in fill for i in r.entries} == set(range(7))  # nobody left out
+    for r in fill:
+        assert len(set(r.entries)) == len(r.entries) and set(r.entries) <= by_bucket[r.bucket]
+    assert sorted(len(r.entries) for r in drop) == [2, 2, 2] and len({i for r in drop for i in r.entries}) == 6
+    assert sorted(len(r.entries) for r in epoch("fill", 3)) == [2, 2, 3]  # 2-sample buckets: too small to fill
+    with pytest.raises(ValueError, match="keep, fill, drop"):
+        CachedBatches(index, batch_size=2, partial="pad")

@@ -8,6 +8,7 @@ import pytest
 
 from sd35hub import hardware
 from sd35hub.config import Config, DataSpec, LoraSpec, TrainSpec, load_config
+from sd35hub.errors import ConfigError
 
 GB = 1024**3
 
@@ -101,3 +102,14 @@ def test_profile_applies_to_a_loaded_config(with_bnb):
     config = load_config(None, ["train.mixed_precision=bf16", "model.quantize=none"])
     resolved, _ = hardware.apply_profile(config, hardware.detect_profile("auto", T4), explicit={"model.quantize"})
     assert resolved.train.mixed_precision == "bf16" and resolved.model.quantize == "none"
+
+
+def test_float8_with_a_profile_that_quantizes_is_refused_before_loading(with_bnb):
+    """The L4 profile puts Large on an NF4 base; FP8 layers replace the same layers, so the resolved
+    config fails validation (before any weights load) and says which setting to change."""
+    profile = hardware.detect_profile("auto", L4, variant="sd3.5-large")
+    with pytest.raises(ConfigError, match=r"model.float8 and model.quantize=nf4.*choose one"):
+        hardware.apply_profile(load_config(None, ["model.float8=true"]), profile, explicit={"model.float8"})
+    resolved, _ = hardware.apply_profile(load_config(None, ["model.float8=true", "model.quantize=none"]), profile,
+                                         explicit={"model.float8", "model.quantize"})
+    assert resolved.model.float8 and resolved.model.quantize == "none"

@@ -135,15 +135,22 @@ class CachedBatches:
     ``holdout`` entries (chosen by seed) never appear in training batches; ``holdout_batch()``
     returns them for a validation loss. With ``caption_dropout`` > 0, ``load`` swaps the cached
     empty-caption embeddings into the rows chosen by ``caption_dropped(key, seed, epoch, rate)``.
+
+    ``partial``: what happens to a bucket's last batch of an epoch when fewer than ``batch_size``
+    samples are left: "keep" it smaller, "fill" it with other samples of the bucket drawn from its
+    earlier batches of the epoch (every batch then has the same size, so compiled blocks see one
+    batch size; a bucket smaller than one batch stays a smaller batch), or "drop" it.
     """
 
     def __init__(self, index: CacheIndex | Path, batch_size: int, seed: int = 0, holdout: int = 0,
-                 caption_dropout: float = 0.0, drop_last: bool = False) -> None:
+                 caption_dropout: float = 0.0, partial: str = "keep") -> None:
         self.index = index if isinstance(index, CacheIndex) else CacheIndex.load(Path(index))
         self.batch_size = batch_size
         self.seed = seed
         self.caption_dropout = caption_dropout
-        self.drop_last = drop_last
+        if partial not in ("keep", "fill", "drop"):
+            raise ValueError(f"partial batches {partial!r} is not one of keep, fill, drop")
+        self.partial = partial
         self.reader = ShardReader(self.index.path)
         order = sorted(range(len(self.index.entries)), key=lambda i: self.index.entries[i].key)
         holdout = min(holdout, max(len(order) - 1, 0))  # always keep one training sample
@@ -163,8 +170,12 @@ class CachedBatches:
             rng.shuffle(members)
             for start in range(0, len(members), self.batch_size):
                 chunk = tuple(members[start : start + self.batch_size])
-                if len(chunk) == self.batch_size or not self.drop_last:
-                    groups.append((bucket, chunk))
+                missing = self.batch_size - len(chunk)
+                if missing and self.partial == "drop":
+                    continue
+                if missing and self.partial == "fill" and len(members) >= self.batch_size:
+                    chunk += tuple(rng.sample(members[:start], missing))  # seen earlier this epoch
+                groups.append((bucket, chunk))
         rng.shuffle(groups)
         return [BatchRef(epoch, n, bucket, chunk) for n, (bucket, chunk) in enumerate(groups)]
 

@@ -87,6 +87,10 @@ class Trainer:
             for note in notes:
                 self.log(f"  {note}")
         self.device = acc.device
+        if cfg.model.float8:  # before any download or encoding
+            from sd35hub.train.speed import check_float8_device
+
+            check_float8_device(self.device)
         self.attention_kernel = "cudnn" if self.device.type == "cuda" and cfg.model.attention == "sdpa" else "auto"
         self.weight_dtype = torch_dtype(cfg.model.dtype, str(self.device))
         if self.device.type == "cuda":
@@ -128,19 +132,28 @@ class Trainer:
         self.named_params = {n: p for n, p in transformer.named_parameters() if p.requires_grad}
         if train.gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
+        if cfg.model.float8:
+            from sd35hub.train.speed import float8_base
+
+            layers = float8_base(transformer)
+            if self.main:
+                self.log(f"FP8 matmuls on {layers} frozen base layers (torchao float8)")
         self.batches = CachedBatches(self.index, batch_size=train.batch_size, seed=train.seed,
-                                     holdout=cfg.data.holdout, caption_dropout=cfg.data.caption_dropout)
+                                     holdout=cfg.data.holdout, caption_dropout=cfg.data.caption_dropout,
+                                     partial=cfg.data.partial_batches)
         self._epoch_cache: dict[int, list[Any]] = {}
         self.batches_per_epoch = len(self._epoch(0))
         if train.compile:
-            from sd35hub.train.speed import compile_blocks
+            from sd35hub.train.speed import compile_blocks, dynamic_shapes
 
             # what a block sees: (tokens = bucket area, batch size); w x h and h x w are the same shape
             shapes = {(ref.bucket[0] * ref.bucket[1], len(ref.entries)) for ref in self._epoch(0)}  # every epoch
-            compile_blocks(transformer, gradient_accumulation=train.gradient_accumulation, batch_shapes=len(shapes))
+            compile_blocks(transformer, gradient_accumulation=train.gradient_accumulation, batch_shapes=len(shapes),
+                           shapes=train.compile_shapes)
+            dynamic = dynamic_shapes(train.compile_shapes, len(shapes))
             if self.main:
                 self.log(f"compiling the transformer blocks for {len(shapes)} input shape(s) (bucket area x batch size)"
-                         + ("; shapes that change become dynamic" if len(shapes) > 2 else ""))
+                         + ("; shapes that change become dynamic" if dynamic else ", one static graph each"))
         optimizer = build_optimizer(self.params, train)
         self.transformer, self.optimizer = acc.prepare(transformer, optimizer)
         self.micro_per_step = acc.num_processes * train.gradient_accumulation
