@@ -11,6 +11,7 @@
 #                                       validation in the middle of CUDA-graphed training)
 #   bash benchmarks/gpu_runs.sh fp8     one H100, ~8 min: same-run bench of the FP8 base (carry .whl and .whlx, the
 #                                       torchao wheel); fp8-train: Large bf16 vs FP8 loss curves through `sd35hub train`
+#   bash benchmarks/gpu_runs.sh confirm one H100 (kind nvidia-h100-x1), ~8 min: Medium busy, Large FP8 bench, 3 buckets
 # The bench-only runs (1-3, 6) are single gpu_bench.py commands, listed in docs/performance.md.
 # Device-tool usage: carry .whl (../shared/device/pack-wheels.sh output). Results land in $OUT as JSON;
 # copy them to benchmarks/results/ and update docs/performance.md.
@@ -87,5 +88,16 @@ case "${1:-train}" in
     e2e 240 --model-dir /tmp/rl --profile h100 --steps 30 --window 8 --name large_fp8 train.log_every=1 model.float8=true
     for n in large_bf16 large_fp8; do cp "$OUT/$n/logs/metrics.jsonl" "$OUT/$n.metrics.jsonl"; rm -rf "${OUT:?}/$n"; done
     ;;
-  *) echo "usage: bash benchmarks/gpu_runs.sh train|ddp|ddp8|next|buckets|fp8|fp8-train" >&2; exit 2 ;;
+  confirm)
+    # the second session's H200 results again on an H100 (the card): Medium busy, Large FP8, 3 buckets
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whlx/*.whl || exit 1
+    e2e 150 --model-dir /tmp/rm --profile h100 --steps 30 --window 10 --name medium_h100_confirm
+    timeout 260 python3 benchmarks/gpu_bench.py --out "$OUT/bench" --models large --variants ref,h100,h100-fp8 \
+      --steps 8 2>&1 | quiet | grep -v Traceback | tail -6
+    python3 benchmarks/square_dataset.py /tmp/mix 36 --aspects 1,1.5,0.67 >/dev/null
+    DATA=/tmp/mix e2e 200 --model-dir /tmp/rm --profile h100 --steps 30 --window 10 --name medium_3buckets_confirm \
+      train.validation_every=15
+    rm -rf "${OUT:?}/medium_h100_confirm" "${OUT:?}/medium_3buckets_confirm"
+    ;;
+  *) echo "usage: bash benchmarks/gpu_runs.sh train|ddp|ddp8|next|buckets|fp8|fp8-train|confirm" >&2; exit 2 ;;
 esac
