@@ -53,7 +53,7 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--trace", default="", help="model:variant to profile (kernel time vs wall time)")
+    ap.add_argument("--trace", default="", help="model:variant[,model:variant] to profile (kernel time vs wall time)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     import torch
@@ -62,7 +62,7 @@ def main() -> None:
     info = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__}
     print(json.dumps(info), flush=True)
     everything = {"info": info, "results": [], "errors": []}
-    for model in args.models.split(","):
+    for model in filter(None, args.models.split(",")):
         results = []
         flops = None
         for key in args.variants.split(","):
@@ -82,9 +82,11 @@ def main() -> None:
                     torch.cuda.empty_cache()
             (args.out / "bench.json").write_text(json.dumps(everything, indent=2))
         print(B.format_table(results), flush=True)
-    if args.trace:
-        model, key = args.trace.split(":")
+    for spec in filter(None, args.trace.split(",")):
+        model, key = spec.split(":")
         print(trace(model, VARIANTS[key], args), flush=True)
+        if device == "cuda":
+            torch.cuda.empty_cache()
 
 
 def trace(model: str, variant: B.StepVariant, args: argparse.Namespace) -> str:
@@ -94,6 +96,9 @@ def trace(model: str, variant: B.StepVariant, args: argparse.Namespace) -> str:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
+    from sd35hub.train import speed
+
+    speed.reset_compiler()  # a previous trace's graphs must not count against the recompile limit
     transformer = B.build_transformer(model, variant, "cuda", torch.bfloat16)
     inputs = B.make_inputs(B.transformer_config(model), args.resolution, args.batch, "cuda", torch.bfloat16)
     _, step = B.prepare(transformer, variant, args.rank)

@@ -12,6 +12,7 @@
 #   bash benchmarks/gpu_runs.sh fp8     one H100, ~8 min: same-run bench of the FP8 base (carry .whl and .whlx, the
 #                                       torchao wheel); fp8-train: Large bf16 vs FP8 loss curves through `sd35hub train`
 #   bash benchmarks/gpu_runs.sh confirm one H100 (kind nvidia-h100-x1), ~8 min: Medium busy, Large FP8 bench, 3 buckets
+#   bash benchmarks/gpu_runs.sh trace   one H100, ~4 min: top kernels of the Large step, bf16 and FP8
 # The bench-only runs (1-3, 6) are single gpu_bench.py commands, listed in docs/performance.md.
 # Device-tool usage: carry .whl (../shared/device/pack-wheels.sh output). Results land in $OUT as JSON;
 # copy them to benchmarks/results/ and update docs/performance.md.
@@ -99,5 +100,11 @@ case "${1:-train}" in
       train.validation_every=15
     rm -rf "${OUT:?}/medium_h100_confirm" "${OUT:?}/medium_3buckets_confirm"
     ;;
-  *) echo "usage: bash benchmarks/gpu_runs.sh train|ddp|ddp8|next|buckets|fp8|fp8-train|confirm" >&2; exit 2 ;;
+  trace)
+    # where the Large step's time goes, bf16 and FP8 base (kernel time per step, top 25 kernels)
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whlx/*.whl || exit 1
+    timeout 400 python3 benchmarks/gpu_bench.py --out "$OUT/trace" --models "" --trace large:h100,large:h100-fp8 2>&1 \
+      | quiet | grep -v Traceback | tail -60
+    ;;
+  *) echo "usage: bash benchmarks/gpu_runs.sh train|ddp|ddp8|next|buckets|fp8|fp8-train|confirm|trace" >&2; exit 2 ;;
 esac
