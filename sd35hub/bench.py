@@ -17,7 +17,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 ATTENTION_TARGETS = [
@@ -294,9 +294,10 @@ def run_variant(model: str, variant: StepVariant, *, resolution: int, batch: int
 
 
 def bench(model: str = "tiny", *, profile: str = "auto", reference: str = "eager", resolution: int | None = None,
-          batch: int = 1, rank: int = 16, steps: int = 10, warmup: int = 3,
+          batch: int = 1, rank: int = 16, steps: int = 10, warmup: int = 3, float8: bool = False,
           variants: list[StepVariant] | None = None) -> list[BenchResult]:
-    """Run the reference step and ours in the same process; results in that order."""
+    """Run the reference step and ours in the same process; results in that order. ``float8`` adds
+    our step with FP8 base layers (`model.float8`) as a third row; on the CPU its casts are emulated."""
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -305,6 +306,18 @@ def bench(model: str = "tiny", *, profile: str = "auto", reference: str = "eager
     if resolution is None:
         resolution = 1024 if model != "tiny" else 128
     chosen = variants or [REFERENCE_STEPS[reference], PROFILE_STEPS[profile]]
+    if float8:
+        from sd35hub.errors import ConfigError
+        from sd35hub.train import speed
+
+        ours = PROFILE_STEPS[profile]
+        if ours.quantize != "none":
+            raise ConfigError(f"--float8 replaces the base layers that profile {profile}'s {ours.quantize} base "
+                              "quantizes; use --profile h100 or a100-80")
+        if device == "cuda":
+            speed.check_float8_device("cuda")  # before minutes of warm-up, not after
+        suffix = " + FP8 base" + (" (emulated)" if device == "cpu" else "")
+        chosen = [*chosen, replace(ours, name=ours.name + suffix, float8=True)]
     results = []
     flops = None
     for variant in chosen:

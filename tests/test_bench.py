@@ -29,6 +29,17 @@ def test_bench_tiny_runs_reference_and_ours_in_one_process() -> None:
     assert len(json.loads(B.results_json(results))) == 2
 
 
+def test_bench_float8_adds_our_step_with_fp8_base_layers(capsys) -> None:
+    pytest.importorskip("torchao")
+    results = B.bench("tiny", steps=1, warmup=1, float8=True)
+    assert [r.variant for r in results] == ["reference eager", "sd35hub cpu", "sd35hub cpu + FP8 base (emulated)"]
+    # the same init and inputs: only the FP8 rounding separates the first losses
+    assert results[2].loss_start == pytest.approx(results[1].loss_start, rel=0.05)
+    with pytest.raises(SystemExit) as info:  # the t4 profile's NF4 base and FP8 layers exclude each other
+        main(["bench", "--model", "tiny", "--profile", "t4", "--float8"])
+    assert info.value.code == 2 and "--profile h100" in capsys.readouterr().err
+
+
 def test_bench_cli_rejects_bad_options(capsys) -> None:
     with pytest.raises(SystemExit) as info:
         main(["bench", "--model", "tiny", "--reference", "fast", "--resolution", "100"])

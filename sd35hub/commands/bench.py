@@ -18,6 +18,8 @@ def register(app: typer.Typer) -> None:
         rank: int = typer.Option(16, "--rank"),
         steps: int = typer.Option(10, "--steps", help="Timed steps (median reported)."),
         warmup: int = typer.Option(3, "--warmup", help="Untimed steps first (compile happens here)."),
+        float8: bool = typer.Option(False, "--float8", help="Also time our step with FP8 base layers "
+                                    "(model.float8; needs torchao and an L4/H100-class GPU)."),
         json_out: Path | None = typer.Option(None, "--json", help="Also write the results as JSON."),
     ) -> None:
         """Time the training step (s/step, samples/s, peak GPU memory, TFLOP/s) against the reference."""
@@ -35,7 +37,7 @@ def register(app: typer.Typer) -> None:
             raise ConfigError(problems)
         results = bench_mod.bench(
             model, profile=profile, reference=reference, resolution=resolution or None, batch=batch, rank=rank,
-            steps=steps, warmup=warmup,
+            steps=steps, warmup=warmup, float8=float8,
         )
         typer.echo(bench_mod.format_table(results))
         if json_out:
