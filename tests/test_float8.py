@@ -90,3 +90,39 @@ def test_float8_is_refused_up_front_where_it_cannot_run() -> None:
         speed.check_float8_device("cpu")
     problems = Config(model=ModelSpec(float8=True, quantize="nf4")).problems()
     assert any("model.float8" in p and "choose one" in p for p in problems)
+
+
+def test_training_with_float8_base_layers_end_to_end(tmp_path, monkeypatch) -> None:
+    """`model.float8` through the trainer (emulated casts: the device check, which refuses a CPU, is
+    bypassed): the loss falls, validation and checkpoints run with FP8 layers, and the adapter has
+    the usual keys and loads into a stock diffusers pipeline with bf16/fp32 base layers."""
+    from diffusers import StableDiffusion3Pipeline
+    from safetensors.torch import load_file
+
+    from sd35hub.config import DataSpec, LoraSpec, TrainSpec
+    from sd35hub.models.tiny import tiny_model_path
+    from sd35hub.train import recipe
+
+    def config(name: str, float8: bool) -> Config:
+        return Config(
+            model=ModelSpec(name="tiny", float8=float8),
+            data=DataSpec(source="sample", resolution=64, max_samples=10, holdout=2, cache_dir=str(tmp_path / "cache")),
+            lora=LoraSpec(rank=4, alpha=8.0),
+            train=TrainSpec(output_dir=str(tmp_path / name), max_steps=24, batch_size=2, learning_rate=2e-3,
+                            validation_steps=1, validation_every=12, checkpoint_every=12, seed=7),
+        )
+
+    monkeypatch.setattr(speed, "check_float8_device", lambda device: None)
+    logs: list[str] = []
+    fp8 = recipe.train(config("fp8", True), log=logs.append, progress=False)
+    plain = recipe.train(config("plain", False), log=lambda s: None, progress=False)
+    assert any("FP8 matmuls on" in line for line in logs)
+    learned = plain.initial_validation_loss - plain.validation_loss
+    assert learned > 0.05 and fp8.validation_loss < fp8.initial_validation_loss - 0.05  # held-out loss falls
+    assert abs(fp8.validation_loss - plain.validation_loss) < 0.1 * learned  # as far as without FP8
+    assert (tmp_path / "fp8" / "checkpoints" / "checkpoint-000024").is_dir()
+    adapter = tmp_path / "fp8" / "adapter"
+    assert load_file(str(adapter / "pytorch_lora_weights.safetensors")).keys() == \
+        load_file(str(tmp_path / "plain" / "adapter" / "pytorch_lora_weights.safetensors")).keys()
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(tiny_model_path()))
+    pipe.load_lora_weights(str(adapter))  # a stock pipeline, no FP8 layers

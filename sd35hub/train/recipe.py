@@ -135,7 +135,7 @@ class Trainer:
         if cfg.model.float8:
             from sd35hub.train.speed import float8_base
 
-            layers = float8_base(transformer)
+            layers = float8_base(transformer, emulate=self.device.type != "cuda")  # CPU: tests only (refused above)
             if self.main:
                 self.log(f"FP8 matmuls on {layers} frozen base layers (torchao float8)")
         self.batches = CachedBatches(self.index, batch_size=train.batch_size, seed=train.seed,
