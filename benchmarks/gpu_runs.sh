@@ -14,8 +14,10 @@
 #   bash benchmarks/gpu_runs.sh confirm one H100 (kind nvidia-h100-x1), ~8 min: Medium busy, Large FP8 bench, 3 buckets
 #   bash benchmarks/gpu_runs.sh trace   one H100, ~4 min: top kernels of the Large step, bf16 and FP8
 # The bench-only runs (1-3, 6) are single gpu_bench.py commands, listed in docs/performance.md.
-# Device-tool usage: carry .whl (../shared/device/pack-wheels.sh output). Results land in $OUT as JSON;
-# copy them to benchmarks/results/ and update docs/performance.md.
+# Device-tool usage: carry .whl (../shared/device/pack-wheels.sh output); the FP8 modes (fp8, fp8-train,
+# confirm, trace) also carry .whlx, holding the torchao wheel (`pip download --no-deps --only-binary=:all:
+# --python-version 3.12 --platform manylinux_2_28_x86_64 -d .whlx torchao==0.18.0`). Results land in $OUT
+# as JSON; copy them to benchmarks/results/ and update docs/performance.md.
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   && export PYTHONPATH=/tmp/site:$PWD || exit 1
@@ -32,6 +34,10 @@ e2e() {
 ddp_pair() {
   e2e 200 --model-dir /tmp/rm --profile h100 --steps "$1" --window 8 --name "$2" train.batch_size="$3"
   LAUNCH="$TWO_GPUS" e2e 240 --model-dir /tmp/rm --profile h100 --steps "$1" --window 8 --name "$4" train.batch_size="$5"
+}
+# torchao (model.float8) from .whlx, for the FP8 modes only
+with_torchao() {
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whlx/*.whl || exit 1
 }
 python3 benchmarks/square_dataset.py /tmp/sq 34 >/dev/null
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
@@ -77,13 +83,13 @@ case "${1:-train}" in
     ;;
   fp8)
     # FP8 base layers (torchao float8, carried in .whlx): the same-run bench, reference vs bf16 vs FP8
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whlx/*.whl || exit 1
+    with_torchao
     timeout 560 python3 benchmarks/gpu_bench.py --out "$OUT/bench" --models large,medium --variants ref,h100,h100-fp8 \
       --steps 8 2>&1 | quiet | grep -v Traceback | tail -30
     ;;
   fp8-train)
     # the loss curve with FP8 base layers: Large through `sd35hub train`, bf16 then FP8, same seed and data
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whlx/*.whl || exit 1
+    with_torchao
     python3 benchmarks/random_model.py large /tmp/rl | tail -1
     e2e 240 --model-dir /tmp/rl --profile h100 --steps 30 --window 8 --name large_bf16 train.log_every=1
     e2e 240 --model-dir /tmp/rl --profile h100 --steps 30 --window 8 --name large_fp8 train.log_every=1 model.float8=true
@@ -91,7 +97,7 @@ case "${1:-train}" in
     ;;
   confirm)
     # the second session's H200 results again on an H100 (the card): Medium busy, Large FP8, 3 buckets
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whlx/*.whl || exit 1
+    with_torchao
     e2e 150 --model-dir /tmp/rm --profile h100 --steps 30 --window 10 --name medium_h100_confirm
     timeout 260 python3 benchmarks/gpu_bench.py --out "$OUT/bench" --models large --variants ref,h100,h100-fp8 \
       --steps 8 2>&1 | quiet | grep -v Traceback | tail -6
@@ -102,7 +108,7 @@ case "${1:-train}" in
     ;;
   trace)
     # where the Large step's time goes, bf16 and FP8 base (kernel time per step, top 25 kernels)
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whlx/*.whl || exit 1
+    with_torchao
     timeout 400 python3 benchmarks/gpu_bench.py --out "$OUT/trace" --models "" --trace large:h100,large:h100-fp8 2>&1 \
       | quiet | grep -v Traceback | tail -60
     ;;
