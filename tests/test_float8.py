@@ -126,3 +126,20 @@ def test_training_with_float8_base_layers_end_to_end(tmp_path, monkeypatch) -> N
         load_file(str(tmp_path / "plain" / "adapter" / "pytorch_lora_weights.safetensors")).keys()
     pipe = StableDiffusion3Pipeline.from_pretrained(str(tiny_model_path()))
     pipe.load_lora_weights(str(adapter))  # a stock pipeline, no FP8 layers
+
+
+def test_float8_with_gradient_checkpointing_gives_the_same_gradients() -> None:
+    """Profiles with checkpointing and an unquantized base (L4 with Medium) can turn FP8 on: the
+    recomputed forward through FP8 layers gives exactly the gradients of the stored one."""
+
+    def grads(checkpoint_every: int) -> dict[str, torch.Tensor]:
+        variant = B.StepVariant("t", fp32_lora=False, float8=True, checkpoint_every=checkpoint_every)
+        transformer = B.build_transformer("tiny", variant, "cpu", torch.float32)
+        B.prepare(transformer, variant, rank=4)
+        for p in (p for p in transformer.parameters() if p.requires_grad):
+            torch.nn.init.normal_(p, std=0.02, generator=torch.Generator().manual_seed(p.numel()))
+        B._loss(transformer, B.make_inputs(B.transformer_config("tiny"), 64, 2, "cpu", torch.float32)).backward()
+        return {n: p.grad for n, p in transformer.named_parameters() if p.requires_grad}
+
+    plain, checkpointed = grads(0), grads(1)
+    assert plain.keys() == checkpointed.keys() and all(torch.equal(plain[n], checkpointed[n]) for n in plain)
