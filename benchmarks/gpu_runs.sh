@@ -96,7 +96,7 @@ case "${1:-train}" in
     for n in large_bf16 large_fp8; do cp "$OUT/$n/logs/metrics.jsonl" "$OUT/$n.metrics.jsonl"; rm -rf "${OUT:?}/$n"; done
     ;;
   confirm)
-    # the second session's H200 results again on an H100 (the card): Medium busy, Large FP8, 3 buckets
+    # the H200 results of 2026-11-26 again on an H100 (the card): Medium busy, Large FP8, 3 buckets
     with_torchao
     e2e 150 --model-dir /tmp/rm --profile h100 --steps 30 --window 10 --name medium_h100_confirm
     timeout 260 python3 benchmarks/gpu_bench.py --out "$OUT/bench" --models large --variants ref,h100,h100-fp8 \
