@@ -289,6 +289,6 @@ def write_model_card(output_dir: str | Path, repo_id: str | None = None) -> Path
     """Write OUTPUT/README.md from OUTPUT/summary.json (atomically) and return its path."""
     output_dir = Path(output_dir)
     card = build_model_card(CardInfo.from_output_dir(output_dir), repo_id=repo_id)
-    from sd35hub.paths import atomic_write
+    from sd35hub.paths import atomic_write_text
 
-    return atomic_write(output_dir / "README.md", lambda temp: temp.write_text(str(card), encoding="utf-8"))
+    return atomic_write_text(output_dir / "README.md", str(card))

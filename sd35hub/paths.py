@@ -41,6 +41,11 @@ def build_into_place(target: Path, build: Callable[[Path], Any], is_complete: Ca
     return target
 
 
+def atomic_write_text(path: Path, text: str) -> Path:
+    """:func:`atomic_write` of a UTF-8 text file."""
+    return atomic_write(path, lambda temp: temp.write_text(text, encoding="utf-8"))
+
+
 def atomic_write(path: Path, write: Callable[[Path], Any]) -> Path:
     """``write(temp)`` into a temp file of this writer alone next to ``path``, then rename it over
     ``path``: readers see the old file or the complete new one, never half of it; a failed write

@@ -35,6 +35,7 @@ def test_bench_float8_adds_our_step_with_fp8_base_layers(capsys) -> None:
     assert [r.variant for r in results] == ["reference eager", "sd35hub cpu", "sd35hub cpu + FP8 base (emulated)"]
     # the same init and inputs: only the FP8 rounding separates the first losses
     assert results[2].loss_start == pytest.approx(results[1].loss_start, rel=0.05)
+    assert results[2].loss_start != results[1].loss_start  # ...but it is there: the FP8 row ran FP8 layers
     with pytest.raises(SystemExit) as info:  # the t4 profile's NF4 base and FP8 layers exclude each other
         main(["bench", "--model", "tiny", "--profile", "t4", "--float8"])
     assert info.value.code == 2 and "--profile h100" in capsys.readouterr().err

@@ -13,7 +13,7 @@ from typing import Any
 
 from sd35hub import __version__
 from sd35hub.config import Config, dump_yaml
-from sd35hub.paths import atomic_write
+from sd35hub.paths import atomic_write_text
 
 ADAPTER_FILE = "adapter/pytorch_lora_weights.safetensors"
 
@@ -51,12 +51,8 @@ def config_digest(config: Config) -> str:
     return hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def write_text_atomic(path: Path, text: str) -> Path:
-    return atomic_write(path, lambda temp: temp.write_text(text, encoding="utf-8"))
-
-
 def write_config(output_dir: Path, config: Config) -> Path:
-    return write_text_atomic(output_dir / "training_config.yaml", dump_yaml(config))
+    return atomic_write_text(output_dir / "training_config.yaml", dump_yaml(config))
 
 
 def build_summary(*, config: Config, variant: str, steps: int, epochs: float, samples_seen: int,
@@ -102,7 +98,7 @@ def build_summary(*, config: Config, variant: str, steps: int, epochs: float, sa
 
 
 def write_summary(output_dir: Path, summary: dict[str, Any]) -> Path:
-    return write_text_atomic(output_dir / "summary.json", json.dumps(summary, indent=2))
+    return atomic_write_text(output_dir / "summary.json", json.dumps(summary, indent=2))
 
 
 def peak_memory_gib(device: Any) -> float | None:

@@ -19,9 +19,10 @@ noise an uninterrupted one would, on any number of processes.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -148,9 +149,9 @@ class Trainer:
 
             # what a block sees: (tokens = bucket area, batch size); w x h and h x w are the same shape
             shapes = {(ref.bucket[0] * ref.bucket[1], len(ref.entries)) for ref in self._epoch(0)}  # every epoch
-            compile_blocks(transformer, gradient_accumulation=train.gradient_accumulation, batch_shapes=len(shapes),
-                           shapes=train.compile_shapes)
             dynamic = dynamic_shapes(train.compile_shapes, len(shapes))
+            compile_blocks(transformer, gradient_accumulation=train.gradient_accumulation,
+                           shapes="dynamic" if dynamic else "static")
             if self.main:
                 self.log(f"compiling the transformer blocks for {len(shapes)} input shape(s) (bucket area x batch size)"
                          + ("; shapes that change become dynamic" if dynamic else ", one static graph each"))
@@ -374,18 +375,14 @@ class Trainer:
         if self.main:
             model = self.acc.unwrap_model(self.transformer)
             model.eval()
-            if self.ema is not None:
-                self.ema.swap_in()
             try:
-                with eager():  # compiled blocks run eagerly here: no extra graphs for these shapes
+                with self._published_weights(), eager():  # eager: no extra compiled graphs for these shapes
                     if self.heldout is not None:
                         loss = validation.heldout_loss(model, self.heldout, device=self.device, dtype=self.weight_dtype,
                                                        autocast=self.acc.autocast())
                         self._log_record({"step": step, "validation_loss": loss})
                     self.validation_grid = self._render_grid(model, step)
             finally:
-                if self.ema is not None:
-                    self.ema.swap_out()
                 model.train()
             self.log(f"step {step}: held-out loss {loss if loss is None else round(loss, 5)}, grid {self.validation_grid}")
         self.acc.wait_for_everyone()
@@ -444,13 +441,21 @@ class Trainer:
             variant=self.info.variant, config_digest=self.digest,
             trigger_words=[cfg.data.trigger_word] if cfg.data.trigger_word else [],
         )  # fmt: skip
-        if self.ema is not None:
-            self.ema.swap_in()
-        try:
+        with self._published_weights():
             return save_adapter(self.acc.unwrap_model(self.transformer), folder, metadata=metadata)
+
+    @contextlib.contextmanager
+    def _published_weights(self) -> Iterator[None]:
+        """The EMA weights in the model when train.ema_decay is set (validation, saved adapters); the
+        trained weights are back in place afterwards, even on an error."""
+        if self.ema is None:
+            yield
+            return
+        self.ema.swap_in()
+        try:
+            yield
         finally:
-            if self.ema is not None:
-                self.ema.swap_out()
+            self.ema.swap_out()
 
     # ------------------------------------------------------------------------------------- save
     def save(self) -> TrainResult:
