@@ -22,7 +22,6 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 
-
 def _modules_of(item: Any) -> Modules:
     from sd35hub.adapters import Adapter, read_adapter
 
