@@ -56,6 +56,14 @@ def hub() -> HubServer:
     server.stop()
 
 
+@pytest.fixture
+def hub_faults(hub: HubServer) -> HubServer:
+    """The local Hub, with every injected fault removed (and hanging requests ended) after the test."""
+    hub.clear_faults()
+    yield hub
+    hub.clear_faults()
+
+
 @pytest.fixture(scope="session")
 def hub_datasets(hub: HubServer) -> dict[str, str]:
     """Two seeded dataset repos (6 generated images each, mixed sizes, captions), by layout:

@@ -7,13 +7,16 @@ streaming; errors carry `X-Error-Code` / `X-Error-Message` the way huggingface_h
 
 from __future__ import annotations
 
+import io
 import json
 import re
+import socket
 from http.server import BaseHTTPRequestHandler
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from . import views
+from .faults import BEFORE, Fault
 from .state import HubError, Repo, Token, git_blob_oid, parse_card
 from .uploads import UploadRoutes
 
@@ -57,7 +60,7 @@ class HubHandler(UploadRoutes, BaseHTTPRequestHandler):
         # hub.requests at once, so recording after the body is written would race with it.
         if not self._recorded:
             self._recorded = True
-            self.hub._record(self._method, self._url.path, self._url.query, code)
+            self.hub._record(self._method, self._url.path, self._url.query, code, self._recorded_fault)
         super().send_response(code, message)
 
     def _dispatch(self, method: str) -> None:
@@ -66,11 +69,21 @@ class HubHandler(UploadRoutes, BaseHTTPRequestHandler):
         self.query = parse_qs(url.query, keep_blank_values=True)
         self.segments = [unquote(s) for s in url.path.split("/")[1:]]
         self.body = self._read_body()
+        fault = self.hub.faults.take(method, url.path)
+        self._recorded_fault: str | None = fault.action if fault is not None else None
+        if fault is not None and fault.action in BEFORE and fault.action != "status":
+            self._record_fault(fault, 0)
+            if fault.action == "hang":
+                self.hub.faults.hang()
+            return self._drop()
         status = 500
+        sink = None
+        if fault is not None and fault.action != "status":  # answer into a buffer, then lose (part of) it
+            sink, self.wfile = self.wfile, io.BytesIO()
         try:
-            injected = self.hub._take_failure(method, url.path)
-            if injected is not None:
-                raise HubError(injected, f"Injected failure {injected} for {method} {url.path}")
+            if fault is not None and fault.action == "status":
+                raise HubError(fault.status, fault.message or f"Injected failure {fault.status} for {method} {url.path}",
+                               fault.code, fault.error_headers())
             with self.hub.state.lock:
                 status = self._route(method)
         except HubError as err:
@@ -81,6 +94,27 @@ class HubHandler(UploadRoutes, BaseHTTPRequestHandler):
             if not self._recorded:  # no response was sent (e.g. the client went away)
                 self._recorded = True
                 self.hub._record(method, url.path, url.query, status)
+        if sink is not None and fault is not None:
+            answer, self.wfile = self.wfile.getvalue(), sink
+            if fault.action == "truncate":  # the status line and headers, then half of the body
+                head, _, body = answer.partition(b"\r\n\r\n")
+                self.wfile.write(head + b"\r\n\r\n" + body[: len(body) // 2])
+                self.wfile.flush()
+            elif fault.action == "hang_after":
+                self.hub.faults.hang()
+            self._drop()
+
+    def _record_fault(self, fault: Fault, status: int) -> None:
+        self._recorded = True
+        self.hub._record(self._method, self._url.path, self._url.query, status, fault.action)
+
+    def _drop(self) -> None:
+        """Close the connection without (the rest of) an answer."""
+        self.close_connection = True
+        try:
+            self.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
     def _read_body(self) -> bytes:
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
@@ -156,6 +190,10 @@ class HubHandler(UploadRoutes, BaseHTTPRequestHandler):
                 repo_id = f"{seg[offset]}/{seg[offset + 1]}"
                 revision, path = seg[offset + 3], "/".join(seg[offset + 4:])
                 return self._resolve(repo_type, repo_id, revision, path, token)
+        for route in self.hub.extra_routes:  # endpoints other modules add (HubServer.add_routes)
+            answered = route(self, method, seg, token)
+            if answered is not None:
+                return answered
         raise HubError(404, f"Not found: {method} {self.path}")
 
     def _repo_api(self, method: str, repo_type: str, repo_id: str, rest: list[str], token: Token | None) -> int:

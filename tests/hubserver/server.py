@@ -1,18 +1,26 @@
 """`HubServer`: the local Hub-compatible server tests run the real huggingface_hub / datasets against.
 
 Start it with `HubServer.start(port, tokens...)`; tests reach it through the `hub` fixture in
-tests/conftest.py. The helper methods (seed_repo, gate, grant, fail_next, files, commits, requests)
-act on the server state directly, without HTTP.
+tests/conftest.py. The helper methods (seed_repo, gate, grant, inject/fail_next, files, commits,
+requests) act on the server state directly, without HTTP. `inject` adds faults (tests/hubserver/faults.py);
+`add_routes` lets another module serve more endpoints (e.g. Jobs) without touching the handler.
 """
 
 from __future__ import annotations
 
 import threading
+import time
+from collections.abc import Callable
 from http.server import ThreadingHTTPServer
 from typing import Any, NamedTuple
 
+from .faults import Fault, FaultPlan
 from .handler import PREFIX, HubHandler
-from .state import HubState, Repo
+from .state import HubState, Repo, Token
+
+# An extra route: (handler, method, path segments, token) -> HTTP status it answered, or None if the
+# request is not one of its routes. It runs under the state lock, after the built-in routes miss.
+Route = Callable[[HubHandler, str, list[str], Token | None], int | None]
 
 
 class _RequestFields(NamedTuple):
@@ -23,13 +31,18 @@ class _RequestFields(NamedTuple):
 
 class RequestRecord(_RequestFields):
     """(method, path, status) of one request — unpacks and compares like a 3-tuple; `.query` holds
-    the raw query string."""
+    the raw query string, `.time` when it arrived (time.monotonic()), `.fault` the injected fault's
+    action that answered it (None: answered normally). status 0: no answer was sent."""
 
     query: str
+    time: float
+    fault: str | None
 
-    def __new__(cls, method: str, path: str, status: int, query: str = "") -> RequestRecord:
+    def __new__(cls, method: str, path: str, status: int, query: str = "", *, at: float | None = None,
+                fault: str | None = None) -> RequestRecord:
         record = super().__new__(cls, method, path, status)
-        record.query = query  # a NamedTuple subclass without __slots__ has a __dict__
+        # a NamedTuple subclass without __slots__ has a __dict__
+        record.query, record.time, record.fault = query, time.monotonic() if at is None else at, fault
         return record
 
 
@@ -43,7 +56,8 @@ class HubServer:
         self.org = "sd35hub-org"  # alice's organisation (write role)
         self.state = HubState()
         self.requests: list[RequestRecord] = []
-        self._failures: list[list[Any]] = []  # [method, path_contains, status, times_left]
+        self.faults = FaultPlan()
+        self.extra_routes: list[Route] = []
         self._meta_lock = threading.Lock()
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -71,6 +85,7 @@ class HubServer:
         return hub
 
     def stop(self) -> None:
+        self.faults.release()
         if self._httpd is not None:
             self._httpd.shutdown()
             self._httpd.server_close()
@@ -163,25 +178,49 @@ class HubServer:
         except KeyError:
             raise KeyError(f"no {repo_type} repo {repo_id!r} on the test hub") from None
 
-    # -- request log and failure injection ---------------------------------------------------------
+    # -- extra routes -------------------------------------------------------------------------------
+    def add_routes(self, route: Route) -> None:
+        """Serve more endpoints: `route` is asked about every request the built-in routes do not know."""
+        if route not in self.extra_routes:
+            self.extra_routes.append(route)
+
+    # -- request log and fault injection -------------------------------------------------------------
+    def inject(
+        self,
+        path_contains: str = "",
+        method: str = "*",
+        *,
+        action: str = "status",
+        status: int = 503,
+        times: int | None = 1,
+        skip: int = 0,
+        retry_after: float | None = None,
+        code: str | None = None,
+        message: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> Fault:
+        """Fault the next `times` (None: every) requests of `method` ("*": any) whose URL path contains
+        `path_contains` ("": any endpoint), after letting `skip` of them through. Actions: see
+        hubserver.faults. Returns the Fault (`.hits` counts the requests it answered). Faults that
+        fire forever must be removed with `clear_faults()` (the `hub_faults` fixture does it)."""
+        return self.faults.add(Fault(method, path_contains, action, status, times, skip, retry_after, code,
+                                     message, dict(headers or {})))
+
     def fail_next(self, method: str, path_contains: str, status: int = 500, times: int = 1) -> None:
         """The next `times` requests with this method whose path contains `path_contains` get `status`."""
-        with self._meta_lock:
-            self._failures.append([method.upper(), path_contains, status, times])
+        self.inject(path_contains, method, status=status, times=times)
 
-    def _take_failure(self, method: str, path: str) -> int | None:
-        with self._meta_lock:
-            for failure in self._failures:
-                if failure[0] == method and failure[1] in path and failure[3] > 0:
-                    failure[3] -= 1
-                    if failure[3] == 0:
-                        self._failures.remove(failure)
-                    return int(failure[2])
-        return None
+    def clear_faults(self) -> None:
+        """Remove every fault and end every hanging request."""
+        self.faults.clear()
 
-    def _record(self, method: str, path: str, query: str, status: int) -> None:
+    def release_hangs(self) -> None:
+        """End the requests that hang now (their connections are closed without an answer)."""
+        self.faults.release()
+
+    def _record(self, method: str, path: str, query: str, status: int, fault: str | None = None) -> None:
         with self._meta_lock:
-            self.requests.append(RequestRecord(method, path, status, query))
+            self.requests.append(RequestRecord(method, path, status, query, fault=fault))
 
     def clear_requests(self) -> None:
         with self._meta_lock:
