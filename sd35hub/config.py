@@ -118,6 +118,10 @@ class DataSpec:
     # a bucket's last batch of an epoch when it has fewer than batch_size samples: fill it with other samples
     # of the same bucket (seen twice that epoch; every batch the same size), keep it smaller, or drop it
     partial_batches: str = "fill"
+    # prior preservation (DreamBooth; docs/training.md): on when class_prompt is set
+    class_prompt: str = ""  # the class without the trigger word, e.g. "a photo of a dog"
+    class_data: str | None = None  # folder of class images; missing ones are generated (default: in the cache dir)
+    num_class_images: int = 100  # class images used (generated up to this count with the base model)
 
     def problems(self) -> list[str]:
         out: list[str] = []
@@ -137,6 +141,21 @@ class DataSpec:
         out += _choice("data", "partial_batches", self.partial_batches, PARTIAL_BATCHES)
         if not 1 <= self.max_sequence_length <= 512:
             out.append(f"data.max_sequence_length={self.max_sequence_length} must be in 1..512")
+        out += self._prior_problems()
+        return out
+
+    def _prior_problems(self) -> list[str]:
+        out = _positive("data", "num_class_images", self.num_class_images)
+        if self.class_data and not self.class_prompt.strip():
+            out.append("data.class_data is set but data.class_prompt is empty; prior preservation needs the class "
+                       "prompt, e.g. data.class_prompt='a photo of a dog'")
+        if self.class_data and Path(self.class_data).expanduser().is_file():
+            out.append(f"data.class_data={self.class_data!r} is a file; pass a folder of class images (or leave it "
+                       "unset to generate them)")
+        trigger = self.trigger_word.strip().lower()
+        if self.class_prompt.strip() and trigger and trigger in self.class_prompt.lower():
+            out.append(f"data.class_prompt={self.class_prompt!r} contains the trigger word {self.trigger_word!r}; the "
+                       "class prompt names the class alone (e.g. 'a photo of a dog'), the trigger word is the new subject")
         return out
 
 
@@ -220,6 +239,7 @@ class TrainSpec:
     validation_seed: int = 0
     log_every: int = 10  # steps between metric lines
     report_to: tuple[str, ...] = ("jsonl",)  # jsonl | tensorboard | wandb
+    prior_loss_weight: float = 1.0  # DreamBooth: loss = instance + weight * class (with data.class_prompt)
 
     def problems(self) -> list[str]:
         s = "train"
@@ -251,6 +271,7 @@ class TrainSpec:
         out += _positive(s, "validation_every", self.validation_every, zero_ok=True)
         out += _positive(s, "validation_steps", self.validation_steps)
         out += _positive(s, "log_every", self.log_every)
+        out += _positive(s, "prior_loss_weight", self.prior_loss_weight, zero_ok=True)
         for r in self.report_to:
             if r not in ("jsonl", "tensorboard", "wandb"):
                 out.append(f"train.report_to contains {r!r}; use jsonl, tensorboard or wandb")

@@ -14,11 +14,14 @@ class PendingLog:
     """A log point's record and its loss, copied to pinned host memory without waiting for the GPU;
     :meth:`loss` waits for that copy only (the trainer reads it one step later)."""
 
-    def __init__(self, record: dict[str, Any], loss: Any) -> None:
+    def __init__(self, record: dict[str, Any], loss: Any, extras: dict[str, Any] | None = None) -> None:
         import torch
 
         self.record, self.event = record, None
+        self.names = list(extras or {})  # more 0-d losses logged next to "loss" (e.g. instance_loss, prior_loss)
         loss = loss.detach()
+        if self.names:
+            loss = torch.stack([loss.reshape(()), *(extras[n].detach().reshape(()).to(loss) for n in self.names)])
         if loss.is_cuda:
             self.host = torch.empty(loss.shape, dtype=loss.dtype, pin_memory=True)
             self.host.copy_(loss, non_blocking=True)
@@ -30,7 +33,12 @@ class PendingLog:
     def loss(self) -> float:
         if self.event is not None:
             self.event.synchronize()
-        return float(self.host)
+        return float(self.host[0] if self.names else self.host)
+
+    def extras(self) -> dict[str, float]:
+        if self.event is not None:
+            self.event.synchronize()
+        return {name: float(self.host[i + 1]) for i, name in enumerate(self.names)}
 
 
 class MetricsLog:

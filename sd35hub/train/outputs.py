@@ -142,6 +142,8 @@ def finish(trainer: Any) -> TrainResult:
             loss_plot="loss.png" if plot else None, duration_s=trainer.duration_s, peak_memory_gib=peak,
             target_names=sorted({n.split(".", 2)[-1] for n in trainer.target_names}),
         )  # fmt: skip
+        if getattr(trainer, "prior", None) is not None:  # DreamBooth class images: counts and weight
+            summary["prior_preservation"] = trainer.prior.summary(state.epoch * trainer.batches_per_epoch + state.batch_in_epoch)
         write_summary(out, summary)
         write_model_card(out, repo_id=cfg.hub.repo_id)
         skipped = sum(summary["skipped"].values())

@@ -116,6 +116,11 @@ class Trainer:
         acc.wait_for_everyone()
         if not acc.is_local_main_process:  # one writer per cache dir: the others read the index it just wrote
             self.index = CacheIndex.load(cache_dir)
+        self.prior = None
+        if cfg.data.class_prompt.strip():  # DreamBooth prior preservation: class images next to the instance ones
+            from sd35hub.train.prior import prepare_prior
+
+            self.prior = prepare_prior(self, pipe, cache_dir)
         prompts = list(train.validation_prompts) or self._default_prompts(open_samples(cfg.data, seed=train.seed))
         self.prompts = validation.encode_prompts(pipe, prompts, guidance=train.validation_guidance,
                                                  max_sequence_length=cfg.data.max_sequence_length, device=self.device)
@@ -149,6 +154,7 @@ class Trainer:
 
             # what a block sees: (tokens = bucket area, batch size); w x h and h x w are the same shape
             shapes = {(ref.bucket[0] * ref.bucket[1], len(ref.entries)) for ref in self._epoch(0)}  # every epoch
+            shapes |= self.prior.shapes() if self.prior is not None else set()
             dynamic = dynamic_shapes(train.compile_shapes, len(shapes))
             compile_blocks(transformer, gradient_accumulation=train.gradient_accumulation,
                            shapes="dynamic" if dynamic else "static")
@@ -274,7 +280,7 @@ class Trainer:
                               "samples_seen": state.samples_seen, "epoch": state.epoch}
                     if self.device.type == "cuda":
                         record["gpu_mem_gib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 2)
-                    pending = PendingLog(record, loss_t)
+                    pending = PendingLog(record, loss_t, extras=self._loss_parts_named())
                     if validating or checkpointing or state.step == self.total_steps:
                         self._emit_log(pending, bar)
                         pending = None
@@ -312,7 +318,7 @@ class Trainer:
         cfg, acc, state = self.config, self.acc, self.state
         t = cfg.train
         base = state.epoch * self.batches_per_epoch + state.batch_in_epoch  # first global micro-batch
-        losses = []
+        losses, parts = [], []
         for a in range(t.gradient_accumulation):
             g = base + a * acc.num_processes + acc.process_index
             generator = torch.Generator().manual_seed(_seed(t.seed, "noise", g))
@@ -329,6 +335,12 @@ class Trainer:
                                  to_device(batch["prompt_embeds"], dev, dt), to_device(batch["pooled_prompt_embeds"], dev, dt),
                                  to_device(noise, dev, dt), to_device(sigmas, dev),
                                  weighting=t.loss_weighting, precondition=t.precondition_outputs)  # fmt: skip
+                if self.prior is not None:  # loss = instance + prior_loss_weight * class (sd35hub.train.prior)
+                    from sd35hub.train.prior import combine
+
+                    prior_loss = self.prior.loss(self.transformer, g, train=t, device=dev, dtype=dt)
+                    parts.append(torch.stack([loss.detach(), prior_loss.detach()]))
+                    loss = combine(loss, prior_loss, self.prior.weight)
                 acc.backward(loss)
                 if acc.sync_gradients and t.max_grad_norm > 0:
                     acc.clip_grad_norm_(self.params, t.max_grad_norm)
@@ -347,12 +359,19 @@ class Trainer:
         state.seen_keys_digest = digest.hexdigest()
         nxt = base + self.micro_per_step
         state.epoch, state.batch_in_epoch = divmod(nxt, self.batches_per_epoch)
+        # instance and prior losses of this step (mean over micro-batches and processes), for the log
+        self.loss_parts = acc.reduce(torch.stack(parts).mean(0), reduction="mean") if parts else None
         return acc.reduce(torch.stack(losses).mean(), reduction="mean")  # a device tensor: no sync here
+
+    def _loss_parts_named(self) -> dict[str, torch.Tensor]:
+        if getattr(self, "loss_parts", None) is None:
+            return {}
+        return {"instance_loss": self.loss_parts[0], "prior_loss": self.loss_parts[1]}
 
     def _emit_log(self, pending: PendingLog, bar: Any) -> None:
         """Write a log point's record with its loss (waits for that step's GPU work only)."""
         rest = dict(pending.record)
-        record = {"step": rest.pop("step"), "loss": pending.loss(), **rest}
+        record = {"step": rest.pop("step"), "loss": pending.loss(), **pending.extras(), **rest}
         self.final_loss = record["loss"]
         self._log_record(record)
         bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", s_step=f"{record['s_per_step']:.2f}",
