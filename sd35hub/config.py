@@ -75,7 +75,8 @@ class ModelSpec:
     revision: str | None = None  # Hub revision (branch, tag or commit)
     dtype: str = "auto"  # weights dtype of the frozen base: auto (from the hardware profile)|bf16|fp16|fp32
     quantize: str = "none"  # frozen transformer: none|nf4|int8 (bitsandbytes, QLoRA)
-    text_encoder_quantize: str = "none"  # T5-XXL during embedding precompute: none|nf4|int8
+    # T5-XXL while caching embeddings: auto (the memory plan picks none, int8, nf4 or the CPU to fit) | none | nf4 | int8
+    text_encoder_quantize: str = "auto"
     attention: str = "sdpa"  # sdpa (PyTorch, default) | xformers (needs sd35hub[xformers])
     drop_t5: bool = False  # skip T5-XXL entirely (zero embeddings, saves ~9 GB; lower prompt fidelity)
     float8: bool = False  # FP8 matmuls for the frozen base layers (torchao; L4/H100 class GPUs)
@@ -86,7 +87,7 @@ class ModelSpec:
             out.append("model.name is empty; pass --model stabilityai/stable-diffusion-3.5-large (or tiny)")
         out += _choice("model", "dtype", self.dtype, DTYPES)
         out += _choice("model", "quantize", self.quantize, QUANTIZATION)
-        out += _choice("model", "text_encoder_quantize", self.text_encoder_quantize, QUANTIZATION)
+        out += _choice("model", "text_encoder_quantize", self.text_encoder_quantize, ("auto", *QUANTIZATION))
         out += _choice("model", "attention", self.attention, ATTENTION)
         if self.float8 and self.quantize != "none":
             out.append(f"model.float8 and model.quantize={self.quantize} both replace the base layers; choose one "

@@ -133,6 +133,15 @@ class OutOfMemoryError(Sd35HubError):
     exit_code = 11
 
 
+class MemoryPlanError(OutOfMemoryError):
+    """No memory plan fits this card / this machine: raised before any weights download.
+    ``phase`` is the first phase that does not fit; ``fixes`` the single settings that would."""
+
+    def __init__(self, message: str, *, phase: str, fixes: list[str]) -> None:
+        super().__init__(message)
+        self.phase, self.fixes = phase, list(fixes)
+
+
 class MissingDependencyError(Sd35HubError):
     exit_code = 12
 

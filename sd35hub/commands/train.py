@@ -56,6 +56,8 @@ def register(app: typer.Typer) -> None:
         trigger_word: str | None = typer.Option(None, "--trigger-word", help="Prepended to every caption."),
         push_to_hub: bool = typer.Option(False, "--push-to-hub", help="Publish adapter + card at the end."),
         repo_id: str | None = typer.Option(None, "--repo-id", help="OWNER/NAME of the model repo to publish to."),
+        dry_run: bool = typer.Option(False, "--dry-run", help="Print the memory plan (each phase's predicted peak "
+                                     "GPU and host memory, and how it fits) and exit; only config files are fetched."),
     ) -> None:
         """Train a LoRA adapter on SD3.5 (rectified flow). Multi-GPU: accelerate launch -m sd35hub train ..."""
         from sd35hub.config import load_config
@@ -68,6 +70,13 @@ def register(app: typer.Typer) -> None:
         if push_to_hub:
             all_overrides.insert(0, "hub.push_to_hub=true")
         cfg = load_config(config, all_overrides)  # ConfigError (exit 2) before anything loads
+        if dry_run:
+            from sd35hub.workflows.plan import plan_run
+
+            planned = plan_run(cfg, explicit_keys(config, all_overrides))
+            typer.echo(planned.describe())
+            planned.plan.check()  # MemoryPlanError (exit 11): the phase that does not fit and what would
+            return
         result = run_training(cfg, explicit=explicit_keys(config, all_overrides), log=typer.echo)
         if os.environ.get("RANK", "0") != "0":  # under `accelerate launch` only rank 0 reports
             return

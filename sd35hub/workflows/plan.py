@@ -1,0 +1,428 @@
+"""The memory plan of a training run: every phase, its predicted peak GPU and host memory, and how
+the run fits the card — computed from the component configs, the hardware profile and the data
+settings before any weights are downloaded.
+
+    plan = plan_for_config(config, profile)       # resolved config + HardwareProfile
+    print(plan.table())                           # what `sd35hub train --dry-run` prints
+    plan.check()                                  # MemoryPlanError (phase + settings that fit) if not
+
+Phases, in the order the trainer runs them (sd35hub.train.recipe):
+
+    encode images      the VAE alone on the device (slicing: one image at a time), latents to the cache
+    encode captions    CLIP-L, then CLIP-G, then T5-XXL: each loaded straight onto the device, run over
+                       every caption, the empty caption and the validation prompts, then freed before the
+                       next is loaded; T5 in 8-bit / NF4 (bitsandbytes) or on the CPU when it would not fit
+    load transformer   only once every encoder is gone; quantized while loading, straight to the device
+    train              frozen base + LoRA weights, gradients, optimizer state and activations
+    validate           the quantized base with the LoRA, cached prompt embeddings, VAE decode (tiled
+                       when the decode would not fit); the final samples are the last validation's images
+    save / publish     the adapter (a few MB) and the run folder
+
+The GPU figures predict PyTorch's reserved memory (what an allocator cap limits). The host figures
+are the resident set of the process: a base for Python + torch + CUDA libraries, plus the pages of the
+weights file being read (safetensors maps it; those pages are page cache the kernel can reclaim, shown
+separately as "file"), plus what a phase holds in anonymous memory. The constants below are estimates
+to be checked against benchmarks/memory_journey.py; the weight sizes are exact counts from the configs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from sd35hub.errors import MemoryPlanError
+from sd35hub.workflows.sizes import ComponentSize
+
+if TYPE_CHECKING:  # pragma: no cover
+    from sd35hub.config import Config
+    from sd35hub.hardware import HardwareProfile
+
+GIB = 2**30
+GPU_CAP_ENV = "SD35HUB_GPU_MEMORY_CAP_GIB"  # cap PyTorch's allocator (emulates a smaller card)
+HOST_RAM_ENV = "SD35HUB_HOST_MEMORY_GIB"  # plan for this much system RAM (e.g. 12.7 for a free Colab)
+CONTEXT_GIB = 0.6  # CUDA context + libraries outside the allocator (no cap set)
+RESERVE_FACTOR, RESERVE_GIB = 1.08, 0.25  # reserved ~ allocated x 1.08 + workspaces
+HOST_BASE_GIB = {"cuda": 2.5, "cpu": 1.0}  # python + torch + diffusers/transformers (+ CUDA libraries)
+OS_HOST_GIB = 0.6  # left to the OS and the notebook kernel
+ACT_PER_BLOCK = 27  # activations of one MMDiT block, in units of tokens x width (measured: FACTS.md step table)
+ACT_DUAL = 12  # extra for a block with a second attention (Medium)
+VAE_ENCODE_ACT, VAE_DECODE_ACT, VAE_TILE = 5, 6, 512  # x first-block channels x pixels; tile side in px
+OPTIMIZER_STATE = {"adamw": 8, "adamw8bit": 2, "prodigy": 16}  # bytes per fp32 LoRA parameter
+CLIP_TOKENS = 77
+NOMINAL_CARD_GIB = {"t4": 15.0, "l4": 22.5, "a100-40": 39.5, "a100-80": 79.3, "h100": 79.3}  # total_memory
+
+
+@dataclass(frozen=True)
+class PlanInputs:
+    """Everything the plan depends on besides the component sizes."""
+
+    device: str  # cuda | cpu
+    gpu_budget_gib: float  # what the allocator may use (cap, or card memory less the context); 0 on CPU
+    host_budget_gib: float  # system RAM less what the OS keeps
+    dtype: str  # frozen weights: fp16 | bf16 | fp32
+    quantize: str  # transformer: none | nf4 | int8
+    text_encoder_quantize: str  # T5: auto | none | nf4 | int8
+    drop_t5: bool
+    resolution: int
+    batch_size: int
+    max_sequence_length: int
+    rank: int
+    lora_targets: str
+    optimizer: str
+    gradient_checkpointing: bool
+    validation_prompts: int
+    guidance: float
+    holdout: int
+    buffer_size: int
+    has_bitsandbytes: bool
+    gpu_name: str = ""
+
+
+@dataclass(frozen=True)
+class Phase:
+    name: str
+    gpu_gib: float  # predicted peak reserved on the device (0 on CPU)
+    host_gib: float  # predicted peak resident set of the process
+    file_gib: float  # of host_gib: mapped weights-file pages (reclaimable)
+    weights_bytes: int  # bytes of the model weights this phase holds (for tests against loaded modules)
+    strategy: str
+    fits: bool = True
+    problem: str = ""  # why it does not fit
+
+
+@dataclass
+class MemoryPlan:
+    inputs: PlanInputs
+    phases: list[Phase]
+    t5: str  # gpu | gpu-int8 | gpu-nf4 | cpu | dropped | none (no T5 in the model)
+    vae_tiling: bool
+    fixes: list[str] = field(default_factory=list)  # single settings that fit, when this plan does not
+
+    @property
+    def fits(self) -> bool:
+        return all(p.fits for p in self.phases)
+
+    @property
+    def first_failure(self) -> Phase | None:
+        return next((p for p in self.phases if not p.fits), None)
+
+    def phase(self, name: str) -> Phase:
+        return next(p for p in self.phases if p.name == name)
+
+    def table(self) -> str:
+        i = self.inputs
+        card = f"GPU budget {i.gpu_budget_gib:.1f} GiB{f' ({i.gpu_name})' if i.gpu_name else ''}" if i.device == "cuda" else "no GPU (CPU)"
+        rows = [f"memory plan: {card}, host RAM budget {i.host_budget_gib:.1f} GiB, {i.resolution} px, batch {i.batch_size}",
+                f"{'phase':<32} {'GPU GiB':>8} {'host GiB':>9} {'(file)':>7}  fits  strategy"]  # fmt: skip
+        for p in self.phases:
+            gpu = f"{p.gpu_gib:8.2f}" if i.device == "cuda" else f"{'-':>8}"
+            rows.append(f"{p.name:<32} {gpu} {p.host_gib:9.2f} {p.file_gib:7.2f}  {'yes ' if p.fits else 'NO  '}  {p.strategy}")
+        failure = self.first_failure
+        if failure is not None:
+            rows.append(f"does not fit: {failure.name}: {failure.problem}")
+            if self.fixes:
+                rows.append("settings that would fit: " + "; ".join(self.fixes))
+        return "\n".join(rows)
+
+    def check(self) -> MemoryPlan:
+        """Raise MemoryPlanError naming the first phase that does not fit and the settings that would."""
+        failure = self.first_failure
+        if failure is None:
+            return self
+        fixes = self.fixes or ["a larger GPU"]
+        raise MemoryPlanError(
+            f"This run would run out of memory in the phase '{failure.name}': {failure.problem}. Settings that "
+            f"would fit: {'; '.join(fixes)}. (Checked before downloading any weights; `sd35hub train --dry-run` "
+            "prints the whole plan.)",
+            phase=failure.name, fixes=fixes,
+        )  # fmt: skip
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"fits": self.fits, "t5": self.t5, "vae_tiling": self.vae_tiling, "fixes": self.fixes,
+                "inputs": dataclasses.asdict(self.inputs),
+                "phases": [dataclasses.asdict(p) for p in self.phases]}  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------- estimates
+def _gib(n: float) -> float:
+    return n / GIB
+
+
+def _reserved(allocated_bytes: float) -> float:
+    return _gib(allocated_bytes) * RESERVE_FACTOR + RESERVE_GIB
+
+
+def _text_activations(size: ComponentSize, batch: int, tokens: int, act_bytes: int) -> float:
+    return batch * tokens * (4 * size.width + 2 * size.ffn) * act_bytes + size.width * size.ffn * 2
+
+
+def _lora_params(t: ComponentSize, rank: int, targets: str) -> int:
+    d = t.width
+    per_block = 8 * 2 * d * rank  # joint attention: to_q/k/v/out + add_q/k/v/to_add_out
+    if targets in ("attention+ff", "all-linear"):
+        per_block += 2 * 2 * (d + 4 * d) * rank  # ff and ff_context, two linears each
+    if targets == "all-linear":
+        per_block += 2 * (d + 6 * d) * rank  # the two adaLN modulations
+    return per_block * t.layers + 4 * 2 * d * rank * t.dual_layers
+
+
+def _train_tokens(i: PlanInputs) -> int:
+    image = (i.resolution // 16) ** 2  # 8x VAE, patch 2
+    text = CLIP_TOKENS + (i.max_sequence_length if not i.drop_t5 else CLIP_TOKENS)
+    return image + text
+
+
+def _t5_options(i: PlanInputs) -> list[str]:
+    if i.text_encoder_quantize in ("nf4", "int8"):
+        return [f"gpu-{i.text_encoder_quantize}"] if i.device == "cuda" else ["cpu"]
+    if i.device != "cuda":
+        return ["cpu"]
+    if i.text_encoder_quantize == "none":
+        return ["gpu"]
+    quantized = ["gpu-int8", "gpu-nf4"] if i.has_bitsandbytes else []
+    return ["gpu", *quantized, "cpu"]
+
+
+def plan_memory(sizes: dict[str, ComponentSize], i: PlanInputs) -> MemoryPlan:
+    """The plan for these component sizes and inputs (pure arithmetic; see the module docstring)."""
+    plan = _plan(sizes, i)
+    if not plan.fits:
+        plan.fixes = suggest_fixes(sizes, i)
+    return plan
+
+
+def _plan(sizes: dict[str, ComponentSize], i: PlanInputs) -> MemoryPlan:
+    cuda = i.device == "cuda"
+    base = HOST_BASE_GIB["cuda" if cuda else "cpu"]
+    act_bytes = 4 if i.dtype == "fp32" else 2
+    phases: list[Phase] = []
+
+    def add(name: str, gpu_alloc: float, host_anon: float, file_bytes: float, weights: int, strategy: str,
+            host_weights: float = 0.0) -> Phase:
+        gpu = _reserved(gpu_alloc) if cuda and gpu_alloc else 0.0
+        file_gib = _gib(file_bytes)
+        host = base + _gib(host_anon + host_weights) + file_gib
+        problems = []
+        if cuda and gpu > i.gpu_budget_gib:
+            problems.append(f"needs ~{gpu:.1f} GiB of GPU memory, the budget is {i.gpu_budget_gib:.1f} GiB")
+        if host - file_gib > i.host_budget_gib:
+            problems.append(f"needs ~{host - file_gib:.1f} GiB of system RAM, there are {i.host_budget_gib:.1f} GiB")
+        phase = Phase(name, round(gpu, 2), round(host, 2), round(file_gib, 2), weights, strategy,
+                      fits=not problems, problem="; ".join(problems))
+        phases.append(phase)
+        return phase
+
+    # encode images: the VAE alone, one image at a time (slicing)
+    vae = sizes["vae"]
+    vae_w = vae.weight_bytes(i.dtype)
+    encode_act = VAE_ENCODE_ACT * vae.width * i.resolution**2 * act_bytes
+    buffer = i.buffer_size * i.resolution**2 * 3 + i.batch_size * 3 * i.resolution**2 * 4
+    where = "on the GPU" if cuda else "on the CPU"
+    add("encode images (VAE)", vae_w + encode_act, buffer + (0 if cuda else vae_w + encode_act), vae.largest_file,
+        vae_w, f"VAE alone {where}, slicing (one image at a time); latents to the cache")
+
+    # encode captions: one encoder at a time, each freed before the next
+    texts = f"captions + '' + {i.validation_prompts} validation prompt(s)"
+    for name in ("text_encoder", "text_encoder_2"):
+        if name not in sizes:
+            continue
+        enc = sizes[name]
+        w = enc.weight_bytes(i.dtype)
+        act = _text_activations(enc, i.batch_size, CLIP_TOKENS, act_bytes)
+        add(f"encode captions ({enc.label})", w + act, 0 if cuda else w + act, enc.largest_file, w,
+            f"{enc.label} alone, loaded straight {'onto the GPU' if cuda else 'on the CPU'}, freed after ({texts})")
+    t5_mode = "none"
+    if "text_encoder_3" in sizes and i.drop_t5:
+        t5_mode = "dropped"
+        add("encode captions (T5-XXL)", 0, 0, 0, 0, "dropped (model.drop_t5=true): zero T5 embeddings")
+    elif "text_encoder_3" in sizes:
+        t5 = sizes["text_encoder_3"]
+        options = _t5_options(i)
+        for t5_mode in options:
+            quant = t5_mode.split("-")[1] if "-" in t5_mode else "none"
+            on_cpu = t5_mode == "cpu"
+            w = t5.weight_bytes("bf16" if on_cpu and cuda else i.dtype, quant)  # CPU fallback: bf16
+            act = _text_activations(t5, i.batch_size, i.max_sequence_length, act_bytes)
+            how = {"gpu": "on the GPU", "gpu-int8": "8-bit (bitsandbytes) on the GPU",
+                   "gpu-nf4": "NF4 (bitsandbytes) on the GPU", "cpu": "on the CPU (slow: minutes per 100 captions)"}[t5_mode]  # fmt: skip
+            phase = add("encode captions (T5-XXL)", 0 if on_cpu else w + act, w + act if on_cpu else 0, t5.largest_file,
+                        w, f"T5-XXL alone, {how}, freed after ({texts})")
+            if phase.fits or t5_mode == options[-1]:
+                break
+            phases.pop()
+
+    # the transformer, after every encoder is gone
+    t = sizes["transformer"]
+    t_w = t.weight_bytes(i.dtype, i.quantize)
+    qname = {"none": "", "nf4": " NF4 (quantized while loading)", "int8": " 8-bit (quantized while loading)"}[i.quantize]
+    add("load transformer", t_w, 0 if cuda else t_w, t.largest_file, t_w,
+        f"MMDiT{qname} straight {'onto the GPU' if cuda else 'to the CPU'}, only after the encoders are freed")
+
+    lora = _lora_params(t, i.rank, i.lora_targets)
+    lora_bytes = lora * (4 + 4 + OPTIMIZER_STATE.get(i.optimizer, 8))
+    tokens = _train_tokens(i)
+    unit = i.batch_size * tokens * t.width * act_bytes
+    if i.gradient_checkpointing:
+        act = unit * (2 * t.layers + ACT_PER_BLOCK + ACT_DUAL)
+    else:
+        act = unit * (ACT_PER_BLOCK * t.layers + ACT_DUAL * t.dual_layers)
+    train_alloc = t_w + lora_bytes + act
+    add("train", train_alloc, 0 if cuda else train_alloc, 0, t_w,
+        f"LoRA r{i.rank} ({lora / 1e6:.1f} M params, {i.optimizer}), checkpointing "
+        f"{'on' if i.gradient_checkpointing else 'off'}; latents and embeddings from the cache")
+
+    # validation: base + LoRA, cached embeddings, then the VAE decode
+    cfg_batch = 2 if i.guidance > 1.0 else 1
+    heldout_chunk = min(8, max(i.holdout, 1) * 5)
+    infer_act = max(cfg_batch, heldout_chunk) * tokens * t.width * act_bytes * 12
+    decode_full = VAE_DECODE_ACT * vae.width * i.resolution**2 * act_bytes
+    held = t_w + lora * 4 + vae_w
+    tiling = cuda and _reserved(held + decode_full) > i.gpu_budget_gib
+    decode = VAE_DECODE_ACT * vae.width * min(i.resolution, VAE_TILE) ** 2 * act_bytes if tiling else decode_full
+    val_alloc = held + max(infer_act, decode)
+    for name in ("validate", "final samples"):
+        strategy = ("quantized base + LoRA, prompt embeddings cached up front (no encoder reloads), VAE decode "
+                    + ("tiled" if tiling else "whole")) if name == "validate" else "the last validation's images"  # fmt: skip
+        add(name, val_alloc, 0 if cuda else val_alloc, 0, t_w + vae_w, strategy)
+    add("save / publish", t_w + lora * 4, lora * 4, 0, t_w, "adapter (safetensors) + run folder; upload when hub.push_to_hub")
+    return MemoryPlan(i, phases, t5_mode, tiling)
+
+
+def suggest_fixes(sizes: dict[str, ComponentSize], i: PlanInputs) -> list[str]:
+    """Single setting changes (most prompt fidelity / speed kept first) under which the plan fits."""
+    candidates: list[tuple[str, dict[str, Any]]] = []
+    if i.device == "cuda":
+        bnb = "" if i.has_bitsandbytes else " (needs bitsandbytes: pip install 'sd35hub[quant]')"
+        with_bnb = {"has_bitsandbytes": True}
+        if i.text_encoder_quantize != "auto":
+            candidates.append(("model.text_encoder_quantize=auto", {"text_encoder_quantize": "auto"}))
+        candidates += [(f"model.text_encoder_quantize=int8{bnb}", {"text_encoder_quantize": "int8", **with_bnb}),
+                       (f"model.text_encoder_quantize=nf4{bnb}", {"text_encoder_quantize": "nf4", **with_bnb})]  # fmt: skip
+        if i.quantize == "none":
+            candidates.append((f"model.quantize=nf4{bnb}", {"quantize": "nf4", **with_bnb}))
+    if not i.gradient_checkpointing:
+        candidates.append(("train.gradient_checkpointing=true", {"gradient_checkpointing": True}))
+    if i.batch_size > 1:
+        candidates.append(("train.batch_size=1", {"batch_size": 1}))
+    candidates += [(f"data.resolution={r}", {"resolution": r}) for r in (768, 512) if r < i.resolution]
+    if "text_encoder_3" in sizes and not i.drop_t5:
+        candidates.append(("model.drop_t5=true", {"drop_t5": True}))
+    fits = [label for label, change in candidates if _plan(sizes, dataclasses.replace(i, **change)).fits]
+    if not fits and sizes["transformer"].layers > 24:
+        fits.append("model.name=stabilityai/stable-diffusion-3.5-medium (with the settings above)")
+    return fits
+
+
+# ------------------------------------------------------------------------------- from a config
+def gpu_cap_gib() -> float | None:
+    """The allocator cap asked for with SD35HUB_GPU_MEMORY_CAP_GIB (None: no cap)."""
+    raw = os.environ.get(GPU_CAP_ENV, "").strip()
+    if not raw:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        from sd35hub.errors import ConfigError
+
+        raise ConfigError(f"{GPU_CAP_ENV}={raw!r} is not a number of GiB (e.g. 14.7)") from None
+    return value if value > 0 else None
+
+
+def apply_gpu_cap(device: Any = None) -> float | None:
+    """Cap PyTorch's CUDA allocator at SD35HUB_GPU_MEMORY_CAP_GIB (emulates a smaller card); the cap or None."""
+    cap = gpu_cap_gib()
+    if cap is None:
+        return None
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    index = torch.device(device or "cuda").index or 0
+    total = torch.cuda.get_device_properties(index).total_memory / GIB
+    torch.cuda.set_per_process_memory_fraction(min(cap / total, 1.0), index)
+    return cap
+
+
+def host_ram_gib() -> float:
+    """System RAM (SD35HUB_HOST_MEMORY_GIB overrides: plan for a free Colab's 12.7 GB on a big machine)."""
+    raw = os.environ.get(HOST_RAM_ENV, "").strip()
+    if raw:
+        try:
+            return float(raw)
+        except ValueError:
+            pass
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024 / GIB
+    except OSError:
+        pass
+    try:
+        import psutil
+
+        return psutil.virtual_memory().total / GIB
+    except ImportError:  # pragma: no cover
+        return 64.0
+
+
+def inputs_from_config(cfg: Config, profile: HardwareProfile, *, validation_prompts: int | None = None) -> PlanInputs:
+    """PlanInputs of a profile-resolved config (see sd35hub.hardware.apply_profile)."""
+    cuda = profile.name != "cpu"
+    card = profile.vram_gib or NOMINAL_CARD_GIB.get(profile.name, 0.0)  # planning for a card not present here
+    cap = gpu_cap_gib()
+    budget = (min(cap, card) if cap is not None else max(card - CONTEXT_GIB, 0.0)) if cuda else 0.0
+    dtype = cfg.model.dtype if cfg.model.dtype != "auto" else profile.weight_dtype
+    t = cfg.train
+    return PlanInputs(
+        device="cuda" if cuda else "cpu", gpu_budget_gib=round(budget, 2),
+        host_budget_gib=round(max(host_ram_gib() - OS_HOST_GIB, 0.5), 2),
+        dtype={"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}.get(dtype, dtype), quantize=cfg.model.quantize,
+        text_encoder_quantize=cfg.model.text_encoder_quantize, drop_t5=cfg.model.drop_t5,
+        resolution=cfg.data.resolution, batch_size=t.batch_size or profile.batch_size,
+        max_sequence_length=cfg.data.max_sequence_length, rank=cfg.lora.rank, lora_targets=cfg.lora.targets,
+        optimizer=t.optimizer, gradient_checkpointing=bool(t.gradient_checkpointing if t.gradient_checkpointing is not None
+                                                           else profile.gradient_checkpointing),
+        validation_prompts=validation_prompts if validation_prompts is not None else (len(t.validation_prompts) or 2),
+        guidance=t.validation_guidance, holdout=cfg.data.holdout, buffer_size=cfg.data.buffer_size,
+        has_bitsandbytes=importlib.util.find_spec("bitsandbytes") is not None,
+        gpu_name=profile.device_name if profile.vram_gib else f"a {profile.name} card: none here",
+    )  # fmt: skip
+
+
+def plan_for_config(cfg: Config, profile: HardwareProfile, *, validation_prompts: int | None = None) -> MemoryPlan:
+    """The memory plan of a resolved config on this profile (fetches only the model's JSON files)."""
+    from sd35hub.workflows.sizes import component_sizes
+
+    sizes = component_sizes(cfg.model.name, cfg.model.revision)
+    return plan_memory(sizes, inputs_from_config(cfg, profile, validation_prompts=validation_prompts))
+
+
+@dataclass
+class PlannedRun:
+    """A run resolved before anything loads: config with the profile applied, and its memory plan."""
+
+    config: Config  # profile applied
+    profile: HardwareProfile
+    notes: list[str]  # where each profile-filled setting came from
+    variant: str
+    plan: MemoryPlan
+
+    def describe(self) -> str:
+        return "\n".join([self.profile.describe(), *(f"  {n}" for n in self.notes), self.plan.table()])
+
+
+def plan_run(cfg: Config, explicit: set[str] | None = None, *, device_props: Any = None) -> PlannedRun:
+    """Validate ``cfg``, pick the hardware profile from the model's configs, apply it, plan the memory.
+    Fetches only JSON files; raises nothing about memory (call ``.plan.check()``)."""
+    from sd35hub.hardware import apply_profile, detect_profile
+    from sd35hub.models.load import model_info
+
+    cfg = cfg.validate()
+    info = model_info(cfg.model.name, cfg.model.revision)
+    profile = detect_profile(cfg.train.profile, device_props, variant=info.variant)
+    resolved, notes = apply_profile(cfg, profile, explicit)
+    return PlannedRun(resolved, profile, notes, info.variant, plan_for_config(resolved, profile))

@@ -1,0 +1,127 @@
+"""The memory plan (sd35hub.workflows.plan): exact sizes from configs, strategy choices, the refusal,
+and `sd35hub train --dry-run`."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from cli_helpers import run_cli
+from sd35hub.errors import MemoryPlanError
+from sd35hub.models.real_configs import write_config_folder
+from sd35hub.models.tiny import tiny_model_path
+from sd35hub.workflows.plan import PlanInputs, plan_memory
+from sd35hub.workflows.sizes import component_sizes, sizes_from_folder
+
+
+def _tensor_bytes(module: torch.nn.Module) -> int:
+    tensors = list(module.parameters()) + [b for b in module.buffers() if b.is_floating_point()]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _inputs(**change: object) -> PlanInputs:
+    base = PlanInputs(device="cuda", gpu_budget_gib=14.7, host_budget_gib=12.1, dtype="bf16", quantize="nf4",
+                      text_encoder_quantize="auto", drop_t5=False, resolution=1024, batch_size=1,
+                      max_sequence_length=77, rank=16, lora_targets="attention", optimizer="adamw8bit",
+                      gradient_checkpointing=True, validation_prompts=2, guidance=4.5, holdout=2, buffer_size=64,
+                      has_bitsandbytes=True)  # fmt: skip
+    return dataclasses.replace(base, **change)
+
+
+@pytest.fixture(scope="module")
+def large(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    return sizes_from_folder(write_config_folder("large", tmp_path_factory.mktemp("large")))
+
+
+def test_sizes_from_configs_equal_the_tiny_models_loaded_tensor_bytes() -> None:
+    from diffusers import AutoencoderKL, SD3Transformer2DModel
+    from transformers import CLIPTextModelWithProjection, T5EncoderModel
+
+    folder = tiny_model_path()
+    sizes = component_sizes("tiny")
+    classes = {"text_encoder": CLIPTextModelWithProjection, "text_encoder_2": CLIPTextModelWithProjection,
+               "text_encoder_3": T5EncoderModel, "vae": AutoencoderKL, "transformer": SD3Transformer2DModel}  # fmt: skip
+    for name, cls in classes.items():
+        for dtype, torch_dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+            module = cls.from_pretrained(folder, subfolder=name, dtype=torch_dtype)
+            assert sizes[name].weight_bytes(dtype) == _tensor_bytes(module), (name, dtype)
+    # fp16: transformers keeps T5's `wo` layers in fp32, and the plan counts them so
+    t5 = T5EncoderModel.from_pretrained(folder, subfolder="text_encoder_3", dtype=torch.float16)
+    assert sizes["text_encoder_3"].fp32_params > 0
+    assert sizes["text_encoder_3"].weight_bytes("fp16") == _tensor_bytes(t5)
+
+
+def test_real_size_configs_count_the_real_encoders(large: dict) -> None:
+    t5, clip_g, transformer = large["text_encoder_3"], large["text_encoder_2"], large["transformer"]
+    assert round(t5.quantizable + t5.fp32_params, -7) == 4.63e9  # the 24 x 4096 encoder's linear layers
+    assert 0.69e9 < clip_g.params < 0.70e9 and clip_g.layers == 32
+    assert 8.0e9 < transformer.params < 8.2e9 and transformer.layers == 38
+    # NF4 keeps T5's wo (1.0 B params) in bf16: 4 GiB, not a quarter of 8.9 GiB
+    assert 3.9 < t5.weight_bytes("bf16", "nf4") / 2**30 < 4.1
+    assert 8.8 < t5.weight_bytes("bf16") / 2**30 < 9.0
+
+
+def test_phase_order_puts_every_encoder_before_the_transformer(large: dict) -> None:
+    names = [p.name for p in plan_memory(large, _inputs()).phases]
+    assert names[:4] == ["encode images (VAE)", "encode captions (CLIP-L)", "encode captions (CLIP-G)",
+                         "encode captions (T5-XXL)"]  # fmt: skip
+    assert names[4:] == ["load transformer", "train", "validate", "final samples", "save / publish"]
+
+
+def test_t5_strategy_follows_the_budget(large: dict) -> None:
+    assert plan_memory(large, _inputs()).t5 == "gpu"
+    assert plan_memory(large, _inputs(gpu_budget_gib=8.0)).t5 == "gpu-int8"
+    assert plan_memory(large, _inputs(gpu_budget_gib=5.5)).t5 == "gpu-nf4"
+    no_bnb = plan_memory(large, _inputs(gpu_budget_gib=8.0, has_bitsandbytes=False, host_budget_gib=30.0))
+    assert no_bnb.t5 == "cpu" and no_bnb.fits
+    assert plan_memory(large, _inputs(drop_t5=True)).t5 == "dropped"
+    assert plan_memory(large, _inputs(text_encoder_quantize="nf4")).t5 == "gpu-nf4"
+
+
+def test_predictions_scale_with_resolution_and_quantization(large: dict) -> None:
+    small, big = plan_memory(large, _inputs(resolution=768)), plan_memory(large, _inputs(resolution=1024))
+    assert small.phase("train").gpu_gib < big.phase("train").gpu_gib
+    bf16 = plan_memory(large, _inputs(quantize="none", gpu_budget_gib=80.0))
+    assert bf16.phase("load transformer").gpu_gib > 15.0 > 5.5 > big.phase("load transformer").gpu_gib
+
+
+def test_no_plan_fits_names_the_phase_and_settings_that_would(large: dict) -> None:
+    plan = plan_memory(large, _inputs(gpu_budget_gib=8.0, text_encoder_quantize="none"))
+    assert not plan.fits and plan.first_failure.name == "encode captions (T5-XXL)"
+    assert "model.drop_t5=true" in plan.fixes and "model.text_encoder_quantize=int8" in plan.fixes
+    with pytest.raises(MemoryPlanError) as caught:
+        plan.check()
+    assert caught.value.phase == "encode captions (T5-XXL)" and caught.value.exit_code == 11
+    assert "model.drop_t5=true" in str(caught.value) and "encode captions (T5-XXL)" in str(caught.value)
+    training = plan_memory(large, _inputs(quantize="none", gpu_budget_gib=14.7))
+    assert training.first_failure.name == "load transformer"
+    assert "model.quantize=nf4" in training.fixes and "model.drop_t5=true" not in training.fixes
+
+
+def test_host_ram_counts_a_t5_on_the_cpu(large: dict) -> None:
+    plan = plan_memory(large, _inputs(gpu_budget_gib=8.0, has_bitsandbytes=False, host_budget_gib=11.0))
+    t5 = plan.phase("encode captions (T5-XXL)")
+    assert not t5.fits and "system RAM" in t5.problem
+
+
+@pytest.mark.slow
+def test_dry_run_prints_the_plan(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    code, out, err = run_cli(["train", "--dry-run", "--model", "tiny", "--dataset", "sample", "--profile", "cpu",
+                              "-o", str(tmp_path / "out")], capsys)  # fmt: skip
+    assert code == 0, err
+    assert "memory plan" in out and "encode captions (T5-XXL)" in out and "load transformer" in out
+    assert not (tmp_path / "out").exists()  # nothing ran
+
+
+@pytest.mark.slow
+def test_dry_run_refuses_with_the_phase_and_the_fix(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = write_config_folder("large", tmp_path / "large")  # configs only: a download or load would fail
+    monkeypatch.setenv("SD35HUB_GPU_MEMORY_CAP_GIB", "7")
+    code, out, err = run_cli(["train", "--dry-run", "--model", str(folder), "--dataset", "sample", "--profile", "t4",
+                              "model.text_encoder_quantize=none"], capsys)  # fmt: skip
+    assert code == 11, err
+    assert "NO" in out and "encode captions (T5-XXL)" in err and "model.drop_t5=true" in err
