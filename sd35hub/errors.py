@@ -16,6 +16,7 @@ Exit codes (documented in docs/cli.md):
     10 Hub request failed after retries (network, server error)
     11 out of (GPU) memory
     12 hardware / dependency missing for a requested option
+    13 disk full, or a file/folder cannot be written (permission, read-only filesystem)
     130 interrupted (a checkpoint was written when possible)
 """
 
@@ -158,3 +159,63 @@ class HardwareError(Sd35HubError):
 
 class TrainingInterrupted(Sd35HubError):
     exit_code = 130
+
+
+class DiskFullError(Sd35HubError):
+    """A write failed because the filesystem is full (ENOSPC / quota); says where and about how much was needed."""
+
+    exit_code = 13
+
+    def __init__(self, path: str, needed_bytes: int | None = None, free_bytes: int | None = None) -> None:
+        self.path = str(path)
+        self.needed_bytes = needed_bytes
+        self.free_bytes = free_bytes
+        needed = f", needed ~{_mb(needed_bytes)} MB" if needed_bytes else ""
+        free = f" ({_mb(free_bytes)} MB free)" if free_bytes is not None else ""
+        super().__init__(
+            f"No space left on {self.path}{needed}{free}. Free some space or write to a larger disk "
+            "(--output, train.checkpoint_dir, data.cache_dir, SD35HUB_CACHE, HF_HOME), then run again "
+            "(training continues with --resume latest)."
+        )
+
+
+class FileWriteError(Sd35HubError):
+    """A file or folder could not be written: no permission, a read-only filesystem, or a file in the way."""
+
+    exit_code = 13
+
+
+class InvalidTokenError(NotLoggedInError):
+    """The Hub rejected the token itself (HTTP 401 on a request that sent one): invalid, expired or revoked."""
+
+    def __init__(self, what: str = "this action") -> None:
+        Sd35HubError.__init__(
+            self,
+            f"The Hub rejected your Hugging Face token as invalid or expired ({what} needs a valid one). "
+            "Create a new token at https://huggingface.co/settings/tokens, then set HF_TOKEN or run "
+            "`hf auth login` again.",
+        )
+
+
+def _mb(n: int | None) -> str:
+    return f"{max(1, round((n or 0) / 2**20)):,}"
+
+
+# What each exit code means: the table in docs/cli.md is tested against this (tests/test_cli_exit_codes.py).
+EXIT_CODES: dict[int, str] = {
+    0: "success",
+    1: "unexpected internal error (a bug)",
+    2: "bad configuration or command-line usage",
+    3: "license of a gated base model not accepted",
+    4: "not logged in / token missing or invalid",
+    5: "repository (model, dataset, adapter) or revision not found, or private",
+    6: "token cannot write to the target repository",
+    7: "dataset problem (no usable samples, column not found, unreadable source)",
+    8: "model could not be loaded",
+    9: "adapter incompatible, unknown format, unsafe (pickled) file, or too large",
+    10: "Hub request failed after retries (network, server error)",
+    11: "out of (GPU) memory",
+    12: "hardware or dependency missing for a requested option",
+    13: "disk full, or a file or folder cannot be written (permission, read-only)",
+    130: "interrupted (Ctrl-C or SIGTERM; a checkpoint was written when training)",
+}
