@@ -123,6 +123,9 @@ class DataSpec:
     class_prompt: str = ""  # the class without the trigger word, e.g. "a photo of a dog"
     class_data: str | None = None  # folder of class images; missing ones are generated (default: in the cache dir)
     num_class_images: int = 100  # class images used (generated up to this count with the base model)
+    # masked loss (docs/training.md): per-image mask from <stem>.mask.png or the alpha channel weights the loss
+    masked_loss: bool = False
+    unmasked_weight: float = 0.0  # loss weight where the mask is black/transparent (0 = no gradient there)
 
     def problems(self) -> list[str]:
         out: list[str] = []
@@ -143,6 +146,9 @@ class DataSpec:
         if not 1 <= self.max_sequence_length <= 512:
             out.append(f"data.max_sequence_length={self.max_sequence_length} must be in 1..512")
         out += self._prior_problems()
+        if not 0.0 <= self.unmasked_weight <= 1.0:
+            out.append(f"data.unmasked_weight={self.unmasked_weight!r} must be in [0, 1] (0: masked-out pixels get "
+                       "no gradient; 1: the mask has no effect)")
         return out
 
     def _prior_problems(self) -> list[str]:

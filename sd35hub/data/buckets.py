@@ -91,6 +91,7 @@ class Batch:
     crop_coords: list[tuple[int, int]]  # (top, left) per sample, in resized pixels
     original_sizes: list[tuple[int, int]]  # (height, width) before resizing
     content_hashes: list[str]  # sha256 of each raw image file
+    masks: torch.Tensor | None = None  # [b, 1, h, w] in [0, 1] when a sample has a loss mask (sd35hub.data.masks)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -104,6 +105,7 @@ class _Pending:
     crop: tuple[int, int]
     original: tuple[int, int]
     content_hash: str
+    mask: Image.Image | None = None  # bucket-sized loss mask
 
 
 def to_pixel_values(images: list[Image.Image]) -> torch.Tensor:
@@ -147,7 +149,12 @@ class BucketBatcher:
             bucket = assign_bucket(*sample.image.size, self.buckets)
             crop_rng = random.Random(stable_seed("crop", self.seed, sample.key))
             image, crop, original = resize_and_crop(sample.image, bucket, self.crop, crop_rng)
-            pending[bucket].append(_Pending(sample.key, image, sample.caption, crop, original, sample.content_hash))
+            mask = getattr(sample, "mask", None)
+            if mask is not None:
+                from sd35hub.data.masks import resize_and_crop_mask
+
+                mask = resize_and_crop_mask(mask, bucket, crop)
+            pending[bucket].append(_Pending(sample.key, image, sample.caption, crop, original, sample.content_hash, mask))
             held += 1
             if held >= self.buffer_size:
                 batch = self._take(pending, rng)
@@ -179,4 +186,13 @@ class BucketBatcher:
             crop_coords=[p.crop for p in picked],
             original_sizes=[p.original for p in picked],
             content_hashes=[p.content_hash for p in picked],
+            masks=_masks(picked, bucket),
         )
+
+
+def _masks(picked: list[_Pending], bucket: Bucket) -> torch.Tensor | None:
+    if all(p.mask is None for p in picked):
+        return None
+    from sd35hub.data.masks import to_mask_tensor
+
+    return to_mask_tensor([p.mask for p in picked], bucket)

@@ -31,6 +31,7 @@ from sd35hub.data.cache_index import (
     CACHE_FORMAT,
     FIELDS,
     INDEX_FILE,
+    MASK_FIELD,
     BatchRef,
     CachedBatches,
     CacheEntry,
@@ -182,6 +183,9 @@ def build_cache(spec: DataSpec, pipe: Any, cache_dir: Path, *, model_id: str, ba
     drop_t5 = getattr(pipe, "text_encoder_3", None) is None
     settings = {"max_sequence_length": spec.max_sequence_length, "drop_t5": drop_t5, "dtype": str(dtype).replace("torch.", ""),
                 "resolution": spec.resolution, "crop": spec.crop}
+    if spec.masked_loss:  # entries carry a latent-grid loss mask (sd35hub.data.masks); keys unchanged when off
+        settings["masked_loss"] = True
+    fields = FIELDS + (MASK_FIELD,) if spec.masked_loss else FIELDS
     existing = scan_shards(cache_dir)
     writer = _ShardWriter(cache_dir, shard_size, SHARD_MAX_BYTES)
     stream = SampleStream(spec, seed=seed, token=token)
@@ -196,8 +200,13 @@ def build_cache(spec: DataSpec, pipe: Any, cache_dir: Path, *, model_id: str, ba
         if todo:
             out = encode_batch(pipe, batch.pixel_values[todo], [batch.captions[i] for i in todo],
                                max_sequence_length=spec.max_sequence_length, device=device, dtype=dtype)
+            if spec.masked_loss:
+                from sd35hub.data.masks import latent_mask
+
+                masks = batch.masks[todo] if batch.masks is not None else None
+                out[MASK_FIELD] = latent_mask(masks, tuple(out["latents_mean"].shape[-2:]), len(todo))
             for row, i in enumerate(todo):
-                existing.update(writer.add(ids[i], {name: out[name][row] for name in FIELDS}))
+                existing.update(writer.add(ids[i], {name: out[name][row] for name in fields}))
             encoded += len(todo)
         rows.extend((eid, key, batch.bucket) for eid, key in zip(ids, batch.keys, strict=True))
         bar.update(len(batch))

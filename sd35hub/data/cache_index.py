@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 INDEX_FILE = "index.json"
 CACHE_FORMAT = "1"
 FIELDS = ("latents_mean", "latents_std", "prompt_embeds", "pooled_prompt_embeds")
+MASK_FIELD = "mask"  # [1, h/8, w/8] in [0, 1], in caches built with data.masked_loss (sd35hub.data.masks)
 
 
 @dataclass(frozen=True)
@@ -215,8 +216,9 @@ class CachedBatches:
 
         entries = [self.index.entries[i] for i in positions]
         # entry-first: each entry's shard is looked up once, however many shards the batch spans
-        rows = [self.reader.entry(e.shard, e.id, FIELDS) for e in entries]
-        out: dict[str, Any] = {name: torch.stack([row[name] for row in rows]) for name in FIELDS}
+        fields = FIELDS + (MASK_FIELD,) if self.index.settings.get("masked_loss") else FIELDS
+        rows = [self.reader.entry(e.shard, e.id, fields) for e in entries]
+        out: dict[str, Any] = {name: torch.stack([row[name] for row in rows]) for name in fields}
         dropped = [caption_dropped(e.key, seed=self.seed, epoch=epoch, rate=dropout) for e in entries]
         if any(dropped):
             empty = self.empty_prompt()

@@ -52,7 +52,11 @@ def preview_grid(spec: DataSpec, n: int = 16, out: Path = Path("preview.png"), r
         histogram[f"{bucket[0]}x{bucket[1]}"] += 1
         if len(tiles) < n:
             rng = random.Random(stable_seed("crop", seed, sample.key))
-            image, _, _ = resize_and_crop(sample.image, bucket, spec.crop, rng)
+            image, crop, _ = resize_and_crop(sample.image, bucket, spec.crop, rng)
+            if spec.masked_loss and sample.mask is not None:  # ignored pixels darkened and tinted red
+                from sd35hub.data.masks import overlay, resize_and_crop_mask
+
+                image = overlay(image, resize_and_crop_mask(sample.mask, bucket, crop))
             tiles.append(_tile(image, f"{bucket[0]}x{bucket[1]}  {sample.key}", sample.caption))
     if not tiles:
         raise DatasetError(no_usable_message(spec, stream.stats))

@@ -79,6 +79,7 @@ def read_folder(root: Path, image_column: str | None, caption_column: str | None
         p for p in root.rglob("*")
         if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
         and not any(part.startswith(".") for part in p.relative_to(root).parts)
+        and not p.name.lower().endswith(".mask.png")  # loss masks (sd35hub.data.masks), not images
     )
     for path in images:
         caption_path = path.with_suffix(".txt")

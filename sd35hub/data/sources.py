@@ -39,7 +39,8 @@ class Sample:
     key: str  # stable id: relative path, or "dataset/split/row"
     image: Image.Image  # RGB, EXIF-transposed, full size
     caption: str  # after the trigger word / tag shuffle tweaks
-    content_hash: str = ""  # sha256 of the raw image bytes (cache key)
+    content_hash: str = ""  # sha256 of the raw image bytes (cache key; with its mask when data.masked_loss)
+    mask: Image.Image | None = None  # data.masked_loss: mode L, image size (sd35hub.data.masks); None = all ones
 
 
 @dataclass(frozen=True)
@@ -149,6 +150,15 @@ class SampleStream:
             return readers.read_webdataset(list(src.files), Path(src.location))
         return readers.read_hub(src.location, spec.split, spec.image_column, spec.caption_column, self.token)
 
+    def _mask(self, record: readers.RawRecord, decoded: object) -> tuple[Image.Image | None, str]:
+        from sd35hub.data import masks
+
+        path = Path(self.source.location) / record.key if self.source.kind == "folder" else None
+        mask, origin = masks.find_mask(path, record.image_bytes or b"", decoded.image.size)  # type: ignore[attr-defined]
+        if mask is None:
+            self.stats.fix("unreadable_mask" if origin == "unreadable" else "no_mask")
+        return mask, masks.combined_hash(decoded.content_hash, mask)  # type: ignore[attr-defined]
+
     def __iter__(self) -> Iterator[Sample]:
         self.stats = stats = SkipStats()
         spec = self.spec
@@ -177,8 +187,11 @@ class SampleStream:
             elif not caption.strip():
                 stats.fix("empty_caption")
             stats.usable += 1
+            mask, content_hash = None, decoded.content_hash
+            if spec.masked_loss:
+                mask, content_hash = self._mask(record, decoded)
             yield Sample(record.key, decoded.image, tweak_caption(caption, spec, key=record.key, seed=self.seed),
-                         decoded.content_hash)
+                         content_hash, mask)
             if spec.max_samples is not None and stats.usable >= spec.max_samples:
                 break
 

@@ -85,8 +85,12 @@ def flow_loss(
     weighting: str = "none",
     precondition: bool = False,
     reduction: str = "mean",
+    pixel_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The rectified-flow loss of one batch (fp32 scalar, or [b] with reduction="none").
+
+    ``pixel_weights`` [b, 1, h/8, w/8] (masked loss, sd35hub.data.masks): each sample's loss becomes the
+    weighted mean sum(w·err²) / sum(w) over its latent pixels, so a weight-0 pixel contributes nothing.
 
     latents: x0 [b, 16, h/8, w/8] (already shifted and scaled VAE latents, in the transformer's
     compute dtype); prompt_embeds [b, tokens, joint_attention_dim]; pooled_prompt_embeds
@@ -106,7 +110,12 @@ def flow_loss(
         target = latents.float()
     else:
         target = noise.float() - latents.float()
-    per_sample = ((pred - target) ** 2).reshape(latents.shape[0], -1).mean(dim=1)
+    if pixel_weights is None:
+        per_sample = ((pred - target) ** 2).reshape(latents.shape[0], -1).mean(dim=1)
+    else:
+        w = pixel_weights.float().to(pred.device).expand_as(pred)
+        err = ((pred - target) ** 2 * w).reshape(latents.shape[0], -1).sum(dim=1)
+        per_sample = err / w.reshape(latents.shape[0], -1).sum(dim=1).clamp_min(1e-8)
     per_sample = per_sample * loss_weights(weighting, sigmas).to(per_sample.device)
     return per_sample if reduction == "none" else per_sample.mean()
 

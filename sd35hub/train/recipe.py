@@ -167,7 +167,7 @@ class Trainer:
         self.total_steps = train.max_steps or max(1, train.epochs * self.batches_per_epoch // self.micro_per_step)
         self.scheduler = build_scheduler(optimizer, train, self.total_steps)
         self.ema = LoraEMA(self.named_params, train.ema_decay) if train.ema_decay else None
-        self.heldout = validation.make_heldout(self.batches, train.seed)
+        self.heldout = validation.make_heldout(self.batches, train.seed, unmasked_weight=cfg.data.unmasked_weight)
         self.digest = outputs.config_digest(cfg)
         self.state.config_digest = self.digest
         if train.resume:
@@ -334,7 +334,8 @@ class Trainer:
                 loss = flow_loss(self.transformer, to_device(batch["latents"], dev, dt),
                                  to_device(batch["prompt_embeds"], dev, dt), to_device(batch["pooled_prompt_embeds"], dev, dt),
                                  to_device(noise, dev, dt), to_device(sigmas, dev),
-                                 weighting=t.loss_weighting, precondition=t.precondition_outputs)  # fmt: skip
+                                 weighting=t.loss_weighting, precondition=t.precondition_outputs,
+                                 pixel_weights=_pixel_weights(batch, cfg.data.unmasked_weight))  # fmt: skip
                 if self.prior is not None:  # loss = instance + prior_loss_weight * class (sd35hub.train.prior)
                     from sd35hub.train.prior import combine
 
@@ -488,6 +489,15 @@ class Trainer:
                 acc.end_training()
             acc.free_memory()
         self.pipe = None
+
+
+def _pixel_weights(batch: dict[str, Any], unmasked_weight: float) -> torch.Tensor | None:
+    """Masked loss (data.masked_loss): the batch's cached latent-grid masks as per-pixel loss weights."""
+    if "mask" not in batch:
+        return None
+    from sd35hub.data.masks import pixel_weights
+
+    return pixel_weights(batch["mask"], unmasked_weight)
 
 
 def _seed(*parts: object) -> int:

@@ -86,9 +86,10 @@ class HeldOut:
     noise: torch.Tensor
     sigmas: torch.Tensor  # [n*k]
     keys: list[str]
+    weights: torch.Tensor | None = None  # [n*k, 1, h/8, w/8] per-pixel loss weights (data.masked_loss)
 
 
-def make_heldout(batches: Any, seed: int) -> HeldOut | None:
+def make_heldout(batches: Any, seed: int, *, unmasked_weight: float = 0.0) -> HeldOut | None:
     """Fixed held-out inputs from ``CachedBatches.holdout_batch`` (None when data.holdout is 0)."""
     generator = torch.Generator().manual_seed(seed)
     batch = batches.holdout_batch(generator=generator, sample=True)
@@ -103,7 +104,16 @@ def make_heldout(batches: Any, seed: int) -> HeldOut | None:
         noise=torch.randn(latents.shape, generator=generator),
         sigmas=torch.tensor(HELDOUT_SIGMAS).repeat(len(batch["keys"])),
         keys=list(batch["keys"]),
+        weights=_masked_weights(batch, unmasked_weight, k),
     )
+
+
+def _masked_weights(batch: dict[str, Any], unmasked_weight: float, k: int) -> torch.Tensor | None:
+    if "mask" not in batch:
+        return None
+    from sd35hub.data.masks import pixel_weights
+
+    return pixel_weights(batch["mask"], unmasked_weight).repeat_interleave(k, 0)
 
 
 def heldout_loss(transformer: Any, heldout: HeldOut, *, device: str | torch.device, dtype: torch.dtype,
@@ -119,6 +129,7 @@ def heldout_loss(transformer: Any, heldout: HeldOut, *, device: str | torch.devi
                 transformer, heldout.latents[part].to(device, dtype), heldout.prompt_embeds[part].to(device, dtype),
                 heldout.pooled_prompt_embeds[part].to(device, dtype), heldout.noise[part].to(device, dtype),
                 heldout.sigmas[part].to(device), reduction="none",
+                pixel_weights=None if heldout.weights is None else heldout.weights[part],
             )  # fmt: skip
             total += float(losses.sum())
             count += losses.shape[0]
