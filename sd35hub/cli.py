@@ -28,7 +28,7 @@ from sd35hub.errors import (
     Sd35HubError,
 )
 
-COMMAND_MODULES = ("core", "hub", "data", "train", "adapters", "bench")
+COMMAND_MODULES = ("core", "hub", "data", "train", "adapters", "bench", "jobs")
 INTERRUPTED = 130
 
 app = typer.Typer(

@@ -295,6 +295,9 @@ class HubSpec:
     revision: str | None = None  # branch to push to (default main)
     push_checkpoints: bool = False  # also push each checkpoint's adapter to branch "checkpoints"
     check_access: bool = True  # check license acceptance and write permission before training
+    # branch of repo_id that receives every checkpoint in full as it is written; train.resume=latest with no
+    # local checkpoint resumes from its newest (sd35hub.workflows.resume; `--on hf-jobs` sets it to "resume")
+    resume_branch: str | None = None
 
     def problems(self) -> list[str]:
         out: list[str] = []
@@ -302,6 +305,11 @@ class HubSpec:
             out.append("hub.push_to_hub is true but hub.repo_id is not set; pass hub.repo_id=OWNER/NAME")
         if self.repo_id is not None and not _REPO_ID.match(self.repo_id):
             out.append(f"hub.repo_id={self.repo_id!r} is not a valid OWNER/NAME repository id")
+        if self.resume_branch is not None:
+            if not self.repo_id:
+                out.append("hub.resume_branch is set but hub.repo_id is not; pass hub.repo_id=OWNER/NAME")
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", self.resume_branch) or self.resume_branch == "main":
+                out.append(f"hub.resume_branch={self.resume_branch!r} must be a branch name other than main, e.g. resume")
         return out
 
 

@@ -17,6 +17,7 @@ Exit codes (documented in docs/cli.md):
     11 out of (GPU) memory
     12 hardware / dependency missing for a requested option
     13 disk full, or a file/folder cannot be written (permission, read-only filesystem)
+    14 a Hub job failed, timed out or was cancelled (the message says how to resume)
     130 interrupted (a checkpoint was written when possible)
 """
 
@@ -157,6 +158,12 @@ class HardwareError(Sd35HubError):
     exit_code = 12
 
 
+class JobError(Sd35HubError):
+    """A job on Hugging Face Jobs failed, hit its timeout or was cancelled."""
+
+    exit_code = 14
+
+
 class TrainingInterrupted(Sd35HubError):
     exit_code = 130
 
@@ -217,5 +224,6 @@ EXIT_CODES: dict[int, str] = {
     11: "out of (GPU) memory",
     12: "hardware or dependency missing for a requested option",
     13: "disk full, or a file or folder cannot be written (permission, read-only)",
+    14: "a job on Hugging Face Jobs failed, hit its timeout or was cancelled",
     130: "interrupted (Ctrl-C or SIGTERM; a checkpoint was written when training)",
 }

@@ -58,6 +58,12 @@ def register(app: typer.Typer) -> None:
         repo_id: str | None = typer.Option(None, "--repo-id", help="OWNER/NAME of the model repo to publish to."),
         dry_run: bool = typer.Option(False, "--dry-run", help="Print the memory plan (each phase's predicted peak "
                                      "GPU and host memory, and how it fits) and exit; only config files are fetched."),
+        on: str = typer.Option("local", "--on", help="local | hf-jobs (the Hub's GPUs; docs/jobs.md)."),
+        flavor: str = typer.Option("a100-large", "--flavor", help="hf-jobs: GPU flavor (t4-small, l4x1, a100-large, h200, h200x8 ...)."),
+        timeout: str = typer.Option("3h", "--timeout", help="hf-jobs: the job's time limit (e.g. 90m, 3h)."),
+        detach: bool = typer.Option(False, "--detach", help="hf-jobs: submit, print the job id and return."),
+        install: str | None = typer.Option(None, "--install", help="hf-jobs: pip requirement for sd35hub in the job (default: this version)."),
+        image: str | None = typer.Option(None, "--image", help="hf-jobs: Docker image with Python and pip."),
     ) -> None:
         """Train a LoRA adapter on SD3.5 (rectified flow). Multi-GPU: accelerate launch -m sd35hub train ..."""
         from sd35hub.config import load_config
@@ -69,6 +75,12 @@ def register(app: typer.Typer) -> None:
         all_overrides = build_overrides(flags, overrides or [])
         if push_to_hub:
             all_overrides.insert(0, "hub.push_to_hub=true")
+        if on != "local":  # sd35hub.commands.jobs: validate here, train in a job on the Hub
+            from sd35hub.commands.jobs import train_on_jobs
+
+            train_on_jobs(on, config, all_overrides, flavor=flavor, timeout=timeout, detach=detach, install=install,
+                          image=image, resume=resume, dry_run=dry_run)
+            return
         cfg = load_config(config, all_overrides)  # ConfigError (exit 2) before anything loads
         if dry_run:
             from sd35hub.workflows.plan import plan_run
@@ -77,7 +89,14 @@ def register(app: typer.Typer) -> None:
             typer.echo(planned.describe())
             planned.plan.check()  # MemoryPlanError (exit 11): the phase that does not fit and what would
             return
-        result = run_training(cfg, explicit=explicit_keys(config, all_overrides), log=typer.echo)
+        in_job = bool(os.environ.get("SD35HUB_JOB"))  # inside an hf-jobs job: metrics lines instead of a bar
+        on_step = None
+        if in_job:
+            from sd35hub.workflows.jobs import metrics_printer
+
+            on_step = metrics_printer()
+        result = run_training(cfg, explicit=explicit_keys(config, all_overrides), log=typer.echo, on_step=on_step,
+                              progress=not in_job)
         if os.environ.get("RANK", "0") != "0":  # under `accelerate launch` only rank 0 reports
             return
         typer.echo(f"adapter: {result.adapter_path}")

@@ -214,6 +214,10 @@ class Trainer:
     def _resume(self, resume: str) -> None:
         from sd35hub.train.lora import load_lora_state
 
+        if resume == "latest" and self.config.hub.resume_branch:  # no local checkpoint: the Hub branch's newest
+            from sd35hub.workflows.resume import fetch_for_resume
+
+            fetch_for_resume(self)
         path = ckpt.resolve_resume(resume, self.checkpoint_dir)
         if path is None:
             self.log(f"resume=latest: no checkpoint in {self.checkpoint_dir} yet, starting fresh")
@@ -447,6 +451,10 @@ class Trainer:
 
                 publish_checkpoint_adapter(path / outputs.ADAPTER_FILE, self.config.hub.repo_id, step=self.state.step,
                                            private=self.config.hub.private)
+            if self.config.hub.resume_branch:  # the full checkpoint, to resume on another machine
+                from sd35hub.workflows.resume import push_after_save
+
+                push_after_save(self, path)
         self.acc.wait_for_everyone()
         return path
 

@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 
 from .faults import Fault, FaultPlan
 from .handler import PREFIX, HubHandler
+from .jobs import JobsExecutor
 from .state import HubState, Repo, Token
 
 # An extra route: (handler, method, path segments, token) -> HTTP status it answered, or None if the
@@ -61,6 +62,7 @@ class HubServer:
         self._meta_lock = threading.Lock()
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
+        self.jobs = JobsExecutor(self)  # HF Jobs: routes + local subprocess executor (tests/hubserver/jobs.py)
 
     @classmethod
     def start(
@@ -86,6 +88,7 @@ class HubServer:
 
     def stop(self) -> None:
         self.faults.release()
+        self.jobs.shutdown()
         if self._httpd is not None:
             self._httpd.shutdown()
             self._httpd.server_close()
