@@ -66,3 +66,40 @@ def test_batches_single_bucket_complete_and_seeded() -> None:
     # buffer >= buckets * (batch - 1) + 1: a full bucket always exists when the buffer is full
     dropped = list(BucketBatcher(samples, buckets, batch_size=5, buffer_size=16, seed=0, drop_last=True))
     assert all(len(b) == 5 for b in dropped)
+
+
+@pytest.mark.parametrize("resolution,max_side", [(512, 512), (1024, 512), (768, 640), (1024, 3072), (128, 512), (64, 64)])
+def test_bounded_buckets_never_exceed_the_base_models_side(resolution: int, max_side: int) -> None:
+    from sd35hub.data.buckets import bounded_buckets
+
+    got, buckets, notes = bounded_buckets(resolution, max_side)
+    assert got == min(resolution, max_side // 64 * 64)
+    assert buckets and buckets[0] == (got, got)
+    assert len(set(buckets)) == len(buckets)
+    for w, h in buckets:
+        assert max(w, h) <= max_side and w % 64 == 0 and h % 64 == 0
+        assert max(w, h) / min(w, h) <= 2.5
+    unbounded = bucket_set(resolution)
+    changed = any(max(b) > max_side for b in unbounded)
+    assert bool(notes) == changed  # a note exactly when something was clamped
+    if resolution > max_side:
+        assert f"data.resolution={resolution}" in notes[0] and f"{got} px" in notes[0]
+    if not changed:
+        assert buckets == unbounded
+
+
+def test_bounded_buckets_keep_wide_and_tall_shapes_for_the_tiny_model() -> None:
+    from sd35hub.data.buckets import bounded_buckets
+
+    _, buckets, notes = bounded_buckets(512, 512)  # the tiny model: 32 patches x 2 x 8 px
+    assert (512, 320) in buckets and (320, 512) in buckets  # 640x384 clamped, aspect ~kept
+    assert "640x384->512x320" in notes[-1]
+    assert assign_bucket(640, 384, buckets) == (512, 320)
+
+
+def test_bounded_buckets_without_bound_is_the_plain_set() -> None:
+    from sd35hub.data.buckets import bounded_buckets
+
+    assert bounded_buckets(1024, None) == (1024, bucket_set(1024), [])
+    with pytest.raises(ValueError, match="below the smallest bucket"):
+        bounded_buckets(512, 32)

@@ -201,3 +201,22 @@ def test_partial_batches_are_filled_kept_or_dropped(tmp_path: Path, pipe) -> Non
     assert sorted(len(r.entries) for r in epoch("fill", 3)) == [2, 2, 3]  # 2-sample buckets: too small to fill
     with pytest.raises(ValueError, match="keep, fill, drop"):
         CachedBatches(index, batch_size=2, partial="pad")
+
+
+def test_cache_buckets_fit_the_tiny_transformers_position_grid(tmp_path: Path, pipe) -> None:
+    """#15.7: at 512 px the sample set's 640x384 images made a 640 px bucket, which the tiny
+    transformer (pos_embed_max_size 32 x patch 2 x 8 = 512 px) refuses after caching."""
+    from sd35hub.models.load import model_info
+
+    max_side = model_info("tiny").max_resolution
+    assert max_side == 512
+    spec = DataSpec(source="sample", resolution=512, max_samples=6, cache_dir=str(tmp_path))
+    index = build(spec, pipe, tmp_path / "c", max_side=max_side)
+    buckets = {e.bucket for e in index.entries}
+    assert all(max(b) <= 512 for b in buckets) and len(buckets) > 1, buckets
+    width, height = max(buckets, key=lambda b: b[0] / b[1])
+    with torch.no_grad():  # the transformer takes the widest bucket's latents
+        out = pipe.transformer(hidden_states=torch.zeros(1, 16, height // 8, width // 8), timestep=torch.tensor([500.0]),
+                               encoder_hidden_states=torch.zeros(1, 12, 64), pooled_projections=torch.zeros(1, 64),
+                               return_dict=False)[0]
+    assert out.shape == (1, 16, height // 8, width // 8)

@@ -385,3 +385,20 @@ def test_compile_blocks_is_static_for_few_shapes_and_dynamic_for_many(batch_shap
         assert len(graphs) == kinds * len(latent_sides)
     else:
         assert len(graphs) <= kinds * 2  # static for the first shape, one dynamic graph for the rest
+
+
+@pytest.mark.slow
+def test_tiny_model_at_512_px_trains_with_buckets_bounded_by_its_position_grid(tmp_path):
+    """#15.7: `sd35hub train --model tiny --dataset sample` (CPU profile: 512 px) failed after caching
+    with "Height (40) cannot be greater than pos_embed_max_size: 32"; data.resolution above the
+    base's 512 px is clamped too, and both are said."""
+    lines: list[str] = []
+    cfg = tiny_config(tmp_path / "out", tmp_path / "cache", max_steps=1, batch_size=1, validation_steps=1)
+    cfg = Config(model=cfg.model, data=DataSpec(source="sample", resolution=768, max_samples=4, holdout=0,
+                                                cache_dir=str(tmp_path / "cache")), lora=cfg.lora, train=cfg.train)
+    result = recipe.train(cfg, log=lines.append, progress=False)
+    assert result.steps == 1
+    text = "\n".join(lines)
+    assert "data.resolution=768 is above the 512 px" in text and "640x384->512x320" in text
+    summary = json.loads((result.output_dir / "summary.json").read_text())
+    assert all(max(b) <= 512 for b in summary["resolution_buckets"]), summary["resolution_buckets"]

@@ -7,6 +7,11 @@
 Rule: for each height h from ``resolution`` down in steps of 64, the width is the largest
 multiple of 64 with ``w * h <= resolution²`` (never above the budget), capped at 2.4 × h (12:5);
 the set stops where the uncapped width would pass 2.5 × h. Transposes give the portrait half.
+A base model bounds both sides: its positional embedding covers at most ``pos_embed_max_size``
+patches of ``patch_size`` latent pixels of 8 image pixels (512 px for the tiny model, 3072 px for
+SD3.5 Large): :func:`bounded_buckets` clamps the resolution to that, and a bucket with a longer
+side to that side at (about) its aspect ratio, saying which.
+
 Each image goes to the bucket with the closest log aspect ratio, is resized to cover it, then
 center- or random-cropped; the crop's top-left corner and the original size are recorded
 (``(top, left)`` and ``(height, width)``, the SDXL convention).
@@ -49,6 +54,40 @@ def bucket_set(resolution: int) -> list[Bucket]:
             if bucket not in buckets:
                 buckets.append(bucket)
     return buckets
+
+
+def bounded_buckets(resolution: int, max_side: int | None) -> tuple[int, list[Bucket], list[str]]:
+    """(resolution, buckets, notes) for a base whose positional grid allows sides up to ``max_side``
+    pixels: the resolution is clamped to the largest multiple of 64 not above it, and a bucket with
+    a longer side is clamped to it, its other side scaled to keep (about) its aspect ratio (at most
+    12:5; duplicates dropped). One note per change, for the log. ``max_side=None``: no bound."""
+    notes: list[str] = []
+    if max_side is not None and max_side < 64:
+        raise ValueError(f"the base model's largest image side is {max_side} px, below the smallest bucket (64 px)")
+    bound = max_side // 64 * 64 if max_side is not None else None
+    if bound is not None and resolution > bound:
+        notes.append(f"data.resolution={resolution} is above the {max_side} px the base model's positional "
+                     f"embedding covers: training at {bound} px")
+        resolution = bound
+    buckets = bucket_set(resolution)
+    if bound is None:
+        return resolution, buckets, notes
+    bounded: list[Bucket] = []
+    clamped: list[str] = []
+    for width, height in buckets:
+        if max(width, height) > bound:
+            short = max(64, round(min(width, height) * bound / max(width, height) / 64) * 64)
+            while bound / short > MAX_BUCKET_ASPECT:
+                short += 64
+            new = (bound, short) if width >= height else (short, bound)
+            clamped.append(f"{width}x{height}->{new[0]}x{new[1]}")
+            width, height = new
+        if (width, height) not in bounded:
+            bounded.append((width, height))
+    if clamped:
+        notes.append(f"{len(clamped)} aspect bucket(s) clamped to the base model's {max_side} px side "
+                     f"({', '.join(clamped)}); {len(bounded)} bucket(s) in use")
+    return resolution, bounded, notes
 
 
 def assign_bucket(width: int, height: int, buckets: list[Bucket]) -> Bucket:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sd35hub.config import DataSpec
-from sd35hub.data.buckets import BucketBatcher, bucket_set
+from sd35hub.data.buckets import BucketBatcher, bounded_buckets
 from sd35hub.data.cache_index import (
     CACHE_FORMAT,
     FIELDS,
@@ -174,8 +174,10 @@ class _ShardWriter:
 
 def build_cache(spec: DataSpec, pipe: Any, cache_dir: Path, *, model_id: str, batch_size: int,
                 device: str | torch.device, dtype: torch.dtype, seed: int, progress: bool = True,
-                token: str | bool | None = None, shard_size: int = SHARD_MAX_ENTRIES) -> CacheIndex:
-    """Stream ``spec``'s samples through buckets and the encoders into ``cache_dir``; see the module doc."""
+                token: str | bool | None = None, shard_size: int = SHARD_MAX_ENTRIES,
+                max_side: int | None = None) -> CacheIndex:
+    """Stream ``spec``'s samples through buckets and the encoders into ``cache_dir``; see the module doc.
+    ``max_side``: the base model's largest image side (ModelInfo.max_resolution); longer buckets are dropped."""
     from tqdm.auto import tqdm
 
     cache_dir = Path(cache_dir)
@@ -189,7 +191,7 @@ def build_cache(spec: DataSpec, pipe: Any, cache_dir: Path, *, model_id: str, ba
     existing = scan_shards(cache_dir)
     writer = _ShardWriter(cache_dir, shard_size, SHARD_MAX_BYTES)
     stream = SampleStream(spec, seed=seed, token=token)
-    batcher = BucketBatcher(stream, bucket_set(spec.resolution), batch_size, spec.buffer_size, seed, spec.crop)
+    batcher = BucketBatcher(stream, bounded_buckets(spec.resolution, max_side)[1], batch_size, spec.buffer_size, seed, spec.crop)
     rows: list[tuple[str, str, tuple[int, int]]] = []  # (id, key, bucket) in stream order
     encoded = 0
     bar = tqdm(desc="caching latents + embeddings", unit="img", disable=not progress)

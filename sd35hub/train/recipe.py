@@ -71,6 +71,8 @@ class Trainer:
         self.info = model_info(cfg.model.name, cfg.model.revision)  # configs only
         self.profile = detect_profile(cfg.train.profile, variant=self.info.variant)  # 4. before weights load
         cfg, notes = apply_profile(cfg, self.profile, self.explicit)
+        cfg, bucket_notes = _bound_resolution(cfg, self.info.max_resolution)  # the base's positional grid
+        notes += bucket_notes
         self.config = cfg
         train = cfg.train
         self.output_dir = Path(train.output_dir)
@@ -112,7 +114,7 @@ class Trainer:
             if acc.is_local_main_process:
                 self.index = build_cache(cfg.data, pipe, cache_dir, model_id=cfg.model.name, batch_size=train.batch_size,
                                          device=self.device, dtype=self.weight_dtype, seed=train.seed,
-                                         progress=self.progress and self.main)  # fmt: skip
+                                         progress=self.progress and self.main, max_side=self.info.max_resolution)  # fmt: skip
         acc.wait_for_everyone()
         if not acc.is_local_main_process:  # one writer per cache dir: the others read the index it just wrote
             self.index = CacheIndex.load(cache_dir)
@@ -506,6 +508,18 @@ def _pixel_weights(batch: dict[str, Any], unmasked_weight: float) -> torch.Tenso
     from sd35hub.data.masks import pixel_weights
 
     return pixel_weights(batch["mask"], unmasked_weight)
+
+
+def _bound_resolution(cfg: Config, max_side: int) -> tuple[Config, list[str]]:
+    """data.resolution clamped to the base's largest side; notes for the clamp and the dropped buckets."""
+    import dataclasses
+
+    from sd35hub.data.buckets import bounded_buckets
+
+    resolution, _, notes = bounded_buckets(cfg.data.resolution, max_side)
+    if resolution != cfg.data.resolution:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, resolution=resolution))
+    return cfg, notes
 
 
 def _seed(*parts: object) -> int:
