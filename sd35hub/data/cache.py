@@ -177,7 +177,7 @@ def build_cache(spec: DataSpec, pipe: Any, cache_dir: Path, *, model_id: str, ba
                 token: str | bool | None = None, shard_size: int = SHARD_MAX_ENTRIES,
                 max_side: int | None = None) -> CacheIndex:
     """Stream ``spec``'s samples through buckets and the encoders into ``cache_dir``; see the module doc.
-    ``max_side``: the base model's largest image side (ModelInfo.max_resolution); longer buckets are dropped."""
+    ``max_side``: the base model's largest image side (ModelInfo.max_resolution); longer buckets are clamped."""
     from tqdm.auto import tqdm
 
     cache_dir = Path(cache_dir)

@@ -185,7 +185,8 @@ def prepare_prior(trainer: Any, pipe: Any, cache_dir: Path) -> PriorData:
             try:
                 index = build_cache(class_spec(cfg, folder), pipe, class_cache, model_id=cfg.model.name,
                                     batch_size=cfg.train.batch_size, device=trainer.device, dtype=trainer.weight_dtype,
-                                    seed=cfg.train.seed, progress=trainer.progress and trainer.main)  # fmt: skip
+                                    seed=cfg.train.seed, progress=trainer.progress and trainer.main,
+                                    max_side=trainer.info.max_resolution)  # fmt: skip
             except DatasetError as exc:
                 raise DatasetError(f"data.class_data={str(folder)!r}: {exc}") from None
             index.settings["class_prompt"] = cfg.data.class_prompt
