@@ -24,6 +24,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from sd35hub.config_checks import field_problems, merge_problems, parse_yaml, read_config_text, show
 from sd35hub.errors import ConfigError
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-3.5-large"
@@ -48,7 +49,7 @@ _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.
 
 def _choice(section: str, name: str, value: Any, allowed: tuple[str, ...]) -> list[str]:
     if value not in allowed:
-        return [f"{section}.{name}={value!r} is not one of {', '.join(allowed)}; set --{section}.{name} to one of them"]
+        return [f"{section}.{name}={show(value)} is not one of {', '.join(allowed)}; pass {section}.{name}=<one of them>"]
     return []
 
 
@@ -322,10 +323,14 @@ class Config:
     hub: HubSpec = field(default_factory=HubSpec)
 
     def problems(self) -> list[str]:
-        return (
-            self.model.problems() + self.data.problems() + self.lora.problems()
-            + self.train.problems() + self.hub.problems()
-        )
+        """Every section's own checks, plus type/finiteness/bounds of every field (sd35hub.config_checks)."""
+        out: list[str] = []
+        for f in fields(self):
+            section = getattr(self, f.name)
+            generic, wrong_type = field_problems(f.name, section)
+            # a value of the wrong type (a Config built in Python) would crash the section's own checks
+            out += generic if wrong_type else merge_problems(section.problems(), generic)
+        return out
 
     def validate(self) -> Config:
         """Raise one ConfigError listing every problem; return self when there is none."""
@@ -365,14 +370,14 @@ def _coerce(path: str, annotation: Any, value: Any, problems: list[str]) -> Any:
         if isinstance(value, str):
             value = [value] if args and args[-1] is Ellipsis else [value]
         if not isinstance(value, (list, tuple)):
-            problems.append(f"{path}={value!r} must be a list")
+            problems.append(f"{path}={show(value)} must be a list")
             return value
         item_type = args[0] if args else Any
         return tuple(_coerce(path, item_type, v, problems) for v in value)
     if annotation is bool:
         if isinstance(value, bool):
             return value
-        problems.append(f"{path}={value!r} must be true or false")
+        problems.append(f"{path}={show(value)} must be true or false")
         return value
     if annotation in (int, float) and isinstance(value, str):  # YAML 1.1 reads "5e-5" as a string
         try:
@@ -384,17 +389,17 @@ def _coerce(path: str, annotation: Any, value: Any, problems: list[str]) -> Any:
             return value
         if isinstance(value, float) and value.is_integer():
             return int(value)
-        problems.append(f"{path}={value!r} must be an integer")
+        problems.append(f"{path}={show(value)} must be an integer")
         return value
     if annotation is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
-        problems.append(f"{path}={value!r} must be a number")
+        problems.append(f"{path}={show(value)} must be a number")
         return value
     if annotation is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
-        problems.append(f"{path}={value!r} must be a string")
+        problems.append(f"{path}={show(value)} must be a string")
         return value
     return value
 
@@ -407,20 +412,27 @@ def from_dict(raw: dict[str, Any]) -> Config:
     sections: dict[str, Any] = {}
     for key in raw:
         if key not in SECTIONS:
-            problems.append(f"unknown section {key!r}; sections are {', '.join(SECTIONS)}")
+            problems.append(f"unknown section {show(key)}; sections are {', '.join(SECTIONS)}")
     for name, cls in SECTIONS.items():
-        values = raw.get(name) or {}
+        values = raw.get(name)
+        if values is None:
+            values = {}
         if not isinstance(values, dict):
-            problems.append(f"section {name!r} must be a mapping")
+            problems.append(f"section {name!r} must be a mapping of key: value, not {show(values)}")
+            sections[name] = cls()
             continue
         hints = typing.get_type_hints(cls)
         known = {f.name for f in fields(cls)}
         kwargs = {}
         for key, value in values.items():
+            if not isinstance(key, str):
+                problems.append(f"{name}: key {show(key)} is not a name; valid keys: {', '.join(sorted(known))}")
+                continue
             if key not in known:
-                close = [k for k in known if k.startswith(key[:4])]
+                close = [k for k in known if len(key) >= 3 and k.startswith(key[:4])]
                 hint = f" (did you mean {close[0]}?)" if close else ""
-                problems.append(f"unknown key {name}.{key}{hint}; valid keys: {', '.join(sorted(known))}")
+                shown = f"{name}.{key}" if key.isprintable() and len(key) <= 60 else f"{show(key)} in {name}"
+                problems.append(f"unknown key {shown}{hint}; valid keys: {', '.join(sorted(known))}")
                 continue
             before = len(problems)
             coerced = _coerce(f"{name}.{key}", hints[key], value, problems)
@@ -428,6 +440,7 @@ def from_dict(raw: dict[str, Any]) -> Config:
                 kwargs[key] = coerced
         sections[name] = cls(**kwargs)
     problems += Config(**sections).problems()
+    problems = list(dict.fromkeys(problems))  # one line per problem, however many list items share it
     if problems:
         raise ConfigError(problems)
     return Config(**sections)
@@ -443,12 +456,20 @@ def parse_overrides(overrides: list[str]) -> dict[str, dict[str, Any]]:
         key, sep, text = item.partition("=")
         section, dot, name = key.strip().lstrip("-").partition(".")
         if not sep or not dot or not name:
-            bad.append(f"override {item!r} must look like section.key=value, e.g. train.learning_rate=5e-5")
+            bad.append(f"override {show(item)} must look like section.key=value, e.g. train.learning_rate=5e-5")
             continue
         try:
             value = yaml.safe_load(text) if text.strip() else None
         except yaml.YAMLError:
             value = text
+        except (RecursionError, MemoryError, OverflowError, ValueError):
+            bad.append(f"override {show(item)}: the value could not be read as YAML; quote it or simplify it")
+            continue
+        try:
+            parse_yaml(text, f"override {show(key)}") if isinstance(value, (dict, list)) else None
+        except ConfigError as exc:
+            bad.append(exc.problems[0])
+            continue
         nested.setdefault(section, {})[name] = value
     if bad:
         raise ConfigError(bad)
@@ -460,24 +481,20 @@ def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     for section, values in extra.items():
         if isinstance(values, dict) and isinstance(out.get(section), dict):
             out[section].update(values)
-        else:
+        elif out.get(section) is None:
             out[section] = values
+        # else: the file's section is not a mapping; keep it so from_dict reports it
     return out
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults <- YAML file <- dotted overrides, validated; every problem reported at once."""
-    import yaml
-
     raw: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} does not exist; pass --config with a YAML file path")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {exc}") from None
+        raw = parse_yaml(read_config_text(p), f"config file {str(p)!r}")
+        if raw is None:
+            raw = {}
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {str(p)!r} must be a mapping of sections (model, data, lora, train, hub)")
     return from_dict(merge(raw, parse_overrides(overrides or [])))
