@@ -301,6 +301,13 @@ def bench(model: str = "tiny", *, profile: str = "auto", reference: str = "eager
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if model != "tiny" and device == "cpu":  # a full-size fp32 SD3.5 on the CPU: minutes of allocation, no answer
+        from sd35hub.errors import HardwareError
+
+        raise HardwareError(
+            f"`sd35hub bench --model {model}` times training steps of the full-size SD3.5 {model.title()} on a CUDA "
+            "GPU, and none is visible. Run it on a GPU machine, or use --model tiny here."
+        )
     if profile == "auto":
         profile = "h100" if device == "cuda" else "cpu"
     if resolution is None:

@@ -22,7 +22,6 @@ import typer
 
 from sd35hub import __version__
 from sd35hub.errors import (
-    DiskFullError,
     FileWriteError,
     HubRequestError,
     Sd35HubError,

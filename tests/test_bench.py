@@ -88,3 +88,21 @@ def test_cpu_paths_of_the_gpu_knobs() -> None:
     moved = speed.to_device(t, torch.device("cpu"), torch.bfloat16)
     assert moved.dtype == torch.bfloat16 and moved.device.type == "cpu"
     assert speed.fused_adamw_kwargs([torch.nn.Parameter(t)]) == {}
+
+
+def test_bench_full_size_on_a_cpu_is_refused_at_once(capsys) -> None:
+    """#15 item 6: `bench --model large` on a CPU built a full-size fp32 model instead of refusing."""
+    import time
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("refusal is for machines without a CUDA GPU")
+    start = time.perf_counter()
+    with pytest.raises(SystemExit) as info:
+        main(["bench", "--model", "large"])
+    assert info.value.code == 12 and "CUDA" in capsys.readouterr().err
+    assert time.perf_counter() - start < 10  # nothing full-size was built
+    with pytest.raises(SystemExit) as info:
+        main(["bench", "--model", "huge"])
+    assert info.value.code == 2

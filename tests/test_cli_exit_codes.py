@@ -137,3 +137,24 @@ def test_an_unreachable_hub_while_opening_a_dataset_exits_10(capsys, monkeypatch
     code, _, err = run_cli(["data", "check", "owner/ds"], capsys)
     assert code == 10, err
     assert err.startswith("Error: Could not reach the Hub at ") and len(err.strip().splitlines()) == 1
+
+
+def test_convert_counts_the_modules_it_wrote(capsys, tmp_path) -> None:
+    """#15 item 5: a kohya file fuses q, k, v; the message counted the modules read ("19 ... written" for 9)."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    prefix = "transformer.transformer_blocks.0.attn."
+    tensors = {}
+    for name in ("to_q", "to_k", "to_v", "to_out.0"):
+        tensors[f"{prefix}{name}.lora_A.weight"] = torch.randn(4, 32)
+        tensors[f"{prefix}{name}.lora_B.weight"] = torch.randn(32, 4)
+    save_file(tensors, str(tmp_path / "in.safetensors"))
+    code, out, err = run_cli(["convert", str(tmp_path / "in.safetensors"), str(tmp_path / "k.safetensors"),
+                              "--to", "kohya"], capsys)
+    assert code == 0, err
+    with safe_open(str(tmp_path / "k.safetensors"), framework="pt") as handle:
+        written = sum(k.endswith(".lora_down.weight") for k in handle.keys())
+    assert written == 2  # qkv fused + to_out
+    assert f": {written} LoRA modules written" in out and "(4 read; q, k, v fused)" in out

@@ -118,7 +118,12 @@ def register(app: typer.Typer) -> None:
             raise ConfigError(f"--to {to!r} is not one of {', '.join(FORMATS)}")
         adapter = read_adapter(fetch_adapter_source(source)[0])
         file = write_adapter(adapter.modules, out, metadata=adapter.metadata, fmt=to)
-        typer.echo(f"{adapter.format} -> {to}: {len(adapter.modules)} LoRA modules written to {file}")
+        from sd35hub.formats import to_mmdit
+
+        # kohya/ComfyUI fuse q, k, v into one MMDiT linear: count the modules the written file holds
+        written = len(adapter.modules) if to == "diffusers" else len(to_mmdit(adapter.modules))
+        fused = f" ({len(adapter.modules)} read; q, k, v fused)" if written != len(adapter.modules) else ""
+        typer.echo(f"{adapter.format} -> {to}: {written} LoRA modules written to {file}{fused}")
 
     @app.command()
     def merge(

@@ -22,11 +22,13 @@ def register(app: typer.Typer) -> None:
                                     "(model.float8; needs torchao and an L4/H100-class GPU)."),
         json_out: Path | None = typer.Option(None, "--json", help="Also write the results as JSON."),
     ) -> None:
-        """Time the training step (s/step, samples/s, peak GPU memory, TFLOP/s) against the reference."""
+        """Time the training step (s/step, samples/s, peak GPU memory, TFLOP/s) against the reference (medium/large: GPU only)."""
         from sd35hub import bench as bench_mod
         from sd35hub.errors import ConfigError
 
         problems = []
+        if model not in ("tiny", "medium", "large"):
+            problems.append(f"--model {model!r} is not one of tiny, medium, large")
         if reference not in bench_mod.REFERENCE_STEPS:
             problems.append(f"--reference {reference!r} is not one of {', '.join(bench_mod.REFERENCE_STEPS)}")
         if profile != "auto" and profile not in bench_mod.PROFILE_STEPS:

@@ -13,7 +13,8 @@ FLAG_KEYS = {
     "model": "model.name", "dataset": "data.source", "rank": "lora.rank", "steps": "train.max_steps",
     "epochs": "train.epochs", "resolution": "data.resolution", "seed": "train.seed", "output": "train.output_dir",
     "resume": "train.resume", "profile": "train.profile", "trigger_word": "data.trigger_word",
-    "repo_id": "hub.repo_id",
+    "repo_id": "hub.repo_id", "image_column": "data.image_column", "caption_column": "data.caption_column",
+    "split": "data.split",
 }  # fmt: skip
 
 
@@ -25,13 +26,12 @@ def build_overrides(flags: dict[str, object], overrides: list[str]) -> list[str]
 
 def explicit_keys(config_file: Path | None, overrides: list[str]) -> set[str]:
     """Dotted keys the user set (YAML file + overrides): the hardware profile never replaces these."""
-    import yaml
-
     from sd35hub.config import parse_overrides
+    from sd35hub.config_checks import parse_yaml, read_config_text
 
     keys: set[str] = set()
     if config_file is not None and config_file.is_file():
-        raw = yaml.safe_load(config_file.read_text()) or {}
+        raw = parse_yaml(read_config_text(config_file), "config file") or {}
         if isinstance(raw, dict):
             keys |= {f"{s}.{k}" for s, values in raw.items() if isinstance(values, dict) for k in values}
     keys |= {f"{s}.{k}" for s, values in parse_overrides(overrides).items() for k in values}
@@ -56,6 +56,9 @@ def register(app: typer.Typer) -> None:
         trigger_word: str | None = typer.Option(None, "--trigger-word", help="Prepended to every caption."),
         push_to_hub: bool = typer.Option(False, "--push-to-hub", help="Publish adapter + card at the end."),
         repo_id: str | None = typer.Option(None, "--repo-id", help="OWNER/NAME of the model repo to publish to."),
+        image_column: str | None = typer.Option(None, "--image-column", help="Image column (default: auto-detect)."),
+        caption_column: str | None = typer.Option(None, "--caption-column", help="Caption column (default: auto-detect)."),
+        split: str | None = typer.Option(None, "--split", help="Dataset split (Hub datasets; default train)."),
         dry_run: bool = typer.Option(False, "--dry-run", help="Print the memory plan (each phase's predicted peak "
                                      "GPU and host memory, and how it fits) and exit; only config files are fetched."),
         on: str = typer.Option("local", "--on", help="local | hf-jobs (the Hub's GPUs; docs/jobs.md)."),
@@ -71,7 +74,8 @@ def register(app: typer.Typer) -> None:
 
         flags = dict(model=model, dataset=dataset, rank=rank, steps=steps, epochs=epochs, resolution=resolution,
                      seed=seed, output=output, resume=resume, profile=profile, trigger_word=trigger_word,
-                     repo_id=repo_id)  # fmt: skip
+                     repo_id=repo_id, image_column=image_column, caption_column=caption_column,
+                     split=split)  # fmt: skip
         all_overrides = build_overrides(flags, overrides or [])
         if push_to_hub:
             all_overrides.insert(0, "hub.push_to_hub=true")

@@ -30,6 +30,7 @@ import torch
 
 from sd35hub.config import Config
 from sd35hub.errors import TrainingInterrupted
+from sd35hub.preflight import preflight
 from sd35hub.train import checkpoint as ckpt
 from sd35hub.train import outputs, validation
 from sd35hub.train.distributed import any_process, check_same_resume_step, launched_without_cuda
@@ -66,6 +67,7 @@ class Trainer:
         from sd35hub.train.optim import LoraEMA, build_optimizer, build_scheduler
 
         cfg = self.config.validate()  # 1. every config problem at once, before anything loads
+        preflight(cfg)  # missing packages, output paths that are files, --resume with another rank
         self._check_access(cfg)  # 2. license + token (nothing downloaded)
         check_dataset(cfg.data, limit=256)  # 3. DatasetError now, not after loading 16 GB
         self.info = model_info(cfg.model.name, cfg.model.revision)  # configs only
