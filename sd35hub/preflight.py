@@ -79,8 +79,8 @@ def check_paths(config: Config) -> None:
         raise ConfigError(problems)
 
 
-def checkpoint_rank(checkpoint: Path) -> int | None:
-    """The LoRA rank stored in a checkpoint (first lora_A tensor's rows), from the header only."""
+def checkpoint_lora_shape(checkpoint: Path) -> tuple[str, tuple[int, ...]] | None:
+    """(name, shape) of the first LoRA down-projection in a checkpoint (its rows are the rank), from the header only."""
     from safetensors import safe_open
 
     file = checkpoint / "lora.safetensors"
@@ -88,7 +88,7 @@ def checkpoint_rank(checkpoint: Path) -> int | None:
         with safe_open(str(file), framework="pt") as handle:
             for key in handle.keys():
                 if ".lora_A." in key or key.endswith("lora_A.weight") or ".lora_down." in key:
-                    return int(handle.get_slice(key).get_shape()[0])
+                    return key, tuple(int(n) for n in handle.get_slice(key).get_shape())
     except Exception:  # noqa: BLE001 - a damaged checkpoint is the resume code's to report (and fall back from)
         return None
     return None
@@ -104,13 +104,16 @@ def check_resume(config: Config) -> None:
     path = resolve_resume(train.resume, checkpoint_dir)  # ConfigError now for a path that is no checkpoint
     if path is None:
         return
-    rank = checkpoint_rank(path)
-    if rank is not None and rank != config.lora.rank:
-        raise ConfigError(
-            f"lora.rank={config.lora.rank} but the checkpoint {str(path)!r} was trained with rank {rank}: a LoRA "
-            f"cannot change rank mid-run. Resume with lora.rank={rank} (--rank {rank}), or start a new run in "
-            "another --output without --resume."
-        )
+    found = checkpoint_lora_shape(path)
+    if found is None or len(found[1]) != 2 or found[1][0] == config.lora.rank:
+        return
+    (key, shape), rank = found, found[1][0]
+    raise ConfigError(
+        f"lora.rank={config.lora.rank} but the checkpoint {str(path)!r} was trained with rank {rank}: {key} has "
+        f"shape {shape} in the checkpoint but ({config.lora.rank}, {shape[1]}) here. A LoRA cannot change rank "
+        f"mid-run: resume with lora.rank={rank} (--rank {rank}), or start a new run in a new output dir "
+        "(another --output) without --resume."
+    )
 
 
 def preflight(config: Config) -> None:
