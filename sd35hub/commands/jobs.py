@@ -110,3 +110,40 @@ def register(app: typer.Typer) -> None:
 
         cancel(job_id, namespace=namespace)
         typer.echo(f"job {job_id}: cancel requested")
+
+    @app.command("sweep")
+    def sweep(
+        config: Path = typer.Argument(..., help="YAML config of the runs (sections model/data/lora/train/hub)."),
+        overrides: list[str] = typer.Argument(None, help="Dotted overrides for every trial, e.g. data.resolution=512."),
+        param: list[str] = typer.Option(..., "--param", help="Search space: key=LOW:HIGH[:log] or key=A,B,C (repeat)."),
+        trials: int = typer.Option(12, "--trials", min=1, help="How many trials."),
+        steps: int = typer.Option(200, "--steps", min=1, help="Optimizer steps per trial (short runs)."),
+        validation_every: int | None = typer.Option(None, "--validation-every", min=1,
+                                                    help="Held-out loss (reported for pruning) every N steps (default steps/4)."),
+        output: Path = typer.Option(Path("sweep"), "--output", "-o", help="Folder for trials, table, plot, best.yaml."),
+        seed: int = typer.Option(0, "--seed", help="Seed of Optuna's TPE sampler."),
+        prune: bool = typer.Option(True, "--prune/--no-prune", help="Stop trials worse than the median at the same step."),
+        on: str = typer.Option("local", "--on", help="local | hf-jobs (one job per trial)."),
+        parallel: int = typer.Option(4, "--parallel", min=1, help="hf-jobs: trials running at once."),
+        repo_id: str | None = typer.Option(None, "--repo-id", help="hf-jobs: repo the trials publish to (branch trial-NNN)."),
+        flavor: str = typer.Option("a100-large", "--flavor", help="hf-jobs: GPU flavor of each trial."),
+        timeout: str = typer.Option("1h", "--timeout", help="hf-jobs: time limit of each trial."),
+        install: str | None = typer.Option(None, "--install", help="hf-jobs: pip requirement for sd35hub in the jobs."),
+    ) -> None:
+        """Search hyperparameters with Optuna: short runs scored by held-out loss, pruning, a table, a plot, best.yaml."""
+        from sd35hub.workflows.sweep import parse_param, run_local, run_on_jobs
+
+        params = [parse_param(p) for p in param]
+        common = dict(trials=trials, steps=steps, output_dir=output, seed=seed, prune=prune,
+                      validation_every=validation_every, log=typer.echo)
+        if on == "local":
+            result = run_local(config, overrides or [], params, **common)
+        elif on == "hf-jobs":
+            if not repo_id:
+                raise ConfigError("sweep --on hf-jobs needs --repo-id OWNER/NAME (each trial publishes to a branch of it)")
+            result = run_on_jobs(config, overrides or [], params, repo_id=repo_id, parallel=parallel, flavor=flavor,
+                                 timeout=timeout, install=install, **common)
+        else:
+            raise ConfigError(f"--on {on!r} is not one of {', '.join(ON_CHOICES)}")
+        for line in result.describe():
+            typer.echo(line)

@@ -103,6 +103,8 @@ def register(app: typer.Typer) -> None:
                               progress=not in_job)
         if os.environ.get("RANK", "0") != "0":  # under `accelerate launch` only rank 0 reports
             return
+        if in_job:  # the final held-out loss, for `sd35hub sweep --on hf-jobs`
+            typer.echo("sd35hub-metrics " + json.dumps({"step": result.steps, "final_validation_loss": result.validation_loss}))
         typer.echo(f"adapter: {result.adapter_path}")
         if result.published is not None:
             typer.echo(f"published: {getattr(result.published, 'commit_url', None) or cfg.hub.repo_id}")
