@@ -7,7 +7,13 @@ prompt_embeds [b, 154, 4096] (77 CLIP + 77 T5 tokens), pooled_prompt_embeds [b, 
 - reference: the step the way diffusers' train_dreambooth_lora_sd3.py does it (bf16 weights,
   ``add_adapter`` LoRA, autocast, eager, default AdamW), optionally with its gradient
   checkpointing or bitsandbytes NF4 base;
-- ours: the step sd35hub's trainer runs for the chosen hardware profile (see PROFILE_STEPS).
+- ours: the step sd35hub's trainer runs for the chosen hardware profile — the same function
+  (:func:`sd35hub.train.step.optimize_micro_batch` under an ``accelerate.Accelerator``), the same LoRA
+  targets (:func:`sd35hub.train.lora.attach_lora`, the ``attention`` preset: Medium's ``attn2`` included),
+  optimizer (:func:`sd35hub.train.optim.build_optimizer`) and the profile's settings from
+  :func:`sd35hub.hardware.profile_settings` (PROFILE_STEPS is derived from it, not a second table).
+
+MFU: the counted FLOPs per step divided by the step time and by the GPU's dense bf16 peak (PEAK_TFLOPS).
 """
 
 from __future__ import annotations
@@ -52,7 +58,7 @@ class StepVariant:
     quantize: str = "none"  # none | nf4 (bitsandbytes, frozen base)
     attention: str = "auto"  # SDPA backend: auto | cudnn | flash
     fp32_lora: bool = True  # LoRA master weights in fp32 under bf16 autocast
-    fused_adamw: bool = False
+    optimizer: str = "adamw"  # ours: train.optimizer (adamw is fused on CUDA); the reference: torch's default AdamW
     float8: bool = False  # FP8 matmuls for the frozen base (torchao float8; Ada/Hopper)
     reference: bool = False
 
@@ -63,13 +69,29 @@ REFERENCE_STEPS = {
     "nf4": StepVariant("reference NF4 + checkpointing", reference=True, fp32_lora=False, checkpoint_every=1, quantize="nf4"),
 }
 
-# The step our trainer runs per hardware profile (sd35hub.hardware uses the same choices).
-PROFILE_STEPS = {
-    "h100": StepVariant("sd35hub h100", compile=True, attention="cudnn", fused_adamw=True),
-    "a100-80": StepVariant("sd35hub a100-80", compile=True, attention="flash", fused_adamw=True),
-    "t4": StepVariant("sd35hub t4 (16 GB)", compile=True, attention="cudnn", fused_adamw=True, quantize="nf4", checkpoint_every=1),
-    "cpu": StepVariant("sd35hub cpu", fused_adamw=False),
-}
+PROFILE_NAMES = ("cpu", "t4", "l4", "a100-40", "a100-80", "h100")
+_LABELS = {"t4": "t4 (16 GB)", "l4": "l4 (24 GB)"}
+_VARIANTS = {"large": "sd3.5-large", "medium": "sd3.5-medium", "tiny": "tiny"}
+
+# Dense bf16 peak of the card (NVIDIA data sheets, without sparsity), for the MFU column.
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "H800": 989.0, "A100": 312.0, "L4": 121.0, "T4": 65.0}
+
+
+def profile_step(profile: str, model: str = "large") -> StepVariant:
+    """The step the trainer runs for ``profile`` on ``model``: read from the profile table the trainer
+    uses (sd35hub.hardware), and the recipe's attention rule (cuDNN SDPA on CUDA)."""
+    from sd35hub.hardware import profile_settings
+
+    s = profile_settings(profile, _VARIANTS.get(model, model))
+    return StepVariant(
+        f"sd35hub {_LABELS.get(profile, profile)}", compile=s["compile"], quantize=s["quantize"],
+        checkpoint_every=1 if s["gradient_checkpointing"] else 0, optimizer=s["optimizer"],
+        attention="auto" if profile == "cpu" else "cudnn",
+    )  # fmt: skip
+
+
+# Kept for callers that list the profiles (the CLI's option check).
+PROFILE_STEPS = {name: profile_step(name) for name in PROFILE_NAMES}
 
 
 @dataclass
@@ -87,6 +109,7 @@ class BenchResult:
     steps: int
     loss_start: float
     loss_end: float
+    mfu: float | None = None  # achieved FLOP/s over the card's dense bf16 peak (PEAK_TFLOPS)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -176,24 +199,35 @@ def _loss(transformer: Any, inputs: dict[str, Any]) -> Any:
     return ((pred.float() - (noise - x0).float()) ** 2).mean()
 
 
-def prepare(transformer: Any, variant: StepVariant, rank: int) -> tuple[Any, Callable[[dict[str, Any]], float]]:
-    """Attach LoRA and apply the variant's speed knobs; returns (optimizer, step function)."""
+def prepare(transformer: Any, variant: StepVariant, rank: int) -> tuple[Any, Callable[[dict[str, Any]], Any]]:
+    """Attach LoRA and apply the variant's speed knobs; returns (optimizer, step function).
+
+    The reference attaches diffusers' script's 8 attention targets with ``add_adapter`` and runs its
+    loop (autocast, backward, clip, AdamW). Ours is the trainer's: ``attach_lora`` (fp32 LoRA weights),
+    ``build_optimizer``, ``accelerate.Accelerator.prepare`` and ``optimize_micro_batch``."""
     import torch
-    from peft import LoraConfig
 
     from sd35hub.train import speed
-    from sd35hub.train.flow import flow_loss
-    from sd35hub.train.optim import optimizer_step
 
-    transformer.add_adapter(
-        LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=ATTENTION_TARGETS)
-    )
-    params = [p for p in transformer.parameters() if p.requires_grad]
-    if variant.fp32_lora:
-        for p in params:
-            p.data = p.data.float()
+    device_type = "cuda" if next(transformer.parameters()).is_cuda else "cpu"
+    if variant.reference:
+        from peft import LoraConfig
+
+        transformer.add_adapter(
+            LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=ATTENTION_TARGETS)
+        )
+        params = [p for p in transformer.parameters() if p.requires_grad]
+        if variant.fp32_lora:
+            for p in params:
+                p.data = p.data.float()
+    else:
+        from sd35hub.config import LoraSpec
+        from sd35hub.train.lora import attach_lora
+
+        params = attach_lora(transformer, LoraSpec(rank=rank, alpha=rank, targets="attention", init="gaussian"),
+                             fp32_params=variant.fp32_lora)
     if variant.float8:
-        speed.float8_base(transformer, emulate=not (params and params[0].is_cuda))
+        speed.float8_base(transformer, emulate=device_type != "cuda")
     if variant.checkpoint_every:
         if variant.reference:
             transformer.enable_gradient_checkpointing()
@@ -201,33 +235,46 @@ def prepare(transformer: Any, variant: StepVariant, rank: int) -> tuple[Any, Cal
             speed.checkpoint_blocks(transformer, variant.checkpoint_every)
     if variant.compile:
         speed.compile_blocks(transformer, mode=variant.compile_mode)
-    if not variant.reference:  # the reference keeps PyTorch's defaults, as diffusers' script does
-        speed.enable_tf32()
-    opt_kwargs = speed.fused_adamw_kwargs(params) if variant.fused_adamw else {}
-    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-4, **opt_kwargs)
-    device_type = "cuda" if params and params[0].is_cuda else "cpu"
 
-    def reference_step(inputs: dict[str, Any]) -> Any:
-        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=device_type == "cuda"):
-            loss = _loss(transformer, inputs)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
+    if variant.reference:  # the reference keeps PyTorch's defaults, as diffusers' script does
+        optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-4)
 
-    def our_step(inputs: dict[str, Any]) -> Any:  # the trainer's own loss and update (sd35hub.train)
-        with speed.attention_backend(variant.attention):
+        def reference_step(inputs: dict[str, Any]) -> Any:
             with torch.autocast(device_type, dtype=torch.bfloat16, enabled=device_type == "cuda"):
-                loss = flow_loss(transformer, inputs["latents"], inputs["prompt_embeds"],
-                                 inputs["pooled_prompt_embeds"], inputs["noise"], inputs["sigmas"])
+                loss = _loss(transformer, inputs)
             loss.backward()
-        optimizer_step(params, optimizer, max_grad_norm=1.0)
-        return loss.detach()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return loss.detach()
 
-    step = reference_step if variant.reference else our_step
+        return optimizer, reference_step
 
-    return optimizer, step
+    from accelerate import Accelerator
+
+    from sd35hub.config import TrainSpec
+    from sd35hub.train.flow import flow_loss
+    from sd35hub.train.optim import build_optimizer, build_scheduler
+    from sd35hub.train.step import optimize_micro_batch
+
+    speed.enable_tf32()
+    spec = TrainSpec(learning_rate=1e-4, optimizer=variant.optimizer)
+    optimizer = build_optimizer(params, spec)
+    scheduler = build_scheduler(optimizer, spec, total_steps=10_000)
+    acc = Accelerator(cpu=device_type == "cpu", mixed_precision="bf16" if device_type == "cuda" else "no")
+    model, acc_optimizer = acc.prepare(transformer, optimizer)
+
+    def our_step(inputs: dict[str, Any]) -> Any:  # the trainer's own step (sd35hub.train.step)
+        loss = optimize_micro_batch(
+            acc, model, params, acc_optimizer,
+            lambda: flow_loss(model, inputs["latents"], inputs["prompt_embeds"], inputs["pooled_prompt_embeds"],
+                              inputs["noise"], inputs["sigmas"]),
+            attention=variant.attention, max_grad_norm=1.0,
+        )  # fmt: skip
+        scheduler.step()
+        return loss
+
+    return acc_optimizer, our_step
 
 
 def count_flops(transformer: Any, inputs: dict[str, Any]) -> float:
@@ -281,16 +328,28 @@ def run_variant(model: str, variant: StepVariant, *, resolution: int, batch: int
         times.append(time.perf_counter() - t)
     s_per_step = sorted(times)[len(times) // 2]
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
+    tflops = (flops / s_per_step / 1e12) if flops else None
+    card_peak = peak_tflops(torch.cuda.get_device_name(0)) if device == "cuda" else None
     result = BenchResult(
         variant=variant.name, model=model, resolution=resolution, batch=batch, rank=rank, s_per_step=s_per_step,
-        samples_per_s=batch / s_per_step, peak_gib=peak, tflops=(flops / s_per_step / 1e12) if flops else None,
-        warmup_s=warmup_s, steps=steps, loss_start=loss_start, loss_end=float(loss), extra={"flops": flops},
+        samples_per_s=batch / s_per_step, peak_gib=peak, tflops=tflops,
+        warmup_s=warmup_s, steps=steps, loss_start=loss_start, loss_end=float(loss),
+        mfu=(tflops / card_peak) if tflops and card_peak else None, extra={"flops": flops},
     )
     del transformer, step, inputs
     gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()
     return result
+
+
+def peak_tflops(device_name: str) -> float | None:
+    """The card's dense bf16 peak in TFLOP/s from its name (None when unknown: no MFU column)."""
+    upper = device_name.upper()
+    for tag, peak in PEAK_TFLOPS.items():
+        if tag in upper.replace("-", " ").split() or tag in upper:
+            return peak
+    return None
 
 
 def bench(model: str = "tiny", *, profile: str = "auto", reference: str = "eager", resolution: int | None = None,
@@ -312,12 +371,12 @@ def bench(model: str = "tiny", *, profile: str = "auto", reference: str = "eager
         profile = "h100" if device == "cuda" else "cpu"
     if resolution is None:
         resolution = 1024 if model != "tiny" else 128
-    chosen = variants or [REFERENCE_STEPS[reference], PROFILE_STEPS[profile]]
+    ours = profile_step(profile, model)
+    chosen = variants or [REFERENCE_STEPS[reference], ours]
     if float8:
         from sd35hub.errors import ConfigError
         from sd35hub.train import speed
 
-        ours = PROFILE_STEPS[profile]
         if ours.quantize != "none":
             raise ConfigError(f"--float8 replaces the base layers that profile {profile}'s {ours.quantize} base "
                               "quantizes; use --profile h100 or a100-80")
@@ -339,13 +398,14 @@ def format_table(results: list[BenchResult]) -> str:
     base = results[0].s_per_step if results else math.nan
     lines = [
         f"{'variant':34s} {'model':6s} {'res':>5s} {'b':>2s} {'s/step':>8s} {'samples/s':>9s} {'peak GiB':>8s} "
-        f"{'TFLOP/s':>8s} {'vs ref':>7s} {'warmup s':>8s}"
+        f"{'TFLOP/s':>8s} {'MFU':>5s} {'vs ref':>7s} {'warmup s':>8s}"
     ]
     for r in results:
         tf = f"{r.tflops:8.1f}" if r.tflops else f"{'-':>8s}"
+        mfu = f"{100 * r.mfu:4.0f}%" if r.mfu else f"{'-':>5s}"
         lines.append(
             f"{r.variant:34s} {r.model:6s} {r.resolution:5d} {r.batch:2d} {r.s_per_step:8.4f} {r.samples_per_s:9.2f} "
-            f"{r.peak_gib:8.2f} {tf} {base / r.s_per_step:6.2f}x {r.warmup_s:8.1f}"
+            f"{r.peak_gib:8.2f} {tf} {mfu} {base / r.s_per_step:6.2f}x {r.warmup_s:8.1f}"
         )
     return "\n".join(lines)
 

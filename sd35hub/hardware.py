@@ -81,6 +81,12 @@ def _base(name: str, variant: str | None) -> dict[str, Any]:
     return dict(table[name])
 
 
+def profile_settings(name: str, variant: str | None = None) -> dict[str, Any]:
+    """The tier table's settings for profile ``name`` and model ``variant`` (sd3.5-large / sd3.5-medium /
+    tiny): what the trainer fills in and what ``sd35hub bench`` times as "ours"."""
+    return _base(name, variant)
+
+
 _WHY = {
     "cpu": "no CUDA GPU: fp32 on the CPU (fine for the tiny model; real SD3.5 needs a GPU)",
     "t4": "16 GB and no bf16 (sm75): fp16 autocast with a grad scaler and fp32 LoRA weights, NF4 base + "

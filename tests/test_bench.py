@@ -106,3 +106,32 @@ def test_bench_full_size_on_a_cpu_is_refused_at_once(capsys) -> None:
     with pytest.raises(SystemExit) as info:
         main(["bench", "--model", "huge"])
     assert info.value.code == 2
+
+
+def test_ours_is_the_trainers_step_with_the_trainers_targets_and_profile() -> None:
+    from sd35hub.config import LoraSpec
+    from sd35hub.hardware import profile_settings
+    from sd35hub.train.lora import target_modules
+
+    variant = B.profile_step("cpu", "tiny")
+    transformer = B.build_transformer("tiny", variant, "cpu", torch.float32)
+    expected = target_modules(transformer, LoraSpec(targets="attention"))
+    assert any(".attn2." in name for name in expected)  # the tiny model has a dual-attention block, like Medium
+    _, step = B.prepare(transformer, variant, rank=4)
+    lora_layers = {n.rsplit(".lora_", 1)[0] for n, p in transformer.named_parameters() if p.requires_grad}
+    assert lora_layers == set(expected)
+    inputs = B.make_inputs(B.transformer_config("tiny"), 64, 1, "cpu", torch.float32)
+    before = {n: p.detach().clone() for n, p in transformer.named_parameters() if p.requires_grad}
+    step(inputs)
+    assert any(not torch.equal(before[n], p) for n, p in transformer.named_parameters() if p.requires_grad)
+    for name in ("t4", "l4", "h100"):  # one table: the bench's "ours" is the profile the trainer applies
+        s, v = profile_settings(name, "sd3.5-large"), B.profile_step(name, "large")
+        assert (v.quantize, v.compile, v.checkpoint_every > 0, v.optimizer) == (
+            s["quantize"], s["compile"], s["gradient_checkpointing"], s["optimizer"])
+
+
+def test_mfu_uses_the_cards_dense_bf16_peak() -> None:
+    assert B.peak_tflops("NVIDIA H200") == 989.0 and B.peak_tflops("Tesla T4") == 65.0
+    assert B.peak_tflops("cpu") is None
+    r = B.BenchResult("ours", "medium", 1024, 1, 16, 0.1, 10.0, 1.0, 494.5, 1.0, 3, 1.0, 0.9, mfu=0.5)
+    assert " 50%" in B.format_table([r])

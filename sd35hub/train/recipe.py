@@ -37,7 +37,8 @@ from sd35hub.train.distributed import any_process, check_same_resume_step, launc
 from sd35hub.train.flow import draw_noise_and_sigmas, flow_loss
 from sd35hub.train.metrics import PendingLog
 from sd35hub.train.outputs import TrainResult
-from sd35hub.train.speed import attention_backend, eager, to_device
+from sd35hub.train.speed import eager, to_device
+from sd35hub.train.step import optimize_micro_batch
 
 StepCallback = Callable[["Trainer"], None]
 
@@ -336,26 +337,25 @@ class Trainer:
                 logit_mean=t.logit_mean, logit_std=t.logit_std, mode_scale=t.mode_scale,
             )  # fmt: skip
             dev, dt = self.device, self.weight_dtype
-            # cuDNN's fused attention is the fastest SDPA kernel on Hopper at SD3.5's ~4k tokens (bench);
-            # flash / efficient / math stay as fallbacks where it does not apply (e.g. on a T4).
-            with acc.accumulate(self.transformer), attention_backend(self.attention_kernel):
-                loss = flow_loss(self.transformer, to_device(batch["latents"], dev, dt),
-                                 to_device(batch["prompt_embeds"], dev, dt), to_device(batch["pooled_prompt_embeds"], dev, dt),
-                                 to_device(noise, dev, dt), to_device(sigmas, dev),
-                                 weighting=t.loss_weighting, precondition=t.precondition_outputs,
-                                 pixel_weights=_pixel_weights(batch, cfg.data.unmasked_weight))  # fmt: skip
+
+            inputs = (to_device(batch["latents"], dev, dt), to_device(batch["prompt_embeds"], dev, dt),
+                      to_device(batch["pooled_prompt_embeds"], dev, dt), to_device(noise, dev, dt), to_device(sigmas, dev))
+            pixel_weights = _pixel_weights(batch, cfg.data.unmasked_weight)
+
+            def compute_loss(inputs: tuple[torch.Tensor, ...] = inputs, g: int = g,
+                             pixel_weights: torch.Tensor | None = pixel_weights) -> torch.Tensor:
+                loss = flow_loss(self.transformer, *inputs, weighting=t.loss_weighting,
+                                 precondition=t.precondition_outputs, pixel_weights=pixel_weights)
                 if self.prior is not None:  # loss = instance + prior_loss_weight * class (sd35hub.train.prior)
                     from sd35hub.train.prior import combine
 
-                    prior_loss = self.prior.loss(self.transformer, g, train=t, device=dev, dtype=dt)
+                    prior_loss = self.prior.loss(self.transformer, g, train=t, device=self.device, dtype=self.weight_dtype)
                     parts.append(torch.stack([loss.detach(), prior_loss.detach()]))
                     loss = combine(loss, prior_loss, self.prior.weight)
-                acc.backward(loss)
-                if acc.sync_gradients and t.max_grad_norm > 0:
-                    acc.clip_grad_norm_(self.params, t.max_grad_norm)
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.detach())
+                return loss
+
+            losses.append(optimize_micro_batch(acc, self.transformer, self.params, self.optimizer, compute_loss,
+                                               attention=self.attention_kernel, max_grad_norm=t.max_grad_norm))
         self.scheduler.step()
         if self.ema is not None:
             self.ema.update()
