@@ -16,13 +16,18 @@ from contextlib import contextmanager
 from typing import Any
 
 from sd35hub.errors import (
+    HubConnectionError,
     HubRequestError,
+    HubTimeoutError,
+    InvalidTokenError,
     LicenseNotAcceptedError,
     NotLoggedInError,
     RepoNotFoundError,
+    RevisionNotFoundError,
     Sd35HubError,
     WritePermissionError,
 )
+
 
 # Fine-grained token permissions that allow pushing commits to a repo.
 _WRITE_PERMISSIONS = {"repo.write", "repo.content.write"}
@@ -50,54 +55,189 @@ def hub_errors(
     token: str | bool | None = None,
     what: str = "this action",
     write: bool = False,
+    revision: str | None = None,
 ) -> Iterator[None]:
     """Turn huggingface_hub / network exceptions raised inside the block into sd35hub errors.
 
     ``write``: the block writes to ``repo_id``, so a 403 means the token lacks write permission;
-    otherwise a 403 means it may not read the repo (e.g. a fine-grained token without access)."""
-    try:
-        import httpx2 as httpx  # huggingface_hub >= 2.4's HTTP client (an httpx fork)
-    except ImportError:  # pragma: no cover - older huggingface_hub 2.x
-        import httpx
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        HfHubHTTPError,
-        LocalTokenNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
+    otherwise a 403 means it may not read the repo (e.g. a fine-grained token without access).
+    Also installs sd35hub's timeouts and retries on huggingface_hub's client (sd35hub.hubhttp)."""
+    from sd35hub import hubhttp
 
+    hubhttp.install()
     try:
         yield
     except Sd35HubError:
         raise
-    except GatedRepoError as exc:  # subclass of RepositoryNotFoundError: test it first
-        raise LicenseNotAcceptedError(repo_id, hub_endpoint()) from exc
-    except RevisionNotFoundError as exc:
-        raise RepoNotFoundError(repo_id, repo_type, "The requested revision (branch, tag or commit) does not exist.") from exc
-    except RepositoryNotFoundError as exc:
-        raise RepoNotFoundError(repo_id, repo_type) from exc
-    except LocalTokenNotFoundError as exc:
-        raise NotLoggedInError(what) from exc
-    except HfHubHTTPError as exc:
-        status = exc.response.status_code if exc.response is not None else None
+    except Exception as exc:
+        error = translate_hub_error(exc, repo_id, repo_type=repo_type, token=token, what=what, write=write,
+                                    revision=revision)
+        if error is None:
+            raise
+        raise error from exc
+
+
+def translate_hub_error(
+    exc: BaseException,
+    repo_id: str,
+    *,
+    repo_type: str = "model",
+    token: str | bool | None = None,
+    what: str = "this action",
+    write: bool = False,
+    revision: str | None = None,
+) -> Sd35HubError | None:
+    """The sd35hub error for a huggingface_hub / httpx2 / datasets exception; None if it is not one."""
+    import httpx2
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        LocalTokenNotFoundError,
+        RepositoryNotFoundError,
+    )
+    from huggingface_hub.errors import RevisionNotFoundError as HfRevisionNotFoundError
+
+    again = dict(repo_type=repo_type, token=token, what=what, write=write, revision=revision)
+    if isinstance(exc, LocalEntryNotFoundError):
+        # hf_hub_download could not reach the file and has no cached copy: say why (the cause), not "internal"
+        cause = exc.__cause__ or exc.__context__
+        translated = translate_hub_error(cause, repo_id, **again) if cause is not None else None  # type: ignore[arg-type]
+        return translated or HubConnectionError(
+            f"Could not download from {repo_id} while {what}, and there is no copy in the local cache: "
+            f"{_redact(str(exc).splitlines()[0], token)} Check your network (and HF_ENDPOINT), then run again.")
+    if isinstance(exc, GatedRepoError):  # subclass of RepositoryNotFoundError: test it first
+        if _rejected_token(exc):
+            return InvalidTokenError(what)
+        return LicenseNotAcceptedError(repo_id, hub_endpoint())
+    if isinstance(exc, HfRevisionNotFoundError):
+        return RevisionNotFoundError(repo_id, revision, repo_type)
+    if isinstance(exc, RepositoryNotFoundError):
+        return RepoNotFoundError(repo_id, repo_type)
+    if isinstance(exc, LocalTokenNotFoundError):
+        return NotLoggedInError(what)
+    if isinstance(exc, HfHubHTTPError):
+        response = exc.response
+        status = response.status_code if response is not None else None
         if status == 401:
-            raise NotLoggedInError(what) from exc
+            return InvalidTokenError(what) if _sent_token(exc) else NotLoggedInError(what)
+        message = _redact(_server_message(exc), token)
         if status == 403:
             if write:
-                raise WritePermissionError(repo_id, _redact(_server_message(exc), token)) from exc
-            raise RepoNotFoundError(
-                repo_id, repo_type, f"Your token is not allowed to read it: {_redact(_server_message(exc), token)}"
-            ) from exc
-        raise HubRequestError(
-            f"The Hub request for {repo_id} failed (HTTP {status}): {_redact(_server_message(exc), token)} "
-            "Check https://status.huggingface.co and your network, then run again."
-        ) from exc
-    except (httpx.TransportError, ConnectionError, TimeoutError) as exc:
-        raise HubRequestError(
-            f"Could not reach the Hub at {hub_endpoint()} for {repo_id}: {type(exc).__name__}: "
-            f"{_redact(str(exc), token)}. Check your network (and HF_ENDPOINT), then run again."
-        ) from exc
+                return WritePermissionError(repo_id, message)
+            return RepoNotFoundError(repo_id, repo_type, f"Your token is not allowed to read it: {message}")
+        request = _describe_request(exc)
+        if status == 429:
+            asked = hubhttp_retry_after(response)
+            wait = f" It asks to wait {asked:.0f} s." if asked is not None else ""
+            return HubRequestError(
+                f"The Hub is rate-limiting sd35hub ({request} answered HTTP 429 after retries) while {what}.{wait} "
+                "Wait a few minutes, then run again.")
+        return HubRequestError(
+            f"The Hub request {request} for {repo_id} failed (HTTP {status}) while {what}: {message} "
+            "Check https://status.huggingface.co and your network, then run again.")
+    if isinstance(exc, httpx2.TimeoutException):
+        limit = _timeout_of(exc)
+        return HubTimeoutError(
+            f"The Hub did not answer {_describe_request(exc)} within {limit} ({_attempts(exc)}) while {what}. "
+            "Check your network and https://status.huggingface.co; on a slow connection raise "
+            "HF_HUB_DOWNLOAD_TIMEOUT (seconds), then run again.")
+    if isinstance(exc, (httpx2.TransportError, ConnectionError, TimeoutError)):
+        root = _transport_cause(exc)
+        if root is not None and root is not exc:
+            if isinstance(root, httpx2.TimeoutException):
+                return translate_hub_error(root, repo_id, **again)  # type: ignore[arg-type]
+            exc = root
+        where = f" ({_describe_request(exc)}, {_attempts(exc)})" if _request_of(exc) is not None else ""
+        return HubConnectionError(
+            f"Could not reach the Hub at {hub_endpoint()} for {repo_id} while {what}{where}: "
+            f"{type(exc).__name__}: {_redact(str(exc), token)}. Check your network (and HF_ENDPOINT), then run again.")
+    if isinstance(exc, OSError) and str(exc).startswith("Consistency check failed"):
+        return HubConnectionError(
+            f"A download from {repo_id} was cut short again and again while {what}: {str(exc).splitlines()[0]} "
+            "Check your network, then run again (the finished files stay in the cache).")
+    return None
+
+
+def hubhttp_retry_after(response: Any) -> float | None:
+    from sd35hub.hubhttp import retry_after_s
+
+    return retry_after_s(response.headers) if response is not None else None
+
+
+def _transport_cause(exc: BaseException) -> BaseException | None:
+    """The httpx2 error under a wrapper (datasets' ConnectionError, huggingface_hub's LocalEntryNotFoundError)."""
+    import httpx2
+
+    seen = 0
+    current: BaseException | None = exc
+    while current is not None and seen < 10:
+        if isinstance(current, httpx2.TransportError):
+            return current
+        current, seen = current.__cause__ or current.__context__, seen + 1
+    return None
+
+
+def _request_of(exc: BaseException) -> Any:
+    response = getattr(exc, "response", None)
+    if response is not None and getattr(response, "request", None) is not None:
+        return response.request
+    try:
+        return exc.request  # type: ignore[attr-defined]  # httpx2 errors; raises RuntimeError when unset
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def _describe_request(exc: BaseException) -> str:
+    """"GET http://host/api/models/x/auth-check" (no query string: it can carry search terms)."""
+    request = _request_of(exc)
+    if request is None:
+        return "a request"
+    url = request.url
+    return f"{request.method} {url.scheme}://{url.netloc.decode() if isinstance(url.netloc, bytes) else url.netloc}{url.path}"
+
+
+def _timeout_of(exc: BaseException) -> str:
+    import httpx2
+
+    request = _request_of(exc)
+    timeouts = (request.extensions.get("timeout") or {}) if request is not None else {}
+    key = "connect" if isinstance(exc, httpx2.ConnectTimeout) else "write" if isinstance(exc, httpx2.WriteTimeout) else "read"
+    value = timeouts.get(key)
+    return f"{value:g} s" if isinstance(value, (int, float)) else "its timeout"
+
+
+def _attempts(exc: BaseException) -> str:
+    attempts = getattr(exc, "sd35hub_attempts", 1)
+    if attempts is None:
+        return "after huggingface_hub's retries"
+    return f"{attempts} attempt{'s' if attempts != 1 else ''}"
+
+
+def _sent_token(exc: BaseException) -> bool:
+    request = _request_of(exc)
+    return request is not None and "authorization" in request.headers
+
+
+def _rejected_token(exc: BaseException) -> bool:
+    """A 401 gated answer to a request that carried a token: is the token itself invalid? Asks whoami."""
+    response = getattr(exc, "response", None)
+    request = _request_of(exc)
+    if response is None or response.status_code != 401 or request is None:
+        return False
+    header = request.headers.get("authorization", "")
+    if not header.lower().startswith("bearer "):
+        return False
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        HfApi().whoami(token=header[7:].strip())
+    except HfHubHTTPError as err:
+        return err.response is not None and err.response.status_code == 401
+    except Exception:  # network trouble: no verdict, keep the gated answer
+        return False
+    return False
 
 
 def _server_message(exc: Any) -> str:
@@ -115,13 +255,14 @@ def check_read_access(
     """Raise unless the token can read ``repo_id`` (license accepted for gated repos). Downloads nothing.
 
     Raises LicenseNotAcceptedError (message holds ``{endpoint}/{repo_id}``), RepoNotFoundError
-    (missing, private, or revision missing), NotLoggedInError (a token is needed and none works),
-    HubRequestError (network).
+    (missing or private), RevisionNotFoundError (no such branch/tag/commit), NotLoggedInError (a token
+    is needed and none was given), InvalidTokenError (the Hub rejected the token), HubRequestError /
+    HubConnectionError / HubTimeoutError (the Hub failed or did not answer, after retries).
     """
     from huggingface_hub import HfApi, get_token
 
     api = HfApi(token=token)
-    with hub_errors(repo_id, repo_type=repo_type, token=token, what=f"reading {repo_id}"):
+    with hub_errors(repo_id, repo_type=repo_type, token=token, what=f"reading {repo_id}", revision=revision):
         try:
             api.auth_check(repo_id, repo_type=repo_type, token=token)
         except Exception as exc:
@@ -170,7 +311,7 @@ def _token_namespaces(whoami: dict[str, Any]) -> tuple[str | None, set[str], set
 def check_write_access(repo_id: str, *, token: str | bool | None = None) -> str:
     """Return the username if the token can create/push to ``repo_id``'s namespace, else raise.
 
-    Raises NotLoggedInError (no or invalid token) or WritePermissionError (read-only token,
+    Raises NotLoggedInError (no token; InvalidTokenError: rejected) or WritePermissionError (read-only token,
     fine-grained token without write access to the namespace, or not a writer of the org).
     Call it before training or uploading anything.
     """
@@ -181,14 +322,7 @@ def check_write_access(repo_id: str, *, token: str | bool | None = None) -> str:
     namespace = repo_id.split("/")[0] if "/" in repo_id else None
     api = HfApi(token=token)
     with hub_errors(repo_id, token=token, what=f"publishing to {repo_id}", write=True):
-        try:
-            whoami = api.whoami(token=token)
-        except Exception as exc:
-            from huggingface_hub.errors import HfHubHTTPError
-
-            if isinstance(exc, HfHubHTTPError) and exc.response is not None and exc.response.status_code == 401:
-                raise NotLoggedInError(f"publishing to {repo_id} (the token was rejected as invalid)") from exc
-            raise
+        whoami = api.whoami(token=token)  # a 401 with a token sent: InvalidTokenError (hub_errors)
     user = whoami.get("name") or ""
     namespace = namespace or user
     role, writable, read_only = _token_namespaces(whoami)

@@ -95,6 +95,20 @@ class RepoNotFoundError(Sd35HubError):
         )
 
 
+class RevisionNotFoundError(RepoNotFoundError):
+    """The repository exists but has no such branch, tag or commit."""
+
+    def __init__(self, repo_id: str, revision: str | None = None, repo_type: str = "model") -> None:
+        self.repo_id = repo_id
+        self.revision = revision
+        which = f"revision {revision!r}" if revision else "the requested revision"
+        Sd35HubError.__init__(
+            self,
+            f"The {repo_type} repository {repo_id!r} has no {which} (branch, tag or commit). Check the name "
+            "(`hf repo-files` or the repo's 'Files' tab lists branches), or leave --revision out for main.",
+        )
+
+
 class WritePermissionError(Sd35HubError):
     exit_code = 6
 
@@ -129,6 +143,14 @@ class UnsafeFileError(AdapterError):
 
 class HubRequestError(Sd35HubError):
     exit_code = 10
+
+
+class HubConnectionError(HubRequestError):
+    """The Hub could not be reached (refused, dropped connection, DNS) or did not answer in time."""
+
+
+class HubTimeoutError(HubConnectionError):
+    """A Hub request got no answer within its timeout (after its retries); the message names the request."""
 
 
 class OutOfMemoryError(Sd35HubError):

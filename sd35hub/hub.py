@@ -93,15 +93,16 @@ def download_adapter(
     from huggingface_hub import HfApi, hf_hub_download
 
     api = HfApi(token=token)
-    with hub_errors(repo_id, token=token, what=f"downloading {repo_id}"):
-        if filename is None:
-            filename = pick_adapter_file(api.list_repo_files(repo_id, revision=revision, token=token))
-        elif filename.lower().endswith(PICKLE_SUFFIXES):
+    with hub_errors(repo_id, token=token, what=f"downloading {repo_id}", revision=revision):
+        if filename is not None and filename.lower().endswith(PICKLE_SUFFIXES):
             raise UnsafeFileError(
                 f"{filename} in {repo_id} is a pickled file; sd35hub only loads .safetensors adapters."
             )
-        infos = api.get_paths_info(repo_id, [filename], revision=revision, token=token)
-        sizes = [getattr(info, "size", None) for info in infos if info.path == filename]
+        # One request for the file list and sizes (not paginated: a Hub that never answers times out once).
+        siblings = api.model_info(repo_id, revision=revision, files_metadata=True, token=token).siblings or []
+        if filename is None:
+            filename = pick_adapter_file([s.rfilename for s in siblings])
+        sizes = [s.size for s in siblings if s.rfilename == filename]
         if not sizes:
             raise AdapterError(
                 f"{repo_id} has no file {filename!r}"

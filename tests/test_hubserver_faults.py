@@ -1,5 +1,6 @@
-"""Fault injection of the local Hub (tests/hubserver/faults.py), seen through huggingface_hub's own
-HTTP client (`get_session()`, httpx2) with explicit timeouts: each fault does what it says."""
+"""Fault injection of the local Hub (tests/hubserver/faults.py), seen through a plain httpx2 client
+(huggingface_hub's HTTP library, without sd35hub's retries: sd35hub.hubhttp) with explicit timeouts,
+and through HfApi for the lost commit answer: each fault does what it says."""
 
 from __future__ import annotations
 
@@ -10,7 +11,12 @@ import httpx2
 import pytest
 from hubserver import HubServer
 from hubserver.faults import SilentListener
-from huggingface_hub.utils import get_session
+
+_CLIENT = httpx2.Client()
+
+
+def get_session() -> httpx2.Client:
+    return _CLIENT
 
 
 def _repo(hub: HubServer) -> str:

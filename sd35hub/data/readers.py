@@ -187,7 +187,28 @@ def _wds_record(rel: str, key: str, group: dict[str, bytes]) -> RawRecord:
 def read_hub(
     dataset_id: str, split: str, image_column: str | None, caption_column: str | None, token: str | bool | None
 ) -> Iterator[RawRecord]:
-    """Stream a Hub dataset with `datasets`; images are left undecoded so a bad one is a counted skip."""
+    """Stream a Hub dataset with `datasets`; images are left undecoded so a bad one is a counted skip.
+    Hub failures (unreachable, no answer, 5xx after retries, bad token) are sd35hub's typed Hub errors."""
+    from sd35hub.access import hub_errors
+
+    with hub_errors(dataset_id, repo_type="dataset", token=token, what=f"reading the dataset {dataset_id}"):
+        _check_reachable(dataset_id, token)
+        yield from _read_hub(dataset_id, split, image_column, caption_column, token)
+
+
+def _check_reachable(dataset_id: str, token: str | bool | None) -> None:
+    """One metadata request first (sd35hub's timeouts and retries): a missing, gated or unreachable
+    dataset fails here at once, not after datasets' own download retries. Offline: the cache decides."""
+    from huggingface_hub import HfApi, constants
+
+    if constants.HF_HUB_OFFLINE:
+        return
+    HfApi().dataset_info(dataset_id, token=token, files_metadata=False)
+
+
+def _read_hub(
+    dataset_id: str, split: str, image_column: str | None, caption_column: str | None, token: str | bool | None
+) -> Iterator[RawRecord]:
     import datasets
     from datasets.exceptions import DatasetNotFoundError
 

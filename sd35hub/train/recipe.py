@@ -451,10 +451,10 @@ class Trainer:
                 keep=self.config.train.keep_checkpoints,
             )  # fmt: skip
             if self.config.hub.push_checkpoints and self.config.hub.repo_id:
-                from sd35hub.hub import publish_checkpoint_adapter
+                from sd35hub.publish import push_checkpoint  # a failed push warns; training goes on
 
-                publish_checkpoint_adapter(path / outputs.ADAPTER_FILE, self.config.hub.repo_id, step=self.state.step,
-                                           private=self.config.hub.private)
+                push_checkpoint(path / outputs.ADAPTER_FILE, self.config.hub.repo_id, step=self.state.step,
+                                private=self.config.hub.private)
             if self.config.hub.resume_branch:  # the full checkpoint, to resume on another machine
                 from sd35hub.workflows.resume import push_after_save
 
