@@ -14,23 +14,23 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sd35hub import __version__
-from sd35hub.errors import AdapterError, AdapterIncompatibleError, UnsafeFileError
+from sd35hub.adapter_check import KNOWN_WIDTHS, check_parts, check_transformer
+from sd35hub.errors import AdapterError, UnsafeFileError
 from sd35hub.formats import (
-    DIFFUSERS_PREFIX,
     Modules,
-    detect_format,
+    Parts,
     lora_config_for,
-    modules_from_state_dict,
+    parts_from_state_dict,
     prefixed_config,
     to_state_dict,
-    unprefixed_config,
+    unprefixed_configs,
 )
+from sd35hub.formats_keys import TRANSFORMER
 from sd35hub.paths import atomic_write
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -40,8 +40,7 @@ ADAPTER_FILENAME = "pytorch_lora_weights.safetensors"
 HEADER_KEY = "sd35hub"  # our AdapterMetadata (JSON) in the safetensors header
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
-# Transformer width (heads x head_dim) -> what people call it; for error messages.
-KNOWN_WIDTHS = {1536: "SD3 / SD3.5 Medium", 2432: "SD3.5 Large / Large Turbo"}
+__all__ = ["KNOWN_WIDTHS", "check_transformer"]  # re-exported for callers of the old names
 
 
 @dataclass
@@ -74,14 +73,20 @@ class AdapterMetadata:
 class Adapter:
     """A loaded adapter: diffusers-named LoRA modules plus what the file said about them."""
 
-    modules: Modules
+    modules: Modules  # the transformer's LoRA, diffusers module names
     metadata: AdapterMetadata | None
     format: str  # layout it was stored in
     path: Path | None = None
+    text_encoders: dict[str, Modules] = field(default_factory=dict)  # text_encoder, _2, _3 -> Modules
+    network_args: dict[str, Any] = field(default_factory=dict)  # kohya ss_network_args (split_qkv, ...)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Diffusers layout: transformer.<module>.lora_A.weight / lora_B.weight."""
+        """Diffusers layout: transformer.<module>.lora_A.weight / lora_B.weight (scale folded, alpha = rank)."""
         return to_state_dict(self.modules, "diffusers")[0]
+
+    @property
+    def parts(self) -> Parts:
+        return Parts(transformer=self.modules, text_encoders=self.text_encoders, layout=self.format)
 
     def lora_config(self) -> dict[str, Any]:
         """peft LoraConfig kwargs (r, lora_alpha, rank_pattern, alpha_pattern, target_modules)."""
@@ -110,8 +115,12 @@ def adapter_file(path: str | Path) -> Path:
     return path
 
 
-def read_adapter(path: str | Path) -> Adapter:
-    """Read any supported layout from a safetensors file (or a folder holding one)."""
+def read_adapter(path: str | Path, *, base: Any = None) -> Adapter:
+    """Read any supported layout from a safetensors file (or a folder holding one), checked on load.
+
+    Every tensor is value-checked (dtype, rank, finite, magnitude) and every module checked against
+    `base` (a pipeline, transformer or ModelInfo) or, without one, the SD3 model of the adapter's width.
+    """
     from safetensors import SafetensorError, safe_open
 
     file = adapter_file(path)
@@ -121,20 +130,36 @@ def read_adapter(path: str | Path) -> Adapter:
             header = handle.metadata() or {}
             for key in handle.keys():
                 tensors[key] = handle.get_tensor(key)
-    except (SafetensorError, OSError, ValueError) as exc:
+    except (SafetensorError, OSError, ValueError, TypeError) as exc:
         raise AdapterError(
             f"{file} is not a readable safetensors file ({exc}). Re-download or re-export it."
         ) from exc
-    fmt = detect_format(tensors)
     try:  # JSON strings in the header: invalid JSON, or JSON that is not an object (list, number...)
-        config = unprefixed_config(header.get("lora_adapter_metadata"))
+        configs = unprefixed_configs(header.get("lora_adapter_metadata"))
         metadata = AdapterMetadata.from_json(header[HEADER_KEY]) if header.get(HEADER_KEY) else None
+        network_args = network_args_of(header)
     except (ValueError, TypeError, AttributeError) as exc:  # JSONDecodeError is a ValueError
         raise AdapterError(f"{file} has a malformed metadata header ({exc}); re-export the adapter.") from exc
-    modules = modules_from_state_dict(tensors, fmt, config)
+    split = str(network_args.get("split_qkv", "")).lower() == "true"
+    parts = parts_from_state_dict(tensors, configs, split_qkv_members=split)
+    check_parts(parts, base, label=f"The adapter {file.name}")
     if metadata is not None:
-        metadata.format = fmt
-    return Adapter(modules=modules, metadata=metadata, format=fmt, path=file)
+        metadata.format = parts.layout
+    return Adapter(
+        modules=parts.transformer, metadata=metadata, format=parts.layout, path=file,
+        text_encoders=parts.text_encoders, network_args=network_args,
+    )  # fmt: skip
+
+
+def network_args_of(header: dict[str, str]) -> dict[str, Any]:
+    """kohya's `ss_network_args` header (JSON object of strings), or {}."""
+    raw = header.get("ss_network_args")
+    if not raw:
+        return {}
+    value = json.loads(raw)
+    if not isinstance(value, dict):
+        raise ValueError("ss_network_args is not a JSON object")
+    return value
 
 
 def load_adapter_file(path: str | Path) -> tuple[dict[str, torch.Tensor], AdapterMetadata | None, str]:
@@ -157,41 +182,61 @@ def metadata_for(modules: Modules, **fields: Any) -> AdapterMetadata:
 
 
 def write_adapter(
-    modules: Modules, path: str | Path, *, metadata: AdapterMetadata | None = None, fmt: str = "diffusers"
+    modules: Modules,
+    path: str | Path,
+    *,
+    metadata: AdapterMetadata | None = None,
+    fmt: str = "diffusers",
+    text_encoders: dict[str, Modules] | None = None,
 ) -> Path:
-    """Write modules as `fmt` to `path` (a folder gets pytorch_lora_weights.safetensors), atomically."""
+    """Write modules (+ text-encoder modules) as `fmt` to `path` (a folder gets pytorch_lora_weights.safetensors),
+    atomically. diffusers files get alpha = rank with the scale folded into lora_B (docs/formats.md)."""
     from safetensors.torch import save_file
 
     path = Path(path)
     file = path if path.suffix == ".safetensors" else path / ADAPTER_FILENAME
     file.parent.mkdir(parents=True, exist_ok=True)
-    state_dict, header = to_state_dict(modules, fmt)
+    state_dict, header = to_state_dict(modules, fmt, text_encoders)
     header = {"format": "pt", **header}
     if metadata is not None:
         header[HEADER_KEY] = dataclasses.replace(metadata, format=fmt).to_json()
     return atomic_write(file, lambda temp: save_file(state_dict, str(temp), metadata=header))
 
 
-def peft_modules(transformer: Any, adapter_name: str = "default") -> Modules:
-    """Modules of a peft-LoRA-wrapped SD3Transformer2DModel (add_adapter or get_peft_model)."""
+def peft_modules(model: Any, adapter_name: str = "default", component: str = TRANSFORMER) -> Modules:
+    """Modules of a peft-LoRA-wrapped model (add_adapter or get_peft_model): the SD3 transformer, or a
+    text encoder (`component` text_encoder / text_encoder_2 / text_encoder_3, its own module names)."""
     from peft.utils import get_peft_model_state_dict
 
-    state_dict = get_peft_model_state_dict(transformer, adapter_name=adapter_name)
-    state_dict = {k.removeprefix("base_model.model."): v.detach().cpu() for k, v in state_dict.items()}
-    config = transformer.peft_config[adapter_name].to_dict()
-    return modules_from_state_dict(state_dict, "diffusers", config)
+    state_dict = get_peft_model_state_dict(model, adapter_name=adapter_name)
+    state_dict = {
+        f"{component}.{k.removeprefix('base_model.model.')}": v.detach().cpu() for k, v in state_dict.items()
+    }
+    config = model.peft_config[adapter_name].to_dict()
+    config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
+    parts = parts_from_state_dict(state_dict, {component: config})
+    return parts.transformer if component == TRANSFORMER else parts.text_encoders.get(component, {})
 
 
 def save_adapter(
-    transformer: Any, path: Path, *, metadata: AdapterMetadata, adapter_name: str = "default"
+    transformer: Any,
+    path: Path,
+    *,
+    metadata: AdapterMetadata,
+    adapter_name: str = "default",
+    text_encoders: dict[str, Any] | None = None,
 ) -> Path:
-    """Save the LoRA of a peft-wrapped transformer in stock-diffusers layout, with alpha and our metadata.
+    """Save the LoRA of a peft-wrapped transformer (and text encoders) in stock-diffusers layout.
 
     Writes what `StableDiffusion3Pipeline.save_lora_weights(..., transformer_lora_adapter_metadata=...)`
-    writes (same keys, same `lora_adapter_metadata` header), plus the `sd35hub` header, to a temp
-    name renamed into place. rank/alpha/targets/patterns in `metadata` are filled from the model.
+    writes (same keys, same `lora_adapter_metadata` header; text encoders as `text_encoder.*`,
+    `text_encoder_2.*`, `text_encoder_3.*`), plus the `sd35hub` header, to a temp name renamed into
+    place. `text_encoders`: {"text_encoder": peft-wrapped CLIP-L, ...}. Every module is stored with
+    alpha = rank (scale folded into lora_B), so diffusers and ComfyUI load it at the trained strength;
+    `metadata.alpha` keeps the trained lora_alpha. rank/targets/patterns are filled from the model.
     """
     modules = peft_modules(transformer, adapter_name)
+    te_modules = {c: peft_modules(m, adapter_name, c) for c, m in (text_encoders or {}).items()}
     measured = metadata_for(modules)
     full = dataclasses.replace(
         metadata,
@@ -201,92 +246,37 @@ def save_adapter(
         rank_pattern=measured.rank_pattern,
         alpha_pattern=measured.alpha_pattern,
     )
-    return write_adapter(modules, path, metadata=full, fmt="diffusers")
+    return write_adapter(modules, path, metadata=full, fmt="diffusers", text_encoders=te_modules)
 
 
 # --- compatibility -------------------------------------------------------------------------------
-
-_BLOCK_INDEX = re.compile(r"transformer_blocks\.(\d+)\.")
-
-
-def _describe_width(width: int | None) -> str:
-    if width is None:
-        return "an SD3-family transformer"
-    return f"{KNOWN_WIDTHS.get(width, 'an SD3-family transformer')} ({width} wide)"
-
-
-def adapter_architecture(state_dict: dict[str, torch.Tensor]) -> tuple[int, int | None]:
-    """(blocks the adapter reaches, transformer width it was made for) from diffusers-layout keys."""
-    blocks = [int(m.group(1)) for k in state_dict if (m := _BLOCK_INDEX.search(k))]
-    width = None
-    for key, tensor in state_dict.items():
-        if key.endswith(
-            (".attn.to_q.lora_A.weight", ".attn.to_out.0.lora_B.weight", "norm1.linear.lora_A.weight")
-        ):
-            width = int(tensor.shape[1] if "lora_A" in key else tensor.shape[0])
-            break
-    return (max(blocks) + 1 if blocks else 0), width
 
 
 def check_compatible(
     state_dict: dict[str, torch.Tensor], target: Any, *, adapter_label: str = "This adapter"
 ) -> None:
-    """Raise AdapterIncompatibleError unless every LoRA module fits `target`.
+    """Raise AdapterIncompatibleError unless every LoRA module of `state_dict` (any layout) fits `target`.
 
-    `target` is an SD3Transformer2DModel (module names and shapes are checked exactly) or a ModelInfo
-    (block count and width). The message names the adapter's architecture and the base model's.
+    `target` is an SD3Transformer2DModel or pipeline (module names and shapes are checked exactly) or a
+    ModelInfo (the shapes diffusers builds from its config). The message names both architectures.
     """
-    blocks, width = adapter_architecture(state_dict)
-    adapter_arch = f"{_describe_width(width)}, at least {blocks} blocks"
-    if hasattr(target, "named_modules"):
-        config = target.config
-        base_width = int(config.num_attention_heads * config.attention_head_dim)
-        base_name = getattr(config, "_name_or_path", "") or "the base model"
-        base_arch = f"{_describe_width(base_width)}, {config.num_layers} blocks"
-        problems = _shape_problems(state_dict, dict(target.named_modules()))
-    else:
-        base_width = int(target.hidden_size)
-        base_name = target.model_id
-        base_arch = f"{_describe_width(base_width)}, {target.num_layers} blocks"
-        problems = []
-        if blocks > target.num_layers or (width is not None and width != base_width):
-            problems.append("block count or width differ")
-        attn2 = {int(m.group(1)) for k in state_dict if ".attn2." in k and (m := _BLOCK_INDEX.search(k))}
-        if attn2 - set(target.dual_attention_layers):
-            problems.append(f"attn2 (dual attention) LoRA on blocks {sorted(attn2)[:4]} that have none")
-    if problems:
-        raise AdapterIncompatibleError(
-            f"{adapter_label} was made for {adapter_arch}; the base model {base_name} is {base_arch} "
-            f"({problems[0]}). Use an adapter trained on this base model (check base_model in its card), "
-            "or load the base it was trained on."
-        )
-
-
-def _shape_problems(state_dict: dict[str, torch.Tensor], named: dict[str, Any]) -> list[str]:
-    problems = []
-    for key, tensor in state_dict.items():
-        name = key.removeprefix(DIFFUSERS_PREFIX).rsplit(".lora_", 1)[0]
-        module = named.get(name)
-        if module is None:
-            problems.append(f"the base has no layer {name}")
-            continue
-        in_features, out_features = (
-            getattr(module, "in_features", None),
-            getattr(module, "out_features", None),
-        )
-        if ".lora_A." in key and in_features is not None and tensor.shape[1] != in_features:
-            problems.append(f"{name} takes {in_features} inputs, the adapter {tensor.shape[1]}")
-        if ".lora_B." in key and out_features is not None and tensor.shape[0] != out_features:
-            problems.append(f"{name} has {out_features} outputs, the adapter {tensor.shape[0]}")
-    return problems
+    check_parts(parts_from_state_dict(state_dict), target, label=adapter_label)
 
 
 def load_into_transformer(transformer: Any, adapter: Adapter, adapter_name: str) -> None:
-    """Load `adapter` into an SD3Transformer2DModel under `adapter_name` (peft), ranks and alphas exact."""
-    check_compatible(adapter.state_dict(), transformer, adapter_label=f"Adapter {adapter_name!r}")
+    """Load `adapter`'s transformer LoRA into an SD3Transformer2DModel under `adapter_name` (peft), exact."""
+    check_transformer(adapter.modules, transformer, label=f"Adapter {adapter_name!r}")
+    state_dict, header = to_state_dict(adapter.modules, "diffusers")
     transformer.load_lora_adapter(
-        adapter.state_dict(),
+        state_dict,
         prefix="transformer",
         adapter_name=adapter_name,
-        metadata=prefixed_config(adapter.lora_config()),
+        metadata=prefixed_config(lora_config_for(_folded_view(adapter.modules))),
     )
+
+
+def _folded_view(modules: Modules) -> Modules:
+    """The modules as written to a diffusers state dict (alpha = rank), for the matching LoraConfig."""
+    from sd35hub.formats import _fold
+
+    return {name: _fold(m) for name, m in modules.items()}

@@ -19,15 +19,25 @@ if TYPE_CHECKING:  # pragma: no cover
 
 @dataclass
 class LoraModule:
-    """One LoRA pair on one nn.Linear: delta_W = (alpha / rank) * up @ down."""
+    """One LoRA pair on one layer: delta_W = (alpha / rank) * up @ down, delta_b = bias.
 
-    down: torch.Tensor  # lora_A / lora_down: [rank, in_features]
-    up: torch.Tensor  # lora_B / lora_up: [out_features, rank]
+    Linear: down [rank, in], up [out, rank]. Conv2d (only `pos_embed.proj`, the patch embedding):
+    down [rank, in, k, k], up [out, rank, 1, 1] - peft's conv LoRA. `bias` is an optional bias delta
+    [out] (ComfyUI `.diff_b`, peft `lora_B.bias`), stored as the delta itself (already scaled).
+    """
+
+    down: torch.Tensor  # lora_A / lora_down
+    up: torch.Tensor  # lora_B / lora_up
     alpha: float  # scale = alpha / rank (diffusers without metadata: alpha = rank)
+    bias: torch.Tensor | None = None  # delta of the layer's bias [out], added as is
 
     @property
     def rank(self) -> int:
         return int(self.down.shape[0])
+
+    @property
+    def is_conv(self) -> bool:
+        return self.down.ndim == 4
 
     @property
     def scale(self) -> float:
@@ -64,6 +74,7 @@ GLOBAL_LINEAR = {
     "time_text_embed.text_embedder.linear_2": "y_embedder.mlp.2",
     "proj_out": "final_layer.linear",
     "norm_out.linear": "final_layer.adaLN_modulation.1",  # (scale, shift) swapped
+    "pos_embed.proj": "x_embedder.proj",  # Conv2d patch embedding (kohya emb_dims, ComfyUI LoraSave)
 }
 _BLOCK = re.compile(r"^transformer_blocks\.(\d+)\.(.+)$")
 _JOINT = re.compile(r"^joint_blocks\.(\d+)\.(.+)$")
@@ -79,6 +90,11 @@ def _swap_halves(up: torch.Tensor) -> torch.Tensor:
 
     first, second = up.chunk(2, dim=0)
     return torch.cat([second, first], dim=0)
+
+
+def _swapped(module: LoraModule) -> LoraModule:
+    bias = _swap_halves(module.bias) if module.bias is not None else None
+    return LoraModule(down=module.down, up=_swap_halves(module.up), alpha=module.alpha, bias=bias)
 
 
 def _needs_swap(diffusers_name: str, module: LoraModule) -> bool:
@@ -113,8 +129,7 @@ def to_mmdit(modules: Modules) -> Modules:
                 f"LoRA module {name!r} has no counterpart in the original SD3 layout (kohya/ComfyUI); "
                 "keep this adapter in diffusers format."
             )
-        up = _swap_halves(module.up) if _needs_swap(name, module) else module.up
-        out[target] = LoraModule(down=module.down, up=up, alpha=module.alpha)
+        out[target] = _swapped(module) if _needs_swap(name, module) else module
     return out
 
 
@@ -137,10 +152,7 @@ def from_mmdit(modules: Modules) -> Modules:
             target = reverse_global[name]
         else:
             raise AdapterError(f"LoRA module {name!r} is not a known SD3 MMDiT linear layer.")
-        swapped = LoraModule(down=module.down, up=module.up, alpha=module.alpha)
-        if _needs_swap(target, swapped):
-            swapped.up = _swap_halves(module.up)
-        out[target] = swapped
+        out[target] = _swapped(module) if _needs_swap(target, module) else module
     return dict(sorted(out.items()))
 
 
@@ -158,18 +170,35 @@ def fuse_qkv(members: list[LoraModule | None]) -> LoraModule:
 
     present = [m for m in members if m is not None]
     first = present[0]
+    bias = _fused_bias(members)
     if len(present) == 3 and all(m.alpha == first.alpha and torch.equal(m.down, first.down) for m in present):
-        return LoraModule(down=first.down, up=torch.cat([m.up for m in present], dim=0), alpha=first.alpha)
+        up = torch.cat([m.up for m in present], dim=0)
+        return LoraModule(down=first.down, up=up, alpha=first.alpha, bias=bias)
     # A missing member becomes an all-zero block of the first member's rank (split_qkv drops it again).
     filled = [m if m is not None else _zero_like(first) for m in members]
     if len({m.rank for m in filled}) == 1 and all(m.alpha == first.alpha for m in filled):
         fused = _fuse_block_diagonal(filled)
         fused.alpha = first.alpha * fused.rank / first.rank  # same scale alpha/r as each member
+        fused.bias = bias
         return fused
     # Unequal ranks or scales: fold each scale into its up matrix and use scale 1 (exact in value).
     fused = _fuse_block_diagonal([_folded(m) for m in filled])
     fused.alpha = float(fused.rank)
+    fused.bias = bias
     return fused
+
+
+def _fused_bias(members: list[LoraModule | None]) -> torch.Tensor | None:
+    """Bias deltas of q, k, v stacked (zeros for a member without one), or None if none has one."""
+    import torch
+
+    if all(m is None or m.bias is None for m in members):
+        return None
+    present = next(m for m in members if m is not None)
+    out = present.up.shape[0]
+    dtype = next(m.bias for m in members if m is not None and m.bias is not None).dtype
+    return torch.cat([m.bias if m is not None and m.bias is not None else torch.zeros(out, dtype=dtype)
+                      for m in members])  # fmt: skip
 
 
 def _zero_like(module: LoraModule) -> LoraModule:
@@ -199,6 +228,7 @@ def split_qkv(module: LoraModule) -> list[LoraModule | None]:
     """
     rank = module.rank
     ups = module.up.chunk(3, dim=0)
+    biases = list(module.bias.chunk(3)) if module.bias is not None else [None, None, None]
     if rank % 3 == 0:
         third = rank // 3
         blocks = [(ups[i], module.down[i * third : (i + 1) * third]) for i in range(3)]
@@ -210,9 +240,18 @@ def split_qkv(module: LoraModule) -> list[LoraModule | None]:
             out: list[LoraModule | None] = []
             for i, (up, down) in enumerate(blocks):
                 up_block = up[:, i * third : (i + 1) * third].contiguous()
-                if not up_block.any() and not down.any():
+                bias = _bias_part(biases[i])
+                if not up_block.any() and not down.any() and bias is None:
                     out.append(None)
                 else:
-                    out.append(LoraModule(down=down.contiguous(), up=up_block, alpha=alpha))
+                    out.append(LoraModule(down=down.contiguous(), up=up_block, alpha=alpha, bias=bias))
             return out
-    return [LoraModule(down=module.down.clone(), up=up.contiguous(), alpha=module.alpha) for up in ups]
+    return [
+        LoraModule(down=module.down.clone(), up=up.contiguous(), alpha=module.alpha, bias=_bias_part(bias))
+        for up, bias in zip(ups, biases, strict=True)
+    ]
+
+
+def _bias_part(bias: torch.Tensor | None) -> torch.Tensor | None:
+    """One member's bias delta; an all-zero part (fusion filler) is dropped again."""
+    return bias.contiguous() if bias is not None and bias.any() else None

@@ -117,13 +117,17 @@ def register(app: typer.Typer) -> None:
         if to not in FORMATS:
             raise ConfigError(f"--to {to!r} is not one of {', '.join(FORMATS)}")
         adapter = read_adapter(fetch_adapter_source(source)[0])
-        file = write_adapter(adapter.modules, out, metadata=adapter.metadata, fmt=to)
+        file = write_adapter(
+            adapter.modules, out, metadata=adapter.metadata, fmt=to, text_encoders=adapter.text_encoders
+        )
         from sd35hub.formats import to_mmdit
 
         # kohya/ComfyUI fuse q, k, v into one MMDiT linear: count the modules the written file holds
         written = len(adapter.modules) if to == "diffusers" else len(to_mmdit(adapter.modules))
         fused = f" ({len(adapter.modules)} read; q, k, v fused)" if written != len(adapter.modules) else ""
-        typer.echo(f"{adapter.format} -> {to}: {written} LoRA modules written to {file}{fused}")
+        te = sum(len(m) for m in adapter.text_encoders.values())
+        te_text = f" + {te} text-encoder modules" if te else ""
+        typer.echo(f"{adapter.format} -> {to}: {written} LoRA modules{te_text} written to {file}{fused}")
 
     @app.command()
     def merge(
@@ -153,6 +157,14 @@ def register(app: typer.Typer) -> None:
         typer.echo(f"file: {adapter.path}")
         typer.echo(f"format: {adapter.format}")
         typer.echo(f"modules: {len(adapter.modules)}  rank: {measured.rank}  alpha: {measured.alpha:g}")
+        for component, modules in adapter.text_encoders.items():
+            typer.echo(f"text encoder {component}: {len(modules)} modules")
+        if adapter.network_args:
+            split = str(adapter.network_args.get("split_qkv", "False")).lower() == "true"
+            typer.echo(
+                f"kohya network_args: split_qkv={split}"
+                + (" (qkv trained as 3 rank-r/3 parts: alpha applies per part)" if split else "")
+            )
         if measured.rank_pattern or measured.alpha_pattern:
             typer.echo(
                 f"per-module ranks/alphas differ on {len(measured.rank_pattern | measured.alpha_pattern)} modules"
