@@ -200,7 +200,10 @@ def write_adapter(
     header = {"format": "pt", **header}
     if metadata is not None:
         header[HEADER_KEY] = dataclasses.replace(metadata, format=fmt).to_json()
-    return atomic_write(file, lambda temp: save_file(state_dict, str(temp), metadata=header))
+    from sd35hub.diskspace import tensor_bytes
+
+    return atomic_write(file, lambda temp: save_file(state_dict, str(temp), metadata=header),
+                        needed=tensor_bytes(state_dict))
 
 
 def peft_modules(model: Any, adapter_name: str = "default", component: str = TRANSFORMER) -> Modules:

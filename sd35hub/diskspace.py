@@ -22,7 +22,7 @@ from sd35hub.errors import DiskFullError, Sd35HubError
 DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 # what libraries that do their own I/O say (safetensors: Rust io::Error; torch's C++ stream writer)
 _FULL_TEXT = re.compile(r"no space left on device|storagefull|storage full|os error 28|disk quota exceeded", re.I)
-_WRITE_FAILED = re.compile(r"file write failed|failed writing file", re.I)
+_WRITE_FAILED = re.compile(r"file write failed|failed writing file|inline_container|unexpected pos", re.I)
 
 
 def free_bytes(path: str | Path) -> int | None:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from sd35hub.errors import AdapterError
 from sd35hub.formats import LoraModule, Modules, detect_format, modules_from_state_dict, to_state_dict
+from sd35hub.paths import atomic_write_text
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -77,7 +78,7 @@ def write_merged(items: list[tuple[str, float]], out_dir: str | Path, *, base_mo
     )
     out = Path(out_dir)
     file = write_adapter(modules, out, metadata=meta)
-    (out / "README.md").write_text(merge_card(items, base, words, file.name), encoding="utf-8")
+    atomic_write_text(out / "README.md", merge_card(items, base, words, file.name))
     return file
 
 

@@ -25,6 +25,13 @@ def build_into_place(target: Path, build: Callable[[Path], Any], is_complete: Ca
     deterministic). An incomplete ``target`` (a crash, or hand edits) is replaced."""
     if is_complete(target):
         return target
+    from sd35hub.diskspace import writing
+
+    with writing(target):
+        return _build_into_place(target, build, is_complete)
+
+
+def _build_into_place(target: Path, build: Callable[[Path], Any], is_complete: Callable[[Path], bool]) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     if target.exists():  # complete builds only ever appear by rename, so this one is broken
         shutil.rmtree(target, ignore_errors=True)
@@ -43,21 +50,24 @@ def build_into_place(target: Path, build: Callable[[Path], Any], is_complete: Ca
 
 def atomic_write_text(path: Path, text: str) -> Path:
     """:func:`atomic_write` of a UTF-8 text file."""
-    return atomic_write(path, lambda temp: temp.write_text(text, encoding="utf-8"))
+    return atomic_write(path, lambda temp: temp.write_text(text, encoding="utf-8"), needed=len(text.encode("utf-8")))
 
 
-def atomic_write(path: Path, write: Callable[[Path], Any]) -> Path:
+def atomic_write(path: Path, write: Callable[[Path], Any], needed: int | None = None) -> Path:
     """``write(temp)`` into a temp file of this writer alone next to ``path``, then rename it over
     ``path``: readers see the old file or the complete new one, never half of it; a failed write
-    leaves nothing behind."""
+    leaves nothing behind. A full disk is a DiskFullError naming ``path`` (and ``needed`` bytes)."""
+    from sd35hub.diskspace import writing
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        write(Path(temp))
-        os.replace(temp, path)
-    finally:
-        if os.path.exists(temp):
-            os.unlink(temp)
+    with writing(path, needed):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(handle)
+        try:
+            write(Path(temp))
+            os.replace(temp, path)
+        finally:
+            if os.path.exists(temp):
+                os.unlink(temp)
     return path

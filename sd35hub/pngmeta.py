@@ -32,9 +32,16 @@ def save_png(image: Any, path: str | Path, params: dict[str, Any]) -> Path:
     adapters = [{"source": a["source"], "weight": a["weight"]} for a in params.get("adapters", [])]
     info.add_text("adapters", json.dumps(adapters))
     info.add_text("sd35hub", json.dumps(params, default=str, sort_keys=True))
+    from sd35hub.diskspace import writing
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path, pnginfo=info)
+    with writing(path, needed=image.width * image.height * 4):  # at most ~the raw pixels
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            image.save(path, pnginfo=info)
+        except BaseException:
+            path.unlink(missing_ok=True)  # never leave a truncated PNG behind
+            raise
     return path
 
 

@@ -43,4 +43,6 @@ def register(app: typer.Typer) -> None:
         )
         typer.echo(bench_mod.format_table(results))
         if json_out:
-            json_out.write_text(bench_mod.results_json(results))
+            from sd35hub.paths import atomic_write_text
+
+            atomic_write_text(json_out, bench_mod.results_json(results))

@@ -118,9 +118,15 @@ def _tmp_name(path: Path) -> Path:
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     from safetensors.torch import save_file
 
+    from sd35hub.diskspace import tensor_bytes, writing
+
     tmp = _tmp_name(path)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    with writing(path, needed=tensor_bytes(tensors)):
+        try:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)  # a failed write (full disk) leaves no partial shard
 
 
 def scan_shards(folder: Path) -> dict[str, str]:
@@ -238,7 +244,7 @@ def build_cache(spec: DataSpec, pipe: Any, cache_dir: Path, *, model_id: str, ba
         entries=[CacheEntry(eid, key, bucket, existing[eid]) for eid, key, bucket in rows],
         empty_prompt=empty_name, stats=stream.stats.as_dict(), encoded=encoded,
     )
-    tmp = _tmp_name(cache_dir / INDEX_FILE)
-    tmp.write_text(json.dumps(index.to_json(), indent=1))
-    os.replace(tmp, cache_dir / INDEX_FILE)
+    from sd35hub.paths import atomic_write_text
+
+    atomic_write_text(cache_dir / INDEX_FILE, json.dumps(index.to_json(), indent=1))
     return index

@@ -135,6 +135,26 @@ def save_checkpoint(
     keep: int = 3,
 ) -> Path:
     """Write ``checkpoint-<step>`` atomically, then delete all but the newest ``keep``. Returns its path."""
+    from sd35hub.diskspace import tensor_bytes, writing
+
+    # LoRA + EMA + Adam's two moments + the adapter copy: about 5x the LoRA tensors
+    with writing(Path(checkpoint_dir) / checkpoint_name(state.step), needed=5 * tensor_bytes(lora)):
+        return _save_checkpoint(checkpoint_dir, state, lora=lora, optimizer=optimizer, scheduler=scheduler,
+                                scaler=scaler, ema=ema, write_adapter=write_adapter, keep=keep)
+
+
+def _save_checkpoint(
+    checkpoint_dir: str | Path,
+    state: TrainState,
+    *,
+    lora: dict[str, torch.Tensor],
+    optimizer: dict[str, Any],
+    scheduler: dict[str, Any],
+    scaler: dict[str, Any] | None,
+    ema: dict[str, torch.Tensor] | None,
+    write_adapter: Callable[[Path], Any] | None,
+    keep: int,
+) -> Path:
     from safetensors.torch import save_file
 
     root = Path(checkpoint_dir)
