@@ -263,3 +263,8 @@ if state.history:
                 thumb.image(entry["png"], width=96)
                 names = ", ".join(f"{source} × {weight:g}" for source, weight in entry["blend"]) or "base"
                 text.caption(f"{entry['params']['prompt']} — {names} — seed {entry['params']['seed']}")
+
+# --- training on Hugging Face Jobs (space/train_page.py; nothing trains on this Space's hardware) ---------
+import train_page  # noqa: E402
+
+train_page.render(user_token())

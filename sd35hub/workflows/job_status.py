@@ -30,16 +30,16 @@ class JobOutcome:
     tail: list[str] = field(default_factory=list)
 
 
-def _api() -> Any:
+def _api(token: str | None = None) -> Any:
     from huggingface_hub import HfApi
 
-    return HfApi()
+    return HfApi(token=token)  # None: huggingface_hub's own token; a Space passes its visitor's
 
 
-def _job_errors(job_id: str) -> Any:
+def _job_errors(job_id: str, token: str | None = None) -> Any:
     from sd35hub.access import hub_errors
 
-    return hub_errors(f"job {job_id}", what=f"reading the job {job_id}")
+    return hub_errors(f"job {job_id}", token=token, what=f"reading the job {job_id}")
 
 
 def follow(
@@ -145,9 +145,9 @@ def _last_metrics(lines: Iterable[str]) -> dict[str, Any] | None:
     return last
 
 
-def status(job_id: str, *, namespace: str | None = None) -> JobReport:
-    api = _api()
-    with _job_errors(job_id):
+def status(job_id: str, *, namespace: str | None = None, token: str | None = None) -> JobReport:
+    api = _api(token)
+    with _job_errors(job_id, token):
         info = api.inspect_job(job_id=job_id, namespace=namespace)
         metrics = _last_metrics(api.fetch_job_logs(job_id=job_id, namespace=namespace))
         hardware = None
@@ -161,9 +161,10 @@ def status(job_id: str, *, namespace: str | None = None) -> JobReport:
                      info.created_at, durations.running_secs if durations else None, metrics, hardware)
 
 
-def logs(job_id: str, *, namespace: str | None = None, follow_logs: bool = False) -> Iterable[str]:
-    with _job_errors(job_id):
-        yield from _api().fetch_job_logs(job_id=job_id, namespace=namespace, follow=follow_logs)
+def logs(job_id: str, *, namespace: str | None = None, follow_logs: bool = False,
+         token: str | None = None) -> Iterable[str]:
+    with _job_errors(job_id, token):
+        yield from _api(token).fetch_job_logs(job_id=job_id, namespace=namespace, follow=follow_logs)
 
 
 def list_jobs(*, namespace: str | None = None, kind: str | None = None, stage: str | None = None) -> list[Any]:
@@ -175,10 +176,10 @@ def list_jobs(*, namespace: str | None = None, kind: str | None = None, stage: s
     return [j for j in jobs if LABEL in (j.labels or {})]
 
 
-def cancel(job_id: str, *, namespace: str | None = None) -> None:
+def cancel(job_id: str, *, namespace: str | None = None, token: str | None = None) -> None:
     """Stop a job (the trainer gets SIGTERM, writes and pushes a checkpoint if it has time)."""
-    api = _api()
-    with _job_errors(job_id):
+    api = _api(token)
+    with _job_errors(job_id, token):
         info = api.inspect_job(job_id=job_id, namespace=namespace)
         if LABEL not in (info.labels or {}):
             raise JobError(f"Job {job_id} was not started by sd35hub (no '{LABEL}' label); cancel it with "

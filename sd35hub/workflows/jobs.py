@@ -206,8 +206,10 @@ def plan_job(
     labels: dict[str, str] | None = None,
     kind: str = "train",
     check_access: bool = True,
+    token: str | None = None,
 ) -> JobPlan:
-    """Validate everything a job needs, here; raise the first class of problem with every instance of it."""
+    """Validate everything a job needs, here; raise the first class of problem with every instance of it.
+    ``token``: whose job it is (a Space passes its visitor's); None: huggingface_hub's own (HF_TOKEN, login)."""
     from huggingface_hub import get_token
 
     from sd35hub.config import load_config
@@ -229,11 +231,12 @@ def plan_job(
         raise ConfigError(problems)
     cfg = from_dict(job_raw)
     explicit = {f"{section}.{key}" for section, values in job_raw.items() for key in values}
-    if get_token() is None:
+    token = token or get_token()
+    if token is None:
         raise NotLoggedInError("submitting a job on the Hub")
     if check_access:
-        _check_access(cfg)
-    price, ram_gib = _hardware(f.name)
+        _check_access(cfg, token)
+    price, ram_gib = _hardware(f.name, token)
     notes += memory_plan(cfg, f, explicit, ram_gib)
     env = {"SD35HUB_CONFIG": dump_sparse(job_raw), IN_JOB_ENV: "1", "PYTHONUNBUFFERED": "1"}
     install = install or f"sd35hub[quant]=={__version__}"  # bitsandbytes: the nf4 / 8-bit profiles of small cards
@@ -250,15 +253,15 @@ def dump_sparse(raw: dict[str, Any]) -> str:
     return yaml.safe_dump(raw, sort_keys=False)
 
 
-def _check_access(cfg: Config) -> None:
+def _check_access(cfg: Config, token: str) -> None:
     from sd35hub.access import check_read_access, check_write_access
     from sd35hub.data.sources import resolve_source
 
     if cfg.model.name != "tiny":
-        check_read_access(cfg.model.name, revision=cfg.model.revision)
+        check_read_access(cfg.model.name, revision=cfg.model.revision, token=token)
     if cfg.data.source != "sample" and resolve_source(cfg.data.source).kind == "hub":
-        check_read_access(cfg.data.source, repo_type="dataset")
-    check_write_access(str(cfg.hub.repo_id))
+        check_read_access(cfg.data.source, repo_type="dataset", token=token)
+    check_write_access(str(cfg.hub.repo_id), token=token)
 
 
 def memory_plan(cfg: Config, flavor: Flavor, explicit: set[str] | None, ram_gib: float | None) -> list[str]:
@@ -283,12 +286,12 @@ def memory_plan(cfg: Config, flavor: Flavor, explicit: set[str] | None, ram_gib:
     return lines
 
 
-def _hardware(flavor: str) -> tuple[float | None, float | None]:
+def _hardware(flavor: str, token: str | None = None) -> tuple[float | None, float | None]:
     """(USD per hour, RAM GiB) of a flavor from the Hub's list (None, None when it cannot be read)."""
     from huggingface_hub import HfApi
 
     try:
-        for hardware in HfApi().list_jobs_hardware():
+        for hardware in HfApi(token=token).list_jobs_hardware():
             if hardware.name == flavor:
                 per_minute = hardware.unit_cost_usd if hardware.unit_label == "minute" else hardware.unit_cost_usd / 60
                 ram = re.match(r"\s*(\d+(?:\.\d+)?)\s*GB", hardware.ram or "")
@@ -298,15 +301,17 @@ def _hardware(flavor: str) -> tuple[float | None, float | None]:
     return None, None
 
 
-def submit(plan: JobPlan) -> Any:
+def submit(plan: JobPlan, token: str | None = None) -> Any:
     """Create the job (HfApi.run_job). The token goes only into `secrets`. Returns huggingface_hub's JobInfo."""
     from huggingface_hub import HfApi, get_token
 
     from sd35hub.access import hub_errors
 
-    token = get_token()
-    api = HfApi()
-    with hub_errors(plan.repo_id, what="submitting the job"):
+    token = token or get_token()
+    if token is None:
+        raise NotLoggedInError("submitting a job on the Hub")
+    api = HfApi(token=token)
+    with hub_errors(plan.repo_id, token=token, what="submitting the job"):
         return api.run_job(
             image=plan.image, command=plan.command, env=plan.env, secrets={"HF_TOKEN": token}, flavor=plan.flavor.name,
             timeout=plan.timeout_s, labels=plan.labels, namespace=plan.namespace,

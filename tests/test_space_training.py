@@ -1,0 +1,53 @@
+"""The Space's training page (space/train_page.py) driven with streamlit's AppTest against the local Hub and
+its Jobs executor: a visitor's own token plans, submits and follows a job; the adapter is published."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import HUB_OTHER_TOKEN
+from space_helpers import SPACE_APP
+from streamlit.testing.v1 import AppTest
+
+from sd35hub import space_support as space
+from sd35hub.errors import ConfigError
+from sd35hub.space_training import TrainingRequest, overrides
+
+
+def test_request_problems_are_reported_together():
+    with pytest.raises(ConfigError) as err:
+        overrides(TrainingRequest(dataset="nope", base_model="tiny", trigger_word="", preset="bogus", repo_id="",
+                                  extra="no-equals-sign"))
+    assert len(err.value.problems) == 4
+
+
+@pytest.mark.slow
+def test_visitor_plans_and_trains_with_their_own_token(hub, hub_datasets, monkeypatch):  # noqa: ANN001
+    monkeypatch.setenv(space.SPACE_MODEL_ENV, "tiny")
+    at = AppTest.from_file(SPACE_APP, default_timeout=180)
+    at.run()
+    assert any("paste a Hugging Face token" in info.value for info in at.info)
+    # bob visits (the process's own HF_TOKEN is alice's): his token must be the one used, and only as a secret
+    at.text_input(key="user_token").input(HUB_OTHER_TOKEN).run()
+    at.text_input(key="train_dataset").input(hub_datasets["parquet"])
+    at.text_input(key="train_repo").input("bob/space-trained")
+    at.text_input(key="train_trigger").input("nrt style")
+    at.selectbox(key="train_flavor").set_value("t4-small")
+    at.number_input(key="train_steps").set_value(4)
+    at.text_area(key="train_extra").input("data.min_size=16\ndata.resolution=64\ntrain.validation_steps=1\n"
+                                          "train.batch_size=2")
+    at.button(key="train_plan").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    plan_text = at.code[-1].value
+    assert "HF Jobs plan: flavor t4-small" in plan_text and "publishes to bob/space-trained" in plan_text
+    assert "memory plan:" in plan_text
+    at.button(key="train_start").click().run()
+    assert not at.error, [e.value for e in at.error]
+    job = next(j for j in hub.jobs.jobs.values() if (j.spec.get("labels") or {}).get("sd35hub_from") == "space")
+    assert job.namespace == "bob" and job.spec["secrets"] == {"HF_TOKEN": HUB_OTHER_TOKEN}
+    assert HUB_OTHER_TOKEN not in json.dumps({k: v for k, v in job.spec.items() if k != "secrets"})
+    assert hub.jobs.wait(job.id).stage == "COMPLETED", hub.jobs.log_text(job.id)[-2000:]
+    at.button(key="train_refresh").click().run()
+    assert any("Published:" in s.value and "bob/space-trained" in s.value for s in at.success)
+    assert "pytorch_lora_weights.safetensors" in hub.files("bob/space-trained")
