@@ -8,10 +8,10 @@ import contextlib
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -193,8 +193,11 @@ def test_ctrl_c_detaches_and_the_job_keeps_running_until_cancelled(hub, hub_data
     proc.send_signal(signal.SIGINT)
     rest, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0 and f"Detached from job {job_id}; it keeps running" in rest
-    time.sleep(1.0)
+    assert hub.jobs.wait_for_line(job_id, r"^sd35hub-metrics .*\"loss\"")  # training, and printing its metrics
     assert hub.jobs.job(job_id).stage == "RUNNING"
+    code, out, _ = run_cli(["jobs", "status", job_id], capsys)  # the run's metrics + the Hub's live hardware sample
+    assert code == 0 and f"job {job_id}  RUNNING" in out and "running for" in out
+    assert re.search(r"step \d+/100000  loss [0-9.]+  samples/s [0-9.]+", out) and "memory " in out
     code, out, _ = run_cli(["jobs", "list", "--stage", "running"], capsys)
     assert job_id in out
     code, out, _ = run_cli(["jobs", "cancel", job_id], capsys)
