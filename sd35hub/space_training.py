@@ -96,3 +96,82 @@ def progress(job: dict[str, str], token: str | None) -> dict[str, Any]:
     if report.stage == "COMPLETED":
         out["adapter_url"] = f"{hub_endpoint()}/{job['repo_id']}"
     return out
+
+
+MAX_UPLOAD_FILES = 500
+MAX_UPLOAD_BYTES = 20 * 1024**2  # per file
+
+
+@dataclass
+class UploadResult:
+    repo_id: str
+    images: int
+    captions: int
+    skipped: dict[str, int]  # reason -> count (names are untrusted: never echoed back)
+
+    def describe(self) -> str:
+        skipped = ", ".join(f"{n} {reason}" for reason, n in sorted(self.skipped.items()))
+        return (f"{self.images} images ({self.captions} with a caption) uploaded to the private dataset {self.repo_id}"
+                + (f"; skipped: {skipped}" if skipped else ""))
+
+
+def upload_dataset(files: list[tuple[str, bytes]], repo_id: str, token: str | None) -> UploadResult:
+    """A visitor's images (and same-name ``.txt`` captions) -> a **private** dataset repo in the imagefolder
+    layout ``images/NNNN.<ext>`` + ``metadata.jsonl`` (file_name, text), one commit. File names are untrusted:
+    only the extension and the pairing of image and caption are kept. Bad files are counted and skipped."""
+    from pathlib import PurePosixPath
+
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    from sd35hub.access import hub_errors
+    from sd35hub.data.images import IMAGE_EXTENSIONS, clean_caption, decode_caption, decode_image
+    from sd35hub.errors import DatasetError, NotLoggedInError
+    from sd35hub.publish import with_retries
+
+    if not token:
+        raise NotLoggedInError("uploading a dataset")
+    if not repo_id.strip() or repo_id.count("/") != 1:
+        raise ConfigError("new dataset: give its repo id, OWNER/NAME")
+    skipped: dict[str, int] = {}
+
+    def skip(reason: str) -> None:
+        skipped[reason] = skipped.get(reason, 0) + 1
+
+    images: dict[str, tuple[str, bytes]] = {}  # stem -> (extension, bytes)
+    captions: dict[str, str] = {}
+    for name, data in files[:MAX_UPLOAD_FILES]:
+        path = PurePosixPath(name.replace("\\", "/"))
+        stem, ext = path.stem, path.suffix.lower()
+        if len(data) > MAX_UPLOAD_BYTES:
+            skip("too_large")
+        elif ext == ".txt":
+            text = decode_caption(data)
+            captions[stem] = clean_caption(text) if text is not None else ""
+            if text is None:
+                skip("unreadable_caption")
+        elif ext in IMAGE_EXTENSIONS:
+            decoded = decode_image(data)
+            if isinstance(decoded, str):
+                skip(decoded)
+            else:
+                images[stem] = (ext, data)
+        else:
+            skip("not_an_image")
+    if len(files) > MAX_UPLOAD_FILES:
+        skipped["over_the_file_limit"] = len(files) - MAX_UPLOAD_FILES
+    if not images:
+        raise DatasetError(f"None of the uploaded files is a usable image (skipped: {skipped or 'none'}).")
+    operations, rows = [], []
+    for index, (stem, (ext, data)) in enumerate(sorted(images.items())):
+        file_name = f"images/{index:04d}{ext}"
+        operations.append(CommitOperationAdd(path_in_repo=file_name, path_or_fileobj=data))
+        rows.append(json.dumps({"file_name": file_name, "text": captions.get(stem, "")}))
+    operations.append(CommitOperationAdd(path_in_repo="metadata.jsonl", path_or_fileobj=("\n".join(rows) + "\n").encode()))
+    api = HfApi(token=token)
+    with hub_errors(repo_id, repo_type="dataset", token=token, what=f"uploading to {repo_id}", write=True):
+        with_retries(lambda: api.create_repo(repo_id, repo_type="dataset", private=True, exist_ok=True, token=token),
+                     "create_repo")
+        with_retries(lambda: api.create_commit(repo_id, operations, repo_type="dataset", token=token,
+                                               commit_message=f"Training images from the sd35hub Space ({len(rows)})"),
+                     f"commit to {repo_id}")
+    return UploadResult(repo_id, len(rows), sum(1 for s in images if captions.get(s)), skipped)

@@ -21,6 +21,13 @@ def render(token: str | None) -> None:
     if not token:
         st.info("To train, paste a Hugging Face token with write access in the sidebar.")
         return
+    with st.expander("No dataset on the Hub yet? Upload images (and same-name .txt captions) to a new private one"):
+        st.file_uploader("Images and captions", accept_multiple_files=True, key="train_upload_files",
+                         type=["png", "jpg", "jpeg", "webp", "txt"])
+        st.text_input("New private dataset repo", key="train_upload_repo", placeholder="you/my-photos")
+        st.button("Upload", key="train_upload", on_click=_upload, args=(token,))
+    for message in state.pop("train_upload_messages", []):
+        (st.error if message.startswith("!") else st.success)(message.lstrip("!"))
     bases = [b.model for b in space.available_bases()]
     left, right = st.columns(2)
     with left:
@@ -76,3 +83,16 @@ def render(token: str | None) -> None:
         st.error(f"The job stopped ({now['message'] or now['stage']}). Tick 'Continue from the last checkpoint' and "
                  "start it again with the same settings: it resumes exactly where the checkpoints on the repo's "
                  "`resume` branch stopped.")
+
+
+def _upload(token: str | None) -> None:
+    """Button callback (runs before the widgets are drawn, so it may fill in the dataset field)."""
+    state = st.session_state
+    files = [(f.name, f.getvalue()) for f in state.get("train_upload_files") or []]
+    try:
+        result = training.upload_dataset(files, state.get("train_upload_repo", ""), token)
+    except Exception as exc:  # noqa: BLE001
+        state.train_upload_messages = ["!" + space.friendly_error(exc, token)]
+        return
+    state.train_dataset = result.repo_id
+    state.train_upload_messages = [result.describe()]

@@ -51,3 +51,31 @@ def test_visitor_plans_and_trains_with_their_own_token(hub, hub_datasets, monkey
     at.button(key="train_refresh").click().run()
     assert any("Published:" in s.value and "bob/space-trained" in s.value for s in at.success)
     assert "pytorch_lora_weights.safetensors" in hub.files("bob/space-trained")
+
+
+def _png(color: tuple[int, int, int], size: tuple[int, int] = (48, 40)) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_uploaded_images_become_a_private_dataset_the_trainer_can_stream(hub):  # noqa: ANN001
+    from sd35hub.config import DataSpec
+    from sd35hub.data.sources import check_dataset
+    from sd35hub.space_training import upload_dataset
+
+    files = [("../../etc/cat one.png", _png((200, 10, 10))), ("cat one.txt", "a red cat".encode()),
+             ("dog.png", _png((10, 200, 10))), ("broken.png", b"\x89PNG not really"), ("notes.pdf", b"%PDF")]
+    result = upload_dataset(files, "bob/uploaded-photos", HUB_OTHER_TOKEN)
+    assert (result.images, result.captions, result.skipped) == (2, 1, {"corrupt": 1, "not_an_image": 1})
+    stored = hub.files("bob/uploaded-photos", repo_type="dataset")
+    assert sorted(stored) == [".gitattributes", "images/0000.png", "images/0001.png", "metadata.jsonl"]
+    assert hub.state.repos[("dataset", "bob/uploaded-photos")].private  # only bob (and his jobs) can read it
+    rows = [json.loads(line) for line in stored["metadata.jsonl"].decode().splitlines()]
+    assert rows == [{"file_name": "images/0000.png", "text": "a red cat"}, {"file_name": "images/0001.png", "text": ""}]
+    stats = check_dataset(DataSpec(source="bob/uploaded-photos", min_size=16), token=HUB_OTHER_TOKEN)
+    assert stats.usable == 2
