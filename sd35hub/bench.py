@@ -69,7 +69,7 @@ REFERENCE_STEPS = {
     "nf4": StepVariant("reference NF4 + checkpointing", reference=True, fp32_lora=False, checkpoint_every=1, quantize="nf4"),
 }
 
-PROFILE_NAMES = ("cpu", "t4", "l4", "a100-40", "a100-80", "h100")
+PROFILE_NAMES = ("cpu", "t4", "l4", "a100-40", "a100-80", "h100", "h200")
 _LABELS = {"t4": "t4 (16 GB)", "l4": "l4 (24 GB)"}
 _VARIANTS = {"large": "sd3.5-large", "medium": "sd3.5-medium", "tiny": "tiny"}
 

@@ -42,7 +42,7 @@ LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 PARTIAL_BATCHES = ("keep", "fill", "drop")
 COMPILE_SHAPES = ("auto", "static", "dynamic")
-PROFILES = ("auto", "cpu", "t4", "l4", "a100-40", "a100-80", "h100")
+PROFILES = ("auto", "cpu", "t4", "l4", "a100-40", "a100-80", "h100", "h200")
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
 
@@ -225,7 +225,7 @@ class TrainSpec:
     # static: one graph per block input shape (bucket area x batch size; one compile each); dynamic: a few
     # graphs for every shape; auto: static up to 6 shapes
     compile_shapes: str = "auto"
-    profile: str = "auto"  # hardware profile: auto | cpu | t4 | l4 | a100-40 | a100-80 | h100
+    profile: str = "auto"  # hardware profile: auto | cpu | t4 | l4 | a100-40 | a100-80 | h100 | h200
     ema_decay: float | None = None  # EMA of the LoRA weights (e.g. 0.999); None = off
     # rectified flow: noisy = (1 - sigma) * x0 + sigma * noise, target = noise - x0
     timestep_sampling: str = "logit_normal"  # logit_normal | mode | cosmap | uniform

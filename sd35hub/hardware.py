@@ -27,7 +27,7 @@ GIB = 1024**3
 
 @dataclass(frozen=True)
 class HardwareProfile:
-    name: str  # cpu | t4 | l4 | a100-40 | a100-80 | h100
+    name: str  # cpu | t4 | l4 | a100-40 | a100-80 | h100 | h200
     batch_size: int  # per device
     gradient_accumulation: int
     resolution: int  # pixels (bucket side)
@@ -77,6 +77,11 @@ def _base(name: str, variant: str | None) -> dict[str, Any]:
         "h100": dict(batch_size=2 if large else 4, gradient_accumulation=1, resolution=1024, rank=16,
                      mixed_precision="bf16", weight_dtype="bf16", gradient_checkpointing=False, quantize="none",
                      optimizer="adamw", compile=True),
+        # batches measured on an H200 with `sd35hub bench` (run 15): Medium b8 14.6 samples/s vs b1 12.0,
+        # Large b4 6.3 vs b1 5.8; the bench peak stays under 17 GiB, so memory does not bound them
+        "h200": dict(batch_size=4 if large else 8, gradient_accumulation=1, resolution=1024, rank=16,
+                     mixed_precision="bf16", weight_dtype="bf16", gradient_checkpointing=False, quantize="none",
+                     optimizer="adamw", compile=True),
     }  # fmt: skip
     return dict(table[name])
 
@@ -95,6 +100,7 @@ _WHY = {
     "a100-40": "40 GB with bf16: Large needs gradient checkpointing at 1024 px, Medium does not",
     "a100-80": "80 GB: no checkpointing, larger batches, regional torch.compile",
     "h100": "80 GB Hopper: no checkpointing, larger batches, regional torch.compile (fastest measured step)",
+    "h200": "141 GB Hopper: as h100 with the larger batches that gave the most samples/s on an H200 (bench run 15)",
 }  # fmt: skip
 
 
@@ -109,6 +115,8 @@ def classify(device_name: str, vram_gib: float) -> tuple[str, str]:
         return "l4", f"{device_name} is an L4"
     if "A100" in upper:
         return ("a100-80", f"{device_name} has {vram_gib:.0f} GiB") if vram_gib > 60 else ("a100-40", f"{device_name} has {vram_gib:.0f} GiB")
+    if "H200" in upper and "GH200" not in upper:
+        return "h200", f"{device_name} is an H200"
     if any(tag in upper for tag in ("H100", "H200", "H800", "GH200", "B200", "B100")):
         return "h100", f"{device_name} is Hopper/Blackwell class"
     for limit, name in ((17, "t4"), (25, "l4"), (48, "a100-40")):

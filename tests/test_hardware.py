@@ -113,3 +113,13 @@ def test_float8_with_a_profile_that_quantizes_is_refused_before_loading(with_bnb
     resolved, _ = hardware.apply_profile(load_config(None, ["model.float8=true", "model.quantize=none"]), profile,
                                          explicit={"model.float8", "model.quantize"})
     assert resolved.model.float8 and resolved.model.quantize == "none"
+
+
+def test_h200_gets_its_own_measured_batches_and_the_h100_row_is_unchanged(with_bnb):
+    h200 = device("NVIDIA H200", 139.8, 9)
+    medium = hardware.detect_profile("auto", h200, variant="sd3.5-medium")
+    large = hardware.detect_profile("auto", h200, variant="sd3.5-large")
+    assert (medium.name, medium.batch_size, large.batch_size) == ("h200", 8, 4)
+    assert hardware.detect_profile("auto", device("NVIDIA GH200 480GB", 94.0, 9)).name == "h100"
+    h100 = hardware.detect_profile("auto", H100, variant="sd3.5-large")
+    assert (h100.name, h100.batch_size) == ("h100", 2)

@@ -52,7 +52,7 @@ ACT_DUAL = 12  # extra for a block with a second attention (Medium)
 VAE_ENCODE_ACT, VAE_DECODE_ACT, VAE_TILE = 5, 6, 512  # x first-block channels x pixels; tile side in px
 OPTIMIZER_STATE = {"adamw": 8, "adamw8bit": 2, "prodigy": 16}  # bytes per fp32 LoRA parameter
 CLIP_TOKENS = 77
-NOMINAL_CARD_GIB = {"t4": 15.0, "l4": 22.5, "a100-40": 39.5, "a100-80": 79.3, "h100": 79.3}  # total_memory
+NOMINAL_CARD_GIB = {"t4": 15.0, "l4": 22.5, "a100-40": 39.5, "a100-80": 79.3, "h100": 79.3, "h200": 139.8}  # total_memory
 
 
 @dataclass(frozen=True)
