@@ -42,3 +42,19 @@ def test_messages_are_redacted_whatever_raised_them() -> None:
                 ConnectionError(f"headers {{'authorization': 'Bearer {TOKEN}'}}")):
         message, _ = format_error(exc)
         assert TOKEN not in message and "hf_***" in message, message
+
+
+def test_invalid_token_and_missing_revision_through_the_cli(hub, tmp_path) -> None:
+    """#15 item 3: an invalid token was "License not accepted" (exit 3), a missing revision "does not exist"."""
+    gated = "stabilityai/stable-diffusion-3.5-large-turbo"
+    hub.seed_repo(gated, {"model_index.json": "{}"}, gated=True, owner_token=hub.other_token)
+    hub.seed_repo("alice/rev-model", {"model_index.json": "{}"}, owner_token=hub.token)
+    env = {**os.environ, "SD35HUB_DEBUG": "0"}
+    for token in (TOKEN, "hf_revoked_or_mistyped_token"):
+        proc = subprocess.run([sys.executable, "-m", "sd35hub", "check-access", gated], capture_output=True, text=True,
+                              cwd=tmp_path, env={**env, "HF_TOKEN": token}, timeout=180)
+        assert proc.returncode == 4, proc.stderr
+        assert proc.stderr.startswith("Error: The Hub rejected your Hugging Face token") and "License" not in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "sd35hub", "check-access", "alice/rev-model", "--revision", "v9"],
+                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=180)
+    assert proc.returncode == 5 and "has no revision 'v9'" in proc.stderr, proc.stderr
