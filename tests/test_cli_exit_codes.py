@@ -56,6 +56,21 @@ USAGE_ERRORS = [
     ["check-access"],
     ["bench", "--steps", "1e3"],
     ["--versionx"],
+    # absurd or non-finite option values never reach an allocator or a sampler (#22 class 1)
+    ["generate", "-p", "x", "--cfg", "nan"],
+    ["generate", "-p", "x", "--cfg", "inf"],
+    ["generate", "-p", "x", "--width", "1000000"],
+    ["generate", "-p", "x", "--n", "0"],
+    ["generate", "-p", "x", "--steps", "-3"],
+    ["generate", "-p", "x", "--seed", "-1"],
+    ["data", "preview", "sample", "--n", "-1"],
+    ["data", "preview", "sample", "--scan", "-5"],
+    ["data", "preview", "sample", "--resolution", "1048576"],
+    ["data", "preview", "sample", "--max-aspect", "nan"],
+    ["data", "check", "sample", "--limit", "-3"],
+    ["bench", "--steps", "-1"],
+    ["bench", "--batch", "0"],
+    ["bench", "--rank", "0"],
 ]
 
 

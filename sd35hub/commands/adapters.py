@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from sd35hub.commands.options import finite
+
 COMPARE_MODES = ("base", "schedulers", "cfg")
 CFG_SWEEP = (1.0, 2.5, 3.5, 4.5, 6.0, 8.0)
 
@@ -34,13 +36,14 @@ def register(app: typer.Typer) -> None:
             "euler", "--scheduler", help="euler|heun|dpmpp-2m|dpmpp-2m-sde|unipc|deis|lcm"
         ),
         steps: int | None = typer.Option(
-            None, "--steps", help="Default: the variant's (Large 28, Medium 40, Turbo 4)."
+            None, "--steps", min=1, max=1000, help="Default: the variant's (Large 28, Medium 40, Turbo 4)."
         ),
-        cfg: float | None = typer.Option(None, "--cfg", help="Guidance scale. Default: the variant's."),
-        seed: int = typer.Option(0, "--seed", help="Image i uses seed + i."),
-        n: int = typer.Option(1, "--n", help="Number of images."),
-        width: int | None = typer.Option(None, "--width"),
-        height: int | None = typer.Option(None, "--height"),
+        cfg: float | None = typer.Option(None, "--cfg", min=0.0, max=100.0, callback=finite,
+                                         help="Guidance scale. Default: the variant's."),
+        seed: int = typer.Option(0, "--seed", min=0, max=2**32 - 1, help="Image i uses seed + i."),
+        n: int = typer.Option(1, "--n", min=1, max=64, help="Number of images."),
+        width: int | None = typer.Option(None, "--width", min=64, max=4096),
+        height: int | None = typer.Option(None, "--height", min=64, max=4096),
         output: Path = typer.Option(Path("generated"), "--output", "-o", help="Folder for the PNGs."),
         compare: str | None = typer.Option(
             None, "--compare", help="Also write a labelled grid: base|schedulers|cfg."

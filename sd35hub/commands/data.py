@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from sd35hub.commands.options import finite
+
 
 def _spec(source: str, split: str, image_column: str | None, caption_column: str | None, resolution: int,
           trigger_word: str, min_size: int, max_aspect: float):
@@ -27,17 +29,18 @@ def register(app: typer.Typer) -> None:
     split_opt = typer.Option("train", "--split", help="Dataset split (Hub datasets).")
     image_opt = typer.Option(None, "--image-column", help="Image column (default: auto-detect).")
     caption_opt = typer.Option(None, "--caption-column", help="Caption column (default: auto-detect).")
-    resolution_opt = typer.Option(1024, "--resolution", help="Bucket resolution (multiple of 64).")
+    resolution_opt = typer.Option(1024, "--resolution", min=64, max=4096, help="Bucket resolution (multiple of 64).")
     trigger_opt = typer.Option("", "--trigger-word", help="Prepended to every caption.")
-    min_size_opt = typer.Option(256, "--min-size", help="Skip images whose short side is below this.")
-    max_aspect_opt = typer.Option(4.0, "--max-aspect", help="Skip images with long/short side above this.")
+    min_size_opt = typer.Option(256, "--min-size", min=0, max=16384, help="Skip images whose short side is below this.")
+    max_aspect_opt = typer.Option(4.0, "--max-aspect", min=1.0, max=100.0, callback=finite,
+                                  help="Skip images with long/short side above this.")
 
     @data_app.command("preview")
     def preview(
         source: str = typer.Argument(..., help="Hub dataset id, folder, *.parquet, *.tar, or 'sample'."),
         out: Path = typer.Option(Path("preview.png"), "--out", "-o", help="PNG grid to write."),
-        n: int = typer.Option(16, "--n", help="Samples shown in the grid."),
-        scan: int = typer.Option(200, "--scan", help="Records scanned for the summary (0 = all)."),
+        n: int = typer.Option(16, "--n", min=1, max=256, help="Samples shown in the grid."),
+        scan: int = typer.Option(200, "--scan", min=0, help="Records scanned for the summary (0 = all)."),
         split: str = split_opt, image_column: str | None = image_opt, caption_column: str | None = caption_opt,
         resolution: int = resolution_opt, trigger_word: str = trigger_opt, min_size: int = min_size_opt,
         max_aspect: float = max_aspect_opt,
@@ -53,7 +56,7 @@ def register(app: typer.Typer) -> None:
     @data_app.command("check")
     def check(
         source: str = typer.Argument(..., help="Hub dataset id, folder, *.parquet, *.tar, or 'sample'."),
-        limit: int = typer.Option(0, "--limit", help="Records to scan (0 = all)."),
+        limit: int = typer.Option(0, "--limit", min=0, help="Records to scan (0 = all)."),
         split: str = split_opt, image_column: str | None = image_opt, caption_column: str | None = caption_opt,
         min_size: int = min_size_opt, max_aspect: float = max_aspect_opt,
     ) -> None:
