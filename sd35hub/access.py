@@ -28,7 +28,6 @@ from sd35hub.errors import (
     WritePermissionError,
 )
 
-
 # Fine-grained token permissions that allow pushing commits to a repo.
 _WRITE_PERMISSIONS = {"repo.write", "repo.content.write"}
 
@@ -88,7 +87,9 @@ def translate_hub_error(
     revision: str | None = None,
 ) -> Sd35HubError | None:
     """The sd35hub error for a huggingface_hub / httpx2 / datasets exception; None if it is not one."""
-    import httpx2
+    from sd35hub.hubhttp import httpx_module
+
+    httpx2 = httpx_module()
     from huggingface_hub.errors import (
         GatedRepoError,
         HfHubHTTPError,
@@ -128,7 +129,7 @@ def translate_hub_error(
             return RepoNotFoundError(repo_id, repo_type, f"Your token is not allowed to read it: {message}")
         request = _describe_request(exc)
         if status == 429:
-            asked = hubhttp_retry_after(response)
+            asked = _retry_after(response)
             wait = f" It asks to wait {asked:.0f} s." if asked is not None else ""
             return HubRequestError(
                 f"The Hub is rate-limiting sd35hub ({request} answered HTTP 429 after retries) while {what}.{wait} "
@@ -159,7 +160,7 @@ def translate_hub_error(
     return None
 
 
-def hubhttp_retry_after(response: Any) -> float | None:
+def _retry_after(response: Any) -> float | None:
     from sd35hub.hubhttp import retry_after_s
 
     return retry_after_s(response.headers) if response is not None else None
@@ -167,7 +168,9 @@ def hubhttp_retry_after(response: Any) -> float | None:
 
 def _transport_cause(exc: BaseException) -> BaseException | None:
     """The httpx2 error under a wrapper (datasets' ConnectionError, huggingface_hub's LocalEntryNotFoundError)."""
-    import httpx2
+    from sd35hub.hubhttp import httpx_module
+
+    httpx2 = httpx_module()
 
     seen = 0
     current: BaseException | None = exc
@@ -198,7 +201,9 @@ def _describe_request(exc: BaseException) -> str:
 
 
 def _timeout_of(exc: BaseException) -> str:
-    import httpx2
+    from sd35hub.hubhttp import httpx_module
+
+    httpx2 = httpx_module()
 
     request = _request_of(exc)
     timeouts = (request.extensions.get("timeout") or {}) if request is not None else {}

@@ -9,11 +9,12 @@ before any Hub call) sets a factory whose client:
 
 - gives every request a timeout: connect ``HF_HUB_ETAG_TIMEOUT`` (10 s), answer
   ``HF_HUB_DOWNLOAD_TIMEOUT`` (10 s) for reads, ``SD35HUB_HUB_WRITE_TIMEOUT`` (60 s) for writes —
-  huggingface_hub's own settings, read from its ``constants`` on each request;
+  the first two are huggingface_hub's own settings, read from its ``constants`` on each request;
 - retries requests that are safe to repeat (GET/HEAD and the read-only POSTs: paths-info, preupload,
-  LFS batch; not hf_hub_download's metadata HEAD, which huggingface_hub retries itself) on 408/429/5xx, dropped connections and refused connections, ``SD35HUB_HUB_RETRIES``
-  times (3) with exponential backoff (0.5 s doubling, at most 8 s), honouring ``Retry-After`` and the
-  Hub's ``RateLimit`` header (up to ``MAX_RETRY_AFTER_S``); a timeout is retried once. Commits and
+  LFS batch; not hf_hub_download's metadata HEAD, which huggingface_hub retries itself) on 408/429/5xx,
+  dropped connections and refused connections to the Hub host itself, ``SD35HUB_HUB_RETRIES`` times
+  (3) with exponential backoff (0.5 s doubling, at most 8 s), honouring ``Retry-After`` and the Hub's
+  ``RateLimit`` header (up to ``MAX_RETRY_AFTER_S``); a timeout is retried once. Commits and
   other writes are never repeated here: ``sd35hub.publish`` retries them after checking the repo head.
   Where huggingface_hub's own ``http_backoff`` already retries a request (paginated listings,
   preupload, LFS, HfFileSystem), this client leaves those faults to it, so the budgets never multiply.
@@ -55,6 +56,15 @@ IDEMPOTENT_POST = ("/paths-info/", "/preupload/", "/info/lfs/objects/batch", "/a
 
 _lock = threading.Lock()
 _installed = False
+
+
+def httpx_module() -> Any:
+    """huggingface_hub's HTTP library: httpx2 (huggingface_hub >= 2.4) or httpx (earlier 2.x)."""
+    try:
+        import httpx2
+    except ImportError:  # pragma: no cover - older huggingface_hub 2.x
+        import httpx as httpx2
+    return httpx2
 
 
 def read_timeout() -> float:
@@ -163,7 +173,7 @@ def _hf_backoff() -> tuple[tuple[int, ...], tuple[type, ...]] | None:
 
 
 def _client_class() -> type:
-    import httpx2
+    httpx2 = httpx_module()
 
     class HubClient(httpx2.Client):
         """huggingface_hub's client with timeouts and retries of repeatable requests (module docstring)."""

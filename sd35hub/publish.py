@@ -149,10 +149,11 @@ def _remote_oids(api: Any, repo_id: str, revision: str, token: str | bool | None
 
 
 def _is_transient(exc: BaseException) -> bool:
-    import httpx2
     from huggingface_hub.errors import HfHubHTTPError
 
-    from sd35hub.hubhttp import RETRY_STATUS
+    from sd35hub.hubhttp import RETRY_STATUS, httpx_module
+
+    httpx2 = httpx_module()
 
     if isinstance(exc, HfHubHTTPError):
         status = exc.response.status_code if exc.response is not None else None

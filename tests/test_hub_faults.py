@@ -8,7 +8,6 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -61,9 +60,8 @@ def short_timeouts(fast: HubServer, monkeypatch: pytest.MonkeyPatch) -> HubServe
 
 @pytest.fixture(scope="module")
 def repos(hub: HubServer, hub_datasets: dict[str, str], tmp_path_factory) -> dict[str, Any]:
-    from safetensors.numpy import save
-
     import numpy as np
+    from safetensors.numpy import save
 
     adapter = save({"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": np.ones((4, 8), np.float32)})
     author = unique("faulty")
@@ -252,3 +250,25 @@ def test_an_unreachable_hub_is_a_connection_error(fast: HubServer, repos, monkey
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:1")
     with pytest.raises(HubConnectionError, match=r"http://127\.0\.0\.1:1.*4 attempts.*Connection refused"):
         op_whoami(repos)
+
+
+def test_requests_huggingface_hub_retries_itself_are_not_retried_again(fast: HubServer, repos) -> None:
+    """Inside huggingface_hub's http_backoff (listings, preupload, LFS, HfFileSystem) its own budget is
+    the budget: 2 retries asked -> 3 requests, not 3 x 4."""
+    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub.utils import http_backoff
+
+    fault = fast.inject("/api/whoami-v2", "GET", status=503, times=None)
+    with pytest.raises(HfHubHTTPError):
+        http_backoff("GET", f"{fast.endpoint}/api/whoami-v2", max_retries=2, base_wait_time=0.01,
+                     headers={"Authorization": f"Bearer {fast.token}"})
+    assert fault.hits == 3
+
+
+def test_the_hubs_ratelimit_header_is_honoured(fast: HubServer, repos) -> None:
+    fault = fast.inject("/auth-check", "GET", status=429, headers={"RateLimit": '"api";r=0;t=1'})
+    op_check_access(repos)
+    hits = fast.api_calls("/auth-check", "GET")
+    faulted = [r for r in hits if r.fault == "status"][-1]
+    later = [r for r in hits if r.time > faulted.time]
+    assert fault.hits == 1 and later[0].time - faulted.time >= 1.0

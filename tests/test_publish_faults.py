@@ -269,3 +269,20 @@ def test_any_summary_values_give_a_card_or_a_config_error(run: Path, changes: di
     except (ConfigError, AdapterError):
         return
     assert card and files[0].path_in_repo == "pytorch_lora_weights.safetensors"
+
+
+def test_a_lost_answer_to_a_full_checkpoint_push_makes_one_commit(fast: HubServer, tmp_path: Path) -> None:
+    """hub.resume_branch pushes (sd35hub.workflows.resume) go through the same never-twice commit."""
+    from sd35hub.workflows.resume import push_checkpoint as push_full_checkpoint
+
+    repo_id = unique("lostresume")
+    checkpoint = tmp_path / "checkpoint-000002"
+    checkpoint.mkdir()
+    (checkpoint / "state.json").write_text('{"step": 2}')
+    (checkpoint / "lora.safetensors").write_bytes(b"not really tensors")
+    fast.inject(f"/api/models/{repo_id}/commit/", "POST", action="lose_response")
+    url = push_full_checkpoint(checkpoint, repo_id, branch="resume", keep=2)
+    titles = [c["title"] for c in fast.commits(repo_id, revision="resume")]
+    assert titles.count("sd35hub checkpoint checkpoint-000002") == 1 and url.endswith(
+        fast.commits(repo_id, revision="resume")[0]["oid"])
+    assert len(_commit_posts(fast, repo_id)) == 1

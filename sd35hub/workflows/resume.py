@@ -51,7 +51,7 @@ def push_checkpoint(checkpoint: Path, repo_id: str, *, branch: str, keep: int, m
     the newest ``keep`` are deleted in the same commit. Returns the commit URL."""
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
 
-    from sd35hub.publish import with_retries
+    from sd35hub.publish import PlannedFile, commit_once, with_retries
 
     api = HfApi(token=token)
     checkpoint = Path(checkpoint)
@@ -68,9 +68,10 @@ def push_checkpoint(checkpoint: Path, repo_id: str, *, branch: str, keep: int, m
             operations.append(CommitOperationAdd(path_in_repo=METRICS_FILE, path_or_fileobj=metrics.read_bytes()))
         stale = existing[: max(0, len(existing) - (keep - 1))]
         operations += [CommitOperationDelete(path_in_repo=f"{name}/", is_folder=True) for name in stale]
-        info = with_retries(lambda: api.create_commit(repo_id, operations, revision=branch, token=token,
-                                                      commit_message=f"sd35hub checkpoint {checkpoint.name}"),
-                            f"commit to {repo_id}@{branch}")
+        # commit_once: a commit whose answer is lost is found on the branch instead of being made twice
+        added = [PlannedFile(op.path_in_repo, op.path_or_fileobj, "checkpoint") for op in operations
+                 if isinstance(op, CommitOperationAdd)]
+        info = commit_once(api, repo_id, operations, f"sd35hub checkpoint {checkpoint.name}", branch, added, token)
     return str(info.commit_url)
 
 
