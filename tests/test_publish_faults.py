@@ -286,3 +286,27 @@ def test_a_lost_answer_to_a_full_checkpoint_push_makes_one_commit(fast: HubServe
     assert titles.count("sd35hub checkpoint checkpoint-000002") == 1 and url.endswith(
         fast.commits(repo_id, revision="resume")[0]["oid"])
     assert len(_commit_posts(fast, repo_id)) == 1
+
+
+def test_a_failed_resume_branch_push_warns_and_the_next_one_goes_through(fast: HubServer, tmp_path: Path,
+                                                                         caplog) -> None:
+    from types import SimpleNamespace
+
+    import sd35hub.publish as publish_module
+    from sd35hub.workflows.resume import push_after_save
+
+    repo_id = unique("resumefail")
+    logged: list[str] = []
+    trainer = SimpleNamespace(
+        config=SimpleNamespace(hub=SimpleNamespace(resume_branch="resume", repo_id=repo_id, private=False),
+                               train=SimpleNamespace(keep_checkpoints=2)),
+        output_dir=tmp_path, log=logged.append)
+    for step in (2, 4):
+        folder = tmp_path / f"checkpoint-{step:06d}"
+        folder.mkdir()
+        (folder / "state.json").write_text(f'{{"step": {step}}}')
+    fast.inject(f"/api/models/{repo_id}/commit/", "POST", status=503, times=publish_module.COMMIT_ATTEMPTS)
+    push_after_save(trainer, tmp_path / "checkpoint-000002")  # every attempt fails: a warning, no exception
+    assert "Could not push checkpoint-000002" in caplog.text and "NOT pushed" in logged[-1]
+    push_after_save(trainer, tmp_path / "checkpoint-000004")
+    assert "checkpoint-000004/state.json" in fast.files(repo_id, revision="resume") and "pushed to" in logged[-1]

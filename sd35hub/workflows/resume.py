@@ -127,6 +127,15 @@ def push_after_save(trainer: Any, path: Path) -> None:
     hub = trainer.config.hub
     if not (hub.resume_branch and hub.repo_id):
         return
-    url = push_checkpoint(path, hub.repo_id, branch=hub.resume_branch, keep=trainer.config.train.keep_checkpoints,
-                          metrics=trainer.output_dir / "logs" / METRICS_FILE, private=hub.private)
+    from sd35hub.errors import Sd35HubError
+
+    try:
+        url = push_checkpoint(path, hub.repo_id, branch=hub.resume_branch, keep=trainer.config.train.keep_checkpoints,
+                              metrics=trainer.output_dir / "logs" / METRICS_FILE, private=hub.private)
+    except Sd35HubError as exc:  # like hub.push_checkpoints (#15 item 10): warn, keep training, push the next one
+        logger.warning("Could not push %s to %s@%s: %s Training continues; the next checkpoint is pushed again.",
+                       path.name, hub.repo_id, hub.resume_branch, exc)
+        trainer.log(f"checkpoint {path.name} NOT pushed to {hub.repo_id}@{hub.resume_branch} (see the warning); "
+                    "training continues")
+        return
     trainer.log(f"checkpoint {path.name} pushed to {hub.repo_id}@{hub.resume_branch} ({url})")
