@@ -283,3 +283,88 @@ def _folded_view(modules: Modules) -> Modules:
     from sd35hub.formats import _fold
 
     return {name: _fold(m) for name, m in modules.items()}
+
+
+# --- whole pipelines: the transformer and the text encoders ---------------------------------------
+
+
+def _text_encoder_layers(model: Any) -> list[Any]:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+
+
+def load_into_pipeline(pipe: Any, adapter: Adapter, adapter_name: str) -> None:
+    """Load `adapter` into an SD3 pipeline under `adapter_name`: the transformer's LoRA (load_into_transformer)
+    and each text encoder's (peft, injected into pipe.text_encoder / _2 / _3, ranks and alphas exact).
+
+    A text-encoder part whose encoder is not loaded (--drop-t5) is skipped with a warning.
+    """
+    import logging
+
+    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+
+    from sd35hub.adapter_check_te import check_text_encoder
+
+    label = f"Adapter {adapter_name!r}"
+    present = {c: getattr(pipe, c, None) for c in adapter.text_encoders}
+    for component, modules in adapter.text_encoders.items():
+        if present[component] is not None:
+            check_text_encoder(component, modules, present[component], label=label)
+    load_into_transformer(pipe.transformer, adapter, adapter_name)
+    for component, modules in adapter.text_encoders.items():
+        model = present[component]
+        if model is None:
+            logging.getLogger(__name__).warning(
+                "%s: its %s LoRA (%d modules) is not applied: that text encoder is not loaded",
+                label, component, len(modules),
+            )  # fmt: skip
+            continue
+        folded = _folded_view(modules)
+        config = lora_config_for(folded)
+        config.pop("use_rslora", None)
+        inject_adapter_in_model(LoraConfig(**config), model, adapter_name=adapter_name)
+        state_dict = {}
+        for name, module in folded.items():
+            state_dict[f"{name}.lora_A.weight"] = module.down
+            state_dict[f"{name}.lora_B.weight"] = module.up
+            if module.bias is not None:
+                state_dict[f"{name}.lora_B.bias"] = module.bias
+        set_peft_model_state_dict(model, state_dict, adapter_name=adapter_name)
+        model.to(device=pipe.transformer.device)
+
+
+def set_pipeline_adapters(pipe: Any, names: list[str], weights: list[float]) -> None:
+    """Activate `names` with `weights` in the transformer and in every text encoder that holds any of them."""
+    from diffusers.utils.peft_utils import set_weights_and_activate_adapters
+
+    pipe.transformer.enable_lora()
+    pipe.transformer.set_adapters(names, weights)
+    for component in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+        model = getattr(pipe, component, None)
+        layers = _text_encoder_layers(model) if model is not None else []
+        if not layers:
+            continue
+        for layer in layers:
+            layer.enable_adapters(True)
+        set_weights_and_activate_adapters(model, names, weights)  # names a layer lacks are skipped
+
+
+def disable_pipeline_adapters(pipe: Any) -> None:
+    """The base model: every LoRA off in the transformer and the text encoders (nothing is unloaded)."""
+    if getattr(pipe.transformer, "_hf_peft_config_loaded", False):
+        pipe.transformer.disable_lora()
+    for component in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+        model = getattr(pipe, component, None)
+        for layer in _text_encoder_layers(model) if model is not None else []:
+            layer.enable_adapters(False)
+
+
+def delete_from_pipeline(pipe: Any, adapter_name: str) -> None:
+    """Remove one adapter from the transformer and the text encoders (its peft modules are freed)."""
+    pipe.transformer.delete_adapters([adapter_name])
+    for component in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+        model = getattr(pipe, component, None)
+        for layer in _text_encoder_layers(model) if model is not None else []:
+            if adapter_name in getattr(layer, "lora_A", {}):
+                layer.delete_adapter(adapter_name)

@@ -27,7 +27,16 @@ from pathlib import Path
 from typing import Any
 
 from sd35hub import __version__
-from sd35hub.adapters import Adapter, AdapterMetadata, adapter_file, load_into_transformer, read_adapter
+from sd35hub.adapters import (
+    Adapter,
+    AdapterMetadata,
+    adapter_file,
+    delete_from_pipeline,
+    disable_pipeline_adapters,
+    load_into_pipeline,
+    read_adapter,
+    set_pipeline_adapters,
+)
 from sd35hub.blend_request import (
     AdapterRef,
     GenerationRequest,
@@ -158,7 +167,7 @@ class BlendEngine:
         while len(self._loaded) >= self.max_cached_adapters:
             self._evict_one(keep)
         name = adapter_name_for(source)
-        load_into_transformer(self.pipe.transformer, adapter, name)
+        load_into_pipeline(self.pipe, adapter, name)  # transformer + text-encoder LoRAs
         words = list(adapter.metadata.trigger_words) if adapter.metadata else []
         words += [w for w in hub.get("card_trigger_words", []) if w not in words]
         loaded = LoadedAdapter(
@@ -178,7 +187,7 @@ class BlendEngine:
     def _evict_one(self, keep: set[str]) -> None:
         for source, loaded in self._loaded.items():
             if source not in keep:
-                self.pipe.transformer.delete_adapters([loaded.name])
+                delete_from_pipeline(self.pipe, loaded.name)
                 del self._loaded[source]
                 log.info("Evicted adapter %s (%s) from the cache", loaded.name, source)
                 return
@@ -191,7 +200,7 @@ class BlendEngine:
         with self._lock:
             loaded = self._loaded.pop(source.strip(), None)
             if loaded is not None:
-                self.pipe.transformer.delete_adapters([loaded.name])
+                delete_from_pipeline(self.pipe, loaded.name)
 
     # --- generation ------------------------------------------------------------------------------
 
@@ -257,8 +266,7 @@ class BlendEngine:
                     self._disable_adapters()
                     base_images = run(final_prompt)  # same prompt and seeds: only the adapters differ
                 if loaded:
-                    self.pipe.transformer.enable_lora()
-                    self.pipe.transformer.set_adapters([a.name for a in loaded], [ref.weight for ref in refs])
+                    set_pipeline_adapters(self.pipe, [a.name for a in loaded], [ref.weight for ref in refs])
                     images = run(final_prompt)
                 else:
                     images = base_images
@@ -268,8 +276,7 @@ class BlendEngine:
         )
 
     def _disable_adapters(self) -> None:
-        if getattr(self.pipe.transformer, "_hf_peft_config_loaded", False):
-            self.pipe.transformer.disable_lora()
+        disable_pipeline_adapters(self.pipe)
 
     def _params(
         self,

@@ -255,3 +255,35 @@ def split_qkv(module: LoraModule) -> list[LoraModule | None]:
 def _bias_part(bias: torch.Tensor | None) -> torch.Tensor | None:
     """One member's bias delta; an all-zero part (fusion filler) is dropped again."""
     return bias.contiguous() if bias is not None and bias.any() else None
+
+
+def kohya_training_note(modules: Modules) -> str:
+    """How kohya's `create_network(dim=r)` can take this adapter back for training (`--network_weights`).
+
+    kohya fuses q/k/v into one qkv LoRA of rank r (split_qkv=False) or three rank-r members saved fused
+    block-diagonally (split_qkv=True). Separate diffusers q/k/v LoRAs are written block-diagonally (rank 3r),
+    which only a split_qkv=True network of dim r loads.
+    """
+    import collections
+
+    ranks = collections.Counter(m.rank for m in modules.values())
+    alphas = collections.Counter(m.alpha for m in modules.values())
+    if not ranks:
+        return ""
+    rank, alpha = ranks.most_common(1)[0][0], alphas.most_common(1)[0][0]
+    kinds = set()
+    for name, fused in to_mmdit(modules).items():
+        if _JOINT.match(name) and name.endswith(".qkv"):
+            kinds.add("split" if fused.rank != rank else "shared")
+    problems = []
+    if len(ranks) > 1 or len(alphas) > 1:
+        problems.append("its ranks or alphas differ between modules (one --network_dim/--network_alpha)")
+    if len(kinds) > 1:
+        problems.append("some q/k/v share their down matrix and some do not")
+    if problems:
+        return "kohya cannot continue training this file as one network: " + "; ".join(problems) + "."
+    split = "True" if kinds == {"split"} else "False"
+    return (
+        f"To continue training it in kohya sd-scripts: --network_weights <file> --network_dim {rank} "
+        f"--network_alpha {alpha:g} --network_args split_qkv={split}"
+    )

@@ -131,6 +131,10 @@ def register(app: typer.Typer) -> None:
         te = sum(len(m) for m in adapter.text_encoders.values())
         te_text = f" + {te} text-encoder modules" if te else ""
         typer.echo(f"{adapter.format} -> {to}: {written} LoRA modules{te_text} written to {file}{fused}")
+        if to == "kohya":
+            from sd35hub.formats_mmdit import kohya_training_note
+
+            typer.echo(kohya_training_note(adapter.modules))
 
     @app.command()
     def merge(
