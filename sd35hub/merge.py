@@ -39,12 +39,21 @@ def merge_modules(items: list[tuple[Any, float]]) -> Modules:
 
     if not items:
         raise AdapterError("Nothing to merge: pass at least one adapter with a weight, e.g. A:0.7 B:0.3")
-    loaded = [(_modules_of(item), float(weight)) for item, weight in items]
+    return merge_named([(_modules_of(item), float(weight)) for item, weight in items])
+
+
+def merge_named(loaded: list[tuple[Modules, float]]) -> Modules:
+    """[(Modules, weight), ...] of one component (transformer or a text encoder) -> merged Modules.
+
+    Bias deltas (ComfyUI .diff_b) add up as sum w_i * b_i; conv LoRAs concatenate like linear ones.
+    """
+    import torch
+
     names = sorted({name for modules, _ in loaded for name in modules})
     merged: Modules = {}
     for name in names:
         parts = [(modules[name], weight) for modules, weight in loaded if name in modules]
-        shapes = {(m.down.shape[1], m.up.shape[0]) for m, _ in parts}
+        shapes = {(tuple(m.down.shape[1:]), m.up.shape[0]) for m, _ in parts}
         if len(shapes) > 1:
             raise AdapterError(
                 f"Cannot merge {name}: the adapters disagree on its shape {sorted(shapes)} (different bases?)"
@@ -52,7 +61,9 @@ def merge_modules(items: list[tuple[Any, float]]) -> Modules:
         dtype = parts[0][0].up.dtype
         down = torch.cat([m.down.to(dtype) for m, _ in parts], dim=0)  # [sum r_i, in]
         up = torch.cat([(m.up.double() * (w * m.scale)).to(dtype) for m, w in parts], dim=1)  # [out, sum r_i]
-        merged[name] = LoraModule(down=down, up=up, alpha=float(down.shape[0]))
+        biases = [m.bias.double() * w for m, w in parts if m.bias is not None]
+        bias = torch.stack(biases).sum(0).float() if biases else None
+        merged[name] = LoraModule(down=down, up=up, alpha=float(down.shape[0]), bias=bias)
     return merged
 
 
@@ -72,12 +83,14 @@ def write_merged(items: list[tuple[str, float]], out_dir: str | Path, *, base_mo
     base = base_model or (bases[0] if len(bases) == 1 else "")
     words = [w for m in metas for w in m.trigger_words]
     modules = merge_modules(adapters)
+    components = sorted({c for a, _ in adapters for c in a.text_encoders})
+    text_encoders = {c: merge_named([(a.text_encoders.get(c, {}), float(w)) for a, w in adapters]) for c in components}
     variants = {m.variant for m in metas if m.variant}
     meta = metadata_for(
         modules, base_model=base, variant=variants.pop() if len(variants) == 1 else "", trigger_words=words
     )
     out = Path(out_dir)
-    file = write_adapter(modules, out, metadata=meta)
+    file = write_adapter(modules, out, metadata=meta, text_encoders=text_encoders)
     atomic_write_text(out / "README.md", merge_card(items, base, words, file.name))
     return file
 

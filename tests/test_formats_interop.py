@@ -372,3 +372,24 @@ def test_generate_applies_text_encoder_lora_like_stock_diffusers(tmp_path: Path)
     assert (expected - base).abs().max() > 1e-3
     disable_pipeline_adapters(ours)
     assert torch.allclose(generate_latents(ours), base, atol=1e-6)
+
+
+def test_merge_keeps_text_encoder_parts_and_bias_deltas(tmp_path: Path) -> None:
+    from sd35hub.merge import write_merged
+
+    sources = []
+    for i, weight in enumerate((0.7, -0.4)):
+        mods = modules_with_odd_alpha()
+        for m in mods.values():
+            m.up = m.up * (i + 1)
+        mods["transformer_blocks.0.attn.to_q"].bias = _rand(W, seed=90 + i)
+        te = {"text_encoder": {"text_model.encoder.layers.0.self_attn.q_proj": _mod(W, W, 4, 2.0 + i, 80 + i)}}
+        sources.append((str(write_adapter(mods, tmp_path / f"s{i}", text_encoders=te)), weight, mods, te))
+    merged = read_adapter(write_merged([(s, w) for s, w, _, _ in sources], tmp_path / "m"))
+    q = "transformer_blocks.0.attn.to_q"
+    want = sum(w * _delta(m[q]) for _, w, m, _ in sources)
+    assert torch.allclose(_delta(merged.modules[q]), want, atol=1e-6)
+    assert torch.allclose(merged.modules[q].bias.double(), sum(w * m[q].bias.double() for _, w, m, _ in sources), atol=1e-6)
+    te_name = "text_model.encoder.layers.0.self_attn.q_proj"
+    want_te = sum(w * _delta(t["text_encoder"][te_name]) for _, w, _, t in sources)
+    assert torch.allclose(_delta(merged.text_encoders["text_encoder"][te_name]), want_te, atol=1e-6)
