@@ -38,10 +38,8 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 # --- local Hub test server (tests/hubserver, docs/testing.md) -------------------------------------
 # Fixed tokens so they are known before the server starts; HF_TOKEN makes alice's write token the one
 # huggingface_hub resolves by itself (no patching of the client).
-HUB_TOKEN = "hf_test_alice_write_0000000000000000"
-HUB_READ_TOKEN = "hf_test_alice_read_00000000000000000"
-HUB_OTHER_TOKEN = "hf_test_bob_write_000000000000000000"
-HUB_ORG = "sd35hub-org"
+from hub_tokens import HUB_ORG, HUB_OTHER_TOKEN, HUB_READ_TOKEN, HUB_TOKEN  # noqa: E402
+
 os.environ["HF_TOKEN"] = HUB_TOKEN
 
 import pytest  # noqa: E402

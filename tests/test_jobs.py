@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 from cli_helpers import run_cli
-from conftest import HUB_TOKEN
+from hub_tokens import HUB_TOKEN
 
 from sd35hub.cli import main
 from sd35hub.errors import ConfigError
@@ -91,7 +91,7 @@ def test_multi_gpu_flavors_run_accelerate_launch_data_parallel():
 
 
 def test_access_is_checked_before_submitting(hub, hub_datasets, tmp_path, monkeypatch):  # noqa: ANN001
-    from conftest import HUB_READ_TOKEN
+    from hub_tokens import HUB_READ_TOKEN
 
     from sd35hub.errors import WritePermissionError
 
@@ -215,5 +215,5 @@ def test_dry_run_prints_the_plan_for_the_flavor_and_submits_nothing(hub, hub_dat
     assert code == 0, err
     assert "HF Jobs plan: flavor h200x8 (8 x NVIDIA H200), timeout 3 h ($40.00/hour, at most $120.00" in out
     assert "runs accelerate launch (data-parallel)" in out and "installs sd35hub[quant]==" in out
-    assert "on the NVIDIA H200: hardware profile h100" in out and "memory plan: GPU budget" in out
+    assert "on the NVIDIA H200: hardware profile h200" in out and "memory plan: GPU budget" in out
     assert "--dry-run: nothing submitted." in out and len(hub.jobs.jobs) == before

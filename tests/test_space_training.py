@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import HUB_OTHER_TOKEN
+from hub_tokens import HUB_OTHER_TOKEN
 from space_helpers import SPACE_APP
 from streamlit.testing.v1 import AppTest
 
