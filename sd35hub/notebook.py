@@ -4,6 +4,7 @@
     nb.setup(hub_endpoint=None)                     # quiet logs, short error display, Hub endpoint
     profile = nb.environment(MODEL)                 # GPU -> hardware profile, and why
     plan = nb.build_plan(model=MODEL, dataset=DATASET, ..., profile=profile)   # validated, nothing loaded
+    nb.memory_plan(plan, profile)                   # per-phase GPU/RAM plan; MemoryPlanError if none fits
     user = nb.login()                               # Colab secret HF_TOKEN / login cache / notebook_login
     plan = nb.check_access(plan, user)              # license of the base (exact link) + write to the repo
     plan = nb.prepare_run(plan)                     # Drive for checkpoints; resume="latest" if one exists
@@ -214,6 +215,17 @@ def build_plan(
 
         resolved, notes = apply_profile(config, profile, explicit)  # the trainer repeats this, same result
     return RunPlan(config=config, resolved=resolved, explicit=explicit, notes=notes)
+
+
+def memory_plan(plan: RunPlan, profile: Any) -> Any:
+    """Print the run's memory plan (each phase's predicted GPU and RAM need, from the model's configs:
+    nothing large is downloaded) and return it; MemoryPlanError names the phase and what would fit."""
+    from sd35hub.workflows.plan import plan_for_config
+
+    prompts = len(plan.resolved.train.validation_prompts) or None
+    memory = plan_for_config(plan.resolved, profile, validation_prompts=prompts)
+    print(memory.table())
+    return memory.check()
 
 
 # ----------------------------------------------------------------------------------- the Hub

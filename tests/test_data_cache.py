@@ -135,8 +135,8 @@ def test_interrupted_build_resumes_and_half_written_shards_are_never_read(tmp_pa
             build(spec, pipe, cache, shard_size=2)
     with pytest.raises(DatasetError, match="No complete cache"):
         CacheIndex.load(cache)
-    complete = sorted(cache.glob("shard-*.safetensors"))
-    assert complete  # the shards finished before the crash survive
+    complete = sorted(cache.rglob("shard-*.safetensors"))
+    assert complete  # the (staged) shards finished before the crash survive
     crashed = cache / "shard-0000.safetensors.123-abcd.tmp"
     crashed.write_bytes(b"half a shard")  # a crash mid-write, hours ago
     os.utime(crashed, (time.time() - 7200, time.time() - 7200))

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from cli_helpers import run_cli
+
 from sd35hub.errors import MemoryPlanError
 from sd35hub.models.real_configs import write_config_folder
 from sd35hub.models.tiny import tiny_model_path
@@ -125,3 +125,21 @@ def test_dry_run_refuses_with_the_phase_and_the_fix(capsys: pytest.CaptureFixtur
                               "model.text_encoder_quantize=none"], capsys)  # fmt: skip
     assert code == 11, err
     assert "NO" in out and "encode captions (T5-XXL)" in err and "model.drop_t5=true" in err
+
+
+@pytest.mark.slow
+def test_hub_model_refused_after_reading_only_its_json_files(hub, capsys: pytest.CaptureFixture[str],
+                                                             tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = write_config_folder("large", tmp_path / "large")
+    files = {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    files["transformer/diffusion_pytorch_model.safetensors"] = b"\0" * 4096  # weights that must not be fetched
+    files["text_encoder_3/model.safetensors"] = b"\0" * 4096
+    hub.seed_repo("alice/sd35-large-configs", files)
+    hub.clear_requests()
+    monkeypatch.setenv("SD35HUB_GPU_MEMORY_CAP_GIB", "7")
+    code, out, err = run_cli(["train", "--model", "alice/sd35-large-configs", "--dataset", "sample", "--profile", "t4",
+                              "-o", str(tmp_path / "out"), "model.text_encoder_quantize=none"], capsys)  # fmt: skip
+    assert code == 11, err
+    assert "encode captions (T5-XXL)" in err
+    fetched = [r.path for r in hub.downloads("alice/sd35-large-configs")]
+    assert fetched and all(path.endswith(".json") for path in fetched)

@@ -18,6 +18,7 @@ last. Memory is bounded: one bucket buffer, one batch on the encoders, one shard
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import hashlib
 import json
@@ -29,7 +30,6 @@ from sd35hub.config import DataSpec
 from sd35hub.data.buckets import BucketBatcher, bounded_buckets
 from sd35hub.data.cache_index import (
     CACHE_FORMAT,
-    FIELDS,
     INDEX_FILE,
     MASK_FIELD,
     BatchRef,
@@ -118,9 +118,9 @@ def _tmp_name(path: Path) -> Path:
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     from safetensors.torch import save_file
 
+    tmp = _tmp_name(path)
     from sd35hub.diskspace import tensor_bytes, writing
 
-    tmp = _tmp_name(path)
     with writing(path, needed=tensor_bytes(tensors)):
         try:
             save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
@@ -178,69 +178,150 @@ class _ShardWriter:
         return written
 
 
+def as_encoders(encoders: Any, *, device: Any, dtype: torch.dtype, max_sequence_length: int, batch_size: int) -> Any:
+    """A StableDiffusion3Pipeline becomes PipelineEncoders; PhasedEncoders (sd35hub.data.encode) pass through."""
+    if hasattr(encoders, "encode_texts"):
+        return encoders
+    from sd35hub.data.encode import PipelineEncoders
+
+    return PipelineEncoders(encoders, device=device, dtype=dtype, max_sequence_length=max_sequence_length,
+                            batch_size=max(batch_size, 1))
+
+
+def prompts_file(cache_dir: Path, model_id: str, settings: dict[str, Any], prompts: list[str]) -> Path:
+    digest = hashlib.sha256(json.dumps([model_id, settings, prompts], sort_keys=True).encode()).hexdigest()[:16]
+    return Path(cache_dir) / f"prompts-{digest}.safetensors"
+
+
+def cached_prompts(index: CacheIndex, prompts: list[str]) -> dict[str, torch.Tensor]:
+    """prompt_embeds [n, S, D] / pooled_prompt_embeds [n, P] of ``prompts`` encoded by build_cache(prompts=...)."""
+    from safetensors.torch import load_file
+
+    path = prompts_file(index.path, index.model_id, index.settings, list(prompts))
+    if not path.is_file():
+        raise DatasetError(f"The cache in {index.path} has no embeddings of these validation prompts; rebuild it.")
+    return load_file(str(path))
+
+
 def build_cache(spec: DataSpec, pipe: Any, cache_dir: Path, *, model_id: str, batch_size: int,
                 device: str | torch.device, dtype: torch.dtype, seed: int, progress: bool = True,
                 token: str | bool | None = None, shard_size: int = SHARD_MAX_ENTRIES,
-                max_side: int | None = None) -> CacheIndex:
+                prompts: list[str] | tuple[str, ...] = (), max_side: int | None = None) -> CacheIndex:
     """Stream ``spec``'s samples through buckets and the encoders into ``cache_dir``; see the module doc.
-    ``max_side``: the base model's largest image side (ModelInfo.max_resolution); longer buckets are clamped."""
+    ``max_side``: the base model's largest image side (ModelInfo.max_resolution); longer buckets are clamped.
+
+    ``pipe``: a StableDiffusion3Pipeline (every encoder loaded) or sd35hub.data.encode.PhasedEncoders
+    (each encoder loaded for its phase only). Phases: (1) the VAE over the stream, latents staged;
+    (2) the text encoders over the captions of new entries, the empty caption and ``prompts``
+    (validation prompts: read back with :func:`cached_prompts`); (3) staged latents + embeddings
+    become the cache shards. Nothing is loaded when every entry and prompt is cached already."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
     from tqdm.auto import tqdm
 
+    encoders = as_encoders(pipe, device=device, dtype=dtype, max_sequence_length=spec.max_sequence_length,
+                           batch_size=batch_size)
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    drop_t5 = getattr(pipe, "text_encoder_3", None) is None
-    settings = {"max_sequence_length": spec.max_sequence_length, "drop_t5": drop_t5, "dtype": str(dtype).replace("torch.", ""),
-                "resolution": spec.resolution, "crop": spec.crop}
+    settings = {"max_sequence_length": spec.max_sequence_length, "drop_t5": bool(encoders.drop_t5),
+                "dtype": str(dtype).replace("torch.", ""), "resolution": spec.resolution, "crop": spec.crop}
     if spec.masked_loss:  # entries carry a latent-grid loss mask (sd35hub.data.masks); keys unchanged when off
         settings["masked_loss"] = True
-    fields = FIELDS + (MASK_FIELD,) if spec.masked_loss else FIELDS
     existing = scan_shards(cache_dir)
-    writer = _ShardWriter(cache_dir, shard_size, SHARD_MAX_BYTES)
+    stage = cache_dir / "staging"  # latents of entries whose embeddings are not cached yet (survives a crash)
+    stage.mkdir(exist_ok=True)
+    staged_before = scan_shards(stage)
+    staged = _ShardWriter(stage, shard_size, SHARD_MAX_BYTES)
     stream = SampleStream(spec, seed=seed, token=token)
-    batcher = BucketBatcher(stream, bounded_buckets(spec.resolution, max_side)[1], batch_size, spec.buffer_size, seed, spec.crop)
+    batcher = BucketBatcher(stream, bounded_buckets(spec.resolution, max_side)[1], batch_size, spec.buffer_size, seed,
+                            spec.crop)
     rows: list[tuple[str, str, tuple[int, int]]] = []  # (id, key, bucket) in stream order
+    pending: set[str] = set()  # entry ids of this stream that need embeddings
+    bar = tqdm(desc="caching latents", unit="img", disable=not progress)
+    text_dir = stage / f"text-{os.getpid()}-{os.urandom(3).hex()}"
     encoded = 0
-    bar = tqdm(desc="caching latents + embeddings", unit="img", disable=not progress)
-    for batch in batcher:
-        ids = [entry_id(batch.content_hashes[i], batch.captions[i], batch.crop_coords[i], batch.bucket,
-                        batch.original_sizes[i], model_id, settings) for i in range(len(batch))]
-        todo = [i for i, eid in enumerate(ids) if eid not in existing and eid not in writer.ids]
-        if todo:
-            out = encode_batch(pipe, batch.pixel_values[todo], [batch.captions[i] for i in todo],
-                               max_sequence_length=spec.max_sequence_length, device=device, dtype=dtype)
-            if spec.masked_loss:
-                from sd35hub.data.masks import latent_mask
+    try:
+        with contextlib.ExitStack() as stack:
+            encode_images = None
+            for batch in batcher:
+                ids = [entry_id(batch.content_hashes[i], batch.captions[i], batch.crop_coords[i], batch.bucket,
+                                batch.original_sizes[i], model_id, settings) for i in range(len(batch))]
+                pending.update(eid for eid in ids if eid not in existing)
+                todo = [i for i, eid in enumerate(ids) if eid not in existing and eid not in staged_before
+                        and eid not in staged.ids]  # fmt: skip
+                if todo:
+                    if encode_images is None:  # the VAE loads only when something needs encoding
+                        encode_images = stack.enter_context(encoders.image_encoder())
+                    mean, std = encode_images(batch.pixel_values[todo])
+                    masks = None
+                    if spec.masked_loss:
+                        from sd35hub.data.masks import latent_mask
 
-                masks = batch.masks[todo] if batch.masks is not None else None
-                out[MASK_FIELD] = latent_mask(masks, tuple(out["latents_mean"].shape[-2:]), len(todo))
-            for row, i in enumerate(todo):
-                existing.update(writer.add(ids[i], {name: out[name][row] for name in fields}))
-            encoded += len(todo)
-        rows.extend((eid, key, batch.bucket) for eid, key in zip(ids, batch.keys, strict=True))
-        bar.update(len(batch))
-    bar.close()
-    existing.update(writer.flush())
-    if stream.stats.usable == 0:
-        raise DatasetError(no_usable_message(spec, stream.stats))
+                        given = batch.masks[todo] if batch.masks is not None else None
+                        masks = latent_mask(given, tuple(mean.shape[-2:]), len(todo))
+                    for row, i in enumerate(todo):
+                        staged_before.update(staged.add(ids[i], {
+                            "latents_mean": mean[row].to(dtype).cpu(), "latents_std": std[row].to(dtype).cpu(),
+                            "caption": torch.tensor(list(batch.captions[i].encode()), dtype=torch.uint8),
+                            **({MASK_FIELD: masks[row]} if masks is not None else {}),
+                        }))  # fmt: skip
+                    encoded += len(todo)
+                rows.extend((eid, key, batch.bucket) for eid, key in zip(ids, batch.keys, strict=True))
+                bar.update(len(batch))
+        bar.close()
+        staged_before.update(staged.flush())
+        if stream.stats.usable == 0:
+            raise DatasetError(no_usable_message(spec, stream.stats))
+        vae_config = encoders.vae_config  # (PhasedEncoders: read from vae/config.json, no weights)
 
-    settings_hash = hashlib.sha256(json.dumps([model_id, settings], sort_keys=True).encode()).hexdigest()[:16]
-    empty_name = f"empty_prompt-{settings_hash}.safetensors"
-    if not (cache_dir / empty_name).is_file():
-        import torch
+        settings_hash = hashlib.sha256(json.dumps([model_id, settings], sort_keys=True).encode()).hexdigest()[:16]
+        empty_name = f"empty_prompt-{settings_hash}.safetensors"
+        prompt_path = prompts_file(cache_dir, model_id, settings, list(prompts))
+        shards = sorted({staged_before[eid] for eid in pending if eid in staged_before})
+        captions: dict[str, str] = {}
+        for shard in shards:
+            from safetensors import safe_open
 
-        with torch.no_grad():
-            prompt_embeds, _, pooled, _ = pipe.encode_prompt(
-                prompt=[""], prompt_2=None, prompt_3=None, device=device,
-                do_classifier_free_guidance=False, max_sequence_length=spec.max_sequence_length,
-            )
-        _atomic_save({"prompt_embeds": prompt_embeds.to(dtype).cpu(), "pooled_prompt_embeds": pooled.to(dtype).cpu()},
-                     cache_dir / empty_name, {"format": CACHE_FORMAT})
+            with safe_open(str(stage / shard), framework="pt") as handle:
+                for key in handle.keys():  # noqa: SIM118 - safe_open has no __iter__
+                    eid, _, field_name = key.partition("/")
+                    if field_name == "caption" and eid in pending:
+                        captions[eid] = bytes(handle.get_tensor(key).tolist()).decode()
+        texts = sorted(set(captions.values()))
+        extra = [""] if not (cache_dir / empty_name).is_file() else []
+        want_prompts = bool(prompts) and not prompt_path.is_file()
+        all_texts = texts + [t for t in extra + (list(prompts) if want_prompts else []) if t not in texts]
+        position = {t: i for i, t in enumerate(all_texts)}
+        if all_texts:
+            store = encoders.encode_texts(all_texts, text_dir)
+            if extra:
+                _atomic_save(store.many([position[""]]), cache_dir / empty_name, {"format": CACHE_FORMAT})
+            if want_prompts:
+                _atomic_save(store.many([position[t] for t in prompts]), prompt_path, {"format": CACHE_FORMAT})
+            writer = _ShardWriter(cache_dir, shard_size, SHARD_MAX_BYTES)
+            for shard in shards:  # staged latents + embeddings -> cache shards
+                latents = load_file(str(stage / shard))
+                for eid in sorted(e for e in captions if staged_before[e] == shard):
+                    prompt_embeds, pooled = store.get(position[captions[eid]])
+                    entry = {"latents_mean": latents[f"{eid}/latents_mean"], "latents_std": latents[f"{eid}/latents_std"],
+                             "prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled}
+                    if spec.masked_loss:
+                        entry[MASK_FIELD] = latents[f"{eid}/{MASK_FIELD}"]
+                    existing.update(writer.add(eid, entry))
+            existing.update(writer.flush())
+            for shard in shards:  # a staged shard goes once every entry in it is final
+                if all(eid in existing for eid, name in staged_before.items() if name == shard):
+                    (stage / shard).unlink(missing_ok=True)
+    finally:
+        bar.close()
+        shutil.rmtree(text_dir, ignore_errors=True)
 
-    vae_config = pipe.vae.config
     index = CacheIndex(
         path=cache_dir, model_id=model_id, settings=settings,
-        shift_factor=float(getattr(vae_config, "shift_factor", None) or 0.0),
-        scaling_factor=float(getattr(vae_config, "scaling_factor", None) or 1.0),
+        shift_factor=float(_factor(vae_config, "shift_factor", 0.0)),
+        scaling_factor=float(_factor(vae_config, "scaling_factor", 1.0)),
         entries=[CacheEntry(eid, key, bucket, existing[eid]) for eid, key, bucket in rows],
         empty_prompt=empty_name, stats=stream.stats.as_dict(), encoded=encoded,
     )
@@ -248,3 +329,8 @@ def build_cache(spec: DataSpec, pipe: Any, cache_dir: Path, *, model_id: str, ba
 
     atomic_write_text(cache_dir / INDEX_FILE, json.dumps(index.to_json(), indent=1))
     return index
+
+
+def _factor(config: Any, name: str, default: float) -> float:
+    value = config.get(name) if isinstance(config, dict) else getattr(config, name, None)
+    return value if value is not None else default

@@ -26,6 +26,16 @@ from sd35hub.errors import (
     RepoNotFoundError,
     Sd35HubError,
 )
+from sd35hub.models.components import (  # noqa: F401 - re-exported: the phased-loading API
+    _device_map,
+    _track,
+    empty_cache,
+    live_components,
+    load_component,
+    load_tokenizer,
+    loader_log,
+    release,
+)
 from sd35hub.models.info import ModelInfo, detect_variant, model_info_from_config
 from sd35hub.models.options import check_options, quantization_config, torch_dtype
 
@@ -45,6 +55,11 @@ __all__ = [
     "load_transformer",
     "load_text_encoders",
     "load_vae",
+    "load_component",
+    "release",
+    "empty_cache",
+    "loader_log",
+    "live_components",
     "torch_dtype",
 ]
 
@@ -238,7 +253,10 @@ def load_transformer(
     quantize: str = "none",
     device: str | None = None,
 ) -> SD3Transformer2DModel:
-    """The MMDiT alone (what LoRA training wraps), optionally NF4/int8-quantized (then on the GPU)."""
+    """The MMDiT alone (what LoRA training wraps), optionally NF4/int8-quantized (then on the GPU).
+
+    On a CUDA ``device`` the weights go straight there while loading (``device_map``, one tensor at a
+    time from the safetensors file): no full copy is ever held in host memory."""
     check_options(quantize)
     weights_dtype = torch_dtype(dtype, device)
     ref = resolve_model(model, revision)
@@ -252,9 +270,11 @@ def load_transformer(
             subfolder=subfolder,
             dtype=weights_dtype,
             quantization_config=quantization_config(quantize, weights_dtype),
+            **_device_map(device),
         )
     if device is not None and quantize == "none":
         transformer = transformer.to(device)
+    _track(transformer, "transformer", device)
     return transformer
 
 

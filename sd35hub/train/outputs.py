@@ -144,6 +144,8 @@ def finish(trainer: Any) -> TrainResult:
         )  # fmt: skip
         if getattr(trainer, "prior", None) is not None:  # DreamBooth class images: counts and weight
             summary["prior_preservation"] = trainer.prior.summary(state.epoch * trainer.batches_per_epoch + state.batch_in_epoch)
+        if getattr(trainer, "phases", None) is not None:  # measured peak GPU / host memory per phase (+ the plan)
+            summary["memory"] = trainer.phases.report()
         write_summary(out, summary)
         write_model_card(out, repo_id=cfg.hub.repo_id)
         skipped = sum(summary["skipped"].values())

@@ -4,8 +4,9 @@
     accelerate launch -m sd35hub train --config my.yaml         # data-parallel, same config
 
 setup: validate config -> Hub access (read base; write repo when pushing) -> check_dataset -> hardware
-       profile (from configs only) -> load pipeline -> cache latents + embeddings -> encode validation
-       prompts -> free encoders -> LoRA -> optimizer/scheduler -> resume
+       profile (from configs only) -> memory plan (sd35hub.workflows.plan: refuses when nothing fits) ->
+       VAE, then each text encoder alone (latents, captions, validation prompts cached; sd35hub.train.phased)
+       -> transformer -> LoRA -> optimizer/scheduler -> resume
 train: rectified-flow steps (sd35hub.train.flow) with accumulation, clipping, EMA, periodic
        validation and checkpoints; SIGTERM / Ctrl-C write a checkpoint and raise TrainingInterrupted
 save:  adapter (diffusers LoRA + metadata), summary.json, loss.png, training_config.yaml, README.md,
@@ -59,10 +60,10 @@ class Trainer:
         from accelerate import Accelerator
         from accelerate.utils import ProjectConfiguration
 
-        from sd35hub.data.cache import CachedBatches, CacheIndex, build_cache, free_encoders
+        from sd35hub.data.cache import CachedBatches
         from sd35hub.data.sources import check_dataset, open_samples
         from sd35hub.hardware import apply_profile, detect_profile
-        from sd35hub.models.load import load_pipeline, model_info, torch_dtype
+        from sd35hub.models.load import model_info, torch_dtype
         from sd35hub.train.lora import attach_lora, target_modules
         from sd35hub.train.metrics import MetricsLog
         from sd35hub.train.optim import LoraEMA, build_optimizer, build_scheduler
@@ -78,6 +79,13 @@ class Trainer:
         notes += bucket_notes
         self.config = cfg
         train = cfg.train
+        # 5. the memory plan (configs only): refuse before any weights download when no plan fits
+        from sd35hub.models.options import check_options
+        from sd35hub.workflows.plan import plan_for_config
+
+        prompts = list(train.validation_prompts) or self._default_prompts(open_samples(cfg.data, seed=train.seed))
+        self.plan = plan_for_config(cfg, self.profile, validation_prompts=len(prompts)).check()
+        check_options(cfg.model.quantize, cfg.model.attention)  # bitsandbytes / xformers present, also before
         self.output_dir = Path(train.output_dir)
         self.checkpoint_dir = Path(train.checkpoint_dir or self.output_dir / "checkpoints")
 
@@ -104,32 +112,17 @@ class Trainer:
 
             enable_tf32()
 
-        # 5. the pipeline (transformer + encoders + VAE); encoders work on the device until cached
-        pipe = load_pipeline(cfg.model.name, dtype=self.weight_dtype, revision=cfg.model.revision,
-                             quantize=cfg.model.quantize, attention=cfg.model.attention, drop_t5=cfg.model.drop_t5)
-        pipe.set_progress_bar_config(disable=True)
-        for name in ("text_encoder", "text_encoder_2", "text_encoder_3", "vae"):
-            if getattr(pipe, name, None) is not None:
-                getattr(pipe, name).to(self.device)
-        self.pipe = pipe
-        cache_dir = Path(cfg.data.cache_dir or self.output_dir / "cache")
-        with acc.main_process_first():  # rank 0 encodes; then the first process of each other node checks/fills its cache
-            if acc.is_local_main_process:
-                self.index = build_cache(cfg.data, pipe, cache_dir, model_id=cfg.model.name, batch_size=train.batch_size,
-                                         device=self.device, dtype=self.weight_dtype, seed=train.seed,
-                                         progress=self.progress and self.main, max_side=self.info.max_resolution)  # fmt: skip
-        acc.wait_for_everyone()
-        if not acc.is_local_main_process:  # one writer per cache dir: the others read the index it just wrote
-            self.index = CacheIndex.load(cache_dir)
-        self.prior = None
-        if cfg.data.class_prompt.strip():  # DreamBooth prior preservation: class images next to the instance ones
-            from sd35hub.train.prior import prepare_prior
+        # 6. encoders one at a time (latents, captions, validation prompts cached), then the transformer
+        from sd35hub.train.phased import encode_and_load
+        from sd35hub.workflows.phases import PhaseRecorder
+        from sd35hub.workflows.plan import apply_gpu_cap
 
-            self.prior = prepare_prior(self, pipe, cache_dir)
-        prompts = list(train.validation_prompts) or self._default_prompts(open_samples(cfg.data, seed=train.seed))
-        self.prompts = validation.encode_prompts(pipe, prompts, guidance=train.validation_guidance,
-                                                 max_sequence_length=cfg.data.max_sequence_length, device=self.device)
-        free_encoders(pipe)  # 6. text encoders + VAE back to the CPU: the GPU is the transformer's now
+        apply_gpu_cap(self.device)  # SD35HUB_GPU_MEMORY_CAP_GIB: emulate a smaller card
+        if self.main:
+            self.log(self.plan.table())
+        self.phases = PhaseRecorder(self.device, plan=self.plan)
+        cache_dir = Path(cfg.data.cache_dir or self.output_dir / "cache")
+        pipe = self.pipe = encode_and_load(self, cache_dir, prompts)
 
         # 7. LoRA (fp32 adapter weights), memory/speed knobs, optimizer, schedule
         transformer = pipe.transformer
@@ -251,7 +244,15 @@ class Trainer:
             self.log(f"resumed from {path} at step {self.state.step} (epoch {self.state.epoch}, batch {self.state.batch_in_epoch})")
 
     # ------------------------------------------------------------------------------------ train
+    def _phase(self, name: str) -> Any:
+        phases = getattr(self, "phases", None)
+        return phases.phase(name) if phases is not None else contextlib.nullcontext()
+
     def train(self) -> None:
+        with self._phase("train"):  # out of memory here names the phase and its remedy
+            self._train_loop()
+
+    def _train_loop(self) -> None:
         from tqdm.auto import tqdm
 
         cfg, state = self.config, self.state
@@ -399,6 +400,10 @@ class Trainer:
     # ------------------------------------------------------------------------ validation + ckpt
     def validate(self, step: int) -> float | None:
         """Held-out loss + a base-vs-LoRA grid (main process); every process waits for it."""
+        with self._phase("validate"):
+            return self._validate(step)
+
+    def _validate(self, step: int) -> float | None:
         loss = None
         if self.main:
             model = self.acc.unwrap_model(self.transformer)
@@ -492,7 +497,15 @@ class Trainer:
     # ------------------------------------------------------------------------------------- save
     def save(self) -> TrainResult:
         """Adapter (EMA weights when on), final images, loss plot, summary, card; then publish."""
-        return outputs.finish(self)
+        with self._phase("save / publish"):
+            result = outputs.finish(self)
+        if self.main and getattr(self, "phases", None) is not None:  # every phase's measured peaks + the plan
+            import json
+
+            from sd35hub.paths import atomic_write_text
+
+            atomic_write_text(self.output_dir / "memory.json", json.dumps(self.phases.report(), indent=2))
+        return result
 
     def cleanup(self) -> None:
         acc = getattr(self, "acc", None)

@@ -292,17 +292,19 @@ def _plan(sizes: dict[str, ComponentSize], i: PlanInputs) -> MemoryPlan:
 
 
 def suggest_fixes(sizes: dict[str, ComponentSize], i: PlanInputs) -> list[str]:
-    """Single setting changes (most prompt fidelity / speed kept first) under which the plan fits."""
+    """Setting changes (most prompt fidelity / speed kept first) under which the plan fits: single ones,
+    else pairs (when two phases do not fit). Changes that need bitsandbytes say so when it is missing."""
+    import itertools
+
     candidates: list[tuple[str, dict[str, Any]]] = []
     if i.device == "cuda":
-        bnb = "" if i.has_bitsandbytes else " (needs bitsandbytes: pip install 'sd35hub[quant]')"
-        with_bnb = {"has_bitsandbytes": True}
+        bnb = {"has_bitsandbytes": True}
         if i.text_encoder_quantize != "auto":
             candidates.append(("model.text_encoder_quantize=auto", {"text_encoder_quantize": "auto"}))
-        candidates += [(f"model.text_encoder_quantize=int8{bnb}", {"text_encoder_quantize": "int8", **with_bnb}),
-                       (f"model.text_encoder_quantize=nf4{bnb}", {"text_encoder_quantize": "nf4", **with_bnb})]  # fmt: skip
+        candidates += [("model.text_encoder_quantize=int8", {"text_encoder_quantize": "int8", **bnb}),
+                       ("model.text_encoder_quantize=nf4", {"text_encoder_quantize": "nf4", **bnb})]  # fmt: skip
         if i.quantize == "none":
-            candidates.append((f"model.quantize=nf4{bnb}", {"quantize": "nf4", **with_bnb}))
+            candidates.append(("model.quantize=nf4", {"quantize": "nf4", **bnb}))
     if not i.gradient_checkpointing:
         candidates.append(("train.gradient_checkpointing=true", {"gradient_checkpointing": True}))
     if i.batch_size > 1:
@@ -310,7 +312,21 @@ def suggest_fixes(sizes: dict[str, ComponentSize], i: PlanInputs) -> list[str]:
     candidates += [(f"data.resolution={r}", {"resolution": r}) for r in (768, 512) if r < i.resolution]
     if "text_encoder_3" in sizes and not i.drop_t5:
         candidates.append(("model.drop_t5=true", {"drop_t5": True}))
-    fits = [label for label, change in candidates if _plan(sizes, dataclasses.replace(i, **change)).fits]
+
+    def label(text: str, change: dict[str, Any]) -> str:
+        needs = change.get("has_bitsandbytes") and not i.has_bitsandbytes
+        return text + (" (needs bitsandbytes: pip install 'sd35hub[quant]')" if needs else "")
+
+    fits = [label(text, change) for text, change in candidates if _plan(sizes, dataclasses.replace(i, **change)).fits]
+    if not fits:  # two phases may fail at once: pairs of changes
+        for (a, ca), (b, cb) in itertools.combinations(candidates, 2):
+            if (set(ca) & set(cb)) - {"has_bitsandbytes"}:
+                continue  # two values of one setting
+            change = {**ca, **cb}
+            if _plan(sizes, dataclasses.replace(i, **change)).fits:
+                fits.append(label(f"{a} together with {b}", change))
+            if len(fits) == 4:
+                break
     if not fits and sizes["transformer"].layers > 24:
         fits.append("model.name=stabilityai/stable-diffusion-3.5-medium (with the settings above)")
     return fits

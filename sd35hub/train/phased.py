@@ -1,0 +1,109 @@
+"""Setup steps 5-6 of the trainer, in the order of the memory plan (sd35hub.workflows.plan):
+
+    encode images (VAE alone) -> encode captions (CLIP-L, CLIP-G, T5-XXL: one at a time, each freed) ->
+    load transformer (quantized while loading, straight onto the device) -> a pipeline for validation
+    made of that transformer, the VAE (kept on the CPU between validations) and no text encoders:
+    the validation prompts were encoded with the captions and are read back from the cache.
+
+Prior preservation (data.class_prompt) renders class images with the whole base pipeline before
+training, so that run loads every component at once (the previous path); the memory plan says so.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def _validation_prompts(trainer: Any, index: Any, prompts: list[str]) -> Any:
+    from safetensors.torch import load_file
+
+    from sd35hub.data.cache import cached_prompts
+    from sd35hub.train.validation import EncodedPrompts
+
+    embeds = cached_prompts(index, prompts)
+    out = {"prompt_embeds": embeds["prompt_embeds"], "pooled_prompt_embeds": embeds["pooled_prompt_embeds"]}
+    if trainer.config.train.validation_guidance > 1.0:  # the pipeline's default negative prompt is ""
+        empty = load_file(str(Path(index.path) / index.empty_prompt))
+        n = len(prompts)
+        out["negative_prompt_embeds"] = empty["prompt_embeds"].expand(n, -1, -1).clone()
+        out["negative_pooled_prompt_embeds"] = empty["pooled_prompt_embeds"].expand(n, -1).clone()
+    return EncodedPrompts(list(prompts), out)
+
+
+def validation_pipeline(model: str, transformer: Any, vae: Any, *, revision: str | None, tiling: bool) -> Any:
+    """StableDiffusion3Pipeline(transformer, vae, scheduler) with no text encoders (embeddings are cached)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    from sd35hub.models.load import model_dir, resolve_model
+
+    folder = model_dir(resolve_model(model, revision), ("scheduler",))
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(folder, subfolder="scheduler")
+    if tiling:  # decode 512 px tiles (the SD3.5 VAE's own tile size is its 1024 px sample size)
+        vae.enable_tiling()
+        vae.tile_sample_min_size, vae.tile_latent_min_size = 512, 64
+    pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=None,
+                                    tokenizer=None, text_encoder_2=None, tokenizer_2=None, text_encoder_3=None,
+                                    tokenizer_3=None)  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def encode_and_load(trainer: Any, cache_dir: Path, prompts: list[str]) -> Any:
+    """Fill trainer.index / prior / prompts; return the pipeline the trainer validates with."""
+    from sd35hub.data.cache import CacheIndex, build_cache, free_encoders
+    from sd35hub.data.encode import PhasedEncoders
+    from sd35hub.models.load import load_pipeline, load_transformer
+
+    cfg, acc, plan, phases = trainer.config, trainer.acc, trainer.plan, trainer.phases
+    train = cfg.train
+    phased = not cfg.data.class_prompt.strip()
+    if phased:
+        t5 = "dropped" if cfg.model.drop_t5 else (plan.t5 if plan is not None and plan.t5 != "none" else "gpu")
+        if trainer.device.type != "cuda" and t5 != "dropped":
+            t5 = "gpu"  # on a CPU run the "device" is the CPU
+        encoders: Any = PhasedEncoders(cfg.model.name, device=trainer.device, dtype=trainer.weight_dtype,
+                                       max_sequence_length=cfg.data.max_sequence_length,
+                                       joint_attention_dim=trainer.info.joint_attention_dim, t5=t5,
+                                       revision=cfg.model.revision, batch_size=train.batch_size,
+                                       phase=phases.phase)  # fmt: skip
+    else:
+        with phases.phase("load pipeline (prior preservation)"):
+            encoders = load_pipeline(cfg.model.name, dtype=trainer.weight_dtype, revision=cfg.model.revision,
+                                     quantize=cfg.model.quantize, attention=cfg.model.attention,
+                                     drop_t5=cfg.model.drop_t5)  # fmt: skip
+            encoders.set_progress_bar_config(disable=True)
+            for name in ("text_encoder", "text_encoder_2", "text_encoder_3", "vae"):
+                if getattr(encoders, name, None) is not None:
+                    getattr(encoders, name).to(trainer.device)
+    with acc.main_process_first():  # rank 0 encodes; then the first process of each other node checks/fills its cache
+        if acc.is_local_main_process:
+            trainer.index = build_cache(cfg.data, encoders, cache_dir, model_id=cfg.model.name,
+                                        batch_size=train.batch_size, device=trainer.device, dtype=trainer.weight_dtype,
+                                        seed=train.seed, progress=trainer.progress and trainer.main,
+                                        prompts=prompts, max_side=trainer.info.max_resolution)  # fmt: skip
+    acc.wait_for_everyone()
+    if not acc.is_local_main_process:  # one writer per cache dir: the others read the index it just wrote
+        trainer.index = CacheIndex.load(cache_dir)
+    trainer.prior = None
+    if not phased:  # DreamBooth prior preservation: class images next to the instance ones
+        from sd35hub.train.prior import prepare_prior
+
+        trainer.prior = prepare_prior(trainer, encoders, cache_dir)
+    trainer.prompts = _validation_prompts(trainer, trainer.index, prompts) if trainer.main else None
+    if not phased:
+        free_encoders(encoders)  # text encoders + VAE back to the CPU: the GPU is the transformer's now
+        return encoders
+    # every encoder is gone now: the transformer may have the device
+    with phases.phase("load transformer"):
+        transformer = load_transformer(cfg.model.name, dtype=trainer.weight_dtype, revision=cfg.model.revision,
+                                       quantize=cfg.model.quantize, device=str(trainer.device))  # fmt: skip
+        if cfg.model.attention == "xformers":
+            transformer.enable_xformers_memory_efficient_attention()
+    vae = encoders.load_vae()  # on the CPU (it was loaded for the images, or now when everything was cached)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return validation_pipeline(cfg.model.name, transformer, vae, revision=cfg.model.revision,
+                               tiling=bool(plan is not None and plan.vae_tiling))
