@@ -17,7 +17,9 @@ before any Hub call) sets a factory whose client:
   ``RateLimit`` header (up to ``MAX_RETRY_AFTER_S``); a timeout is retried once. Commits and
   other writes are never repeated here: ``sd35hub.publish`` retries them after checking the repo head.
   Where huggingface_hub's own ``http_backoff`` already retries a request (paginated listings,
-  preupload, LFS, HfFileSystem), this client leaves those faults to it, so the budgets never multiply.
+  preupload, LFS, HfFileSystem), this client leaves those faults to it, so the budgets never multiply;
+  its repeats to a host that has just let a request time out wait ``REPEAT_TIMEOUT_S`` (2 s) for an
+  answer, not the full timeout six times.
 
 A user's own client factory (set before sd35hub runs) is left in place.
 """
@@ -50,12 +52,17 @@ BASE_WAIT_S = 0.5  # first backoff; doubles each retry
 MAX_WAIT_S = 8.0
 MAX_RETRY_AFTER_S = 60.0  # a longer Retry-After is not waited for: the error says how long the Hub asked
 WRITE_TIMEOUT_S = _env_float("SD35HUB_HUB_WRITE_TIMEOUT", 60.0)
+# huggingface_hub's own backoff tries a request 6 times. When the host has just let a request time out,
+# its repeats wait at most this long for an answer (not the full timeout again), for REPEAT_WINDOW_S.
+REPEAT_TIMEOUT_S = 2.0
+REPEAT_WINDOW_S = 60.0
 RETRY_STATUS = (408, 429, 500, 502, 503, 504)
 # POST endpoints that only read (or are answered the same when repeated): safe to retry.
 IDEMPOTENT_POST = ("/paths-info/", "/preupload/", "/info/lfs/objects/batch", "/api/validate-yaml")
 
 _lock = threading.Lock()
 _installed = False
+_timed_out: dict[tuple[str, int | None], float] = {}  # (host, port) -> when a request to it last timed out
 
 
 def httpx_module() -> Any:
@@ -131,11 +138,14 @@ def backoff_s(retry: int, headers: Mapping[str, str] | None = None) -> float | N
     return min(BASE_WAIT_S * 2 ** (retry - 1), MAX_WAIT_S)
 
 
-def _timeouts(request: Any) -> None:
-    """Fill in the timeouts the request lacks; an answer timeout is never above the configured one."""
+def _timeouts(request: Any, repeat: bool = False) -> None:
+    """Fill in the timeouts the request lacks; an answer timeout is never above the configured one.
+    ``repeat``: huggingface_hub repeats a request to a host that just timed out (REPEAT_TIMEOUT_S)."""
     given = dict(request.extensions.get("timeout") or {})
     write = not is_idempotent(request.method, request.url.path)
     limit = WRITE_TIMEOUT_S if write else read_timeout()
+    if repeat:
+        limit = min(limit, REPEAT_TIMEOUT_S)
     read = given.get("read")
     request.extensions = {
         **request.extensions,
@@ -179,14 +189,18 @@ def _client_class() -> type:
         """huggingface_hub's client with timeouts and retries of repeatable requests (module docstring)."""
 
         def send(self, request: httpx2.Request, **kwargs: Any) -> httpx2.Response:
-            _timeouts(request)
             repeatable = retried_here(request.method, request.url.path)
             hf_statuses, hf_exceptions = _hf_backoff() or ((), ())
+            host = (request.url.host, request.url.port)
+            last = _timed_out.get(host)
+            repeat = bool(hf_exceptions) and last is not None and time.monotonic() - last < REPEAT_WINDOW_S
+            _timeouts(request, repeat)
             retries = timeouts = 0
             while True:
                 try:
                     response = super().send(request, **kwargs)
                 except httpx2.TimeoutException as exc:
+                    _timed_out[host] = time.monotonic()
                     timeouts += 1
                     if isinstance(exc, hf_exceptions):
                         exc.sd35hub_attempts = None  # type: ignore[attr-defined]  # huggingface_hub retries it
@@ -207,6 +221,7 @@ def _client_class() -> type:
                         raise
                     wait, reason = backoff_s(retries + 1), type(exc).__name__
                 else:
+                    _timed_out.pop(host, None)
                     status = response.status_code
                     if status not in RETRY_STATUS or status in hf_statuses or not repeatable or retries >= RETRIES:
                         return response

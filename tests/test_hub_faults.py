@@ -272,3 +272,23 @@ def test_the_hubs_ratelimit_header_is_honoured(fast: HubServer, repos) -> None:
     faulted = [r for r in hits if r.fault == "status"][-1]
     later = [r for r in hits if r.time > faulted.time]
     assert fault.hits == 1 and later[0].time - faulted.time >= 1.0
+
+
+def test_huggingface_hubs_repeats_to_a_silent_host_do_not_each_wait_the_full_timeout(fast: HubServer,
+                                                                                    monkeypatch) -> None:
+    """After one full timeout, the repeats of huggingface_hub's own backoff wait REPEAT_TIMEOUT_S: a
+    listing against a Hub that never answers ends in ~timeout + 5 x REPEAT_TIMEOUT_S, not 6 x timeout."""
+    import httpx2
+    from huggingface_hub import constants
+    from huggingface_hub.utils import http_backoff
+
+    import sd35hub.hubhttp as hubhttp
+
+    monkeypatch.setattr(constants, "HF_HUB_DOWNLOAD_TIMEOUT", 2)
+    monkeypatch.setattr(hubhttp, "REPEAT_TIMEOUT_S", 0.2)
+    fault = fast.inject("/api/whoami-v2", "GET", action="hang", times=None)
+    start = time.monotonic()
+    with pytest.raises(httpx2.ReadTimeout):
+        http_backoff("GET", f"{fast.endpoint}/api/whoami-v2", max_retries=3, base_wait_time=0.01)
+    elapsed = time.monotonic() - start
+    assert fault.hits == 4 and 2 <= elapsed < 4  # 2 s + 3 x 0.2 s (would be 8 s with the full timeout each time)
