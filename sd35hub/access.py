@@ -209,6 +209,10 @@ def _timeout_of(exc: BaseException) -> str:
     timeouts = (request.extensions.get("timeout") or {}) if request is not None else {}
     key = "connect" if isinstance(exc, httpx2.ConnectTimeout) else "write" if isinstance(exc, httpx2.WriteTimeout) else "read"
     value = timeouts.get(key)
+    if getattr(exc, "sd35hub_repeat", False) and key == "read":  # a repeat of huggingface_hub's backoff
+        from sd35hub import hubhttp
+
+        return f"{hubhttp.read_timeout():g} s, then {value:g} s on each repeat"
     return f"{value:g} s" if isinstance(value, (int, float)) else "its timeout"
 
 

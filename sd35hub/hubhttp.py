@@ -204,6 +204,7 @@ def _client_class() -> type:
                     timeouts += 1
                     if isinstance(exc, hf_exceptions):
                         exc.sd35hub_attempts = None  # type: ignore[attr-defined]  # huggingface_hub retries it
+                        exc.sd35hub_repeat = repeat  # type: ignore[attr-defined]
                         raise
                     if not repeatable or timeouts > TIMEOUT_RETRIES or retries >= RETRIES:
                         exc.sd35hub_attempts = retries + 1  # type: ignore[attr-defined]
