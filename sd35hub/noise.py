@@ -40,9 +40,11 @@ class _RedactingFormatter(logging.Formatter):
 
 def install_debug_output(redact: Callable[[str], str]) -> None:
     """SD35HUB_DEBUG: sd35hub's debug log on stderr, everything (logs, tracebacks) through ``redact``."""
+    root = logging.getLogger()
+    if any(isinstance(h.formatter, _RedactingFormatter) for h in root.handlers):
+        return  # main() called again in this process
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_RedactingFormatter(redact))
-    root = logging.getLogger()
     root.addHandler(handler)
     if root.level > logging.INFO or root.level == logging.NOTSET:
         root.setLevel(logging.INFO)

@@ -66,6 +66,8 @@ def _file_in_the_way(path: Path) -> Path | None:
 
 def check_paths(config: Config) -> None:
     problems = []
+    if not config.train.output_dir.strip():
+        problems.append("train.output_dir is empty; pass --output with a folder for the adapter, card and checkpoints")
     for key, value, flag in (("train.output_dir", config.train.output_dir, "--output"),
                              ("train.checkpoint_dir", config.train.checkpoint_dir, "train.checkpoint_dir=FOLDER"),
                              ("data.cache_dir", config.data.cache_dir, "data.cache_dir=FOLDER")):
