@@ -206,9 +206,30 @@ def _quiet_shutdown() -> None:
         pass
 
 
+def _finish(message: str | None, code: int, own_process: bool) -> None:
+    """Print the one line and exit. An interrupted command of its own process exits at once: every
+    ``finally`` has run by now, and nothing (a download's worker threads, atexit hooks) may make a
+    Ctrl-C wait or print a traceback."""
+    if code == INTERRUPTED:
+        _quiet_shutdown()
+    try:
+        if message:
+            typer.echo(message, err=True)
+        if code == INTERRUPTED and own_process:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(INTERRUPTED)
+    except KeyboardInterrupt:  # pragma: no cover - a second Ctrl-C while reporting the first
+        if own_process:
+            os._exit(INTERRUPTED)
+    sys.exit(code)
+
+
 def main(argv: list[str] | None = None) -> None:
+    """The console script (``argv`` None: this process is the command) or an in-process call with ``argv``."""
     from sd35hub.noise import install_debug_output, quiet_library_noise
 
+    own_process = argv is None
     if debug_enabled():
         install_debug_output(_redact)
     else:
@@ -228,15 +249,8 @@ def main(argv: list[str] | None = None) -> None:
         if debug_enabled():
             _print_traceback(exc)
         message, code = format_error(exc)
-        try:
-            typer.echo(message, err=True)
-        except KeyboardInterrupt:  # a second Ctrl-C while reporting the first
-            _quiet_shutdown()
-        sys.exit(code)
+        _finish(message, code, own_process)
     # typer's own Ctrl-C handling turns KeyboardInterrupt into Exit(130) and, without standalone mode,
     # returns the code: report it instead of exiting 0 (commands themselves return None)
     if isinstance(code, int) and code:
-        if code == INTERRUPTED:
-            _quiet_shutdown()
-            typer.echo("Interrupted.", err=True)
-        sys.exit(code)
+        _finish("Interrupted." if code == INTERRUPTED else None, code, own_process)
