@@ -122,10 +122,14 @@ def _os_error(exc: BaseException) -> Sd35HubError | None:
     if full is not None:
         return full
     for item in _chain(exc):
-        if isinstance(item, OSError) and item.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-            where = item.filename or "a file"
-            return FileWriteError(f"Cannot write {where}: {item.strerror or item}. Choose a folder you can write "
-                                  "to (--output, data.cache_dir, train.checkpoint_dir).")
+        if not isinstance(item, OSError) or not item.filename:
+            continue
+        if item.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            return FileWriteError(f"Cannot write {item.filename}: {item.strerror or item}. Choose a folder you can "
+                                  "write to (--output, data.cache_dir, train.checkpoint_dir).")
+        if item.errno in (errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+            return FileWriteError(f"Cannot write {item.filename}: {item.strerror or item} (a file where a folder is "
+                                  "needed, or a folder where a file is). Choose another output path.")
     return None
 
 

@@ -173,3 +173,15 @@ def test_convert_counts_the_modules_it_wrote(capsys, tmp_path) -> None:
         written = sum(k.endswith(".lora_down.weight") for k in handle.keys())
     assert written == 2  # qkv fused + to_out
     assert f": {written} LoRA modules written" in out and "(4 read; q, k, v fused)" in out
+
+
+def test_an_output_path_of_the_wrong_kind_exits_13_naming_it(capsys, tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "taken").write_text("a file")
+    (tmp_path / "folder.png").mkdir()
+    for argv, name in ((["data", "preview", "sample", "--n", "1", "--scan", "2", "--out", "folder.png"], "folder.png"),
+                       (["data", "preview", "sample", "--n", "1", "--scan", "2", "--out", "taken/p.png"], "taken")):
+        code, _, err = run_cli(argv, capsys)
+        assert code == 13, err
+        assert err.startswith("Error: Cannot write ") and name in err and len(err.strip().splitlines()) == 1, err
+    assert (tmp_path / "taken").read_text() == "a file"
