@@ -187,7 +187,10 @@ def _format(exc: BaseException) -> tuple[str, int]:
             "--profile t4 (gradient checkpointing + quantized base); see docs/troubleshooting.md",
             11,
         )
-    text = " ".join(str(exc).split())
+    try:
+        text = " ".join(str(exc).split())
+    except Exception:  # noqa: BLE001 - an exception whose str() fails is still reported
+        text = "(no message)"
     text = text if len(text) <= 500 else text[:500] + " ..."
     return (
         f"Internal error: {type(exc).__name__}: {text}. This is a bug in sd35hub; rerun with SD35HUB_DEBUG=1 "
