@@ -126,6 +126,25 @@ def _value_problems(path: str, annotation: Any, value: Any) -> list[str]:
     return []
 
 
+def _type_ok(annotation: Any, value: Any) -> bool:
+    """Whether ``value`` has the field's type (what a section's own checks may assume)."""
+    kind, optional = _kind(annotation)
+    if value is None:
+        return optional
+    if typing.get_origin(kind) is tuple:
+        args = typing.get_args(kind)
+        return isinstance(value, (tuple, list)) and all(_type_ok(args[0] if args else Any, v) for v in value)
+    if kind is bool:
+        return isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is str:
+        return isinstance(value, str)
+    return True
+
+
 def field_problems(name: str, section: Any) -> tuple[list[str], bool]:
     """(problems of every field of a section, whether any is of the wrong type)."""
     hints = typing.get_type_hints(type(section))
@@ -133,9 +152,8 @@ def field_problems(name: str, section: Any) -> tuple[list[str], bool]:
     wrong_type = False
     for f in fields(section):
         value = getattr(section, f.name)
-        found = _value_problems(f"{name}.{f.name}", hints[f.name], value)
-        wrong_type |= any(("must be " in p and "finite" not in p) or "cannot be null" in p for p in found)
-        out += found
+        out += _value_problems(f"{name}.{f.name}", hints[f.name], value)
+        wrong_type |= not _type_ok(hints[f.name], value)
     return out, wrong_type
 
 

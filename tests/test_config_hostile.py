@@ -185,3 +185,11 @@ def test_messages_name_the_key_and_the_bound() -> None:
 def test_a_wrong_choice_names_an_override_that_exists() -> None:
     with pytest.raises(ConfigError, match=r"pass train\.optimizer=<one of them>"):
         load_config(None, ["train.optimizer=sgd"])
+
+
+def test_an_out_of_range_value_does_not_hide_the_sections_own_problems() -> None:
+    from sd35hub.config import TrainSpec
+
+    with pytest.raises(ConfigError) as info:
+        Config(train=TrainSpec(learning_rate=-1.0, timestep_sampling="bogus")).validate()
+    assert len(info.value.problems) == 2, info.value.problems
