@@ -22,6 +22,7 @@ import logging
 import re
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,7 @@ from sd35hub.blend_request import (
     parse_prompt,
     with_trigger_words,
 )
-from sd35hub.errors import AdapterError, ConfigError
+from sd35hub.errors import AdapterError, ConfigError, GenerationCancelled, NonFiniteError
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,7 @@ class LoadedAdapter:
     repo_id: str | None = None
     filename: str | None = None
     revision: str | None = None
+    named: bool = False  # provided by the server under its source name (BlendEngine(named_sources=...))
 
 
 def adapter_name_for(source: str) -> str:
@@ -87,6 +89,8 @@ class BlendEngine:
         token: str | bool | None = None,
         revision: str | None = None,
         local_roots: tuple[Path, ...] | None = None,
+        named_sources: Callable[[str], Path | None] | None = None,
+        public_model_id: str | None = None,
     ) -> None:
         import torch
 
@@ -108,6 +112,9 @@ class BlendEngine:
         # None: any local path is an adapter (CLI, notebook). Set (a server such as the Space): only
         # paths inside these folders are local; anything else is looked up as a Hub id.
         self.local_roots = None if local_roots is None else tuple(Path(r).resolve() for r in local_roots)
+        # Sources the server itself provides under a name (the Space's "sample:<name>" adapters): the
+        # name, never the file path, is what requests, parameters and snippets carry.
+        self.named_sources = named_sources
         self.cpu_offload = cpu_offload and self.device.startswith("cuda")
         if cpu_offload and not self.cpu_offload:
             log.warning("cpu_offload needs a CUDA GPU; running on %s without offload", self.device)
@@ -126,10 +133,22 @@ class BlendEngine:
         self._model_path = str(
             getattr(self.pipe, "name_or_path", "") or self.pipe.config.get("_name_or_path", model)
         )
+        # What a snippet loads: the Hub id pinned to the commit that was loaded (from the snapshot folder
+        # name), or `public_model_id` for a local copy of a Hub model (the Space's embedded tiny model).
+        self.model_id, self.model_revision = _model_coordinates(model, self._model_path, revision)
+        if public_model_id is not None:
+            self.model_id = public_model_id
         self._lock = threading.Lock()  # set adapters + generate: one request at a time on the pipeline
         self._files_lock = threading.Lock()  # the source -> file cache (downloads happen outside _lock)
-        self._files: dict[str, tuple[Path, dict[str, Any]]] = {}
+        self._files: dict[tuple[str, str | None], tuple[Path, dict[str, Any]]] = {}
         self._loaded: OrderedDict[str, LoadedAdapter] = OrderedDict()  # source -> adapter, LRU order
+        self._queue_lock = threading.Lock()
+        self._queued = 0  # requests waiting for or holding the pipeline
+
+    @property
+    def queue_length(self) -> int:
+        """Requests now waiting for the pipeline or running on it (a server shows it as "N ahead")."""
+        return self._queued
 
     # --- adapters --------------------------------------------------------------------------------
 
@@ -138,24 +157,34 @@ class BlendEngine:
         """Sources currently loaded, least recently used first."""
         return list(self._loaded)
 
-    def load(self, source: str) -> str:
+    def load(self, source: str, token: str | bool | None = None) -> str:
         """Make sure `source` is loaded (local path, 'owner/repo[@rev]' or 'owner/repo/file.safetensors');
-        return its adapter name. Loading again is free; it only refreshes the LRU position."""
-        file, hub = self._fetch(source)
+        return its adapter name. Loading again is free; it only refreshes the LRU position. `token`: for
+        this download only (None: the engine's)."""
+        file, hub = self._fetch(source, token)
         with self._lock:
             return self._ensure_loaded(source, file, hub, keep=set()).name
 
-    def _fetch(self, source: str) -> tuple[Path, dict[str, Any]]:
-        """Local file for a source (downloading Hub adapters once), and its Hub coordinates."""
+    def _fetch(self, source: str, token: str | bool | None = None) -> tuple[Path, dict[str, Any]]:
+        """Local file for a source (downloading Hub adapters once per token), and its Hub coordinates.
+        `token` (a request's own, e.g. a Space visitor's) replaces the engine's; the cache is keyed by it,
+        so a file fetched with one person's token is never handed to a request without that token."""
         source = source.strip()
+        if token is None:
+            token = self.token
+        key = (source, hashlib.sha256(token.encode()).hexdigest() if isinstance(token, str) else None)
         with self._files_lock:
-            if source in self._files:
-                return self._files[source]
-        file, hub = fetch_adapter_source(
-            source, token=self.token, max_bytes=self.max_adapter_bytes, local_roots=self.local_roots
-        )
+            if key in self._files:
+                return self._files[key]
+        named = self.named_sources(source) if self.named_sources is not None else None
+        if named is not None:
+            file, hub = Path(named), {"named": True}
+        else:
+            file, hub = fetch_adapter_source(
+                source, token=token, max_bytes=self.max_adapter_bytes, local_roots=self.local_roots
+            )
         with self._files_lock:
-            self._files[source] = (file, hub)
+            self._files[key] = (file, hub)
         return file, hub
 
     def _ensure_loaded(self, source: str, file: Path, hub: dict[str, Any], keep: set[str]) -> LoadedAdapter:
@@ -164,10 +193,18 @@ class BlendEngine:
             self._loaded.move_to_end(source)
             return self._loaded[source]
         adapter: Adapter = read_adapter(file)
+        check_finite(adapter, source, self.dtype)
         while len(self._loaded) >= self.max_cached_adapters:
             self._evict_one(keep)
         name = adapter_name_for(source)
-        load_into_pipeline(self.pipe, adapter, name)  # transformer + text-encoder LoRAs
+        try:
+            load_into_pipeline(self.pipe, adapter, name)  # transformer + text-encoder LoRAs
+        except AdapterError as exc:  # say the source, not the internal peft name
+            exc.message = exc.message.replace(f"Adapter {name!r}", f"The adapter {source}").replace(
+                name, source
+            )
+            exc.args = (exc.message,)
+            raise
         words = list(adapter.metadata.trigger_words) if adapter.metadata else []
         words += [w for w in hub.get("card_trigger_words", []) if w not in words]
         loaded = LoadedAdapter(
@@ -180,6 +217,7 @@ class BlendEngine:
             repo_id=hub.get("repo_id"),
             filename=hub.get("filename"),
             revision=hub.get("revision"),
+            named=bool(hub.get("named")),
         )
         self._loaded[source] = loaded
         return loaded
@@ -206,18 +244,28 @@ class BlendEngine:
 
     def resolve(self, request: GenerationRequest) -> tuple[str, list[AdapterRef]]:
         """The clean prompt and the request's adapters (explicit + prompt tags; duplicates summed)."""
-        clean, from_prompt = parse_prompt(request.prompt)
+        if request.parse_prompt_tags:
+            clean, from_prompt = parse_prompt(request.prompt)
+        else:
+            clean, from_prompt = request.prompt, []
         weights: dict[str, float] = {}
+        tokens: dict[str, str | bool | None] = {}
         for ref in [*request.adapters, *from_prompt]:
             weights[ref.source.strip()] = weights.get(ref.source.strip(), 0.0) + float(ref.weight)
+            tokens.setdefault(ref.source.strip(), ref.token)
         if len(weights) > self.max_adapters_per_request:
             raise ConfigError(
                 f"{len(weights)} adapters in one request; at most {self.max_adapters_per_request} are allowed "
                 "(BlendEngine(max_adapters_per_request=...) or merge some with `sd35hub merge`)"
             )
-        return clean, [AdapterRef(source, weight) for source, weight in weights.items()]
+        return clean, [AdapterRef(source, weight, tokens[source]) for source, weight in weights.items()]
 
-    def generate(self, request: GenerationRequest) -> GenerationResult:
+    def generate(
+        self, request: GenerationRequest, progress: Callable[[int, int], bool | None] | None = None
+    ) -> GenerationResult:
+        """Render a request. `progress(done, total)` is called after every denoising step (total counts
+        both passes of compare_base); returning False cancels (GenerationCancelled). Non-finite latents
+        stop the run with NonFiniteError naming the adapters."""
         import torch
 
         from sd35hub.schedulers import make_scheduler
@@ -235,10 +283,21 @@ class BlendEngine:
                 f"num_images={request.num_images} must be >= 1"
             )
         scheduler = make_scheduler(request.scheduler, self._base_scheduler_config)
-        fetched = [self._fetch(ref.source) for ref in refs]  # downloads before taking the lock
+        fetched = [self._fetch(ref.source, ref.token) for ref in refs]  # downloads before taking the lock
         seeds = [request.seed + i for i in range(request.num_images)]
+        passes = 2 if refs and request.compare_base else 1
+        done = [0]
 
-        def run(final_prompt: str) -> list[Any]:
+        def run(final_prompt: str, blend: str | None) -> list[Any]:
+            def on_step(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+                latents = tensors.get("latents")
+                if latents is not None and not bool(torch.isfinite(latents).all()):
+                    raise NonFiniteError(_non_finite_message(blend, step + 1, steps))
+                done[0] += 1
+                if progress is not None and progress(done[0], steps * passes) is False:
+                    raise GenerationCancelled("Cancelled: no image was made.")
+                return tensors
+
             return self.pipe(
                 prompt=final_prompt,
                 negative_prompt=request.negative_prompt or None,
@@ -248,8 +307,27 @@ class BlendEngine:
                 height=height,
                 num_images_per_prompt=len(seeds),
                 generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
+                callback_on_step_end=on_step,
+                callback_on_step_end_tensor_inputs=["latents"],
             ).images
 
+        with self._queue_lock:
+            self._queued += 1
+        try:
+            return self._generate_locked(
+                request, prompt, refs, fetched, run, scheduler, (steps, guidance, width, height, seeds)
+            )
+        finally:
+            with self._queue_lock:
+                self._queued -= 1
+
+    def _generate_locked(
+        self, request: GenerationRequest, prompt: str, refs: list[AdapterRef], fetched: list[Any], run: Any,
+        scheduler: Any, settings: tuple[int, float, int, int, list[int]],
+    ) -> GenerationResult:  # fmt: skip
+        import torch
+
+        steps, guidance, width, height, seeds = settings
         with self._lock:
             keep = {ref.source for ref in refs}
             loaded = [
@@ -264,10 +342,11 @@ class BlendEngine:
             with torch.inference_mode():
                 if request.compare_base or not loaded:
                     self._disable_adapters()
-                    base_images = run(final_prompt)  # same prompt and seeds: only the adapters differ
+                    base_images = run(final_prompt, None)  # same prompt and seeds: only the adapters differ
                 if loaded:
                     set_pipeline_adapters(self.pipe, [a.name for a in loaded], [ref.weight for ref in refs])
-                    images = run(final_prompt)
+                    blend = ", ".join(f"{ref.source} × {ref.weight:g}" for ref in refs)
+                    images = run(final_prompt, blend)
                 else:
                     images = base_images
         params = self._params(request, final_prompt, refs, loaded, steps, guidance, width, height, seeds)
@@ -307,6 +386,8 @@ class BlendEngine:
             "scheduler_kwargs": scheduler_kwargs,
             "model": self.model,
             "model_path": self._model_path,
+            "model_id": self.model_id,
+            "model_revision": self.model_revision,
             "dtype": str(self.dtype).removeprefix("torch."),
             "device": self.device,
             "adapters": [
@@ -315,7 +396,8 @@ class BlendEngine:
                     "weight": ref.weight,
                     "name": a.name,
                     "format": a.format,
-                    "file": str(a.file),
+                    # a Hub adapter is named by repo_id/filename/revision; a server-provided one by its name
+                    "file": None if a.repo_id or a.named else str(a.file),
                     "repo_id": a.repo_id,
                     "filename": a.filename,
                     "revision": a.revision,
@@ -365,7 +447,7 @@ def fetch_adapter_source(
     file = download_adapter(repo_id, filename=filename, revision=revision, token=token, max_bytes=max_bytes)
     return file, {
         "repo_id": repo_id,
-        "revision": revision,
+        "revision": _snapshot_commit(file) or revision,  # pinned: the commit the file came from
         "filename": filename or _repo_relative(file),
         "card_trigger_words": _card_trigger_words(repo_id, revision, token),
     }
@@ -398,3 +480,51 @@ def _card_trigger_words(repo_id: str, revision: str | None, token: str | bool | 
         return []
     words = data.get("trigger_words") or data.get("instance_prompt") or []
     return [words] if isinstance(words, str) else [str(w) for w in words]
+
+
+def _snapshot_commit(file: Path) -> str | None:
+    """'.../snapshots/<commit>/x.safetensors' -> '<commit>' (huggingface_hub's cache layout)."""
+    parts = Path(file).parts
+    if "snapshots" in parts and parts.index("snapshots") + 1 < len(parts):
+        commit = parts[parts.index("snapshots") + 1]
+        return commit if re.fullmatch(r"[0-9a-f]{40}", commit) else None
+    return None
+
+
+def _model_coordinates(model: str, model_path: str, revision: str | None) -> tuple[str, str | None]:
+    """(id, revision) a snippet loads the base with: a Hub id pinned to the loaded snapshot's commit;
+    a local folder (or "tiny") keeps its path and no revision."""
+    commit = _snapshot_commit(Path(model_path) / "model_index.json")
+    if commit is not None and not Path(model).expanduser().exists():
+        return model, commit
+    return model_path, revision
+
+
+def check_finite(adapter: Adapter, source: str, dtype: Any = None) -> None:
+    """NonFiniteError when the adapter holds NaN/inf weights, or values that overflow `dtype` (the
+    pipeline's, e.g. float16): such an adapter renders a black image."""
+    import torch
+
+    bad: list[str] = []
+    for key, tensor in adapter.state_dict().items():
+        values = tensor if dtype is None or not tensor.is_floating_point() else tensor.to(dtype)
+        if values.is_floating_point() and not bool(torch.isfinite(values).all()):
+            bad.append(key)
+    if bad:
+        where = f" in {dtype}".replace("torch.", "") if dtype is not None else ""
+        raise NonFiniteError(
+            f"The adapter {source} has NaN or infinite weights{where} ({len(bad)} tensors, e.g. {bad[0]}): "
+            "the file is broken and would render a black image. Use another adapter or re-export this one."
+        )
+
+
+def _non_finite_message(blend: str | None, step: int, steps: int) -> str:
+    if blend is None:
+        return (
+            f"The base model produced NaN/infinite values at step {step} of {steps}: try another size, "
+            "scheduler or fewer steps."
+        )
+    return (
+        f"The image became NaN/infinite at step {step} of {steps} with {blend}: an adapter overflows at "
+        "these weights. Lower the weights, or remove adapters one at a time to find the one at fault."
+    )

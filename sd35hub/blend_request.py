@@ -28,6 +28,8 @@ class AdapterRef:
 
     source: str
     weight: float = 1.0
+    # A Hub token for this adapter only (a Space visitor's own): not part of equality, never printed.
+    token: str | bool | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -44,6 +46,9 @@ class GenerationRequest:
     num_images: int = 1
     insert_trigger_words: bool = True  # prepend adapters' trigger words (metadata/card) to the prompt
     compare_base: bool = False  # also render the base model (no adapters) with the same seeds
+    # False: the prompt is text only (a server that took the tags out itself, e.g. the Space, where card
+    # trigger words joined the prompt and must never be read as `<lora:...>` tags).
+    parse_prompt_tags: bool = True
 
 
 @dataclass
@@ -122,8 +127,12 @@ def diffusers_snippet(params: dict[str, Any]) -> str:
         "import torch",
         f"from diffusers import StableDiffusion3Pipeline, {params['scheduler_class']}",
         "",
-        f"pipe = StableDiffusion3Pipeline.from_pretrained({params['model_path']!r}, dtype=torch.{params['dtype']})",
     ]
+    model = params.get("model_id") or params["model_path"]
+    base_revision = f", revision={params['model_revision']!r}" if params.get("model_revision") else ""
+    lines.append(
+        f"pipe = StableDiffusion3Pipeline.from_pretrained({model!r}{base_revision}, dtype=torch.{params['dtype']})"
+    )
     kwargs = ", ".join(f"{k}={v!r}" for k, v in sorted(params["scheduler_kwargs"].items()))
     lines.append(
         f"pipe.scheduler = {params['scheduler_class']}.from_config(pipe.scheduler.config, {kwargs})".replace(
@@ -134,9 +143,13 @@ def diffusers_snippet(params: dict[str, Any]) -> str:
         lines.append(f"pipe.to({params['device']!r})")
     adapters = params.get("adapters") or []
     for adapter in adapters:
-        if adapter.get("format", "diffusers") != "diffusers":
+        if adapter.get("repo_id") is None and adapter.get("file") is None:  # served by the app, not on the Hub
+            lines.append(f"# {adapter['source']} is built into the app that made this image; it is not on the Hub")
+            lines.append(f"pipe.load_lora_weights('<{adapter['source']}>', adapter_name={adapter['name']!r})")
+        elif adapter.get("format", "diffusers") != "diffusers":
             lines.append(f"# {adapter['source']} is a {adapter['format']} file: convert it first with")
-            lines.append(f"#   sd35hub convert {adapter['file']} converted/ --to diffusers")
+            where = adapter.get("file") or f"{adapter['repo_id']}/{adapter['filename']}"
+            lines.append(f"#   sd35hub convert {where} converted/ --to diffusers")
             lines.append(f"pipe.load_lora_weights('converted', adapter_name={adapter['name']!r})")
         elif adapter.get("repo_id"):
             revision = f", revision={adapter['revision']!r}" if adapter.get("revision") else ""

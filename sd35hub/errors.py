@@ -249,3 +249,12 @@ EXIT_CODES: dict[int, str] = {
     14: "a job on Hugging Face Jobs failed, hit its timeout or was cancelled",
     130: "interrupted (Ctrl-C or SIGTERM; a checkpoint was written when training)",
 }
+
+
+class NonFiniteError(AdapterError):
+    """An adapter holds NaN/inf weights, or an image's latents stopped being finite while generating
+    (an adapter that overflows at its weight); the message names the adapters."""
+
+
+class GenerationCancelled(Sd35HubError):
+    """The person who asked for an image cancelled it (progress callback); nothing was produced."""

@@ -13,8 +13,14 @@ Safety rules enforced here (the Space serves strangers):
 * a visitor's Hub calls use the visitor's own token or none (`token=user_token or False`): huggingface_hub
   reads token=None as "use HF_TOKEN", which here is the Space owner's secret and would show visitors the
   owner's private adapters. Only the base model is read with the Space's token;
-* the shared engine treats a local path as an adapter only inside the sample and download folders
-  (BlendEngine(local_roots=...)), so a path that slips past the checks above still reads nothing else.
+* trigger words from cards are text: they join the prompt after the `<lora:...>` tags were taken out
+  of what the visitor typed, and the engine is told not to parse the prompt again (parse_prompt_tags);
+  every prompt tag goes through lookup_adapter like the blend panel (Hub id, access with the visitor's
+  token, base, size) and the same weight range, count and duplicate checks;
+* the shared engine reads no local path at all (BlendEngine(local_roots=())): samples are named
+  sources, visitors' private adapters are fetched with their token per request (AdapterRef.token), so
+  parameters, PNGs and snippets carry Hub ids pinned to a commit, never a server path;
+* untrusted text is rendered as text (sd35hub.space_text.md_text) and preview images only from the Hub.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from sd35hub.errors import AdapterError, AdapterIncompatibleError, ConfigError, OutOfMemoryError, Sd35HubError
 from sd35hub.space_samples import SAMPLE_PREFIX, SAMPLES, ensure_sample_adapters, sample_name
+from sd35hub.space_text import clean_trigger_words, hub_image_url, visitor_message
 
 if TYPE_CHECKING:  # pragma: no cover
     from sd35hub.blend import BlendEngine
@@ -44,6 +51,7 @@ MAX_ADAPTERS = 4  # per request
 MAX_CACHED_ADAPTERS = 8  # loaded in the shared transformer at once (LRU)
 MAX_ADAPTER_BYTES = int(os.environ.get("SD35HUB_SPACE_MAX_ADAPTER_MB", "1024")) * 1024**2
 MAX_PROMPT_CHARS = 1000
+MAX_QUERY_CHARS = 200  # search box and each ?adapter= value
 MAX_STEPS = 80
 WEIGHT_RANGE = (-1.0, 2.0)
 HISTORY_SIZE = 12  # results kept per session
@@ -92,14 +100,10 @@ def visitor_token(token: str | None) -> str | bool:
     return (token or "").strip() or False
 
 
-def engine_local_roots() -> tuple[Path, ...]:
-    """Folders the shared engine may read local adapter files from: the built-in samples, and the HF
-    cache where engine_source puts adapters fetched with a visitor's own token."""
-    from huggingface_hub import constants
-
-    from sd35hub.space_samples import samples_dir
-
-    return (samples_dir(), Path(constants.HF_HUB_CACHE))
+def sample_file(source: str) -> Path | None:
+    """The file of a `sample:<name>` source (BlendEngine(named_sources=...)); None for anything else."""
+    name = sample_name(source)
+    return ensure_sample_adapters()[name] if name is not None else None
 
 
 def load_engine(model: str) -> BlendEngine:
@@ -116,7 +120,9 @@ def load_engine(model: str) -> BlendEngine:
         max_adapter_bytes=MAX_ADAPTER_BYTES,
         cpu_offload=offload,
         token=False,
-        local_roots=engine_local_roots(),
+        local_roots=(),  # no local path is ever an adapter here
+        named_sources=sample_file,
+        public_model_id=TINY_HUB_BASE if model == "tiny" else None,  # never the server's folder
     )
 
 
@@ -149,10 +155,11 @@ class AdapterChoice:
 
     source: str  # "owner/repo", "owner/repo/file.safetensors" or "sample:<name>"
     trigger_words: list[str] = field(default_factory=list)
-    preview_url: str | None = None
+    preview_url: str | None = None  # only a Hub URL (space_text.hub_image_url)
     base_model: str | None = None
     weight: float = 1.0
     use_trigger_words: bool = True
+    ignored_trigger_words: int = 0  # card words dropped as too long / too many
 
 
 def parse_adapter_source(text: str) -> str:
@@ -206,19 +213,33 @@ def search_adapters(
             f"Could not reach the Hub at {hub_endpoint()} ({exc.__class__.__name__}). Check the network "
             "(and HF_ENDPOINT); with the tiny model, the local sample adapters work offline."
         ) from exc
-    return list_adapters(
-        base.hub_base, search=(query or "").strip() or None, limit=limit, token=visitor_token(token)
-    )
+    query = (query or "").strip()
+    if len(query) > MAX_QUERY_CHARS:
+        raise ConfigError(f"the search is {len(query)} characters long; at most {MAX_QUERY_CHARS}")
+    return list_adapters(base.hub_base, search=query or None, limit=limit, token=visitor_token(token))
 
 
 def choice_from_info(info: AdapterInfo) -> AdapterChoice:
-    """A search result as a blend slot."""
+    """A search result as a blend slot (trigger words bounded, preview only from the Hub)."""
+    words, ignored = clean_trigger_words(list(info.trigger_words))
     return AdapterChoice(
         source=info.repo_id,
-        trigger_words=list(info.trigger_words),
-        preview_url=info.preview_url,
+        trigger_words=words,
+        preview_url=hub_image_url(info.preview_url),
         base_model=info.base_model,
+        ignored_trigger_words=ignored,
     )
+
+
+def adapter_file_size(repo_id: str, filename: str, *, token: str | None = None) -> int | None:
+    """Size in bytes of one file of a Hub repo, from its metadata (no download)."""
+    from huggingface_hub import HfApi
+
+    from sd35hub.access import hub_errors
+
+    with hub_errors(repo_id, token=visitor_token(token), what=f"reading the adapter {repo_id}"):
+        infos = HfApi().get_paths_info(repo_id, [filename], token=visitor_token(token))
+    return next((getattr(i, "size", None) for i in infos if i.path == filename), None)
 
 
 def lookup_adapter(source: str, base: BaseChoice, *, token: str | None = None) -> AdapterChoice:
@@ -242,12 +263,15 @@ def lookup_adapter(source: str, base: BaseChoice, *, token: str | None = None) -
             f"({base.hub_base}). Pick an adapter made for {base.label} (the search lists only those), "
             "or switch the base model in the sidebar."
         )
-    return AdapterChoice(
-        source=source,
-        trigger_words=info.trigger_words,
-        preview_url=info.preview_url,
-        base_model=declared,
-    )
+    size = adapter_file_size(repo_id, explicit or info.adapter_file, token=token)
+    if size is not None and size > MAX_ADAPTER_BYTES:
+        raise AdapterError(
+            f"{repo_id} is {size / 1024**2:,.1f} MB, over this Space's limit of {MAX_ADAPTER_BYTES / 1024**2:,.1f} "
+            "MB for one adapter: it is probably a full model, not a LoRA. Pick another adapter."
+        )
+    choice = choice_from_info(info)
+    choice.source = source
+    return choice
 
 
 def adapters_from_query(
@@ -261,9 +285,16 @@ def adapters_from_query(
     problems: list[str] = []
     for value in values[:MAX_ADAPTERS]:
         try:
+            if len(value) > MAX_QUERY_CHARS:
+                raise AdapterError(f"The link names an adapter {len(value)} characters long; it was ignored.")
             ref = split_source_weight(value, f"?adapter={value[:80]}")
             choice = lookup_adapter(ref.source, base, token=token)
             choice.weight = min(max(ref.weight, WEIGHT_RANGE[0]), WEIGHT_RANGE[1])
+            if choice.weight != ref.weight:
+                problems.append(
+                    f"The link gives {choice.source} the weight {ref.weight:g}; weights go from "
+                    f"{WEIGHT_RANGE[0]:g} to {WEIGHT_RANGE[1]:g}, so it is {choice.weight:g} here."
+                )
             if all(existing.source != choice.source for existing in choices):
                 choices.append(choice)
         except Sd35HubError as exc:
@@ -309,36 +340,63 @@ class GenerationForm:
 
 
 def build_request(
-    form: GenerationForm, adapters: list[AdapterChoice], *, token: str | None = None
+    form: GenerationForm, adapters: list[AdapterChoice], *, base: BaseChoice, token: str | None = None
 ) -> GenerationRequest:
-    """The engine request for a form and blend, after every Space limit is checked. Trigger words of the
-    adapters whose toggle is on are written into the prompt (so the snippet reproduces it)."""
+    """The engine request for a form and blend, after every Space limit is checked (all problems at
+    once, ConfigError). `<lora:...>` tags typed in the prompt are taken out here and checked exactly
+    like the blend panel's adapters (Hub id only, access with the visitor's token, base, size, weight
+    range, count, no duplicates). Then the trigger words of the adapters whose toggle is on are written
+    into the prompt as text: the engine is told not to parse the prompt again (parse_prompt_tags=False)."""
     from sd35hub.blend_request import AdapterRef, GenerationRequest, parse_prompt, with_trigger_words
 
     problems = []
     if not form.prompt.strip():
         problems.append("the prompt is empty: describe the image you want")
-    if len(form.prompt) > MAX_PROMPT_CHARS or len(form.negative_prompt) > MAX_PROMPT_CHARS:
-        problems.append(f"prompts are limited to {MAX_PROMPT_CHARS} characters")
-    if len(adapters) > MAX_ADAPTERS:
-        problems.append(f"{len(adapters)} adapters selected; at most {MAX_ADAPTERS} per image: remove some")
+    for name, text in (("prompt", form.prompt), ("negative prompt", form.negative_prompt)):
+        if len(text) > MAX_PROMPT_CHARS:
+            problems.append(
+                f"the {name} is {len(text):,} characters long; the limit is {MAX_PROMPT_CHARS:,}: shorten it"
+            )
     if not 1 <= form.steps <= MAX_STEPS:
         problems.append(f"steps must be between 1 and {MAX_STEPS}")
-    for choice in adapters:
+    clean, tagged = parse_prompt(form.prompt)  # PromptSyntaxError for malformed tags
+    blend = list(adapters)
+    for ref in tagged:
+        where = f"the prompt tag <lora:{ref.source[:80]}>"
+        try:
+            choice = lookup_adapter(ref.source, base, token=token)  # refuses local and cache paths
+        except Sd35HubError as exc:
+            problems.append(f"{where}: {visitor_message(exc, token)}")
+            continue
+        choice.weight, choice.use_trigger_words = ref.weight, False
+        blend.append(choice)
+    seen: set[str] = set()
+    for choice in blend:
+        if choice.source in seen:
+            problems.append(
+                f"{choice.source} is in the blend twice (panel or prompt tags): give it one weight"
+            )
+        seen.add(choice.source)
         if not WEIGHT_RANGE[0] <= choice.weight <= WEIGHT_RANGE[1]:
             problems.append(
-                f"the weight of {choice.source} must be between {WEIGHT_RANGE[0]} and {WEIGHT_RANGE[1]}"
+                f"the weight of {choice.source} is {choice.weight:g}; it must be between {WEIGHT_RANGE[0]:g} "
+                f"and {WEIGHT_RANGE[1]:g}"
             )
-    _, tagged = parse_prompt(form.prompt)  # PromptSyntaxError for malformed tags
-    for ref in tagged:
-        parse_adapter_source(ref.source)  # a <lora:...> tag may name a Hub id, never a local path
+    if len(seen) > MAX_ADAPTERS:
+        problems.append(f"{len(seen)} adapters in this image; at most {MAX_ADAPTERS}: remove some")
+    words = [w for choice in adapters if choice.use_trigger_words for w in choice.trigger_words]
+    prompt = with_trigger_words(clean, words)
+    if len(prompt) > MAX_PROMPT_CHARS >= len(form.prompt):
+        problems.append(
+            f"with the trigger words the prompt is {len(prompt):,} characters; the limit is {MAX_PROMPT_CHARS:,}: "
+            "shorten the prompt or turn off some trigger words"
+        )
     if problems:
         raise ConfigError(problems)
-    words = [w for choice in adapters if choice.use_trigger_words for w in choice.trigger_words]
     return GenerationRequest(
-        prompt=with_trigger_words(form.prompt.strip(), words),
+        prompt=prompt,
         negative_prompt=form.negative_prompt.strip(),
-        adapters=[AdapterRef(engine_source(choice.source, token), choice.weight) for choice in adapters],
+        adapters=[AdapterRef(choice.source, choice.weight, visitor_token(token)) for choice in blend],
         steps=form.steps,
         guidance_scale=form.guidance_scale,
         width=form.width,
@@ -347,29 +405,19 @@ def build_request(
         scheduler=form.scheduler,
         insert_trigger_words=False,  # done above, per adapter
         compare_base=form.compare_base,
+        parse_prompt_tags=False,  # tags were taken out above; trigger words are text
     )
 
 
-def engine_source(source: str, token: str | None) -> str:
-    """What the shared engine loads for a choice: the Hub id (downloaded anonymously by the engine), or a
-    file path when the Space made the file itself (samples) or the user's own token fetched it (so the
-    engine's source cache never hands a file fetched with one visitor's token to another by repo id)."""
-    name = sample_name(source)
-    if name is not None:
-        return str(ensure_sample_adapters()[name])
-    if token:
-        from sd35hub.blend import fetch_adapter_source
-
-        return str(fetch_adapter_source(source, token=visitor_token(token), max_bytes=MAX_ADAPTER_BYTES)[0])
-    return source
-
-
-def generate(engine: BlendEngine, request: GenerationRequest) -> GenerationResult:
-    """engine.generate with out-of-memory turned into a typed error (and the GPU cache released)."""
+def generate(engine: BlendEngine, request: GenerationRequest, progress: Any = None) -> GenerationResult:
+    """engine.generate with out-of-memory turned into a typed error (and the GPU cache released), and
+    the parameters made public: no server folder (the snippet names the Hub id)."""
     import torch
 
     try:
-        return engine.generate(request)
+        result = engine.generate(request, progress=progress)
+        result.params.pop("model_path", None)
+        return result
     except torch.OutOfMemoryError as exc:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -378,24 +426,14 @@ def generate(engine: BlendEngine, request: GenerationRequest) -> GenerationResul
 
 def out_of_memory_error() -> OutOfMemoryError:
     return OutOfMemoryError(
-        "Out of GPU memory for this image. Try a smaller size preset, fewer adapters or fewer images, "
-        "or run the Space on larger hardware (see space/README.md); then generate again."
+        "Out of GPU memory for this image. Try a smaller size, fewer adapters or fewer steps, then generate "
+        "again."
     )
 
 
-def friendly_error(exc: BaseException, token: str | None = None) -> str:
-    """One message for a person: sd35hub errors say their fix; anything else is reported without a
-    traceback (the log has it). Tokens are redacted."""
-    from sd35hub.redact import redact_text
-
-    if isinstance(exc, Sd35HubError):
-        text = exc.message
-    elif type(exc).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError (CUDA / MPS)
-        text = out_of_memory_error().message
-    else:
-        log.exception("unexpected error in the Space", exc_info=exc)
-        text = f"Something went wrong ({type(exc).__name__}: {str(exc)[:300]}). Try again; if it persists, report it."
-    return redact_text(text, [token] if token else None)
+def friendly_error(exc: BaseException, token: str | None = None, *, loading_base: bool = False) -> str:
+    """One plain-text message for a visitor (sd35hub.space_text.visitor_message); render with md_text."""
+    return visitor_message(exc, token, loading_base=loading_base)
 
 
 def png_bytes(image: Any, params: dict[str, Any]) -> bytes:

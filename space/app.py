@@ -1,28 +1,40 @@
 """Streamlit Space: browse, blend and compare published SD3.5 LoRA adapters.
 
 UI only: every decision (bases, adapter sources, limits, requests, error wording) lives in
-sd35hub.space_support; generation in sd35hub.blend.BlendEngine. One engine per base is shared by all
-sessions (st.cache_resource; its lock serialises "set adapters + generate"); each user's choices
-live in st.session_state. Run locally with `make space` (the tiny model when there is no GPU).
+sd35hub.space_support and sd35hub.space_text; generation in sd35hub.blend.BlendEngine. One engine per
+base is shared by all sessions (st.cache_resource; its lock serialises "set adapters + generate"); each
+visitor's choices live in st.session_state. Run locally with `make space` (the tiny model without a GPU).
+
+Everything a visitor did not type themselves (card fields, repo ids, trigger words, URL parameters,
+error messages) is rendered through md_text: Markdown shows as characters, never as links or images.
 """
 
 from __future__ import annotations
 
+import time
+
 import streamlit as st
 
 from sd35hub import space_support as space
+from sd35hub import space_view as view
 from sd35hub.schedulers import SCHEDULERS
+from sd35hub.space_text import md_text, plain
 
 st.set_page_config(page_title="SD3.5 LoRA blender", page_icon="🎨", layout="wide")
 state = st.session_state
-state.setdefault("adapters", [])  # list[space.AdapterChoice]: this user's blend
-state.setdefault("history", [])  # list[dict]: this user's results, newest last
+state.setdefault("adapters", [])  # list[space.AdapterChoice]: this visitor's blend
+state.setdefault("history", [])  # list[dict]: this visitor's results, newest last
 state.setdefault("search_results", None)  # list[AdapterInfo] | None
 state.setdefault("hub_unreachable", False)
 state.setdefault("messages", [])  # errors from button callbacks, shown once
+state.setdefault("page", 0)
+state.setdefault("generated_at", [])  # monotonic times of this visitor's recent images (rate limit)
+
+PAGE_SIZE = 6
+IMAGE_WIDTH = 384  # result images, base and blend alike
 
 
-@st.cache_resource(show_spinner="Loading the base model (once for all users)…", max_entries=2)
+@st.cache_resource(show_spinner="Loading the base model (once for all visitors)…", max_entries=2)
 def shared_engine(model: str):  # noqa: ANN201 - BlendEngine
     return space.load_engine(model)
 
@@ -35,18 +47,28 @@ def report(exc: BaseException) -> None:
     state.messages.append(space.friendly_error(exc, user_token()))
 
 
-def add_adapter(choice: space.AdapterChoice) -> None:
+def show_messages() -> None:
+    for message in state.messages:
+        st.error(md_text(message))
+    state.messages = []
+
+
+def add_choice(choice: space.AdapterChoice) -> None:
     if any(existing.source == choice.source for existing in state.adapters):
         return
     if len(state.adapters) >= space.MAX_ADAPTERS:
         state.messages.append(f"At most {space.MAX_ADAPTERS} adapters per image: remove one first.")
         return
+    state[f"weight_{choice.source}"] = state[f"weightnum_{choice.source}"] = float(choice.weight)
     state.adapters.append(choice)
 
 
 def on_search(base: space.BaseChoice) -> None:
+    state.page = 0
     try:
-        state.search_results = space.search_adapters(base, state.get("search_query"), token=user_token())
+        state.search_results = space.search_adapters(
+            base, state.get("search_query"), token=user_token(), limit=view.SEARCH_LIMIT
+        )
         state.hub_unreachable = False
     except Exception as exc:  # noqa: BLE001 - shown as a message
         state.search_results = []
@@ -54,24 +76,36 @@ def on_search(base: space.BaseChoice) -> None:
         report(exc)
 
 
-def on_add_pasted(base: space.BaseChoice) -> None:
+def on_add(source: str, base: space.BaseChoice) -> bool:
+    """Every add (card, paste box) is checked on the Hub first: exists, access, base, size."""
     try:
-        add_adapter(space.lookup_adapter(state.get("paste_source", ""), base, token=user_token()))
-        state.paste_source = ""
+        add_choice(space.lookup_adapter(source, base, token=user_token()))
+        return True
     except Exception as exc:  # noqa: BLE001
         report(exc)
+        return False
+
+
+def on_add_pasted(base: space.BaseChoice) -> None:
+    if on_add(state.get("paste_source", ""), base):
+        state.paste_source = ""
 
 
 def on_add_samples(base: space.BaseChoice) -> None:
     try:
         for choice in space.sample_choices(base):
-            add_adapter(choice)
+            add_choice(choice)
     except Exception as exc:  # noqa: BLE001
         report(exc)
 
 
 def on_remove(source: str) -> None:
     state.adapters = [choice for choice in state.adapters if choice.source != source]
+
+
+def sync_weight(source: str, changed: str) -> None:
+    other = "weightnum_" if changed == "weight_" else "weight_"
+    state[f"{other}{source}"] = state[f"{changed}{source}"]
 
 
 def roll_seed() -> None:
@@ -84,6 +118,8 @@ bases = space.available_bases()
 with st.sidebar:
     st.header("Base model")
     base = st.selectbox("Base model", bases, format_func=lambda b: b.label, key="base_choice")
+    if state.get("results_base") != base.key:  # a new base: its own gallery, not the other one's
+        state.results_base, state.search_results, state.page = base.key, None, 0
     if any(choice.base_model and choice.base_model != base.hub_base for choice in state.adapters):
         state.adapters = [c for c in state.adapters if not c.base_model or c.base_model == base.hub_base]
         st.info("Adapters made for another base were removed from your blend.")
@@ -95,7 +131,8 @@ with st.sidebar:
     )
     st.caption(
         "SD3.5 weights are under the Stability AI Community License. "
-        f"Limits: {space.MAX_ADAPTERS} adapters per image, prompts up to {space.MAX_PROMPT_CHARS} characters."
+        f"Limits: {space.MAX_ADAPTERS} adapters per image, prompts up to {space.MAX_PROMPT_CHARS} characters, "
+        f"{view.MAX_IMAGES_PER_WINDOW} images per {view.RATE_WINDOW_S // 60} minutes."
     )
 
 st.title("SD3.5 LoRA blender")
@@ -104,7 +141,7 @@ st.caption("Find adapters on the Hub, blend them with weights, compare with the 
 try:
     engine = shared_engine(base.model)
 except Exception as exc:  # noqa: BLE001 - gated base, missing model, OOM: a message, not a traceback
-    st.error(space.friendly_error(exc))
+    st.error(md_text(space.friendly_error(exc, loading_base=True)))
     st.stop()
 
 if "query_adapters_done" not in state:  # a shared link (?adapter=owner/repo:0.8) preselects a blend, once
@@ -112,12 +149,11 @@ if "query_adapters_done" not in state:  # a shared link (?adapter=owner/repo:0.8
     preselected, problems = space.adapters_from_query(
         st.query_params.get_all("adapter"), base, token=user_token()
     )
-    state.adapters = preselected
+    for choice in preselected:
+        add_choice(choice)
     state.messages.extend(problems)
 
-for message in state.messages:
-    st.error(message)
-state.messages = []
+show_messages()
 
 # --- adapters ------------------------------------------------------------------------------------
 find, blend = st.columns([3, 2], gap="large")
@@ -125,30 +161,66 @@ with find:
     st.subheader("Find adapters")
     if state.search_results is None:
         on_search(base)  # first visit: the most downloaded adapters of this base
-        for message in state.messages:
-            st.error(message)
-        state.messages = []
+        show_messages()
     query_col, button_col = st.columns([4, 1], vertical_alignment="bottom")
-    query_col.text_input("Search adapters", key="search_query", placeholder="watercolor, ink, portrait…")
+    query_col.text_input(
+        "Search adapters",
+        key="search_query",
+        placeholder="watercolor, ink, portrait…",
+        max_chars=space.MAX_QUERY_CHARS,
+    )
     button_col.button("Search", key="search", on_click=on_search, args=(base,))
     results = state.search_results or []
     if not results and not state.hub_unreachable:
-        st.caption(f"No adapters for {base.label} match this search.")
-    for row in range(0, len(results), 3):
-        for column, info in zip(st.columns(3), results[row : row + 3], strict=False):
-            with column.container(border=True):
-                if info.preview_url:
-                    st.image(info.preview_url, width="stretch")
-                st.markdown(f"**{info.repo_id}**")
-                st.caption("Trigger words: " + (", ".join(info.trigger_words) or "none"))
-                st.button(
-                    "Add",
-                    key=f"add_{info.repo_id}",
-                    on_click=add_adapter,
-                    args=(space.choice_from_info(info),),
+        st.caption(md_text(f"No adapters for {base.label} match this search."))
+    pages = max(1, -(-len(results) // PAGE_SIZE))
+    state.page = min(state.page, pages - 1)
+    shown = results[state.page * PAGE_SIZE : (state.page + 1) * PAGE_SIZE]
+    selected = {choice.source for choice in state.adapters}
+    for row in range(0, len(shown), 3):
+        for column, info in zip(st.columns(3), shown[row : row + 3], strict=False):
+            card = view.adapter_card(info)
+            with column.container(border=True, key=f"card_{info.repo_id}"):
+                if card.image_url:
+                    st.image(card.image_url, width="stretch")
+                st.markdown(
+                    f"**[{md_text(card.repo_id)}]({card.page_url})**"
+                    if card.page_url
+                    else md_text(card.repo_id)
                 )
+                st.caption(md_text(card.stats))
+                st.caption(md_text(card.trigger_text))
+                if info.repo_id in selected:
+                    st.button(
+                        "✓ In your blend — remove",
+                        key=f"unadd_{info.repo_id}",
+                        on_click=on_remove,
+                        args=(info.repo_id,),
+                    )
+                else:
+                    st.button("Add", key=f"add_{info.repo_id}", on_click=on_add, args=(info.repo_id, base))
+    if pages > 1:
+        prev_col, page_col, next_col = st.columns([1, 2, 1], vertical_alignment="center")
+        prev_col.button(
+            "← Previous",
+            key="page_prev",
+            disabled=state.page == 0,
+            on_click=lambda: state.update(page=state.page - 1),
+        )
+        page_col.caption(f"Page {state.page + 1} of {pages} ({len(results)} adapters)")
+        next_col.button(
+            "Next →",
+            key="page_next",
+            disabled=state.page >= pages - 1,
+            on_click=lambda: state.update(page=state.page + 1),
+        )
     paste_col, paste_button = st.columns([4, 1], vertical_alignment="bottom")
-    paste_col.text_input("Or paste a repo id / URL", key="paste_source", placeholder="owner/my-sd35-lora")
+    paste_col.text_input(
+        "Or paste a repo id / URL",
+        key="paste_source",
+        placeholder="owner/my-sd35-lora",
+        max_chars=space.MAX_QUERY_CHARS,
+    )
     paste_button.button("Add adapter", key="add_pasted", on_click=on_add_pasted, args=(base,))
     if base.model == "tiny":
         if state.hub_unreachable:
@@ -161,26 +233,41 @@ with blend:
         st.caption("No adapters yet: generating now renders the base model.")
     for choice in state.adapters:
         with st.container(border=True):
-            st.markdown(f"**{choice.source}**")
-            choice.weight = st.slider(
-                "Weight",
-                *space.WEIGHT_RANGE,
-                value=float(choice.weight),
-                step=0.05,
-                key=f"weight_{choice.source}",
-            )
+            thumb, body = st.columns([1, 5]) if choice.preview_url else (None, st.container())
+            if thumb is not None:
+                thumb.image(choice.preview_url, width=56)
+            body.markdown(f"**{md_text(choice.source)}**")
+            for prefix in ("weight_", "weightnum_"):  # (re)seed the widgets from the blend, e.g. after a
+                state.setdefault(f"{prefix}{choice.source}", float(choice.weight))  # run that did not show them
+            slider_col, number_col = body.columns([3, 1], vertical_alignment="bottom")
+            slider_col.slider(
+                "Weight", *space.WEIGHT_RANGE, step=0.05, key=f"weight_{choice.source}",
+                on_change=sync_weight, args=(choice.source, "weight_"),
+            )  # fmt: skip
+            number_col.number_input(
+                "Type a weight", *space.WEIGHT_RANGE, step=0.05, key=f"weightnum_{choice.source}",
+                on_change=sync_weight, args=(choice.source, "weightnum_"), label_visibility="collapsed",
+            )  # fmt: skip
+            choice.weight = float(state[f"weight_{choice.source}"])
             words = ", ".join(choice.trigger_words)
-            choice.use_trigger_words = st.checkbox(
-                f"Insert trigger words ({words})" if words else "Insert trigger words (none)",
+            label = f"Insert trigger words ({words})" if words else "Insert trigger words (none)"
+            if choice.ignored_trigger_words:
+                label += f" — {choice.ignored_trigger_words} over-long or extra ignored"
+            choice.use_trigger_words = body.checkbox(
+                md_text(label),
                 value=choice.use_trigger_words,
                 key=f"trigger_{choice.source}",
                 disabled=not words,
             )
-            st.button("Remove", key=f"remove_{choice.source}", on_click=on_remove, args=(choice.source,))
+            body.button("Remove", key=f"remove_{choice.source}", on_click=on_remove, args=(choice.source,))
     if state.adapters:
-        st.caption(
-            "Blend: " + " + ".join(f"{choice.source} × {choice.weight:g}" for choice in state.adapters)
-        )
+        st.caption(md_text("Blend: " + view.blend_label([(c.source, c.weight) for c in state.adapters])))
+    link_values = [f"{choice.source}:{choice.weight:g}" for choice in state.adapters]
+    if st.query_params.get_all("adapter") != link_values:  # the URL follows the blend: a share link
+        st.query_params["adapter"] = link_values
+    if state.adapters:
+        st.caption("Share this blend:")
+        st.code(view.share_link(st.context.url, link_values), language=None, wrap_lines=True)
 
 # --- generation form -----------------------------------------------------------------------------
 st.subheader("Generate")
@@ -189,12 +276,13 @@ presets = space.size_presets(info.native_resolution)
 state.setdefault("seed", space.new_seed())
 prompt_col, settings_col = st.columns([3, 2], gap="large")
 with prompt_col:
-    prompt = st.text_area(
-        "Prompt", "a lighthouse on a cliff at sunset", max_chars=space.MAX_PROMPT_CHARS, key="prompt"
-    )
-    negative = st.text_area(
-        "Negative prompt", "", max_chars=space.MAX_PROMPT_CHARS, key="negative_prompt", height=68
-    )
+    prompt = st.text_area("Prompt", "a lighthouse on a cliff at sunset", key="prompt")
+    negative = st.text_area("Negative prompt", "", key="negative_prompt", height=68)
+    for name, text in (("Prompt", prompt), ("Negative prompt", negative)):
+        if len(text) > space.MAX_PROMPT_CHARS:
+            st.warning(
+                f"{name}: {len(text):,} characters; the limit is {space.MAX_PROMPT_CHARS:,}. Shorten it to generate."
+            )
 with settings_col:
     left, right = st.columns(2)
     steps = left.number_input("Steps", 1, space.MAX_STEPS, info.default_steps, key=f"steps_{base.key}")
@@ -212,6 +300,8 @@ with settings_col:
     right.checkbox("Random seed each time", value=True, key="random_seed")
     compare = st.checkbox("Also render the base model with the same seed (side by side)", key="compare_base")
 clicked = st.button("Generate", type="primary", key="generate", on_click=roll_seed)
+if state.get("cancel"):
+    st.info("Cancelled: no image was made.")
 
 if clicked:
     form = space.GenerationForm(
@@ -219,50 +309,79 @@ if clicked:
         width=presets[size][0], height=presets[size][1], seed=int(state.seed), compare_base=compare,
     )  # fmt: skip
     try:
-        with st.spinner("Generating…"):
-            request = space.build_request(form, list(state.adapters), token=user_token())
-            result = space.generate(engine, request)
-        state.history.append(
-            {
-                "png": space.png_bytes(result.images[0], result.params),
-                "base_png": space.png_bytes(result.base_images[0], {**result.params, "adapters": []})
-                if result.base_images
-                else None,
-                "params": result.params,
-                "blend": [(choice.source, choice.weight) for choice in state.adapters],
-                "snippet": result.diffusers_snippet(),
-            }
+        view.check_rate(state.generated_at, time.monotonic())
+        request = space.build_request(form, list(state.adapters), base=base, token=user_token())
+        ahead = engine.queue_length
+        bar = st.progress(
+            0.0, text=f"Waiting for {ahead} other image(s) to finish…" if ahead else "Starting…"
         )
+        # Any click while generating reruns the script, which stops this run at its next progress update.
+        st.button("Cancel", key="cancel")
+        started = time.monotonic()
+
+        def progress(done: int, total: int) -> None:
+            elapsed = time.monotonic() - started
+            left_s = elapsed / done * (total - done)
+            bar.progress(done / total, text=f"Step {done}/{total} · about {left_s:.0f} s left")
+
+        result = space.generate(engine, request, progress=progress)
+        bar.empty()
+        state.generated_at.append(time.monotonic())
+        state.history.append(view.history_entry(result))
         del state.history[: -space.HISTORY_SIZE]
+        state.shown = len(state.history) - 1
     except Exception as exc:  # noqa: BLE001
-        st.error(space.friendly_error(exc, user_token()))
+        st.error(md_text(space.friendly_error(exc, user_token())))
 
 # --- results -------------------------------------------------------------------------------------
 if state.history:
-    latest = state.history[-1]
-    params = latest["params"]
-    blend_label = " + ".join(f"{source} × {weight:g}" for source, weight in latest["blend"]) or "base"
-    if latest["base_png"]:
+    index = min(state.get("shown", len(state.history) - 1), len(state.history) - 1)
+    entry = state.history[index]
+    params = entry["params"]
+    label = md_text(f"{entry['label']} · seed {params['seed']}")
+    if entry["base_png"]:  # the same size side by side
         base_col, blend_col = st.columns(2)
-        base_col.image(latest["base_png"], caption=f"base model · seed {params['seed']}", output_format="PNG")
-        blend_col.image(latest["png"], caption=f"{blend_label} · seed {params['seed']}", output_format="PNG")
-    else:
-        st.image(
-            latest["png"], caption=f"{blend_label} · seed {params['seed']}", width=512, output_format="PNG"
+        base_col.image(
+            entry["base_png"], caption=md_text(f"base model · seed {params['seed']}"), width=IMAGE_WIDTH
         )
-    st.download_button(
-        "Download PNG (parameters inside)", latest["png"], file_name=f"sd35-{params['seed']}.png", mime="image/png",
+        blend_col.image(entry["png"], caption=label, width=IMAGE_WIDTH, output_format="PNG")
+    else:
+        st.image(entry["png"], caption=label, width=IMAGE_WIDTH, output_format="PNG")
+    downloads = st.columns(3)
+    downloads[0].download_button(
+        "Download PNG (parameters inside)", entry["png"], file_name=f"sd35-{params['seed']}.png", mime="image/png",
         key="download",
     )  # fmt: skip
+    if entry["base_png"]:
+        downloads[1].download_button(
+            "Download the base image", entry["base_png"], file_name=f"sd35-{params['seed']}-base.png",
+            mime="image/png", key="download_base",
+        )  # fmt: skip
     with st.expander("Use it in diffusers (reproduces exactly this image)"):
-        st.code(latest["snippet"], language="python")
+        st.code(entry["snippet"], language="python")
     if len(state.history) > 1:
-        with st.expander(f"History ({len(state.history) - 1} earlier)"):
-            for entry in reversed(state.history[:-1]):
-                thumb, text = st.columns([1, 4])
-                thumb.image(entry["png"], width=96)
-                names = ", ".join(f"{source} × {weight:g}" for source, weight in entry["blend"]) or "base"
-                text.caption(f"{entry['params']['prompt']} — {names} — seed {entry['params']['seed']}")
+        with st.expander(f"History ({len(state.history)} images)"):
+            for number, old in reversed(list(enumerate(state.history))):
+                thumb, text, actions = st.columns([1, 4, 2])
+                thumb.image(old["png"], width=96)
+                text.caption(
+                    md_text(
+                        f"{plain(old['params']['prompt'], 120)} — {old['label']} — seed {old['params']['seed']}"
+                    )
+                )
+                actions.button(
+                    "Show",
+                    key=f"show_{number}",
+                    on_click=lambda n=number: state.update(shown=n),
+                    disabled=number == index,
+                )
+                actions.download_button(
+                    "PNG",
+                    old["png"],
+                    file_name=f"sd35-{old['params']['seed']}.png",
+                    mime="image/png",
+                    key=f"dl_{number}",
+                )
 
 # --- training on Hugging Face Jobs (space/train_page.py; nothing trains on this Space's hardware) ---------
 import train_page  # noqa: E402

@@ -150,4 +150,48 @@ def seed_space_repos(hub) -> SpaceRepos:  # noqa: ANN001 - tests.hubserver.HubSe
     folder = tiny_model_path()
     files = {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
     hub.seed_repo(repos.gated_base, files, gated="manual", owner_token=hub.other_token)
+    hub.seed_repo(TINY_HUB_BASE, files)  # the tiny base on the Hub: what the Space's snippets load
     return repos
+
+
+EVIL = "evil.example"  # an attacker's site: nothing the Space shows may link to it or load from it
+
+
+@dataclass(frozen=True)
+class HostileRepos:
+    card: str  # a tiny-base adapter whose card fields carry tags, Markdown, an off-site image, a flood
+    private: str  # alice's private adapter (HF_TOKEN's user): what the cache-path tag points at
+    private_cache_path: str  # where the Space's HF cache holds alice's private adapter file
+    link: str  # a ?adapter= value that is a Markdown link
+
+
+def seed_hostile_repos(hub, repos: SpaceRepos) -> HostileRepos:  # noqa: ANN001
+    """The attacker's adapter: its card's instance_prompt is a list of (1) a tag that would load the ink
+    adapter at weight 50, plus bold text, a phishing link and a remote image, (2) a tag naming the cache
+    file of alice's private adapter (fetched earlier with alice's token), (3) 15,000 characters. Its
+    widget image and license are off-site links."""
+    import json
+
+    from sd35hub.hub import download_adapter
+
+    private = f"alice/{repos.tag}-secret"
+    weights = hub.files(repos.watercolor)["pytorch_lora_weights.safetensors"]
+    hub.seed_repo(private, {"README.md": card(TINY_HUB_BASE, "scrt style", None),
+                            "pytorch_lora_weights.safetensors": weights}, private=True)  # fmt: skip
+    cache_path = str(download_adapter(private, token=hub.token))  # a visitor with alice's token used it
+    words = [
+        f"<lora:{repos.ink}:50> **bold** [Session expired - log in again](http://{EVIL}/login) "
+        f"![x](http://{EVIL}/pixel.png)",
+        f"<lora:{cache_path}:1>",
+        "flood " * 2500,
+    ]
+    readme = "\n".join([
+        "---", f"base_model: {TINY_HUB_BASE}", "base_model_relation: adapter", "license: other",
+        f"license_name: {json.dumps(f'[free](http://{EVIL}/license)')}", f"instance_prompt: {json.dumps(words)}",
+        "widget:", "- text: a prompt", "  output:", f"    url: http://{EVIL}/preview.png", "---", "", "# hi", "",
+    ])  # fmt: skip
+    hostile = f"bob/{repos.tag}-hostile"
+    hub.seed_repo(hostile, {"README.md": readme, "pytorch_lora_weights.safetensors": weights},
+                  owner_token=hub.other_token)  # fmt: skip
+    link = f"[Session expired - log in again](http://{EVIL}/login)"
+    return HostileRepos(card=hostile, private=private, private_cache_path=cache_path, link=link)

@@ -1,17 +1,19 @@
-"""The Space in a real browser: search the local Hub, add two adapters, move a slider, generate, see the
-image, save a screenshot (docs/images/space.png when SD35HUB_UPDATE_SCREENSHOT=1, else a temp file)."""
+"""The Space in a real browser: search the local Hub, add two adapters, move a slider, see the share link
+follow the blend, start a long run and cancel it from its progress bar, generate, see the image. Saves
+screenshots (docs/images/space*.png when SD35HUB_UPDATE_SCREENSHOT=1, else temp files)."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 from space_helpers import SpaceRepos, seed_space_repos
 
 pytestmark = pytest.mark.browser
 
-SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "images" / "space.png"
+IMAGES = Path(__file__).resolve().parents[2] / "docs" / "images"
 TIMEOUT_MS = 60_000
 
 
@@ -26,6 +28,21 @@ def test_search_blend_generate_in_browser(
     from playwright.sync_api import expect
 
     expect.set_options(timeout=TIMEOUT_MS)  # a loaded CI machine can take a while to render
+    update = os.environ.get("SD35HUB_UPDATE_SCREENSHOT") == "1"
+
+    def shot(name: str, where) -> None:  # noqa: ANN001 - a playwright Page or Locator
+        """docs/images/<name>.png when SD35HUB_UPDATE_SCREENSHOT=1 (256 colours keep it small), else a temp file."""
+        target = (IMAGES if update else tmp_path) / f"{name}.png"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        where.screenshot(path=str(target))
+        assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        if update:
+            from PIL import Image
+
+            with Image.open(target) as image:
+                quantized = image.convert("RGB").quantize(colors=256)
+            quantized.save(target, optimize=True)
+
     page = chromium_browser.new_page(viewport={"width": 1400, "height": 2000})
     page.set_default_timeout(TIMEOUT_MS)
     page.goto(space_url)
@@ -51,22 +68,31 @@ def test_search_blend_generate_in_browser(
     expect(page.get_by_text("× 1.2 +")).to_be_visible()  # the server saw the new weight (blend summary)
 
     page.get_by_label("Prompt", exact=True).fill("a lighthouse on a cliff at sunset")
+    share = page.get_by_test_id("stCode").filter(has_text="?adapter=")
+    expect(share).to_contain_text(quote(f"{repos.watercolor}:1.2", safe=""))  # the URL follows the blend
+    assert f"adapter={quote(repos.watercolor, safe='')}%3A1.2" in page.url
+    shot("space-share", page.get_by_test_id("stColumn").filter(has_text="Your blend").first)
+    shot("space-gallery", page.get_by_test_id("stColumn").filter(has_text="Find adapters").first)
+
+    # A long run shows its progress and can be cancelled.
+    page.get_by_label("Steps").fill("80")
     page.get_by_role("button", name="Generate").click()
-    result = page.get_by_test_id("stImage").filter(has_text="× 1.2")
+    bar = page.get_by_test_id("stProgress")
+    expect(bar).to_contain_text("s left")
+    shot("space-progress", page.get_by_test_id("stMain"))
+    page.get_by_role("button", name="Cancel").click()
+    expect(page.get_by_text("Cancelled: no image was made.")).to_be_visible()
+    assert page.get_by_test_id("stImage").filter(has_text="seed").count() == 0
+
+    page.get_by_label("Steps").fill("2")
+    page.get_by_role("button", name="Generate").click()
+    result = page.get_by_test_id("stImage").filter(has_text="× 1.2 + ").filter(has_text="seed")
     expect(result).to_have_count(1)
     expect(result.locator("img")).to_be_visible()
+    page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=result.locator("img").element_handle())
     assert result.locator("img").evaluate("img => img.complete && img.naturalWidth") > 0
     expect(page.get_by_text("Use it in diffusers")).to_be_visible()
 
-    target = SCREENSHOT if os.environ.get("SD35HUB_UPDATE_SCREENSHOT") == "1" else tmp_path / "space.png"
-    target.parent.mkdir(parents=True, exist_ok=True)
     page.get_by_role("heading", name="SD3.5 LoRA blender").scroll_into_view_if_needed()
-    page.screenshot(path=str(target))
-    assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    if target == SCREENSHOT:  # README image: 256 colours keep it small
-        from PIL import Image
-
-        with Image.open(target) as shot:
-            quantized = shot.convert("RGB").quantize(colors=256)
-        quantized.save(target, optimize=True)
+    shot("space", page)
     page.close()
