@@ -89,7 +89,9 @@ def test_search_blend_generate_in_browser(
     result = page.get_by_test_id("stImage").filter(has_text="× 1.2 + ").filter(has_text="seed")
     expect(result).to_have_count(1)
     expect(result.locator("img")).to_be_visible()
-    page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=result.locator("img").element_handle())
+    page.wait_for_function(
+        "img => img.complete && img.naturalWidth > 0", arg=result.locator("img").element_handle()
+    )
     assert result.locator("img").evaluate("img => img.complete && img.naturalWidth") > 0
     expect(page.get_by_text("Use it in diffusers")).to_be_visible()
 

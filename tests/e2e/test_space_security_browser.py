@@ -5,7 +5,7 @@ attacker's site, the browser never even requests it, and the image is made with 
 
 from __future__ import annotations
 
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import pytest
 from space_helpers import EVIL, HostileRepos, SpaceRepos, seed_hostile_repos, seed_space_repos
@@ -54,7 +54,9 @@ def test_hostile_card_link_and_prompt_are_inert(
     phishing = alerts.filter(has_text="[Session expired - log in again](http")
     expect(phishing).to_have_count(1)
     assert f"[Session expired - log in again](http://{EVIL}/login)" in _visible(phishing)
-    assert alerts.locator("a").count() == 0, alerts.locator("a").evaluate_all("els => els.map(e => e.outerHTML)")
+    assert alerts.locator("a").count() == 0, alerts.locator("a").evaluate_all(
+        "els => els.map(e => e.outerHTML)"
+    )
 
     # The hostile card in the gallery: its Markdown, tags and off-site image are text or absent.
     search = page.get_by_label("Search adapters")
@@ -91,12 +93,7 @@ def test_hostile_card_link_and_prompt_are_inert(
     prompt.fill("a lighthouse")
     page.get_by_role("button", name="Generate").click()
     caption = page.get_by_test_id("stImage").filter(has_text=f"{hostile.card} × 1 · seed")
-    try:
-        expect(caption).to_have_count(1)
-    except AssertionError:
-        page.screenshot(path="/tmp/space_fail.png", full_page=True)
-        print("ALERTS", [_visible(a) for a in alerts.all()], page.url)
-        raise
+    expect(caption).to_have_count(1)
     assert repos.ink not in caption.inner_text()  # the card's <lora:ink:50> did nothing
     page.get_by_text("Use it in diffusers").click()
     snippet = page.get_by_test_id("stCode").filter(has_text="StableDiffusion3Pipeline").inner_text()
@@ -106,5 +103,5 @@ def test_hostile_card_link_and_prompt_are_inert(
     assert f"load_lora_weights('{hostile.card}'" in snippet and "revision='" in snippet
     assert "/tmp/" not in _visible(page.locator("body")).replace(hostile.private_cache_path, "")
     _no_evil(page)
-    assert not [url for url in requested if EVIL in url]  # the browser never contacted the attacker
+    assert not [url for url in requested if urlsplit(url).hostname == EVIL]  # never contacted the attacker
     page.close()
