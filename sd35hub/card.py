@@ -99,6 +99,8 @@ class CardInfo:
     duration_s: float | None = None
     peak_memory_gib: float | None = None
     sd35hub_version: str | None = None
+    validation_loss_on: str | None = None  # "held-out" samples | "training" samples at fixed noise
+    held_out: int | None = None
     prior_preservation: dict[str, Any] | None = None  # class_prompt, class_images, generated, prior_loss_weight
 
     @property
@@ -193,10 +195,12 @@ def _prior_text(prior: dict[str, Any] | None) -> str | None:
 
 
 def _results(info: CardInfo) -> list[tuple[str, str]]:
+    on = {"held-out": f" ({info.held_out or ''} held-out samples)".replace("( ", "("),
+          "training": " (training samples, fixed noise)"}.get(info.validation_loss_on or "", "")
     rows = [
         ("final training loss", info.final_loss),
-        ("validation loss before training", info.initial_validation_loss),
-        ("validation loss after training", info.validation_loss),
+        (f"validation loss{on} before training", info.initial_validation_loss),
+        (f"validation loss{on} after training", info.validation_loss),
     ]
     return [(name, _fmt(value)) for name, value in rows if value is not None]
 

@@ -114,7 +114,7 @@ class DataSpec:
     max_aspect: float = 4.0  # images with long/short side above this are skipped
     max_samples: int | None = None  # stop after this many usable samples (None = all)
     buffer_size: int = 64  # bounded bucket buffer, in samples
-    holdout: int = 2  # samples kept out of training for the validation loss
+    holdout: int | None = None  # samples kept out of training for the validation loss; None: 0 below 50 samples, then 2%
     cache_dir: str | None = None  # latent + embedding cache (default: OUTPUT/cache)
     max_sequence_length: int = 77  # T5 tokens (SD3 default 77; up to 256 for long captions)
     # a bucket's last batch of an epoch when it has fewer than batch_size samples: fill it with other samples
@@ -142,7 +142,7 @@ class DataSpec:
             out.append(f"data.max_aspect={self.max_aspect} must be >= 1 (long side / short side)")
         out += _positive("data", "max_samples", self.max_samples, allow_none=True)
         out += _positive("data", "buffer_size", self.buffer_size)
-        out += _positive("data", "holdout", self.holdout, zero_ok=True)
+        out += _positive("data", "holdout", self.holdout, zero_ok=True, allow_none=True)
         out += _choice("data", "partial_batches", self.partial_batches, PARTIAL_BATCHES)
         if not 1 <= self.max_sequence_length <= 512:
             out.append(f"data.max_sequence_length={self.max_sequence_length} must be in 1..512")

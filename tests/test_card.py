@@ -138,3 +138,11 @@ def test_helpers() -> None:
     assert repo_image_path("loss.png") == "images/loss.png"
     assert variant_from_base("stabilityai/stable-diffusion-3.5-medium") == "sd3.5-medium"
     assert variant_from_base("stabilityai/stable-diffusion-3-medium-diffusers") is None
+
+
+@pytest.mark.parametrize("on,label", [("training", "validation loss (training samples, fixed noise) after training"),
+                                      ("held-out", "validation loss (2 held-out samples) after training")])
+def test_card_says_what_the_validation_loss_was_computed_on(tmp_path: Path, on: str, label: str) -> None:
+    out = make_training_output(tmp_path / "o", validation_loss_on=on, held_out=2 if on == "held-out" else 0)
+    card = build_model_card(CardInfo.from_output_dir(out), repo_id="alice/x")
+    assert f"| {label} | 0.2 |" in str(card)

@@ -220,3 +220,30 @@ def test_cache_buckets_fit_the_tiny_transformers_position_grid(tmp_path: Path, p
                                encoder_hidden_states=torch.zeros(1, 12, 64), pooled_projections=torch.zeros(1, 64),
                                return_dict=False)[0]
     assert out.shape == (1, 16, height // 8, width // 8)
+
+
+def test_default_holdout_keeps_every_image_of_a_small_set_and_says_so(tmp_path: Path, pipe) -> None:
+    """#15.8: data.holdout defaulted to 2, silently training a 12-image set on 10. Now automatic:
+    nothing held out below 50 samples, the validation loss on training samples at fixed noise."""
+    from sd35hub.data.cache_index import HOLDOUT_AUTO_MIN, auto_holdout
+
+    assert DataSpec().holdout is None
+    assert [auto_holdout(n) for n in (1, 12, HOLDOUT_AUTO_MIN - 1, HOLDOUT_AUTO_MIN, 500, 10**6)] == [0, 0, 0, 2, 10, 16]
+    data = make_folder(tmp_path / "data")
+    index = build(DataSpec(source=str(data), resolution=128, min_size=64), pipe, tmp_path / "cache")
+    auto = CachedBatches(index, batch_size=2, seed=5, holdout=None)
+    assert auto.holdout_entries == () and len(auto.train_entries) == 7
+    assert auto.validation_source == "training"
+    batch = auto.validation_batch()
+    assert batch is not None and 1 <= len(batch["keys"]) <= 4
+    assert set(batch["keys"]) <= {index.entries[i].key for i in auto.train_entries}
+    assert len({tuple(batch["latents_mean"].shape[1:])}) == 1  # one bucket: one tensor shape
+    line = auto.describe_holdout()
+    assert "held out nothing: all 7 samples train" in line and f"{len(batch['keys'])} training samples" in line
+
+    explicit = CachedBatches(index, batch_size=2, seed=5, holdout=2)
+    assert explicit.validation_source == "held-out"
+    held_keys = sorted(index.entries[i].key for i in explicit.holdout_entries)
+    assert f"held out 2 of 7 samples" in explicit.describe_holdout()
+    assert all(key in explicit.describe_holdout() for key in held_keys)
+    assert set(explicit.validation_batch()["keys"]) <= set(held_keys)

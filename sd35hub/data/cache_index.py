@@ -29,6 +29,8 @@ if TYPE_CHECKING:
     import torch
 
 INDEX_FILE = "index.json"
+HOLDOUT_AUTO_MIN = 50  # data.holdout=None (auto): below this many samples nothing is held out
+VALIDATION_TRAIN_SAMPLES = 4  # nothing held out: the validation loss uses this many training samples
 CACHE_FORMAT = "1"
 FIELDS = ("latents_mean", "latents_std", "prompt_embeds", "pooled_prompt_embeds")
 MASK_FIELD = "mask"  # [1, h/8, w/8] in [0, 1], in caches built with data.masked_loss (sd35hub.data.masks)
@@ -88,6 +90,12 @@ class CacheIndex:
         return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
+def auto_holdout(num_samples: int) -> int:
+    """data.holdout=None: nothing below HOLDOUT_AUTO_MIN samples (a 12-image DreamBooth set keeps all
+    12); from there 2%, at least 2 and at most 16."""
+    return 0 if num_samples < HOLDOUT_AUTO_MIN else min(16, max(2, num_samples // 50))
+
+
 @dataclass(frozen=True)
 class BatchRef:
     epoch: int
@@ -143,7 +151,7 @@ class CachedBatches:
     batch size; a bucket smaller than one batch stays a smaller batch), or "drop" it.
     """
 
-    def __init__(self, index: CacheIndex | Path, batch_size: int, seed: int = 0, holdout: int = 0,
+    def __init__(self, index: CacheIndex | Path, batch_size: int, seed: int = 0, holdout: int | None = 0,
                  caption_dropout: float = 0.0, partial: str = "keep") -> None:
         self.index = index if isinstance(index, CacheIndex) else CacheIndex.load(Path(index))
         self.batch_size = batch_size
@@ -154,6 +162,8 @@ class CachedBatches:
         self.partial = partial
         self.reader = ShardReader(self.index.path)
         order = sorted(range(len(self.index.entries)), key=lambda i: self.index.entries[i].key)
+        if holdout is None:
+            holdout = auto_holdout(len(order))
         holdout = min(holdout, max(len(order) - 1, 0))  # always keep one training sample
         held = set(random.Random(stable_seed("holdout", seed)).sample(order, holdout)) if holdout else set()
         self.holdout_entries = tuple(i for i in order if i in held)
@@ -200,6 +210,40 @@ class CachedBatches:
         pooled_prompt_embeds [b, P], keys; with ``sample=True`` also ``latents`` (VAE-sampled,
         shifted and scaled, ready for the flow-matching loss)."""
         return self._load(ref.entries, epoch=ref.epoch, dropout=self.caption_dropout, generator=generator, sample=sample)
+
+    @property
+    def validation_source(self) -> str:
+        """What the validation loss is computed on: "held-out" samples, or (none held out) "training" samples."""
+        return "held-out" if self.holdout_entries else "training"
+
+    def validation_entries(self) -> tuple[int, ...]:
+        """The held-out samples of the largest holdout bucket; with nothing held out, the first
+        VALIDATION_TRAIN_SAMPLES training samples (by key) of the largest training bucket. One
+        bucket: one tensor shape."""
+        pool = self.holdout_entries or self.train_entries
+        if not pool:
+            return ()
+        buckets = Counter(self.index.entries[i].bucket for i in pool)
+        bucket = max(sorted(buckets), key=lambda b: buckets[b])
+        chosen = tuple(i for i in pool if self.index.entries[i].bucket == bucket)
+        return chosen if self.holdout_entries else chosen[:VALIDATION_TRAIN_SAMPLES]
+
+    def validation_batch(self, *, generator: torch.Generator | None = None, sample: bool = False) -> dict[str, Any] | None:
+        """The samples of :meth:`validation_entries` (None for an empty cache)."""
+        chosen = self.validation_entries()
+        return self._load(chosen, epoch=0, dropout=0.0, generator=generator, sample=sample) if chosen else None
+
+    def describe_holdout(self) -> str:
+        """One line for the log: what was held out, and what the validation loss is computed on."""
+        n, held = len(self.index.entries), len(self.holdout_entries)
+        if held:
+            keys = [self.index.entries[i].key for i in self.holdout_entries]
+            shown = ", ".join(keys[:8]) + (f" (+{len(keys) - 8} more)" if len(keys) > 8 else "")
+            return (f"held out {held} of {n} samples for the validation loss (never trained on): {shown}; "
+                    f"the loss uses {len(self.validation_entries())} of them (one bucket)")
+        used = len(self.validation_entries())
+        return (f"held out nothing: all {n} samples train (data.holdout=N holds out N; automatic from "
+                f"{HOLDOUT_AUTO_MIN} samples on); the validation loss is on {used} training samples at fixed noise")
 
     def holdout_batch(self, *, generator: torch.Generator | None = None, sample: bool = False) -> dict[str, Any] | None:
         """The held-out samples of the largest holdout bucket (one bucket: one tensor shape), or None."""

@@ -142,6 +142,9 @@ def finish(trainer: Any) -> TrainResult:
             loss_plot="loss.png" if plot else None, duration_s=trainer.duration_s, peak_memory_gib=peak,
             target_names=sorted({n.split(".", 2)[-1] for n in trainer.target_names}),
         )  # fmt: skip
+        heldout = getattr(trainer, "heldout", None)
+        summary["validation_loss_on"] = None if heldout is None else heldout.source  # "held-out" | "training"
+        summary["held_out"] = len(trainer.batches.holdout_entries)
         if getattr(trainer, "prior", None) is not None:  # DreamBooth class images: counts and weight
             summary["prior_preservation"] = trainer.prior.summary(state.epoch * trainer.batches_per_epoch + state.batch_in_epoch)
         if getattr(trainer, "phases", None) is not None:  # measured peak GPU / host memory per phase (+ the plan)
@@ -152,7 +155,7 @@ def finish(trainer: Any) -> TrainResult:
         trainer.log(
             f"done: {state.step} steps in {trainer.duration_s:.1f} s, {state.samples_seen} samples seen, "
             f"{skipped} inputs skipped, peak memory {peak if peak is None else f'{peak:.2f} GiB'}; "
-            f"held-out loss {trainer.initial_validation_loss} -> {trainer.final_validation_loss}; adapter in {out / 'adapter'}"
+            f"validation loss {trainer.initial_validation_loss} -> {trainer.final_validation_loss}; adapter in {out / 'adapter'}"
         )
         if cfg.hub.push_to_hub and cfg.hub.repo_id:
             from sd35hub.hub import publish

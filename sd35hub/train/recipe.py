@@ -177,6 +177,7 @@ class Trainer:
             acc.init_trackers("sd35hub", config={k: str(v) for k, v in cfg.train.__dict__.items()})
         if self.main:
             outputs.write_config(self.output_dir, cfg)
+            self.log(self.batches.describe_holdout())
             self.log(f"{len(self.index.entries)} cached samples ({len(self.batches.holdout_entries)} held out), "
                      f"{self.batches_per_epoch} batches/epoch, {self.total_steps} steps, {len(self.params)} LoRA tensors "
                      f"on {len(self.target_names)} layers")  # fmt: skip
@@ -417,7 +418,8 @@ class Trainer:
                     self.validation_grid = self._render_grid(model, step)
             finally:
                 model.train()
-            self.log(f"step {step}: held-out loss {loss if loss is None else round(loss, 5)}, grid {self.validation_grid}")
+            which = "held-out" if self.heldout is None or self.heldout.source == "held-out" else "training-sample"
+            self.log(f"step {step}: {which} validation loss {loss if loss is None else round(loss, 5)}, grid {self.validation_grid}")
         self.acc.wait_for_everyone()
         return loss
 

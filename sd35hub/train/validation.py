@@ -4,7 +4,8 @@ Prompts are encoded once, *before* the text encoders leave the GPU, and the embe
 at every validation (the encoders are never needed again). Each grid has one row per prompt and two
 columns: the base model (rendered once, adapter disabled) and the LoRA at this step, same seed.
 
-The held-out loss uses samples that never train (``data.holdout``), one fixed VAE latent sample,
+The validation loss uses samples that never train (``data.holdout``; automatic: none below 50
+samples) or, with nothing held out, a few training samples; always one fixed VAE latent sample,
 fixed noise and a fixed spread of sigmas, so its changes come from the adapter alone.
 """
 
@@ -87,12 +88,14 @@ class HeldOut:
     sigmas: torch.Tensor  # [n*k]
     keys: list[str]
     weights: torch.Tensor | None = None  # [n*k, 1, h/8, w/8] per-pixel loss weights (data.masked_loss)
+    source: str = "held-out"  # "held-out" | "training" (nothing held out: training samples at fixed noise)
 
 
 def make_heldout(batches: Any, seed: int, *, unmasked_weight: float = 0.0) -> HeldOut | None:
-    """Fixed held-out inputs from ``CachedBatches.holdout_batch`` (None when data.holdout is 0)."""
+    """Fixed validation-loss inputs from ``CachedBatches.validation_batch``: the held-out samples, or
+    (nothing held out) a few training samples at the same fixed noise (None for an empty cache)."""
     generator = torch.Generator().manual_seed(seed)
-    batch = batches.holdout_batch(generator=generator, sample=True)
+    batch = batches.validation_batch(generator=generator, sample=True)
     if batch is None:
         return None
     k = len(HELDOUT_SIGMAS)
@@ -105,6 +108,7 @@ def make_heldout(batches: Any, seed: int, *, unmasked_weight: float = 0.0) -> He
         sigmas=torch.tensor(HELDOUT_SIGMAS).repeat(len(batch["keys"])),
         keys=list(batch["keys"]),
         weights=_masked_weights(batch, unmasked_weight, k),
+        source=batches.validation_source,
     )
 
 

@@ -403,7 +403,7 @@ def inputs_from_config(cfg: Config, profile: HardwareProfile, *, validation_prom
         optimizer=t.optimizer, gradient_checkpointing=bool(t.gradient_checkpointing if t.gradient_checkpointing is not None
                                                            else profile.gradient_checkpointing),
         validation_prompts=validation_prompts if validation_prompts is not None else (len(t.validation_prompts) or 2),
-        guidance=t.validation_guidance, holdout=cfg.data.holdout, buffer_size=cfg.data.buffer_size,
+        guidance=t.validation_guidance, holdout=cfg.data.holdout if cfg.data.holdout is not None else 4, buffer_size=cfg.data.buffer_size,
         has_bitsandbytes=importlib.util.find_spec("bitsandbytes") is not None,
         gpu_name=profile.device_name if profile.vram_gib else f"a {profile.name} card: none here",
     )  # fmt: skip
