@@ -32,8 +32,9 @@ _VARIANT_LABELS = {
     "sd3.5-medium": "Stable Diffusion 3.5 Medium",
     "sd3.5-large": "Stable Diffusion 3.5 Large",
     "sd3.5-large-turbo": "Stable Diffusion 3.5 Large Turbo",
-    "tiny": "the tiny SD3.5-architecture test model of sd35hub",
+    "tiny": "the embedded tiny SD3.5-architecture test model of sd35hub",
 }
+TINY_TEXT = "the embedded tiny SD3.5-architecture test model of sd35hub (random weights, built offline)"
 
 
 def is_hub_id(value: str | None) -> bool:
@@ -41,6 +42,44 @@ def is_hub_id(value: str | None) -> bool:
     if not value or not _HUB_ID.match(value) or value.startswith((".", "~")):
         return False
     return not Path(value).exists()
+
+
+_SNAPSHOT = re.compile(r"models--(?P<owner>[^/\\]+?)--(?P<name>[^/\\]+)[/\\]snapshots[/\\][^/\\]+[/\\]?$")
+LOCAL_BASE = "a local model"  # what summary.json says of a local base whose Hub id is unknown (never its path)
+
+
+def base_model_hub_id(name: str, explicit: str | None = None) -> str | None:
+    """The Hub id a base model is published as: ``explicit`` (model.base_model_id / --base-model-id),
+    a Hub id itself, or for a local diffusers folder the repo it came from: a Hub cache snapshot
+    (``.../models--owner--name/snapshots/<rev>``) or a Hub id in its model_index.json / transformer
+    config ``_name_or_path``. None for "tiny" and for a folder whose origin is unknown."""
+    if explicit:
+        return explicit
+    if name == "tiny":
+        return None
+    if is_hub_id(name):
+        return name
+    path = Path(name).expanduser()
+    if not path.is_dir():
+        return None
+    resolved = str(path.resolve())
+    match = _SNAPSHOT.search(resolved)
+    if match and is_hub_id(f"{match['owner']}/{match['name']}"):
+        return f"{match['owner']}/{match['name']}"
+    for config in (path / "model_index.json", path / "transformer" / "config.json"):
+        try:
+            origin = json.loads(config.read_text(encoding="utf-8")).get("_name_or_path")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(origin, str) and is_hub_id(origin):
+            return origin
+    return None
+
+
+def public_base_name(name: str, explicit: str | None = None) -> str:
+    """What may be written where others read it (card, adapter header, summary): the Hub id,
+    "tiny", or LOCAL_BASE — never a local path."""
+    return base_model_hub_id(name, explicit) or ("tiny" if name == "tiny" else LOCAL_BASE)
 
 
 def variant_from_base(base_model: str) -> str | None:
@@ -126,8 +165,9 @@ class CardInfo:
         return cls(**values)
 
     @classmethod
-    def from_output_dir(cls, output_dir: str | Path) -> CardInfo:
-        """Read OUTPUT/summary.json; images and plots that are not on disk are left out of the card."""
+    def from_output_dir(cls, output_dir: str | Path, *, base_model_id: str | None = None) -> CardInfo:
+        """Read OUTPUT/summary.json; images and plots that are not on disk are left out of the card.
+        ``base_model_id`` names the Hub base of a run trained on a local folder (--base-model-id)."""
         output_dir = Path(output_dir)
         summary_path = output_dir / "summary.json"
         if not summary_path.is_file():
@@ -148,6 +188,11 @@ class CardInfo:
         loss_plot = loss_plot if loss_plot and (output_dir / loss_plot).is_file() else None
         from dataclasses import replace
 
+        if base_model_id:
+            if not is_hub_id(base_model_id):
+                raise ConfigError(f"--base-model-id {base_model_id!r} is not a Hub id OWNER/NAME "
+                                  "(e.g. stabilityai/stable-diffusion-3.5-medium)")
+            info = replace(info, base_model=base_model_id, variant=info.variant if info.variant != "tiny" else None)
         return replace(info, validation_images=kept, loss_plot=loss_plot)
 
 
@@ -210,12 +255,19 @@ def _snippet(info: CardInfo, source: str, adapter_name: str, prompt: str) -> str
 
     # the same per-variant defaults the blending engine samples with, so the card and the Space agree
     steps, guidance = SAMPLING_DEFAULTS.get(info.resolved_variant or "", SAMPLING_DEFAULTS["sd3.5-large"])
+    if info.base_model == "tiny":  # runs anywhere: the tiny model is built locally by sd35hub
+        load = ["from sd35hub.models.tiny import tiny_model_path", "",
+                'pipe = StableDiffusion3Pipeline.from_pretrained(tiny_model_path())']
+    elif is_hub_id(info.base_model):
+        load = ["", f'pipe = StableDiffusion3Pipeline.from_pretrained("{info.base_model}", dtype=torch.bfloat16).to("cuda")']
+    else:
+        load = ["", 'base = "PATH/TO/BASE"  # the local diffusers folder of the SD3.5 model this adapter was trained on',
+                'pipe = StableDiffusion3Pipeline.from_pretrained(base, dtype=torch.bfloat16).to("cuda")']
     return "\n".join(
         [
             "import torch",
             "from diffusers import StableDiffusion3Pipeline",
-            "",
-            f'pipe = StableDiffusion3Pipeline.from_pretrained("{info.base_model}", dtype=torch.bfloat16).to("cuda")',
+            *load,
             f'pipe.load_lora_weights("{source}", weight_name="{ADAPTER_FILE_IN_REPO}", adapter_name="{adapter_name}")',
             f'pipe.set_adapters(["{adapter_name}"], [1.0])',
             f"image = pipe({json.dumps(prompt, ensure_ascii=False)}, num_inference_steps={steps}, guidance_scale={guidance}).images[0]",
@@ -238,6 +290,12 @@ def build_model_card(info: CardInfo, *, repo_id: str | None) -> ModelCard:
     for_repo = repo_id is not None
     variant = info.resolved_variant
     base_is_hub = is_hub_id(info.base_model)
+    if for_repo and not base_is_hub and info.base_model != "tiny":
+        raise ConfigError(
+            "The adapter was trained on a local base model whose Hub repo is unknown, so the card cannot name "
+            "or link its base; pass --base-model-id OWNER/NAME (the Hub repo the folder was downloaded from, "
+            "e.g. stabilityai/stable-diffusion-3.5-medium)."
+        )
     license_link = license_link_for(info.base_model)
     tags = ["lora", "diffusers", "text-to-image", "sd3.5"]
     if variant in ("sd3.5-medium", "sd3.5-large"):
@@ -281,10 +339,11 @@ def build_model_card(info: CardInfo, *, repo_id: str | None) -> ModelCard:
     card = ModelCard.from_template(
         card_data,
         template_path=str(TEMPLATE_PATH),
-        title=name or f"{_VARIANT_LABELS.get(variant or '', 'SD3.5')} LoRA",
-        base_model_url=f"{HUB_URL}/{info.base_model}" if base_is_hub else HUB_URL,
-        base_model_text=(f"[{info.base_model}]({HUB_URL}/{info.base_model})" if base_is_hub
-                         else f"`{info.base_model}`"),
+        title=name or ("sd35hub tiny-model demo LoRA" if info.base_model == "tiny"
+                       else f"{_VARIANT_LABELS.get(variant or '', 'SD3.5')} LoRA"),
+        base_model_url=f"{HUB_URL}/{info.base_model}" if base_is_hub else None,
+        base_model_text=_base_text(info.base_model),
+        is_tiny=info.base_model == "tiny",
         variant_label=_VARIANT_LABELS.get(variant or "", "Stable Diffusion 3.5"),
         dataset_text=dataset_text,
         trigger_word=info.trigger_word,
@@ -297,6 +356,33 @@ def build_model_card(info: CardInfo, *, repo_id: str | None) -> ModelCard:
         skipped=sorted(info.skipped.items()),
     )
     return card
+
+
+def _base_text(base_model: str) -> str:
+    if is_hub_id(base_model):
+        return f"[{base_model}]({HUB_URL}/{base_model})"
+    if base_model == "tiny":
+        return TINY_TEXT
+    return "a local copy of a Stable Diffusion 3.5 model"
+
+
+def adapter_bytes(path: Path, base_model_id: str | None = None) -> bytes:
+    """The adapter file's bytes; with ``base_model_id``, its sd35hub header names that base (the
+    tensors are unchanged)."""
+    data = Path(path).read_bytes()
+    if not base_model_id:
+        return data
+    from safetensors import safe_open
+    from safetensors.torch import load, save
+
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = dict(handle.metadata() or {})
+    raw = json.loads(metadata.get("sd35hub") or "{}")
+    if raw.get("base_model") == base_model_id:
+        return data
+    raw["base_model"] = base_model_id
+    metadata["sd35hub"] = json.dumps(raw, sort_keys=True)
+    return save(load(data), metadata=metadata)
 
 
 def write_model_card(output_dir: str | Path, repo_id: str | None = None) -> Path:

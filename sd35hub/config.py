@@ -81,9 +81,14 @@ class ModelSpec:
     attention: str = "sdpa"  # sdpa (PyTorch, default) | xformers (needs sd35hub[xformers])
     drop_t5: bool = False  # skip T5-XXL entirely (zero embeddings, saves ~9 GB; lower prompt fidelity)
     float8: bool = False  # FP8 matmuls for the frozen base layers (torchao; L4/H100 class GPUs)
+    # the Hub repo a local model folder came from (card, adapter header); found from the folder when unset
+    base_model_id: str | None = None
 
     def problems(self) -> list[str]:
         out: list[str] = []
+        if self.base_model_id is not None and not re.match(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$", self.base_model_id):
+            out.append(f"model.base_model_id={self.base_model_id!r} must be a Hub id OWNER/NAME, e.g. "
+                       "stabilityai/stable-diffusion-3.5-medium")
         if not self.name:
             out.append("model.name is empty; pass --model stabilityai/stable-diffusion-3.5-large (or tiny)")
         out += _choice("model", "dtype", self.dtype, DTYPES)

@@ -80,6 +80,11 @@ def train_demo(output: Path) -> Iterator[str]:
                         validation_every=DEMO_TRAIN_STEPS // 2, validation_steps=DEMO_STEPS, checkpoint_every=50,
                         log_every=5, seed=DEMO_SEED),
     )
+    import shutil
+
+    # the demo retrains from scratch each time: its previous run leaves (a folder of another run is refused)
+    shutil.rmtree(output / "checkpoints", ignore_errors=True)
+    (output / "summary.json").unlink(missing_ok=True)
     lines: list[str] = []
     start = time.perf_counter()
     result = train(config, log=lines.append)

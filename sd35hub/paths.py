@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ def _build_into_place(target: Path, build: Callable[[Path], Any], is_complete: C
     if target.exists():  # complete builds only ever appear by rename, so this one is broken
         shutil.rmtree(target, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    normal_dir_mode(staging)
     try:
         build(staging)
         try:
@@ -46,6 +48,22 @@ def _build_into_place(target: Path, build: Callable[[Path], Any], is_complete: C
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+_UMASK_LOCK = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process umask (read by setting and restoring it, under a lock)."""
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+def normal_dir_mode(path: Path) -> None:
+    """A folder made by mkdtemp (0700) gets a normal folder's mode (0755 under umask 022)."""
+    os.chmod(path, 0o777 & ~current_umask())
 
 
 def atomic_write_text(path: Path, text: str) -> Path:
@@ -66,6 +84,7 @@ def atomic_write(path: Path, write: Callable[[Path], Any], needed: int | None = 
         os.close(handle)
         try:
             write(Path(temp))
+            os.chmod(temp, 0o666 & ~current_umask())  # mkstemp makes 0600: give the file a normal file's mode
             os.replace(temp, path)
         finally:
             if os.path.exists(temp):

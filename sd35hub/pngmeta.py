@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import re
+from pathlib import Path, PureWindowsPath
 from typing import Any
 
 # tEXt chunk name -> params key
@@ -21,10 +22,35 @@ TEXT_CHUNKS = {
 }
 
 
+_LOCAL_ONLY_KEYS = {"model_path"}  # where this machine keeps the files: meaningless (and private) elsewhere
+
+
+def _is_local_path(value: str) -> bool:
+    return value.startswith(("/", "~", "\\\\")) or bool(re.match(r"^[A-Za-z]:[\\/]", value))
+
+
+def public_params(params: Any) -> Any:
+    """``params`` without local file-system paths, for a PNG that may be shared: the keys that only
+    locate files on this machine are dropped, and any other absolute path keeps its last part
+    (a cached adapter's ``file`` becomes ``pytorch_lora_weights.safetensors``; its Hub id is kept)."""
+    if isinstance(params, dict):
+        return {k: public_params(v) for k, v in params.items() if k not in _LOCAL_ONLY_KEYS}
+    if isinstance(params, (list, tuple)):
+        return [public_params(v) for v in params]
+    if isinstance(params, Path) or (isinstance(params, str) and _is_local_path(params)):
+        return PureWindowsPath(str(params)).name or str(params)
+    return params
+
+
 def save_png(image: Any, path: str | Path, params: dict[str, Any]) -> Path:
-    """Write `image` with each parameter in its own tEXt chunk, plus `adapters` and the full `sd35hub` JSON."""
+    """Write `image` with each parameter in its own tEXt chunk, plus `adapters` and the full `sd35hub`
+    JSON; local file-system paths are left out (:func:`public_params`). The file gets the usual
+    permissions (0644 under the common umask 022), written atomically."""
     from PIL.PngImagePlugin import PngInfo
 
+    from sd35hub.paths import atomic_write
+
+    params = public_params(params)
     info = PngInfo()
     for chunk, key in TEXT_CHUNKS.items():
         if key in params:
@@ -32,17 +58,9 @@ def save_png(image: Any, path: str | Path, params: dict[str, Any]) -> Path:
     adapters = [{"source": a["source"], "weight": a["weight"]} for a in params.get("adapters", [])]
     info.add_text("adapters", json.dumps(adapters))
     info.add_text("sd35hub", json.dumps(params, default=str, sort_keys=True))
-    from sd35hub.diskspace import writing
-
-    path = Path(path)
-    with writing(path, needed=image.width * image.height * 4):  # at most ~the raw pixels
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            image.save(path, pnginfo=info)
-        except BaseException:
-            path.unlink(missing_ok=True)  # never leave a truncated PNG behind
-            raise
-    return path
+    # atomic: never a truncated PNG left behind; a full disk is a DiskFullError naming the path
+    return atomic_write(Path(path), lambda temp: image.save(temp, format="PNG", pnginfo=info),
+                        needed=image.width * image.height * 4)  # at most ~the raw pixels
 
 
 def read_png_params(path: str | Path) -> dict[str, Any]:

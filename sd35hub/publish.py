@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from sd35hub.access import check_write_access, hub_errors
-from sd35hub.card import ADAPTER_FILE_IN_REPO, CardInfo, build_model_card, repo_image_path
+from sd35hub.card import ADAPTER_FILE_IN_REPO, CardInfo, adapter_bytes, build_model_card, repo_image_path
 from sd35hub.errors import AdapterError, ConfigError, HubRequestError, Sd35HubError
 from sd35hub.redact import sanitized_config_yaml
 
@@ -88,22 +88,23 @@ class PublishResult:
         return lines
 
 
-def plan_publication(output_dir: str | Path, repo_id: str) -> tuple[list[PlannedFile], str]:
+def plan_publication(output_dir: str | Path, repo_id: str, base_model_id: str | None = None) -> tuple[list[PlannedFile], str]:
     """(files to publish, card text) for a training output folder. Reads only the files it publishes,
     and only files inside the folder: summary.json naming anything outside it is refused (ConfigError),
-    and so is a malformed summary.json (sd35hub.publish_checks)."""
+    and so is a malformed summary.json (sd35hub.publish_checks). ``base_model_id``: the Hub repo of
+    a run trained on a local folder (card and adapter header)."""
     from sd35hub.publish_checks import check_summary, inside
 
     output_dir = Path(output_dir)
     check_summary(output_dir)
-    info = CardInfo.from_output_dir(output_dir)
+    info = CardInfo.from_output_dir(output_dir, base_model_id=base_model_id)
     adapter = inside(output_dir, info.adapter_file, "adapter_file")
     if not adapter.is_file():
         raise ConfigError(f"{output_dir} has no adapter file {info.adapter_file}: did training finish?")
     _check_safetensors(adapter)
     card_text = str(build_model_card(info, repo_id=repo_id))
     files = [
-        PlannedFile(ADAPTER_FILE_IN_REPO, adapter.read_bytes(), info.adapter_file),
+        PlannedFile(ADAPTER_FILE_IN_REPO, adapter_bytes(adapter, base_model_id), info.adapter_file),
         PlannedFile("README.md", card_text.encode("utf-8"), "generated model card"),
     ]
     images = [image.path for image in info.validation_images] + ([info.loss_plot] if info.loss_plot else [])
@@ -199,6 +200,7 @@ def publish(
     dry_run: bool = False,
     token: str | bool | None = None,
     commit_message: str | None = None,
+    base_model_id: str | None = None,
 ) -> PublishResult:
     """Publish OUTPUT_DIR to ``repo_id`` in one commit (see the module docstring for the layout).
 
@@ -209,7 +211,7 @@ def publish(
     from huggingface_hub import CommitOperationAdd, HfApi
 
     check_write_access(repo_id, token=token)
-    files, card_text = plan_publication(output_dir, repo_id)
+    files, card_text = plan_publication(output_dir, repo_id, base_model_id)
     branch = revision or "main"
     api = HfApi(token=token)
     result = PublishResult(

@@ -119,9 +119,18 @@ def test_non_hub_base_is_named_not_linked(tmp_path: Path) -> None:
     out.mkdir()
     (out / "summary.json").write_text(json.dumps({"base_model": "tiny", "variant": "tiny"}))
     card = ModelCard(str(build_model_card(CardInfo.from_output_dir(out), repo_id=None)))
-    assert "A LoRA adapter for `tiny`" in card.text and "[](" not in card.text
     assert card.data.base_model is None  # no Hub relation claimed for a local model
     assert card.data.license_link == "https://stability.ai/community-license-agreement"
+    # #15.13: the demo's card had the title "the tiny ... of sd35hub LoRA", a blank "derivative of",
+    # and a snippet from_pretrained("tiny") that cannot run
+    text = card.text
+    assert text.lstrip().startswith("# sd35hub tiny-model demo LoRA")
+    assert "A LoRA adapter for the embedded tiny SD3.5-architecture test model of sd35hub" in text
+    assert "derivative of  " not in text and "derivative of and" not in text and "[](" not in text
+    assert "random weights, not\nStable Diffusion 3.5" in text or "not\nStable Diffusion 3.5" in text
+    assert 'from_pretrained("tiny")' not in text and "from_pretrained(tiny_model_path())" in text
+    snippet = text.split("```python\n", 1)[1].split("```", 1)[0]
+    compile(snippet, "snippet", "exec")
 
 
 def test_output_dir_without_summary_is_a_clear_error(tmp_path: Path) -> None:
@@ -146,3 +155,65 @@ def test_card_says_what_the_validation_loss_was_computed_on(tmp_path: Path, on: 
     out = make_training_output(tmp_path / "o", validation_loss_on=on, held_out=2 if on == "held-out" else 0)
     card = build_model_card(CardInfo.from_output_dir(out), repo_id="alice/x")
     assert f"| {label} | 0.2 |" in str(card)
+
+
+def _local_run(tmp_path: Path, base: str) -> Path:
+    out = make_training_output(tmp_path / "o", base_model=base, variant="sd3.5-medium")
+    return out
+
+
+def test_a_local_base_is_never_published_and_its_hub_id_is_asked_for(tmp_path: Path) -> None:
+    """#15.12: a run on --model /some/folder published the path in the card text and snippet, a blank
+    license sentence, the Hub's home page as base link, and no base_model."""
+    from sd35hub.card import LOCAL_BASE
+
+    out = _local_run(tmp_path, LOCAL_BASE)
+    local = str(build_model_card(CardInfo.from_output_dir(out), repo_id=None))
+    assert "a local copy of a Stable Diffusion 3.5 model" in local and "PATH/TO/BASE" in local
+    with pytest.raises(ConfigError, match="--base-model-id"):
+        build_model_card(CardInfo.from_output_dir(out), repo_id="alice/x")
+    card = ModelCard(str(build_model_card(CardInfo.from_output_dir(out, base_model_id=BASE_MODEL), repo_id="alice/x")))
+    assert card.data.base_model == BASE_MODEL and card.data.base_model_relation == "adapter"
+    assert card.data.license_link == f"https://huggingface.co/{BASE_MODEL}/blob/main/LICENSE.md"
+    assert f"derivative of [{BASE_MODEL}](https://huggingface.co/{BASE_MODEL})" in card.text
+    assert f"[base model page](https://huggingface.co/{BASE_MODEL})" in card.text
+    assert f'from_pretrained("{BASE_MODEL}"' in card.text
+    with pytest.raises(ConfigError, match="not a Hub id"):
+        CardInfo.from_output_dir(out, base_model_id="/home/alice/sd35")
+
+
+def test_a_local_folder_resolves_to_the_hub_repo_it_came_from(tmp_path: Path) -> None:
+    from sd35hub.card import LOCAL_BASE, base_model_hub_id, public_base_name
+
+    snapshot = tmp_path / "hub" / "models--stabilityai--stable-diffusion-3.5-large" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot / "model_index.json").write_text("{}")
+    assert base_model_hub_id(str(snapshot)) == "stabilityai/stable-diffusion-3.5-large"
+    saved = tmp_path / "saved"
+    (saved / "transformer").mkdir(parents=True)
+    (saved / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline"}))
+    (saved / "transformer" / "config.json").write_text(json.dumps({"_name_or_path": "stabilityai/stable-diffusion-3.5-medium"}))
+    assert base_model_hub_id(str(saved)) == "stabilityai/stable-diffusion-3.5-medium"
+    unknown = tmp_path / "mine"
+    unknown.mkdir()
+    (unknown / "model_index.json").write_text(json.dumps({"_name_or_path": "/home/alice/sd35"}))
+    assert base_model_hub_id(str(unknown)) is None and public_base_name(str(unknown)) == LOCAL_BASE
+    assert base_model_hub_id(str(unknown), "me/my-sd35") == "me/my-sd35"
+    assert public_base_name("tiny") == "tiny" and base_model_hub_id("tiny") is None
+    assert public_base_name(BASE_MODEL) == BASE_MODEL
+
+
+def test_publishing_with_base_model_id_fixes_the_adapter_header(tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    from sd35hub.card import LOCAL_BASE
+    from sd35hub.publish import plan_publication
+
+    out = _local_run(tmp_path, LOCAL_BASE)
+    files, card = plan_publication(out, "alice/x", base_model_id=BASE_MODEL)
+    adapter = next(f for f in files if f.path_in_repo == "pytorch_lora_weights.safetensors")
+    (tmp_path / "a.safetensors").write_bytes(adapter.content)
+    with safe_open(str(tmp_path / "a.safetensors"), framework="pt") as handle:
+        assert json.loads(handle.metadata()["sd35hub"])["base_model"] == BASE_MODEL
+        assert len(list(handle.keys())) == 2
+    assert str(tmp_path) not in card and LOCAL_BASE not in card

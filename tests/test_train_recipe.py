@@ -402,3 +402,28 @@ def test_tiny_model_at_512_px_trains_with_buckets_bounded_by_its_position_grid(t
     assert "data.resolution=768 is above the 512 px" in text and "640x384->512x320" in text
     summary = json.loads((result.output_dir / "summary.json").read_text())
     assert all(max(b) <= 512 for b in summary["resolution_buckets"]), summary["resolution_buckets"]
+
+
+def test_resuming_a_finished_run_rewrites_none_of_its_facts(tmp_path, cache_dir):
+    """#15.9: `--resume latest` on a finished run with a new learning rate trained 0 steps but rewrote
+    summary.json, the card and the config (new lr, no final loss, the resume session's duration)."""
+    import time as _time
+
+    out = tmp_path / "out"
+    slow = lambda trainer: _time.sleep(0.3)  # noqa: E731 - makes the first session's time measurable
+    first = recipe.train(tiny_config(out, cache_dir, max_steps=3), log=lambda s: None, on_step=slow, progress=False)
+    files = {name: (out / name).read_bytes() for name in ("summary.json", "README.md", "training_config.yaml")}
+    assert first.final_loss is not None and first.duration_s >= 0.9
+    lines: list[str] = []
+    again = recipe.train(tiny_config(out, cache_dir, max_steps=3, learning_rate=5e-5, resume="latest"),
+                         log=lines.append, progress=False)
+    assert {name: (out / name).read_bytes() for name in files} == files
+    assert again.steps == 3 and again.final_loss == pytest.approx(first.final_loss)
+    assert again.duration_s == pytest.approx(first.duration_s, abs=0.01)
+    assert any("is finished (step 3 of 3): nothing to train" in line for line in lines)
+
+    # continuing it with more steps: the duration is the whole run's, not the last session's
+    more = recipe.train(tiny_config(out, cache_dir, max_steps=5, resume="latest"), log=lambda s: None, progress=False)
+    assert more.steps == 5 and more.final_loss is not None
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["duration_s"] >= first.duration_s and summary["steps"] == 5

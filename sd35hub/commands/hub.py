@@ -33,12 +33,14 @@ def register(app: typer.Typer) -> None:
         create_pr: bool = typer.Option(False, "--create-pr", help="Open a pull request instead of pushing."),
         dry_run: bool = typer.Option(False, "--dry-run", help="Print the files and the card; upload nothing."),
         message: str | None = typer.Option(None, "--message", "-m", help="Commit message."),
+        base_model_id: str | None = typer.Option(None, "--base-model-id", metavar="OWNER/NAME",
+                                                 help="Hub repo of the base, for a run trained on a local folder."),
     ) -> None:
         """Publish the adapter, model card, sample images and config to the Hub in one commit."""
         from sd35hub.publish import publish as _publish
 
         result = _publish(output_dir, repo, private=private, revision=revision, create_pr=create_pr,
-                          dry_run=dry_run, commit_message=message)
+                          dry_run=dry_run, commit_message=message, base_model_id=base_model_id)
         for line in result.describe():
             typer.echo(line)
         if dry_run:

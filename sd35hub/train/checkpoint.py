@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from sd35hub.errors import ConfigError
+from sd35hub.paths import normal_dir_mode
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "state.json"
@@ -163,6 +164,7 @@ def _save_checkpoint(
         shutil.rmtree(stale, ignore_errors=True)
     final = root / checkpoint_name(state.step)
     staging = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
+    normal_dir_mode(staging)  # mkdtemp makes 0700
     try:
         save_file({k: v.contiguous() for k, v in lora.items()}, str(staging / "lora.safetensors"))
         if ema is not None:
@@ -180,9 +182,56 @@ def _save_checkpoint(
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
-    for old in list_checkpoints(root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    prune_checkpoints(root, final, keep)
     return final
+
+
+def prune_checkpoints(root: Path, current: Path, keep: int) -> list[Path]:
+    """Delete all but the newest ``keep`` checkpoints up to ``current`` (never ``current`` itself);
+    checkpoints with a higher step (another timeline, e.g. after resuming from an earlier checkpoint)
+    are neither counted nor deleted. Returns what was deleted."""
+    step = _step_of(current)
+    earlier = [p for p in list_checkpoints(root) if _step_of(p) < step]
+    doomed = earlier[: max(len(earlier) - max(keep - 1, 0), 0)]
+    for old in doomed:
+        shutil.rmtree(old, ignore_errors=True)
+    return doomed
+
+
+def _step_of(path: Path) -> int:
+    match = _NAME.match(path.name)
+    return int(match.group(1)) if match else -1
+
+
+def load_resumable(resume: str, checkpoint_dir: str | Path, log: Callable[[str], None] = print) -> Checkpoint | None:
+    """The checkpoint ``resume`` names, loaded. ``"latest"``: the newest one that loads completely;
+    a damaged newer one (truncated or missing file, bad state file) is skipped and said so. A named
+    checkpoint that is damaged is a ConfigError saying what is wrong. None: "latest" with none yet."""
+    if resume != "latest":
+        path = resolve_resume(resume, checkpoint_dir)
+        assert path is not None
+        try:
+            return load_checkpoint(path)
+        except DamagedCheckpointError as exc:
+            raise ConfigError(f"train.resume={resume!r}: {exc}; pass another checkpoint or 'latest'") from None
+    found = list_checkpoints(checkpoint_dir)
+    for path in reversed(found):
+        try:
+            saved = load_checkpoint(path)
+        except DamagedCheckpointError as exc:
+            log(f"warning: {exc}; trying the next older checkpoint")
+            continue
+        if path != found[-1]:
+            log(f"resuming from {path.name}, the newest complete checkpoint")
+        return saved
+    if found:
+        raise ConfigError(f"every checkpoint in {checkpoint_dir} is damaged ({len(found)} tried); delete them to start "
+                          "over, or pass --resume with a checkpoint from elsewhere")
+    return None
+
+
+class DamagedCheckpointError(Exception):
+    """A checkpoint folder that cannot be loaded completely (the message names the file and why)."""
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
@@ -191,21 +240,26 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     from safetensors.torch import load_file
 
     path = Path(path)
-    raw = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
-    known = set(TrainState.__dataclass_fields__)
-    state = TrainState(**{k: v for k, v in raw.items() if k in known})
-    training = torch.load(path / "training_state.pt", map_location="cpu", weights_only=True)
-    ema_file = path / "ema.safetensors"
-    return Checkpoint(
-        path=path,
-        state=state,
-        lora=load_file(str(path / "lora.safetensors")),
-        ema=load_file(str(ema_file)) if ema_file.is_file() else None,
-        optimizer=training["optimizer"],
-        scheduler=training["scheduler"],
-        scaler=training.get("scaler"),
-        rng=training["rng"],
-    )
+    current = STATE_FILE
+    try:
+        raw = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+        known = set(TrainState.__dataclass_fields__)
+        state = TrainState(**{k: v for k, v in raw.items() if k in known})
+        if not isinstance(state.step, int) or state.step < 0 or not isinstance(state.extra, dict):
+            raise ValueError(f"step {state.step!r} / extra {type(state.extra).__name__} are not a training state")
+        current = "training_state.pt"
+        training = torch.load(path / current, map_location="cpu", weights_only=True)
+        current = "lora.safetensors"
+        lora = load_file(str(path / current))
+        current = "ema.safetensors"
+        ema_file = path / current
+        ema = load_file(str(ema_file)) if ema_file.is_file() else None
+        current = "training_state.pt"
+        return Checkpoint(path=path, state=state, lora=lora, ema=ema, optimizer=training["optimizer"],
+                          scheduler=training["scheduler"], scaler=training.get("scaler"), rng=training["rng"])
+    except Exception as exc:  # noqa: BLE001 - any failure to read a file of it means the checkpoint is damaged
+        reason = "missing" if isinstance(exc, FileNotFoundError) else f"{type(exc).__name__}: {str(exc)[:160]}"
+        raise DamagedCheckpointError(f"checkpoint {path.name} is damaged ({current}: {reason})") from exc
 
 
 class SigtermFlag:

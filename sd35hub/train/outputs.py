@@ -23,6 +23,7 @@ _NOT_MATH = {
               "keep_checkpoints", "validation_every", "validation_prompts", "validation_steps",
               "validation_guidance", "validation_seed", "log_every", "report_to"},
     "data": {"cache_dir"},
+    "model": {"base_model_id"},
 }  # fmt: skip
 
 
@@ -55,7 +56,7 @@ def write_config(output_dir: Path, config: Config) -> Path:
     return atomic_write_text(output_dir / "training_config.yaml", dump_yaml(config))
 
 
-def build_summary(*, config: Config, variant: str, steps: int, epochs: float, samples_seen: int,
+def build_summary(*, config: Config, base_model: str, variant: str, steps: int, epochs: float, samples_seen: int,
                   final_loss: float | None, validation_loss: float | None, initial_validation_loss: float | None,
                   buckets: list[list[int]], skipped: dict[str, int], validation_images: list[dict[str, str]],
                   loss_plot: str | None, duration_s: float, peak_memory_gib: float | None,
@@ -63,7 +64,7 @@ def build_summary(*, config: Config, variant: str, steps: int, epochs: float, sa
     """summary.json: the keys sd35hub.card.CardInfo reads."""
     train, lora = config.train, config.lora
     return {
-        "base_model": config.model.name,
+        "base_model": base_model,
         "variant": variant,
         "adapter_file": ADAPTER_FILE,
         "trigger_word": config.data.trigger_word or None,
@@ -101,6 +102,44 @@ def write_summary(output_dir: Path, summary: dict[str, Any]) -> Path:
     return atomic_write_text(output_dir / "summary.json", json.dumps(summary, indent=2))
 
 
+def resolve_base(model: Any, log: Any) -> str | None:
+    """The Hub id of the base (card.base_model_hub_id); says so when a local folder's is unknown."""
+    from sd35hub.card import base_model_hub_id
+
+    found = base_model_hub_id(model.name, model.base_model_id)
+    if found is None and model.name != "tiny":
+        log(f"the base model {model.name} is a local folder from an unknown Hub repo: the card and adapter will not "
+            "name it, and publishing asks for it; pass --base-model-id OWNER/NAME (model.base_model_id)")
+    elif found is not None and found != model.name:
+        log(f"the base model folder {model.name} is {found} on the Hub: cards and adapters name {found}")
+    return found
+
+
+def public_base_model(trainer: Any) -> str:
+    """The base model as it may be published: a Hub id, "tiny", or "a local model" (never a path)."""
+    from sd35hub.card import public_base_name
+
+    return public_base_name(trainer.config.model.name, getattr(trainer, "base_model_id", None))
+
+
+def has_outputs(output_dir: Path) -> bool:
+    """A finished run's outputs are there: summary.json and the adapter."""
+    return (Path(output_dir) / "summary.json").is_file() and (Path(output_dir) / ADAPTER_FILE).is_file()
+
+
+def read_result(output_dir: Path) -> TrainResult:
+    """The TrainResult of a finished run, from what it wrote (summary.json), nothing rewritten."""
+    out = Path(output_dir)
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    return TrainResult(
+        output_dir=out, adapter_path=out / ADAPTER_FILE, steps=int(summary.get("steps") or 0),
+        samples_seen=int(summary.get("samples_seen") or 0), final_loss=summary.get("final_loss"),
+        validation_loss=summary.get("validation_loss"), initial_validation_loss=summary.get("initial_validation_loss"),
+        duration_s=float(summary.get("duration_s") or 0.0), peak_memory_gib=summary.get("peak_memory_gib"),
+        summary=summary,
+    )  # fmt: skip
+
+
 def peak_memory_gib(device: Any) -> float | None:
     """Peak CUDA memory allocated by this process (GiB); on CPU the process's peak resident set."""
     import torch
@@ -129,12 +168,13 @@ def finish(trainer: Any) -> TrainResult:
         trainer._write_adapter(out / "adapter")  # EMA weights when on (swapped in and out by the trainer)
         images = []
         for i, (prompt, image) in enumerate(zip(trainer.prompts.prompts, trainer.lora_images, strict=True)):
-            validation.save_png(image, out / "samples" / f"final_{i}.png")
+            validation.save_png(image, out / "samples" / f"final_{i}.png",
+                                trainer.image_params([prompt], step=state.step, seed=cfg.train.validation_seed + i))
             images.append({"path": f"samples/final_{i}.png", "prompt": prompt})
         plot = plot_loss(trainer._read_metrics(), out / "loss.png")
         train_samples = max(len(trainer.batches.train_entries), 1)
         summary = build_summary(
-            config=cfg, variant=trainer.info.variant, steps=state.step, epochs=state.samples_seen / train_samples,
+            config=cfg, base_model=public_base_model(trainer), variant=trainer.info.variant, steps=state.step, epochs=state.samples_seen / train_samples,
             samples_seen=state.samples_seen, final_loss=trainer.final_loss, validation_loss=trainer.final_validation_loss,
             initial_validation_loss=trainer.initial_validation_loss,
             buckets=[list(b) for b in sorted({e.bucket for e in trainer.index.entries})],

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -54,6 +55,8 @@ class Trainer:
         self.progress = progress
         self.state = ckpt.TrainState()
         self.records: list[dict[str, Any]] = []
+        self.prior_duration_s = 0.0  # training time of earlier sessions of a resumed run
+        self.finished = False  # resumed at or past the last step of a run that wrote its outputs
 
     # ------------------------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -73,6 +76,7 @@ class Trainer:
         self._check_access(cfg)  # 2. license + token (nothing downloaded)
         check_dataset(cfg.data, limit=256)  # 3. DatasetError now, not after loading 16 GB
         self.info = model_info(cfg.model.name, cfg.model.revision)  # configs only
+        self.base_model_id = outputs.resolve_base(cfg.model, self.log)  # the Hub id to publish; never a path
         self.profile = detect_profile(cfg.train.profile, variant=self.info.variant)  # 4. before weights load
         cfg, notes = apply_profile(cfg, self.profile, self.explicit)
         cfg, bucket_notes = _bound_resolution(cfg, self.info.max_resolution)  # the base's positional grid
@@ -88,6 +92,11 @@ class Trainer:
         check_options(cfg.model.quantize, cfg.model.attention)  # bitsandbytes / xformers present, also before
         self.output_dir = Path(train.output_dir)
         self.checkpoint_dir = Path(train.checkpoint_dir or self.output_dir / "checkpoints")
+        from sd35hub.train.runfolder import RunLock, check_fresh_folder
+
+        if os.environ.get("RANK", "0") == "0":  # one lock per run (rank 0 of a launch); released in cleanup()
+            self.run_lock = RunLock(self.output_dir).acquire()
+        check_fresh_folder(self.output_dir, self.checkpoint_dir, train.resume)
 
         trackers = [r for r in train.report_to if r in ("tensorboard", "wandb")]
         self.acc = acc = Accelerator(
@@ -171,11 +180,15 @@ class Trainer:
         if train.resume:
             self._resume(train.resume)
             check_same_resume_step(acc, self.state.step, self.checkpoint_dir)
+            self.finished = self.state.step >= self.total_steps and outputs.has_outputs(self.output_dir)
         self.metrics = MetricsLog(self.output_dir / "logs" / "metrics.jsonl",
                                   resume_step=self.state.step if train.resume else None) if self.main else None
         if trackers:
             acc.init_trackers("sd35hub", config={k: str(v) for k, v in cfg.train.__dict__.items()})
-        if self.main:
+        if self.main and self.finished:  # its summary, card and config are the facts of that run: unchanged
+            self.log(f"the run in {self.output_dir} is finished (step {self.state.step} of {self.total_steps}): nothing "
+                     "to train, its outputs are left as they are; raise train.max_steps or train.epochs to continue it")
+        elif self.main:
             outputs.write_config(self.output_dir, cfg)
             self.log(self.batches.describe_holdout())
             self.log(f"{len(self.index.entries)} cached samples ({len(self.batches.holdout_entries)} held out), "
@@ -217,11 +230,11 @@ class Trainer:
             from sd35hub.workflows.resume import fetch_for_resume
 
             fetch_for_resume(self)
-        path = ckpt.resolve_resume(resume, self.checkpoint_dir)
-        if path is None:
+        saved = ckpt.load_resumable(resume, self.checkpoint_dir, self.log if self.main else lambda line: None)
+        if saved is None:
             self.log(f"resume=latest: no checkpoint in {self.checkpoint_dir} yet, starting fresh")
             return
-        saved = ckpt.load_checkpoint(path)
+        path = saved.path
         if saved.state.config_digest != self.digest and self.main:
             self.log("warning: the config differs from the checkpoint's in settings that change the math; continuing")
         load_lora_state(self.acc.unwrap_model(self.transformer), saved.lora)
@@ -241,6 +254,7 @@ class Trainer:
         ckpt.restore_rng(saved.rng)
         self.state = saved.state
         self.state.config_digest = self.digest
+        self.prior_duration_s = float(saved.state.extra.get("duration_s") or 0.0)
         if self.main:
             self.log(f"resumed from {path} at step {self.state.step} (epoch {self.state.epoch}, batch {self.state.batch_in_epoch})")
 
@@ -258,6 +272,9 @@ class Trainer:
 
         cfg, state = self.config, self.state
         t = cfg.train
+        if self.finished:
+            self.duration_s = 0.0
+            return
         if state.step == 0:
             self.initial_validation_loss = self.validate(0)
         else:
@@ -321,7 +338,12 @@ class Trainer:
         finally:
             bar.close()
             sigterm.restore()
-        self.duration_s = time.perf_counter() - self.start_time
+        self.duration_s = self._elapsed()
+
+    def _elapsed(self) -> float:
+        """Training time of the whole run: earlier sessions (from the checkpoint) plus this one."""
+        start = getattr(self, "start_time", None)
+        return self.prior_duration_s + (time.perf_counter() - start if start is not None else 0.0)
 
     def _step(self) -> torch.Tensor:
         """One optimizer step: gradient_accumulation micro-batches on each process. Returns the mean loss
@@ -441,8 +463,18 @@ class Trainer:
             else:
                 self.lora_images = validation.render(pipe, self.prompts, **kwargs)
         pipe.vae.to("cpu")
-        image = validation.grid([("base", self.base_images), (f"LoRA step {step}", self.lora_images)])
-        return validation.save_png(image, self.output_dir / "samples" / f"step_{step:06d}.png")
+        columns = ["base model", f"LoRA, step {step}"]
+        image = validation.grid(list(zip(columns, (self.base_images, self.lora_images), strict=True)), rows=self.prompts.prompts)
+        return validation.save_png(image, self.output_dir / "samples" / f"step_{step:06d}.png",
+                                   self.image_params(self.prompts.prompts, step=step, columns=columns))
+
+    def image_params(self, prompts: list[str], *, step: int, columns: list[str] | None = None, seed: int | None = None) -> dict[str, Any]:
+        """PNG text chunks of a validation grid or image (prompts, seeds, sampler settings, base, step)."""
+        t = self.config.train
+        return validation.image_params(base_model=outputs.public_base_model(self), prompts=prompts,
+                                       size=self.config.data.resolution, steps=t.validation_steps,
+                                       guidance=t.validation_guidance, seed=t.validation_seed if seed is None else seed,
+                                       step=step, columns=columns)  # fmt: skip
 
     def save_checkpoint(self) -> Path | None:
         from sd35hub.train.lora import lora_state
@@ -451,6 +483,7 @@ class Trainer:
         self.acc.wait_for_everyone()
         if self.main:
             model = self.acc.unwrap_model(self.transformer)
+            self.state.extra["duration_s"] = round(self._elapsed(), 3)
             path = ckpt.save_checkpoint(
                 self.checkpoint_dir, self.state, lora=lora_state(model), optimizer=self.optimizer.state_dict(),
                 scheduler=self.scheduler.state_dict(), scaler=self.acc.scaler.state_dict() if self.acc.scaler else None,
@@ -476,7 +509,7 @@ class Trainer:
 
         cfg = self.config
         metadata = AdapterMetadata(
-            rank=cfg.lora.rank, alpha=float(cfg.lora.alpha or cfg.lora.rank), base_model=cfg.model.name,
+            rank=cfg.lora.rank, alpha=float(cfg.lora.alpha or cfg.lora.rank), base_model=outputs.public_base_model(self),
             variant=self.info.variant, config_digest=self.digest,
             trigger_words=[cfg.data.trigger_word] if cfg.data.trigger_word else [],
         )  # fmt: skip
@@ -498,7 +531,10 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------- save
     def save(self) -> TrainResult:
-        """Adapter (EMA weights when on), final images, loss plot, summary, card; then publish."""
+        """Adapter (EMA weights when on), final images, loss plot, summary, card; then publish.
+        A finished run that was resumed keeps what it wrote: its result is read back."""
+        if self.finished:
+            return outputs.read_result(self.output_dir)
         with self._phase("save / publish"):
             result = outputs.finish(self)
         if self.main and getattr(self, "phases", None) is not None:  # every phase's measured peaks + the plan
@@ -510,6 +546,9 @@ class Trainer:
         return result
 
     def cleanup(self) -> None:
+        lock = getattr(self, "run_lock", None)
+        if lock is not None:
+            lock.release()
         acc = getattr(self, "acc", None)
         if acc is not None:
             if acc.trackers:

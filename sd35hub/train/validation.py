@@ -59,21 +59,70 @@ def render(pipe: Any, encoded: EncodedPrompts, *, size: int, steps: int, guidanc
     return images
 
 
-def grid(columns: list[tuple[str, list[Image.Image]]]) -> Image.Image:
-    """Columns of equally-sized images side by side, each under a one-line label."""
-    label_h = 14
+def _font(size: int) -> Any:
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)  # Pillow's bundled FreeType font: real spaces
+    except TypeError:  # pragma: no cover - Pillow < 10.1
+        return ImageFont.load_default()
+
+
+def _fit(draw: Any, text: str, font: Any, width: int) -> str:
+    """``text`` on one line, cut with an ellipsis to fit ``width`` pixels."""
+    text = " ".join(text.split())
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength(text + "…", font=font) > width:
+        text = text[: max(len(text) - max(len(text) // 8, 1), 0)]
+    return text + "…"
+
+
+def grid(columns: list[tuple[str, list[Image.Image]]], rows: list[str] | None = None) -> Image.Image:
+    """Columns of equally-sized images side by side: a header with each column's label, and above
+    each row a strip with its label (the prompt, cut to the grid's width)."""
     width, height = columns[0][1][0].size
-    rows = len(columns[0][1])
-    canvas = Image.new("RGB", (width * len(columns), label_h + height * rows), (255, 255, 255))
+    count = len(columns[0][1])
+    rows = list(rows) if rows is not None else [f"row {r + 1}" for r in range(count)]
+    font = _font(12)
+    strip = 16
+    total_w = width * len(columns)
+    canvas = Image.new("RGB", (total_w, strip + count * (strip + height)), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
-    for c, (label, images) in enumerate(columns):
-        draw.text((c * width + 3, 1), label, fill=(0, 0, 0))
-        for r, image in enumerate(images):
-            canvas.paste(image, (c * width, label_h + r * height))
+    for c, (label, _) in enumerate(columns):
+        draw.text((c * width + 3, 1), _fit(draw, label, font, width - 6), fill=(0, 0, 0), font=font)
+    for r in range(count):
+        top = strip + r * (strip + height)
+        draw.rectangle((0, top, total_w, top + strip - 1), fill=(235, 235, 235))
+        draw.text((3, top + 1), _fit(draw, f"{r + 1}. {rows[r]}", font, total_w - 6), fill=(0, 0, 0), font=font)
+        for c, (_, images) in enumerate(columns):
+            canvas.paste(images[r], (c * width, top + strip))
     return canvas
 
 
-def save_png(image: Image.Image, path: Path) -> Path:
+def image_params(*, base_model: str, prompts: list[str], size: int, steps: int, guidance: float, seed: int,
+                 step: int | None = None, columns: list[str] | None = None) -> dict[str, Any]:
+    """The PNG text chunks of a validation image or grid (sd35hub.pngmeta): row i used seed + i."""
+    from sd35hub import __version__
+
+    params: dict[str, Any] = {
+        "prompt": prompts[0] if len(prompts) == 1 else " | ".join(prompts), "prompts": list(prompts),
+        "seed": seed, "seeds": [seed + i for i in range(len(prompts))], "steps": steps, "guidance_scale": guidance,
+        "width": size, "height": size, "model": base_model, "sd35hub_version": __version__,
+    }  # fmt: skip
+    if step is not None:
+        params["training_step"] = step
+    if columns is not None:
+        params["columns"] = list(columns)
+    return params
+
+
+def save_png(image: Image.Image, path: Path, params: dict[str, Any] | None = None) -> Path:
+    """Write ``image`` atomically; with ``params``, with them in PNG text chunks (sd35hub.pngmeta)."""
+    if params is not None:
+        from sd35hub.pngmeta import save_png as save_with_params
+
+        return save_with_params(image, path, params)
     return atomic_write(path, lambda temp: image.save(temp, format="PNG"))
 
 
