@@ -258,7 +258,14 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         return Checkpoint(path=path, state=state, lora=lora, ema=ema, optimizer=training["optimizer"],
                           scheduler=training["scheduler"], scaler=training.get("scaler"), rng=training["rng"])
     except Exception as exc:  # noqa: BLE001 - any failure to read a file of it means the checkpoint is damaged
-        reason = "missing" if isinstance(exc, FileNotFoundError) else f"{type(exc).__name__}: {str(exc)[:160]}"
+        import pickle
+
+        if isinstance(exc, FileNotFoundError):
+            reason = "missing"
+        elif isinstance(exc, pickle.UnpicklingError) and "weights only" in str(exc).lower():
+            reason = "refused: it holds objects other than tensors and plain containers (weights_only)"
+        else:
+            reason = f"{type(exc).__name__}: {' '.join(str(exc).split())[:160]}"
         raise DamagedCheckpointError(f"checkpoint {path.name} is damaged ({current}: {reason})") from exc
 
 
