@@ -30,4 +30,4 @@ def test_cli_preview_and_check(tmp_path: Path, capsys: pytest.CaptureFixture[str
     with pytest.raises(SystemExit) as done:
         main(["data", "check", str(tmp_path / "bad")])
     assert done.value.code == 7
-    assert "corrupt 1" in capsys.readouterr().err
+    assert "unsupported_format 1" in capsys.readouterr().err

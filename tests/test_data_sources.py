@@ -184,7 +184,7 @@ def test_parquet_columns_detection_override_and_error(tmp_path: Path) -> None:
     _write_parquet(tmp_path / "a.parquet", {"img": images, "caption_text": [f"c{i}" for i in range(4)], "id": [0, 1, 2, 3]})
     stream = open_samples(spec(tmp_path / "a.parquet"))
     assert [(s.key, s.caption) for s in stream] == [("a.parquet#0", "c0"), ("a.parquet#1", "c1"), ("a.parquet#3", "c3")]
-    assert stream.stats.skipped == {"corrupt": 1}
+    assert stream.stats.skipped == {"unsupported_format": 1}  # not an image PIL can identify
 
     (tmp_path / "odd").mkdir()
     _write_parquet(tmp_path / "odd" / "x.parquet", {"pixels": [png_bytes()], "words": ["hello"]})
@@ -211,7 +211,7 @@ def test_webdataset_tar(tmp_path: Path) -> None:
             tar.addfile(info, io.BytesIO(data))
     stream = open_samples(spec(tmp_path / "data-*.tar"))
     assert [(s.key, s.caption) for s in stream] == [("data-000.tar/shard/000", "first"), ("data-000.tar/shard/001", "second")]
-    assert stream.stats.skipped == {"corrupt": 1, "missing_image": 1}
+    assert stream.stats.skipped == {"unsupported_format": 1, "missing_image": 1}
 
 
 def test_empty_and_unusable_datasets_fail_clearly(tmp_path: Path) -> None:

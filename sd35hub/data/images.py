@@ -4,10 +4,15 @@ Bad input never stops a run. Every record ends up either *usable* (possibly afte
 conversion, EXIF rotation, empty caption) or *skipped* with a reason; both are tallied in a
 :class:`SkipStats` that the run reports at the end and in the model card.
 
-Skip reasons: ``empty_file``, ``missing_image``, ``corrupt`` (unreadable or truncated),
-``decompression_bomb``, ``too_small``, ``extreme_aspect``, ``bad_caption_encoding``.
+Skip reasons: ``empty_file``, ``missing_image``, ``unreadable_file`` (permissions, I/O error),
+``unsupported_format`` (not an image PIL can identify, e.g. HEIC without a plugin, whatever its
+name says), ``corrupt`` (truncated or broken), ``decompression_bomb``, ``too_small``,
+``extreme_aspect``, ``bad_caption_encoding``, ``bad_caption_type`` (a number or mapping, not
+text), ``bad_metadata_row`` (a metadata.jsonl line that is not a JSON object), ``path_outside_folder``
+(absolute or ``..`` paths in metadata), ``bad_image_value`` (a parquet cell that is not image bytes).
 Fixes: ``exif_rotated``, ``mode_<MODE>`` (converted to RGB), ``missing_caption`` and
-``empty_caption`` (kept with an empty caption: the trigger word, if set, still applies).
+``empty_caption`` (kept with an empty caption: the trigger word, if set, still applies),
+``caption_truncated`` (over MAX_CAPTION_CHARS).
 """
 
 from __future__ import annotations
@@ -26,7 +31,12 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 # i.e. 8192 x 8192, is larger than any sane training image and ~200 MB as RGB.
 MAX_PIXELS = 8192 * 8192
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+# .avif decodes with Pillow >= 11.3 (built with libavif); .heic/.heif only with a HEIF plugin
+# registered (pillow-heif), otherwise they are counted as unsupported_format, never silently ignored
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".avif", ".heic", ".heif")
+# signatures of formats PIL reads: such a file that PIL cannot identify is broken, not of another format
+_KNOWN_MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
+MAX_CAPTION_CHARS = 20_000  # longer captions are cut (the text encoders read <= 512 tokens anyway)
 
 
 @dataclass
@@ -113,7 +123,10 @@ def decode_image(
             image.load()  # truncated files raise OSError here
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         return "decompression_bomb"
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, struct.error):
+    except UnidentifiedImageError:
+        return "corrupt" if data.startswith(_KNOWN_MAGIC) or data[8:12] == b"WEBP" else "unsupported_format"
+    except (OSError, ValueError, SyntaxError, EOFError, struct.error, MemoryError, RecursionError,
+            ZeroDivisionError, IndexError, KeyError, TypeError, AttributeError):  # noqa: B014 - plugins raise anything
         return "corrupt"
 
     fixes: list[str] = []
@@ -167,6 +180,9 @@ def decode_caption(raw: str | bytes | None) -> str | None:
         return None
     if isinstance(raw, str):
         return raw
+    if not isinstance(raw, (bytes, bytearray)):
+        return None
+    raw = bytes(raw)
     if raw.startswith(b"\xef\xbb\xbf"):
         encodings = ("utf-8-sig",)
     elif raw.startswith((b"\xff\xfe", b"\xfe\xff")):

@@ -78,7 +78,9 @@ def _tile(image: Image.Image, header: str, caption: str) -> Image.Image:
     tile = Image.new("RGB", (TILE + 8, TILE + 8 + line_height * (LABEL_LINES + 1)), "white")
     tile.paste(image, (4 + (TILE - image.width) // 2, 4 + (TILE - image.height) // 2))
     draw = ImageDraw.Draw(tile)
-    lines = [header[:40]] + textwrap.wrap(caption or "(empty caption)", width=40)[:LABEL_LINES]
+    # at most what the tile shows is wrapped: a 10 MB caption without spaces must not take minutes
+    shown = (caption or "(empty caption)")[: 40 * (LABEL_LINES + 1)]
+    lines = [header[:40]] + textwrap.wrap(shown, width=40)[:LABEL_LINES]
     for i, line in enumerate(lines):
         draw.text((4, TILE + 8 + i * line_height), line, fill=(0, 0, 0) if i else (40, 90, 200), font=font)
     return tile

@@ -31,6 +31,35 @@ class RawRecord:
     image_bytes: bytes | None  # None: the image is missing
     caption: str | bytes | None  # None: no caption at all; bytes: encoding still unknown
     corrupt: bool = False  # the container itself was unreadable at this point
+    skip: str | None = None  # a sample-level fault found while reading (the skip reason)
+
+
+def caption_value(value: Any) -> tuple[str | bytes | None, str | None]:
+    """(caption, skip reason) from an untrusted cell: text or bytes as they are; a list of texts
+    (several captions) gives its first non-empty one; a number, mapping or anything else is not
+    a caption (skipped, never turned into "5" or "{'a': 1}")."""
+    if value is None or isinstance(value, (str, bytes)):
+        return value, None
+    if isinstance(value, bytearray):
+        return bytes(value), None
+    if isinstance(value, (list, tuple)) and all(isinstance(v, (str, bytes)) for v in value):
+        return next((v for v in value if v and (v.strip() if isinstance(v, str) else v.strip())), value[0] if value else None), None
+    return None, "bad_caption_type"
+
+
+def inside(root: Path, name: Any) -> Path | None:
+    """``root / name`` when it is a relative path that stays inside ``root`` (symlinks resolved);
+    None for absolute paths, ``..`` escapes, NUL bytes and names the OS rejects."""
+    if not isinstance(name, str) or not name or "\x00" in name or len(name) > 4096:
+        return None
+    if name.startswith(("/", "\\")) or Path(name).is_absolute() or (len(name) > 1 and name[1] == ":"):
+        return None
+    try:
+        path = root / name
+        resolved, base = path.resolve(), root.resolve()
+        return root / resolved.relative_to(base)  # normalised: "sub/../a.png" is the key "a.png"
+    except (OSError, ValueError, RuntimeError):
+        return None
 
 
 def detect_columns(
@@ -68,6 +97,18 @@ def _read_bytes(path: Path) -> bytes | None:
         return None
 
 
+def _image_record(key: str, path: Path | None, caption: str | bytes | None) -> RawRecord:
+    """A record for an image file: missing, unreadable (permissions, a folder, an I/O error) or its bytes."""
+    if path is None:
+        return RawRecord(key, None, caption)
+    try:
+        if not path.is_file():
+            return RawRecord(key, None, caption)
+        return RawRecord(key, path.read_bytes(), caption)
+    except (OSError, ValueError):
+        return RawRecord(key, None, caption, skip="unreadable_file")
+
+
 # ---------------------------------------------------------------- local folder of images
 def read_folder(root: Path, image_column: str | None, caption_column: str | None) -> Iterator[RawRecord]:
     """Images with same-name .txt captions, or a metadata.jsonl / metadata.csv beside them."""
@@ -83,39 +124,81 @@ def read_folder(root: Path, image_column: str | None, caption_column: str | None
     )
     for path in images:
         caption_path = path.with_suffix(".txt")
-        caption = _read_bytes(caption_path) if caption_path.is_file() else None
-        yield RawRecord(path.relative_to(root).as_posix(), _read_bytes(path), caption)
+        try:
+            caption = caption_path.read_bytes() if caption_path.is_file() else None
+        except OSError:
+            caption = None
+        yield _image_record(path.relative_to(root).as_posix(), path, caption)
 
 
-def _metadata_rows(meta: Path) -> Iterator[dict[str, Any]]:
+CSV_FIELD_LIMIT = 16 * 1024 * 1024  # csv's own default (128 KiB) is an error, not a skip, on a long caption
+
+
+def _metadata_rows(meta: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed row) of metadata.jsonl / metadata.csv. A JSONL line that is not JSON
+    comes as None (a counted skip); a file that is not UTF-8 text, or a CSV that cannot be parsed,
+    is a DatasetError naming the file and line."""
     if meta.suffix == ".jsonl":
-        with meta.open(encoding="utf-8-sig") as lines:
-            for line in lines:
+        with meta.open("rb") as lines:
+            for number, raw in enumerate(lines, 1):
+                try:
+                    line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+                except UnicodeDecodeError:
+                    raise DatasetError(f"{meta} line {number} is not UTF-8 text; save the file as UTF-8.") from None
                 if line.strip():
                     try:
-                        yield json.loads(line)
-                    except ValueError:
-                        yield {}  # counted as a missing image below
-    else:
-        with meta.open(encoding="utf-8-sig", newline="") as handle:
-            yield from csv.DictReader(handle)
+                        yield number, json.loads(line)
+                    except (ValueError, RecursionError):
+                        yield number, None
+        return
+    data = meta.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise DatasetError(f"{meta} line {line} is not UTF-8 text; save the file as UTF-8.") from None
+    csv.field_size_limit(max(csv.field_size_limit(), CSV_FIELD_LIMIT))
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    try:
+        for row in reader:
+            yield reader.line_num, row
+    except csv.Error as exc:
+        raise DatasetError(f"{meta} line {reader.line_num} cannot be read as CSV ({exc}); fix that line.") from None
 
 
 def _read_metadata(
     root: Path, meta: Path, image_column: str | None, caption_column: str | None
 ) -> Iterator[RawRecord]:
     rows = _metadata_rows(meta)
-    first = next(rows, None)
+    pending: list[tuple[int, Any]] = []
+    first: dict[str, Any] | None = None
+    for number, row in rows:  # columns come from the first row that is an object
+        pending.append((number, row))
+        if isinstance(row, dict):
+            first = row
+            break
     if first is None:
+        for number, _ in pending:
+            yield RawRecord(f"{meta.name}#line{number}", None, None, skip="bad_metadata_row")
         return
-    image_col, caption_col = detect_columns(list(first), image_column, caption_column, str(meta))
-    for row in itertools.chain([first], rows):
+    columns = [str(c) for c in first if isinstance(c, str)]
+    image_col, caption_col = detect_columns(columns, image_column, caption_column, str(meta))
+    for number, row in itertools.chain(pending, rows):
+        line_key = f"{meta.name}#line{number}"
+        if not isinstance(row, dict):
+            yield RawRecord(line_key, None, None, skip="bad_metadata_row")
+            continue
         name = row.get(image_col)
-        path = root / str(name) if name else None
-        key = path.relative_to(root).as_posix() if path else f"{meta.name}#missing"
-        image = _read_bytes(path) if path and path.is_file() else None
-        caption = row.get(caption_col)
-        yield RawRecord(key, image, None if caption is None else str(caption))
+        caption, bad = caption_value(row.get(caption_col))
+        if name is None or name == "":
+            yield RawRecord(line_key, None, caption, skip=bad)
+            continue
+        path = inside(root, name)
+        if path is None:
+            yield RawRecord(line_key, None, None, skip="path_outside_folder" if isinstance(name, str) else "bad_metadata_row")
+            continue
+        record = _image_record(path.relative_to(root).as_posix(), path, caption)
+        yield record if bad is None else RawRecord(record.key, record.image_bytes, None, skip=bad)
 
 
 # ---------------------------------------------------------------- parquet
@@ -126,10 +209,16 @@ def _image_value(value: Any, base: Path | None) -> bytes | None:
     if isinstance(value, (bytes, bytearray)):
         return bytes(value)
     if isinstance(value, dict):
-        if value.get("bytes") is not None:
-            return bytes(value["bytes"])
-        if value.get("path") and base is not None and (base / value["path"]).is_file():
-            return _read_bytes(base / value["path"])
+        raw = value.get("bytes")
+        if isinstance(raw, (bytes, bytearray)):
+            return bytes(raw)
+        path = inside(base, value.get("path")) if base is not None else None
+        if path is not None and path.is_file():
+            return _read_bytes(path)
+    if isinstance(value, str) and base is not None:  # a relative file name inside the dataset folder
+        path = inside(base, value)
+        if path is not None and path.is_file():
+            return _read_bytes(path)
     return None
 
 
@@ -144,9 +233,22 @@ def read_parquet(files: list[Path], root: Path, image_column: str | None, captio
         image_col, caption_col = detect_columns(parquet.schema_arrow.names, image_column, caption_column, str(file))
         rel = file.relative_to(root).as_posix() if file != root else file.name
         row = 0
-        for batch in parquet.iter_batches(batch_size=32, columns=[image_col, caption_col]):
-            for image, caption in zip(batch.column(image_col).to_pylist(), batch.column(caption_col).to_pylist(), strict=True):
-                yield RawRecord(f"{rel}#{row}", _image_value(image, file.parent), caption)
+        batches = parquet.iter_batches(batch_size=32, columns=[image_col, caption_col])
+        while True:
+            try:
+                batch = next(batches)
+                images, captions = batch.column(image_col).to_pylist(), batch.column(caption_col).to_pylist()
+            except StopIteration:
+                break
+            except Exception as exc:  # noqa: BLE001 - pyarrow: ArrowInvalid / OSError / ... for a corrupt page
+                raise DatasetError(f"{file} cannot be read after row {row} ({type(exc).__name__}: "
+                                   f"{' '.join(str(exc).split())[:200]}); remove or replace the file.") from None
+            for image, caption in zip(images, captions, strict=True):
+                value, bad = caption_value(caption)
+                data = _image_value(image, file.parent)
+                if data is None and image is not None and bad is None:
+                    bad = "bad_image_value"  # e.g. bytes stored as a string, a number, a path outside the folder
+                yield RawRecord(f"{rel}#{row}", data, value, skip=bad)
                 row += 1
 
 
@@ -237,7 +339,10 @@ def _read_hub(
             buffer = io.BytesIO()
             value.save(buffer, format="PNG")
             image = buffer.getvalue()
-        yield RawRecord(f"{dataset_id}/{split}/{row_index}", image, row.get(caption_col))
+        caption, bad = caption_value(row.get(caption_col))
+        if image is None and value is not None and bad is None:
+            bad = "bad_image_value"
+        yield RawRecord(f"{dataset_id}/{split}/{row_index}", image, caption, skip=bad)
 
 
 def _open_remote(path: str, token: str | bool | None) -> bytes | None:

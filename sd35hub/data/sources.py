@@ -30,7 +30,7 @@ from PIL import Image
 
 from sd35hub.config import DataSpec
 from sd35hub.data import readers
-from sd35hub.data.images import MAX_PIXELS, SkipStats, clean_caption, decode_caption, decode_image
+from sd35hub.data.images import MAX_CAPTION_CHARS, MAX_PIXELS, SkipStats, clean_caption, decode_caption, decode_image
 from sd35hub.errors import DatasetError
 
 
@@ -169,6 +169,9 @@ class SampleStream:
             if record.corrupt:
                 stats.skip("corrupt")
                 continue
+            if record.skip is not None:
+                stats.skip(record.skip)
+                continue
             caption = decode_caption(record.caption)
             if caption is None and record.caption is not None:
                 stats.skip("bad_caption_encoding")
@@ -186,6 +189,9 @@ class SampleStream:
                 caption = ""
             elif not caption.strip():
                 stats.fix("empty_caption")
+            elif len(caption) > MAX_CAPTION_CHARS:
+                stats.fix("caption_truncated")
+                caption = caption[:MAX_CAPTION_CHARS]
             stats.usable += 1
             mask, content_hash = None, decoded.content_hash
             if spec.masked_loss:
