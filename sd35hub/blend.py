@@ -336,7 +336,9 @@ class BlendEngine:
             ]
             final_prompt = prompt
             if request.insert_trigger_words:
-                final_prompt = with_trigger_words(prompt, [w for a in loaded for w in a.trigger_words])
+                # a negatively weighted adapter removes its concept: its trigger word would ask for it
+                final_prompt = with_trigger_words(prompt, [w for ref, a in zip(refs, loaded, strict=True)
+                                                           if ref.weight > 0 for w in a.trigger_words])
             self.pipe.scheduler = scheduler
             base_images = None
             with torch.inference_mode():

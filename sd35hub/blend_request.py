@@ -115,7 +115,10 @@ def parse_lora_option(value: str) -> AdapterRef:
 
 def with_trigger_words(prompt: str, words: list[str]) -> str:
     """Prepend the trigger words that the prompt does not contain yet ("zxq style, a castle")."""
-    missing = [w for w in words if w and w.lower() not in prompt.lower()]
+    missing: list[str] = []
+    for word in words:  # each once: adapters sharing a trigger word must not repeat it
+        if word and word.lower() not in prompt.lower() and word.lower() not in {m.lower() for m in missing}:
+            missing.append(word)
     return ", ".join([*missing, prompt]) if missing else prompt
 
 

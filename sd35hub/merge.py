@@ -23,6 +23,16 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 
+def _public_source(source: str) -> str:
+    """A source as the card may show it: a Hub id as given, a local path by its file name only."""
+    from sd35hub.card import is_hub_id
+
+    head = source.split("@", 1)[0]
+    if is_hub_id(head) or (head.count("/") == 2 and not Path(head).exists() and not head.startswith((".", "/", "~"))):
+        return source
+    return Path(source).name or source
+
+
 def _modules_of(item: Any) -> Modules:
     from sd35hub.adapters import Adapter, read_adapter
 
@@ -77,11 +87,20 @@ def write_merged(items: list[tuple[str, float]], out_dir: str | Path, *, base_mo
     from sd35hub.adapters import AdapterMetadata, metadata_for, read_adapter, write_adapter
     from sd35hub.blend import fetch_adapter_source
 
+    from sd35hub.card import is_hub_id
+
     adapters = [(read_adapter(fetch_adapter_source(source)[0]), weight) for source, weight in items]
     metas: list[AdapterMetadata] = [a.metadata for a, _ in adapters if a.metadata is not None]
-    bases = sorted({m.base_model for m in metas if m.base_model})
-    base = base_model or (bases[0] if len(bases) == 1 else "")
-    words = [w for m in metas for w in m.trigger_words]
+    bases = sorted({m.base_model for m in metas if is_hub_id(m.base_model) or m.base_model == "tiny"})  # never a path
+    if base_model and not is_hub_id(base_model):
+        raise AdapterError(f"--base-model {base_model!r} is not a Hub id OWNER/NAME (e.g. stabilityai/stable-diffusion-3.5-large)")
+    if not base_model and len(bases) > 1:
+        raise AdapterError(
+            f"The adapters were trained on different bases ({', '.join(bases)}); the merged adapter is for one of "
+            "them: pass --base-model OWNER/NAME to name it (the card's base_model, license and snippet)"
+        )
+    base = base_model or (bases[0] if bases else "")
+    words = merged_trigger_words([(a.metadata, w) for a, w in adapters])
     modules = merge_modules(adapters)
     components = sorted({c for a, _ in adapters for c in a.text_encoders})
     text_encoders = {c: merge_named([(a.text_encoders.get(c, {}), float(w)) for a, w in adapters]) for c in components}
@@ -95,32 +114,51 @@ def write_merged(items: list[tuple[str, float]], out_dir: str | Path, *, base_mo
     return file
 
 
+def merged_trigger_words(items: list[tuple[Any, float]]) -> list[str]:
+    """Trigger words of a blend: from adapters with a positive weight only (a negatively weighted
+    adapter removes its concept; its word would ask for it), each once (case-insensitive), in order."""
+    words: list[str] = []
+    for meta, weight in items:
+        if meta is None or weight <= 0:
+            continue
+        for word in meta.trigger_words:
+            word = " ".join(str(word).split())
+            if word and word.lower() not in {w.lower() for w in words}:
+                words.append(word)
+    return words
+
+
 def merge_card(
     items: list[tuple[str, float]], base_model: str, trigger_words: list[str], filename: str
 ) -> str:
     """A small model card: Hub metadata (SD3.5 community license), the sources and their weights."""
     from huggingface_hub import ModelCardData
 
-    from sd35hub.card import LICENSE_NAME, license_link_for
+    from sd35hub.card import LICENSE_NAME, is_hub_id, license_link_for
 
-    license_link = license_link_for(base_model or "stabilityai/stable-diffusion-3.5-large")
+    license_link = license_link_for(base_model or None)
+    base_model = base_model if is_hub_id(base_model) else ""  # "tiny" (or unknown): no Hub relation claimed  # the base repo's LICENSE.md, else the license itself
     data = ModelCardData(
         license="other",
         license_name=LICENSE_NAME,
         license_link=license_link,
         base_model=base_model or None,
+        base_model_relation="adapter" if base_model else None,
         library_name="diffusers",
         tags=["lora", "sd3.5", "stable-diffusion-3.5", "text-to-image", "sd35hub", "merged-lora"],
         instance_prompt=", ".join(trigger_words) or None,
     )
-    rows = "\n".join(f"| `{source}` | {weight:g} |" for source, weight in items)
+    rows = "\n".join(f"| `{_public_source(source)}` | {weight:g} |" for source, weight in items)
+    load = (f"pipe = StableDiffusion3Pipeline.from_pretrained({base_model!r}, dtype=torch.bfloat16)\n" if base_model else
+            'base = "PATH/TO/BASE"  # the SD3.5 model the sources were trained on\n'
+            "pipe = StableDiffusion3Pipeline.from_pretrained(base, dtype=torch.bfloat16)\n")
     return (
         f"---\n{data.to_yaml()}\n---\n\n# Merged LoRA\n\n"
         "This adapter is an exact merge (concatenated ranks, no SVD) of a weighted blend: loading it at weight 1.0 "
         "gives the same result as loading the sources and calling `set_adapters` with these weights.\n\n"
         f"| source | weight |\n|---|---|\n{rows}\n\n"
         "## Use\n\n```python\nimport torch\nfrom diffusers import StableDiffusion3Pipeline\n\n"
-        f"pipe = StableDiffusion3Pipeline.from_pretrained({base_model or '<base model>'!r}, dtype=torch.bfloat16)\n"
+        f"{load}"
         f"pipe.load_lora_weights('.', weight_name={filename!r})\n```\n\n"
         "## License\n\nThe base model's weights are under the Stability AI Community License "
         f"({license_link}); the sources' own licenses also apply.\n"

@@ -66,3 +66,47 @@ def test_merge_cli_writes_adapter_and_card(two: dict[str, Path], tmp_path: Path)
     header = yaml.safe_load(card.split("---")[1])
     assert header["license"] == "other" and header["license_name"] == "stabilityai-ai-community"
     assert "| 0.7 |" in card and "| 0.3 |" in card
+
+
+def _with_meta(path: Path, tmp_path: Path, name: str, **meta) -> Path:
+    """A copy of an adapter whose sd35hub header says ``meta``."""
+    from sd35hub.adapters import write_adapter
+
+    adapter = read_adapter(path)
+    return write_adapter(adapter.modules, tmp_path / name, metadata=AdapterMetadata(0, 0.0, **meta))
+
+
+def test_merged_card_names_the_base_as_an_adapter_and_dedupes_positive_triggers(two: dict[str, Path], tmp_path: Path) -> None:
+    """#15.14: different bases gave no base_model, a '<base model>' snippet and the wrong license link;
+    base_model_relation was never set; shared triggers repeated; a negative adapter's trigger inserted."""
+    from sd35hub.errors import AdapterError
+    from sd35hub.merge import write_merged
+
+    large, medium = "stabilityai/stable-diffusion-3.5-large", "stabilityai/stable-diffusion-3.5-medium"
+    a = _with_meta(two["a"], tmp_path, "a", base_model=large, trigger_words=["blb style", "zxq"])
+    b = _with_meta(two["b"], tmp_path, "b", base_model=large, trigger_words=["BLB style"])
+    c = _with_meta(two["b"], tmp_path, "c", base_model=medium, trigger_words=["neg word"])
+    out = tmp_path / "m1"
+    write_merged([(str(a), 0.7), (str(b), 0.3), (str(_with_meta(two["b"], tmp_path, "n", base_model=large,
+                                                                    trigger_words=["neg word"])), -0.5)], out)
+    card = (out / "README.md").read_text()
+    header = yaml.safe_load(card.split("---")[1])
+    assert header["base_model"] == large and header["base_model_relation"] == "adapter"
+    assert header["license_link"] == f"https://huggingface.co/{large}/blob/main/LICENSE.md"
+    assert header["instance_prompt"] == "blb style, zxq"
+    assert read_adapter(out).metadata.trigger_words == ["blb style", "zxq"]
+    assert f"from_pretrained('{large}'" in card and "<base model>" not in card
+    assert str(tmp_path) not in card  # local sources by file name only
+
+    with pytest.raises(AdapterError, match="different bases .*--base-model"):
+        write_merged([(str(a), 0.5), (str(c), 0.5)], tmp_path / "m2")
+    write_merged([(str(a), 0.5), (str(c), 0.5)], tmp_path / "m3", base_model=medium)
+    header = yaml.safe_load((tmp_path / "m3" / "README.md").read_text().split("---")[1])
+    assert header["base_model"] == medium and header["license_link"].startswith(f"https://huggingface.co/{medium}/")
+
+
+def test_blend_prompt_gets_each_trigger_once() -> None:
+    from sd35hub.blend_request import with_trigger_words
+
+    assert with_trigger_words("a castle", ["blb style", "BLB style", "zxq"]) == "blb style, zxq, a castle"
+    assert with_trigger_words("zxq castle", ["zxq"]) == "zxq castle"
