@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path, PureWindowsPath
 from typing import Any
 
@@ -23,22 +22,24 @@ TEXT_CHUNKS = {
 
 
 _LOCAL_ONLY_KEYS = {"model_path"}  # where this machine keeps the files: meaningless (and private) elsewhere
-
-
-def _is_local_path(value: str) -> bool:
-    return value.startswith(("/", "~", "\\\\")) or bool(re.match(r"^[A-Za-z]:[\\/]", value))
+_RESOLVED_FILE_KEYS = {"file"}  # a resolved file (for a Hub adapter: inside the local Hub cache)
 
 
 def public_params(params: Any) -> Any:
-    """``params`` without local file-system paths, for a PNG that may be shared: the keys that only
-    locate files on this machine are dropped, and any other absolute path keeps its last part
-    (a cached adapter's ``file`` becomes ``pytorch_lora_weights.safetensors``; its Hub id is kept)."""
+    """``params`` without the paths sd35hub resolved on this machine, for a PNG that may be shared:
+    ``model_path`` (the local snapshot folder) is dropped and a resolved adapter ``file`` keeps its
+    name only (its Hub id and filename stay). What the user typed (``source``, ``model``) is kept."""
     if isinstance(params, dict):
-        return {k: public_params(v) for k, v in params.items() if k not in _LOCAL_ONLY_KEYS}
+        out = {}
+        for key, value in params.items():
+            if key in _LOCAL_ONLY_KEYS:
+                continue
+            if key in _RESOLVED_FILE_KEYS and isinstance(value, (str, Path)):
+                value = PureWindowsPath(str(value)).name or str(value)  # both / and \ separators
+            out[key] = public_params(value)
+        return out
     if isinstance(params, (list, tuple)):
         return [public_params(v) for v in params]
-    if isinstance(params, Path) or (isinstance(params, str) and _is_local_path(params)):
-        return PureWindowsPath(str(params)).name or str(params)
     return params
 
 
