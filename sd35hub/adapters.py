@@ -89,8 +89,8 @@ class Adapter:
         return Parts(transformer=self.modules, text_encoders=self.text_encoders, layout=self.format)
 
     def lora_config(self) -> dict[str, Any]:
-        """peft LoraConfig kwargs (r, lora_alpha, rank_pattern, alpha_pattern, target_modules)."""
-        return lora_config_for(self.modules)
+        """peft LoraConfig kwargs matching state_dict() (alpha = rank per module: scales folded)."""
+        return lora_config_for(_folded_view(self.modules))
 
 
 def adapter_file(path: str | Path) -> Path:
@@ -267,7 +267,11 @@ def check_compatible(
 
 
 def load_into_transformer(transformer: Any, adapter: Adapter, adapter_name: str) -> None:
-    """Load `adapter`'s transformer LoRA into an SD3Transformer2DModel under `adapter_name` (peft), exact."""
+    """Load `adapter`'s transformer LoRA into an SD3Transformer2DModel under `adapter_name` (peft), exact.
+
+    An adapter with only text-encoder parts loads nothing here (load_into_pipeline loads those)."""
+    if not adapter.modules:
+        return
     check_transformer(adapter.modules, transformer, label=f"Adapter {adapter_name!r}")
     state_dict, header = to_state_dict(adapter.modules, "diffusers")
     transformer.load_lora_adapter(
@@ -338,8 +342,13 @@ def set_pipeline_adapters(pipe: Any, names: list[str], weights: list[float]) -> 
     """Activate `names` with `weights` in the transformer and in every text encoder that holds any of them."""
     from diffusers.utils.peft_utils import set_weights_and_activate_adapters
 
-    pipe.transformer.enable_lora()
-    pipe.transformer.set_adapters(names, weights)
+    present = set(getattr(pipe.transformer, "peft_config", None) or {})
+    pairs = [(n, w) for n, w in zip(names, weights, strict=True) if n in present]
+    if pairs:
+        pipe.transformer.enable_lora()
+        pipe.transformer.set_adapters([n for n, _ in pairs], [w for _, w in pairs])
+    elif getattr(pipe.transformer, "_hf_peft_config_loaded", False):
+        pipe.transformer.disable_lora()  # only text-encoder adapters in this request
     for component in ("text_encoder", "text_encoder_2", "text_encoder_3"):
         model = getattr(pipe, component, None)
         layers = _text_encoder_layers(model) if model is not None else []
@@ -362,7 +371,8 @@ def disable_pipeline_adapters(pipe: Any) -> None:
 
 def delete_from_pipeline(pipe: Any, adapter_name: str) -> None:
     """Remove one adapter from the transformer and the text encoders (its peft modules are freed)."""
-    pipe.transformer.delete_adapters([adapter_name])
+    if adapter_name in (getattr(pipe.transformer, "peft_config", None) or {}):
+        pipe.transformer.delete_adapters([adapter_name])
     for component in ("text_encoder", "text_encoder_2", "text_encoder_3"):
         model = getattr(pipe, component, None)
         for layer in _text_encoder_layers(model) if model is not None else []:

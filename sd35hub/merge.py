@@ -45,7 +45,6 @@ def _modules_of(item: Any) -> Modules:
 
 def merge_modules(items: list[tuple[Any, float]]) -> Modules:
     """[(path | state dict | Adapter, weight), ...] -> merged Modules (rank = sum of ranks, scale 1)."""
-    import torch
 
     if not items:
         raise AdapterError("Nothing to merge: pass at least one adapter with a weight, e.g. A:0.7 B:0.3")

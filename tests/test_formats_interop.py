@@ -393,3 +393,28 @@ def test_merge_keeps_text_encoder_parts_and_bias_deltas(tmp_path: Path) -> None:
     te_name = "text_model.encoder.layers.0.self_attn.q_proj"
     want_te = sum(w * _delta(t["text_encoder"][te_name]) for _, w, _, t in sources)
     assert torch.allclose(_delta(merged.text_encoders["text_encoder"][te_name]), want_te, atol=1e-6)
+
+
+def test_blend_engine_applies_a_text_encoder_only_adapter(tmp_path: Path) -> None:
+    """generate / the Space (BlendEngine): a CLIP-only LoRA changes the image; weight 0 and eviction undo it."""
+    import numpy as np
+
+    from sd35hub.blend import BlendEngine
+    from sd35hub.blend_request import AdapterRef, GenerationRequest
+
+    te = {"text_encoder": {"text_model.encoder.layers.0.self_attn.q_proj": _mod(W, W, 4, 4.0, 61)}}
+    te["text_encoder"]["text_model.encoder.layers.0.self_attn.q_proj"].up *= 40
+    file = write_adapter({}, tmp_path / "te_only", text_encoders=te)
+    engine = BlendEngine("tiny", max_cached_adapters=2)
+
+    def pixels(weight: float | None) -> np.ndarray:
+        refs = [] if weight is None else [AdapterRef(str(file.parent), weight)]
+        request = GenerationRequest(prompt="a red fox", adapters=refs, steps=2, width=64, height=64, seed=3)
+        return np.asarray(engine.generate(request).images[0], dtype=np.int16)
+
+    base = pixels(None)
+    assert np.abs(pixels(1.0) - base).max() > 0  # the text-encoder LoRA is applied
+    assert np.array_equal(pixels(None), base)  # and switched off for the base model
+    assert any("lora_A" in n for n, _ in engine.pipe.text_encoder.named_parameters())
+    engine.unload(str(file.parent))
+    assert not any("lora_A" in n for n, _ in engine.pipe.text_encoder.named_parameters())  # freed
