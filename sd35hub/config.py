@@ -35,6 +35,8 @@ QUANTIZATION = ("none", "nf4", "int8")
 ATTENTION = ("sdpa", "xformers")
 CROPS = ("center", "random")
 LORA_TARGET_PRESETS = ("attention", "attention+ff", "all-linear")
+LORA_INITS = ("gaussian", "default", "pissa", "olora")
+LORA_VARIANTS = ("lora", "dora", "lokr", "loha")
 TIMESTEP_SAMPLING = ("logit_normal", "mode", "cosmap", "uniform")
 LOSS_WEIGHTING = ("none", "sigma_sqrt", "cosmap")
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
@@ -179,15 +181,31 @@ class LoraSpec:
     rank: int = 16  # r: adapter rank
     alpha: float | None = None  # scaling numerator; None = rank (scale 1.0)
     dropout: float = 0.0  # dropout on the LoRA branch
-    init: str = "gaussian"  # peft init_lora_weights: gaussian | default (kaiming); pissa/olora rewrite the base, unsupported
+    # peft init_lora_weights: gaussian | default (kaiming) | pissa | olora (these two move the top singular
+    # directions out of the frozen base into the adapter; saved as a rank-2r LoRA of the original base)
+    init: str = "gaussian"
     targets: str = "attention"  # attention | attention+ff | all-linear | comma-separated module names
     blocks: str = "all"  # transformer blocks to adapt: "all", "0-11", "0-5,20-23"
+    # lora | dora (weight-decomposed, peft use_dora) | lokr (Kronecker) | loha (Hadamard); docs/training.md
+    variant: str = "lora"
+    rslora: bool = False  # rank-stabilised scale alpha/sqrt(r) (saved as a plain LoRA with alpha*sqrt(r))
+    decompose_factor: int = -1  # lokr: factor of the Kronecker split (-1: closest to sqrt(dim))
 
     def problems(self) -> list[str]:
         out = _positive("lora", "rank", self.rank)
         out += _positive("lora", "alpha", self.alpha, allow_none=True)
         out += _fraction("lora", "dropout", self.dropout)
-        out += _choice("lora", "init", self.init, ("gaussian", "default"))
+        out += _choice("lora", "init", self.init, LORA_INITS)
+        out += _choice("lora", "variant", self.variant, LORA_VARIANTS)
+        if self.variant in ("lokr", "loha") and (self.init in ("pissa", "olora") or self.rslora):
+            out.append(f"lora.variant={self.variant} trains its own factors: lora.init={self.init!r}"
+                       f"{' and lora.rslora' if self.rslora else ''} apply to variant lora/dora only; drop them")
+        if self.variant in ("lokr", "loha") and self.dropout:
+            out.append(f"lora.dropout applies to variant lora/dora; for {self.variant} set lora.dropout=0")
+        if self.variant == "dora" and self.init in ("pissa", "olora"):
+            out.append(f"lora.init={self.init} with lora.variant=dora is not supported by peft; use init gaussian")
+        if self.decompose_factor == 0 or self.decompose_factor < -1:
+            out.append(f"lora.decompose_factor={self.decompose_factor} must be -1 (automatic) or a positive factor")
         if not self.targets.strip():
             out.append("lora.targets is empty; use attention, attention+ff, all-linear or module names")
         if self.blocks != "all" and not re.fullmatch(r"\s*\d+(\s*-\s*\d+)?(\s*,\s*\d+(\s*-\s*\d+)?)*\s*", self.blocks):
@@ -335,6 +353,9 @@ class Config:
             generic, wrong_type = field_problems(f.name, section)
             # a value of the wrong type (a Config built in Python) would crash the section's own checks
             out += generic if wrong_type else merge_problems(section.problems(), generic)
+        if self.lora.init in ("pissa", "olora") and (self.model.quantize != "none" or self.model.float8):
+            out.append(f"lora.init={self.lora.init} rewrites the frozen base weights, which model.quantize / "
+                       "model.float8 keep in a packed form; use lora.init=gaussian or model.quantize=none")
         return out
 
     def validate(self) -> Config:

@@ -33,7 +33,13 @@ PRESETS: dict[str, tuple[str, ...] | None] = {
     "attention+ff": ATTENTION_SUFFIXES + FF_SUFFIXES,
     "all-linear": None,  # every Linear in the selected blocks
 }
-INIT_WEIGHTS: dict[str, Any] = {"gaussian": "gaussian", "default": True}
+INIT_WEIGHTS: dict[str, Any] = {"gaussian": "gaussian", "default": True, "pissa": "pissa", "olora": "olora"}
+# parameter-name markers of every adapter kind we train (LoRA/DoRA, LoKr, LoHa)
+ADAPTER_MARKERS = ("lora_", "lokr_", "hada_")
+
+
+def is_adapter_param(name: str) -> bool:
+    return any(marker in name for marker in ADAPTER_MARKERS)
 _BLOCK = re.compile(r"^transformer_blocks\.(\d+)\.(.+)$")
 
 
@@ -74,17 +80,26 @@ def target_modules(transformer: Any, spec: LoraSpec) -> list[str]:
 
 
 def lora_config(transformer: Any, spec: LoraSpec) -> Any:
-    """The peft LoraConfig for ``spec`` on this transformer (alpha None = rank, i.e. scale 1.0)."""
-    from peft import LoraConfig
+    """The peft config for ``spec`` on this transformer (alpha None = rank, i.e. scale 1.0): a LoraConfig
+    (variant lora / dora, with use_rslora), or LoKrConfig / LoHaConfig (sd35hub.train.variants)."""
+    from peft import LoHaConfig, LoKrConfig, LoraConfig
 
     if spec.init not in INIT_WEIGHTS:
         raise ConfigError(f"lora.init={spec.init!r} is not one of {', '.join(INIT_WEIGHTS)}")
+    alpha = spec.alpha if spec.alpha is not None else spec.rank
+    targets = target_modules(transformer, spec)
+    if spec.variant == "lokr":
+        return LoKrConfig(r=spec.rank, alpha=alpha, target_modules=targets, decompose_factor=spec.decompose_factor)
+    if spec.variant == "loha":
+        return LoHaConfig(r=spec.rank, alpha=alpha, target_modules=targets)
     return LoraConfig(
         r=spec.rank,
-        lora_alpha=spec.alpha if spec.alpha is not None else spec.rank,
+        lora_alpha=alpha,
         lora_dropout=spec.dropout,
         init_lora_weights=INIT_WEIGHTS[spec.init],
-        target_modules=target_modules(transformer, spec),
+        target_modules=targets,
+        use_dora=spec.variant == "dora",
+        use_rslora=spec.rslora,
     )
 
 
@@ -95,8 +110,11 @@ def attach_lora(transformer: Any, spec: LoraSpec, *, fp32_params: bool = True) -
     then updates full-precision weights (fp16 gradients need a grad scaler; see the recipe).
     """
     transformer.requires_grad_(False)
+    if spec.init in ("pissa", "olora") and getattr(transformer, "hf_quantizer", None) is not None:
+        raise ConfigError(f"lora.init={spec.init} rewrites the frozen base weights, which are quantized here "
+                          "(model.quantize / the hardware profile); use lora.init=gaussian or model.quantize=none")
     transformer.add_adapter(lora_config(transformer, spec))
-    params = [p for n, p in transformer.named_parameters() if p.requires_grad and "lora_" in n]
+    params = [p for n, p in transformer.named_parameters() if p.requires_grad and is_adapter_param(n)]
     if fp32_params:
         for p in params:
             p.data = p.data.float()
@@ -105,7 +123,7 @@ def attach_lora(transformer: Any, spec: LoraSpec, *, fp32_params: bool = True) -
 
 def lora_state(transformer: Any) -> dict[str, torch.Tensor]:
     """The adapter's trainable tensors by parameter name (detached CPU fp32 copies)."""
-    return {n: p.detach().float().cpu().clone() for n, p in transformer.named_parameters() if "lora_" in n}
+    return {n: p.detach().float().cpu().clone() for n, p in transformer.named_parameters() if is_adapter_param(n)}
 
 
 def load_lora_state(transformer: Any, state: dict[str, torch.Tensor]) -> None:
@@ -114,7 +132,7 @@ def load_lora_state(transformer: Any, state: dict[str, torch.Tensor]) -> None:
     ConfigError, before anything is copied, unless ``state`` has exactly the adapter's tensors with
     the same shapes (a changed lora.rank / lora.blocks / lora.targets would otherwise fail mid-copy).
     """
-    expected = {n: p for n, p in transformer.named_parameters() if "lora_" in n}
+    expected = {n: p for n, p in transformer.named_parameters() if is_adapter_param(n)}
     fix = ("resume with the same lora.* and model settings the checkpoint was written with, "
            "or start a new run in a new output dir (train.output_dir) without train.resume")
     if set(state) != set(expected):

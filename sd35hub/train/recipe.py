@@ -67,7 +67,7 @@ class Trainer:
         from sd35hub.data.sources import check_dataset, open_samples
         from sd35hub.hardware import apply_profile, detect_profile
         from sd35hub.models.load import model_info, torch_dtype
-        from sd35hub.train.lora import attach_lora, target_modules
+        from sd35hub.train.lora import attach_lora, lora_state, target_modules
         from sd35hub.train.metrics import MetricsLog
         from sd35hub.train.optim import LoraEMA, build_optimizer, build_scheduler
 
@@ -140,8 +140,14 @@ class Trainer:
         self.target_names = target_modules(transformer, cfg.lora)
         from accelerate.utils import set_seed
 
+        from sd35hub.train.variants import rewrites_base
+
+        if rewrites_base(cfg.lora) and self.main:  # pissa/olora change the base weights: render it first
+            self._render_base()
         set_seed(train.seed)  # LoRA init and dropout draw from the global RNGs: same start every run
         self.params = attach_lora(transformer, cfg.lora, fp32_params=True)
+        # pissa/olora: the adapter's start, to save the trained change to the ORIGINAL base (train.variants)
+        self.initial_adapter = lora_state(transformer) if rewrites_base(cfg.lora) else None
         self.named_params = {n: p for n, p in transformer.named_parameters() if p.requires_grad}
         if train.gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
@@ -445,11 +451,21 @@ class Trainer:
         self.acc.wait_for_everyone()
         return loss
 
+    def _render_kwargs(self) -> dict[str, Any]:
+        t = self.config.train
+        return dict(size=self.config.data.resolution, steps=t.validation_steps, guidance=t.validation_guidance,
+                    seed=t.validation_seed, device=self.device, dtype=self.weight_dtype)
+
+    def _render_base(self) -> None:
+        """The base column of the validation grids, rendered before any adapter is attached."""
+        self.pipe.vae.to(self.device)
+        with self.acc.autocast():
+            self.base_images = validation.render(self.pipe, self.prompts, **self._render_kwargs())
+        self.pipe.vae.to("cpu")
+
     def _render_grid(self, model: Any, step: int) -> Path:
-        t, pipe = self.config.train, self.pipe
-        size = self.config.data.resolution
-        kwargs = dict(size=size, steps=t.validation_steps, guidance=t.validation_guidance, seed=t.validation_seed,
-                      device=self.device, dtype=self.weight_dtype)
+        pipe = self.pipe
+        kwargs = self._render_kwargs()
         pipe.vae.to(self.device)
         with self.acc.autocast():
             if not hasattr(self, "base_images"):
@@ -505,7 +521,8 @@ class Trainer:
     def _write_adapter(self, folder: Path) -> Path:
         """The adapter as published, with the EMA weights when train.ema_decay is set (checkpoints and
         the final adapter alike); the trained weights are back in place afterwards, even on an error."""
-        from sd35hub.adapters import AdapterMetadata, save_adapter
+        from sd35hub.adapters import AdapterMetadata
+        from sd35hub.train.variants import save_trained
 
         cfg = self.config
         metadata = AdapterMetadata(
@@ -514,7 +531,8 @@ class Trainer:
             trigger_words=[cfg.data.trigger_word] if cfg.data.trigger_word else [],
         )  # fmt: skip
         with self._published_weights():
-            return save_adapter(self.acc.unwrap_model(self.transformer), folder, metadata=metadata)
+            return save_trained(self.acc.unwrap_model(self.transformer), folder, metadata=metadata, spec=cfg.lora,
+                                initial=self.initial_adapter)
 
     @contextlib.contextmanager
     def _published_weights(self) -> Iterator[None]:

@@ -1,0 +1,262 @@
+"""LoRA variants (``lora.variant``, ``lora.rslora``, ``lora.init``): how each is saved, and its exact weight delta.
+
+Every file is written in a layout a real tool loads (docs/training.md, "LoRA variants"):
+
+    lora, rslora       diffusers LoRA (``transformer.<module>.lora_A/B.weight`` + ``lora_adapter_metadata``);
+                       rsLoRA's scale alpha/sqrt(r) is stored as alpha' = alpha*sqrt(r) (scale alpha'/r), so
+                       every LoRA loader (diffusers, ComfyUI, kohya after ``convert``) gets it right
+    pissa, olora       peft moves s*B0*A0 out of the frozen base (W_res = W - s*B0*A0); the trained change
+                       to the ORIGINAL base, s*(B*A - B0*A0), is saved as a plain diffusers LoRA of rank 2r
+                       (down = [A; A0], up = [B, -B0]): peft's own PiSSA/OLoRA conversion, exact
+    dora               diffusers/peft layout plus ``transformer.<module>.lora_magnitude_vector`` [out] and
+                       ``use_dora: true`` in ``lora_adapter_metadata``: what diffusers' ``load_lora_weights``
+                       reads (tested: stock diffusers reproduces the trained model)
+    lokr, loha         LyCORIS keys as SimpleTuner writes them and ComfyUI's SD3 loader maps
+                       (``lycoris_<diffusers module, '.'->'_'>.lokr_w1`` / ``lokr_w2`` / ``lokr_w2_a`` ...,
+                       ``.hada_w1_a`` ...; ``.alpha``). Loader convention: scale = alpha / rank of the
+                       low-rank factor; with no low-rank factor alpha is ignored, so the scale is folded
+                       into ``lokr_w1`` and no alpha is written
+
+:func:`delta_weights` reads any of these back into exact per-module weight deltas (DoRA's depends on the
+base weight, so it is given), and :func:`merge_into` adds ``weight * delta`` to a base transformer: the
+exact merge / blend of these variants (a weighted sum of deltas). ``sd35hub convert`` carries lora,
+rslora and pissa/olora files (plain LoRAs) to kohya / ComfyUI exactly; DoRA, LoKr and LoHa are not a
+low-rank pair, so it refuses them, naming the layouts that carry them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sd35hub.config import LoraSpec
+
+LYCORIS_PREFIX = "lycoris_"
+VARIANT_HEADER = "sd35hub_variant"  # JSON: variant, rslora, init (how the adapter was trained)
+_LOKR = ("lokr_w1", "lokr_w2", "lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_w2_b")
+_LOHA = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+
+
+def is_plain(spec: LoraSpec) -> bool:
+    """Trained and saved exactly as before: a standard LoRA with scale alpha/r on the unchanged base."""
+    return spec.variant == "lora" and not spec.rslora and spec.init not in ("pissa", "olora")
+
+
+def rewrites_base(spec: LoraSpec) -> bool:
+    return spec.init in ("pissa", "olora")
+
+
+def _peft_state(transformer: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    from peft.utils import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(transformer, adapter_name="default")
+    state = {k.removeprefix("base_model.model."): v.detach().float().cpu() for k, v in state.items()}
+    return state, transformer.peft_config["default"].to_dict()
+
+
+def _scale(config: dict[str, Any], rank: int) -> float:
+    alpha = float(config.get("lora_alpha", config.get("alpha", rank)))
+    return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+
+
+def save_trained(transformer: Any, folder: Path, *, metadata: Any, spec: LoraSpec,
+                 initial: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write the trained adapter of ``spec``'s variant in its layout (module docstring). ``initial``: the
+    adapter tensors right after attach (lora_state), needed for pissa/olora."""
+    from sd35hub.adapters import metadata_for, save_adapter, write_adapter
+
+    if is_plain(spec):
+        return save_adapter(transformer, folder, metadata=metadata)
+    state, config = _peft_state(transformer)
+    header = {VARIANT_HEADER: json.dumps({"variant": spec.variant, "rslora": spec.rslora, "init": spec.init})}
+    if spec.variant == "lora":  # rsLoRA and/or PiSSA/OLoRA: a plain LoRA of the original base
+        modules = _plain_modules(state, config, initial if rewrites_base(spec) else None)
+        import dataclasses
+
+        measured = metadata_for(modules)
+        full = dataclasses.replace(metadata, rank=measured.rank, alpha=measured.alpha, targets=measured.targets,
+                                   rank_pattern=measured.rank_pattern, alpha_pattern=measured.alpha_pattern)
+        return write_adapter(modules, folder, metadata=full)
+    if spec.variant == "dora":
+        tensors, header2 = _dora_tensors(state, config)
+        header.update(header2)
+        fmt = "diffusers"
+    else:
+        tensors = _lycoris_tensors(state, config, spec.variant)
+        fmt = "lycoris"
+    import dataclasses
+
+    header["sd35hub"] = dataclasses.replace(metadata, format=fmt).to_json()
+    return _write(tensors, folder, header)
+
+
+def _write(tensors: dict[str, torch.Tensor], folder: Path, header: dict[str, str]) -> Path:
+    from safetensors.torch import save_file
+
+    from sd35hub.adapters import ADAPTER_FILENAME
+    from sd35hub.paths import atomic_write
+
+    file = folder if folder.suffix == ".safetensors" else folder / ADAPTER_FILENAME
+    file.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    return atomic_write(file, lambda temp: save_file(tensors, str(temp), metadata={"format": "pt", **header}))
+
+
+def _pairs(state: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    names = sorted(k[: -len(".lora_A.weight")] for k in state if k.endswith(".lora_A.weight"))
+    return {n: (state[f"{n}.lora_A.weight"], state[f"{n}.lora_B.weight"]) for n in names}
+
+
+def _plain_modules(state: dict[str, torch.Tensor], config: dict[str, Any],
+                   initial: dict[str, torch.Tensor] | None) -> Any:
+    from sd35hub.formats import LoraModule
+
+    modules = {}
+    for name, (down, up) in _pairs(state).items():
+        rank = down.shape[0]
+        scale = _scale(config, rank)
+        if initial is not None:  # PiSSA/OLoRA: s*(B A - B0 A0) as a rank-2r LoRA with the same scale
+            a0 = initial[f"{name}.lora_A.default.weight"].float()
+            b0 = initial[f"{name}.lora_B.default.weight"].float()
+            down, up = torch.cat([down, a0], 0), torch.cat([up, -b0], 1)
+        modules[name] = LoraModule(down=down, up=up, alpha=scale * down.shape[0])
+    return modules
+
+
+def _dora_tensors(state: dict[str, torch.Tensor], config: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from sd35hub.formats import DIFFUSERS_PREFIX, prefixed_config
+
+    tensors = {f"{DIFFUSERS_PREFIX}{k}": v for k, v in state.items()}
+    pairs = _pairs(state)
+    rank = next(iter(pairs.values()))[0].shape[0] if pairs else int(config.get("r", 1))
+    lora_config = {
+        "r": int(config["r"]), "lora_alpha": float(config["lora_alpha"]), "rank_pattern": config.get("rank_pattern") or {},
+        "alpha_pattern": config.get("alpha_pattern") or {}, "target_modules": sorted(pairs), "lora_dropout": 0.0,
+        "init_lora_weights": True, "use_dora": True, "use_rslora": bool(config.get("use_rslora")), "lora_bias": False,
+    }  # fmt: skip
+    del rank
+    return tensors, {"lora_adapter_metadata": json.dumps(prefixed_config(lora_config), indent=2, sort_keys=True)}
+
+
+def lycoris_name(module: str) -> str:
+    return LYCORIS_PREFIX + module.replace(".", "_")
+
+
+def _lycoris_tensors(state: dict[str, torch.Tensor], config: dict[str, Any], variant: str) -> dict[str, torch.Tensor]:
+    leaves = _LOKR if variant == "lokr" else _LOHA
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state.items():
+        module, _, leaf = key.rpartition(".")
+        if leaf in leaves:
+            modules.setdefault(module, {})[leaf] = tensor
+    alpha = float(config.get("alpha", config.get("r", 1)))
+    rank = int(config.get("r", 1))
+    out: dict[str, torch.Tensor] = {}
+    for module, parts in sorted(modules.items()):
+        scale = alpha / rank  # peft: alpha / r for LoKr and LoHa
+        base = lycoris_name(module)
+        if variant == "lokr" and "lokr_w1" in parts and "lokr_w2" in parts:  # no low-rank factor: fold the scale
+            parts = {**parts, "lokr_w1": parts["lokr_w1"] * scale}
+        else:
+            low = parts.get("lokr_w2_b", parts.get("lokr_w1_b", parts.get("hada_w1_b")))
+            out[f"{base}.alpha"] = torch.tensor(scale * low.shape[0], dtype=torch.float32)
+        for leaf, tensor in parts.items():
+            out[f"{base}.{leaf}"] = tensor
+    return out
+
+
+# --- reading back: exact deltas and merges ------------------------------------------------------------
+
+
+def _lycoris_module(stem: str, names: set[str]) -> str:
+    """lycoris_transformer_blocks_0_attn_to_q -> transformer_blocks.0.attn.to_q (names: the base's Linears)."""
+    body = stem.removeprefix(LYCORIS_PREFIX)
+    for name in names:
+        if name.replace(".", "_") == body:
+            return name
+    raise KeyError(stem)
+
+
+def delta_weights(path: str | Path, base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """{module: delta W [out, in]} of an adapter file we write (any variant). ``base``: {module: W} of
+    the base's Linear weights (DoRA's delta depends on W; the module names of LyCORIS keys come from it)."""
+    from safetensors.torch import load_file
+
+    from sd35hub.adapters import adapter_file
+
+    tensors = load_file(str(adapter_file(path)))
+    if any(k.startswith(LYCORIS_PREFIX) for k in tensors):
+        return _lycoris_deltas(tensors, base)
+    if any(k.endswith(".lora_magnitude_vector") for k in tensors):
+        return _dora_deltas(path, tensors, base)
+    from sd35hub.adapters import read_adapter
+
+    return {name: m.up.float() @ m.down.float() * (m.alpha / m.rank) for name, m in read_adapter(path).modules.items()}
+
+
+def _lycoris_deltas(tensors: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        stem, _, leaf = key.rpartition(".")
+        grouped.setdefault(stem, {})[leaf] = tensor.float()
+    names = set(base)
+    out = {}
+    for stem, p in grouped.items():  # the loader's formula (ComfyUI weight_adapter lokr/loha)
+        rank = None
+        if "hada_w1_a" in p:
+            delta = (p["hada_w1_a"] @ p["hada_w1_b"]) * (p["hada_w2_a"] @ p["hada_w2_b"])
+            rank = p["hada_w1_b"].shape[0]
+        else:
+            w1 = p.get("lokr_w1")
+            if w1 is None:
+                w1, rank = p["lokr_w1_a"] @ p["lokr_w1_b"], p["lokr_w1_b"].shape[0]
+            w2 = p.get("lokr_w2")
+            if w2 is None:
+                w2, rank = p["lokr_w2_a"] @ p["lokr_w2_b"], p["lokr_w2_b"].shape[0]
+            delta = torch.kron(w1, w2)
+        scale = float(p["alpha"]) / rank if "alpha" in p and rank is not None else 1.0
+        name = _lycoris_module(stem, names)
+        out[name] = (delta * scale).reshape(base[name].shape)
+    return out
+
+
+def _dora_deltas(path: str | Path, tensors: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    from sd35hub.adapters import adapter_file
+    from sd35hub.formats import unprefixed_config
+
+    with safe_open(str(adapter_file(path)), framework="pt") as handle:
+        config = unprefixed_config((handle.metadata() or {}).get("lora_adapter_metadata")) or {}
+    state = {k.removeprefix("transformer."): v.float() for k, v in tensors.items()}
+    out = {}
+    for name, (down, up) in _pairs(state).items():  # peft DoRA: m * (W + sBA) / ||W + sBA||_row
+        w = base[name].float()
+        adapted = w + _scale(config, down.shape[0]) * (up @ down)
+        magnitude = state[f"{name}.lora_magnitude_vector"]
+        out[name] = (magnitude / adapted.norm(p=2, dim=1)).unsqueeze(1) * adapted - w
+    return out
+
+
+def linear_weights(transformer: Any) -> dict[str, torch.Tensor]:
+    """{module path: weight} of every nn.Linear of a (non-peft) transformer."""
+    return {n: m.weight for n, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+def merge_into(transformer: Any, items: list[tuple[str | Path, float]]) -> int:
+    """Add sum_i weight_i * delta_i to a plain (un-adapted) transformer's Linear weights, in place: the exact
+    merge / blend of adapters of any variant. Returns the number of weights changed."""
+    weights = linear_weights(transformer)
+    base = {n: w.detach().float().clone() for n, w in weights.items()}  # every delta sees the original base
+    total: dict[str, torch.Tensor] = {}
+    for path, weight in items:
+        for name, delta in delta_weights(path, base).items():
+            total[name] = total.get(name, 0) + weight * delta
+    with torch.no_grad():
+        for name, delta in total.items():
+            weights[name].add_(delta.to(weights[name].dtype))
+    return len(total)
