@@ -309,6 +309,7 @@ class BlendEngine:
                 generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
                 callback_on_step_end=on_step,
                 callback_on_step_end_tensor_inputs=["latents"],
+                **_skip_layer_kwargs(request, guidance),
             ).images
 
         with self._queue_lock:
@@ -381,6 +382,8 @@ class BlendEngine:
             "seeds": seeds,
             "steps": steps,
             "guidance_scale": guidance,
+            **({"skip_guidance_layers": list(request.skip_layers), "skip_layer_guidance_scale": request.skip_layer_scale}
+               if _skip_layer_kwargs(request, guidance) else {}),
             "width": width,
             "height": height,
             "scheduler": request.scheduler,
@@ -530,3 +533,10 @@ def _non_finite_message(blend: str | None, step: int, steps: int) -> str:
         f"The image became NaN/infinite at step {step} of {steps} with {blend}: an adapter overflows at "
         "these weights. Lower the weights, or remove adapters one at a time to find the one at fault."
     )
+
+
+def _skip_layer_kwargs(request: GenerationRequest, guidance: float) -> dict[str, Any]:
+    """Skip-layer guidance for the pipeline call (it needs classifier-free guidance, guidance > 1)."""
+    if not request.skip_layers or guidance <= 1.0:
+        return {}
+    return {"skip_guidance_layers": list(request.skip_layers), "skip_layer_guidance_scale": request.skip_layer_scale}

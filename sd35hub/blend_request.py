@@ -49,6 +49,8 @@ class GenerationRequest:
     # False: the prompt is text only (a server that took the tags out itself, e.g. the Space, where card
     # trigger words joined the prompt and must never be read as `<lora:...>` tags).
     parse_prompt_tags: bool = True
+    skip_layers: tuple[int, ...] = ()  # skip-layer guidance (SD3.5 Medium: 7, 8, 9); needs guidance > 1
+    skip_layer_scale: float = 2.8
 
 
 @dataclass
@@ -175,6 +177,9 @@ def diffusers_snippet(params: dict[str, Any]) -> str:
         f"    guidance_scale={params['guidance_scale']!r},",
         f"    width={params['width']!r},",
         f"    height={params['height']!r},",
+        *([f"    skip_guidance_layers={params['skip_guidance_layers']!r},",
+           f"    skip_layer_guidance_scale={params['skip_layer_guidance_scale']!r},"]
+          if params.get("skip_guidance_layers") else []),
         "    num_images_per_prompt=len(seeds),",
         '    generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],',
         ").images",

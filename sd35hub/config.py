@@ -271,6 +271,9 @@ class TrainSpec:
     log_every: int = 10  # steps between metric lines
     report_to: tuple[str, ...] = ("jsonl",)  # jsonl | tensorboard | wandb
     prior_loss_weight: float = 1.0  # DreamBooth: loss = instance + weight * class (with data.class_prompt)
+    # skip-layer guidance in the validation grids (SD3.5 Medium preset: 7,8,9); needs validation_guidance > 1
+    validation_skip_layers: tuple[int, ...] = ()
+    validation_skip_layer_scale: float = 2.8
 
     def problems(self) -> list[str]:
         s = "train"
@@ -303,6 +306,10 @@ class TrainSpec:
         out += _positive(s, "validation_steps", self.validation_steps)
         out += _positive(s, "log_every", self.log_every)
         out += _positive(s, "prior_loss_weight", self.prior_loss_weight, zero_ok=True)
+        if any(not isinstance(i, int) or i < 0 for i in self.validation_skip_layers):
+            out.append(f"train.validation_skip_layers={list(self.validation_skip_layers)!r} must be transformer block "
+                       "indices >= 0, e.g. [7, 8, 9] (SD3.5 Medium)")
+        out += _positive(s, "validation_skip_layer_scale", self.validation_skip_layer_scale)
         for r in self.report_to:
             if r not in ("jsonl", "tensorboard", "wandb"):
                 out.append(f"train.report_to contains {r!r}; use jsonl, tensorboard or wandb")

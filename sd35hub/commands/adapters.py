@@ -19,6 +19,15 @@ def _split_weight(spec: str) -> tuple[str, float]:
     return ref.source, ref.weight
 
 
+def _parse_layers(text: str) -> tuple[int, ...]:
+    from sd35hub.errors import ConfigError
+
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not all(p.isdigit() for p in parts):
+        raise ConfigError(f"--skip-layers {text!r} must be block indices separated by commas, e.g. 7,8,9")
+    return tuple(int(p) for p in parts)
+
+
 def register(app: typer.Typer) -> None:
     @app.command()
     def generate(
@@ -57,6 +66,10 @@ def register(app: typer.Typer) -> None:
         quantize: str = typer.Option(
             "none", "--quantize", help="Transformer quantization: none|nf4|int8 (CUDA)."
         ),
+        skip_layers: str = typer.Option(
+            "", "--skip-layers", help="Skip-layer guidance on these blocks, e.g. 7,8,9 (SD3.5 Medium); needs --cfg > 1."
+        ),
+        skip_layer_scale: float = typer.Option(2.8, "--skip-layer-scale", help="Skip-layer guidance scale."),
     ) -> None:
         """Generate images with any number of LoRAs; PNGs carry their parameters in text chunks."""
         from sd35hub.blend import BlendEngine
@@ -67,12 +80,14 @@ def register(app: typer.Typer) -> None:
 
         if compare is not None and compare not in COMPARE_MODES:
             raise ConfigError(f"--compare {compare!r} is not one of {', '.join(COMPARE_MODES)}")
+        layers = _parse_layers(skip_layers)
         refs: list[AdapterRef] = [parse_lora_option(spec) for spec in lora]
         engine = BlendEngine(model, dtype=dtype, cpu_offload=cpu_offload, drop_t5=drop_t5, quantize=quantize)
         request = GenerationRequest(
             prompt=prompt, negative_prompt=negative_prompt, adapters=refs, steps=steps, guidance_scale=cfg,
             width=width, height=height, seed=seed, scheduler=scheduler, num_images=n,
             insert_trigger_words=not no_trigger_words, compare_base=compare == "base",
+            skip_layers=layers, skip_layer_scale=skip_layer_scale,
         )  # fmt: skip
         result = engine.generate(request)
         for i, image in enumerate(result.images):

@@ -81,6 +81,10 @@ class Trainer:
         cfg, notes = apply_profile(cfg, self.profile, self.explicit)
         cfg, bucket_notes = _bound_resolution(cfg, self.info.max_resolution)  # the base's positional grid
         notes += bucket_notes
+        from sd35hub.train.presets import apply_variant_preset
+
+        cfg, preset_notes = apply_variant_preset(cfg, self.info.variant, self.explicit)  # Turbo, Medium
+        notes = [*notes, *preset_notes]
         self.config = cfg
         train = cfg.train
         # 5. the memory plan (configs only): refuse before any weights download when no plan fits
@@ -452,9 +456,12 @@ class Trainer:
         return loss
 
     def _render_kwargs(self) -> dict[str, Any]:
+        from sd35hub.train.presets import skip_layer_kwargs
+
         t = self.config.train
         return dict(size=self.config.data.resolution, steps=t.validation_steps, guidance=t.validation_guidance,
-                    seed=t.validation_seed, device=self.device, dtype=self.weight_dtype)
+                    seed=t.validation_seed, device=self.device, dtype=self.weight_dtype,
+                    pipe_kwargs=skip_layer_kwargs(t, t.validation_guidance))
 
     def _render_base(self) -> None:
         """The base column of the validation grids, rendered before any adapter is attached."""

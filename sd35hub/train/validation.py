@@ -45,8 +45,9 @@ def encode_prompts(pipe: Any, prompts: list[str], *, guidance: float, max_sequen
 
 
 def render(pipe: Any, encoded: EncodedPrompts, *, size: int, steps: int, guidance: float, seed: int,
-           device: str | torch.device, dtype: torch.dtype) -> list[Image.Image]:
-    """One image per prompt (seed + row index), with whatever adapter state the transformer has."""
+           device: str | torch.device, dtype: torch.dtype, pipe_kwargs: dict[str, Any] | None = None) -> list[Image.Image]:
+    """One image per prompt (seed + row index), with whatever adapter state the transformer has.
+    ``pipe_kwargs``: more pipeline arguments (skip-layer guidance: sd35hub.train.presets)."""
     images = []
     for row in range(len(encoded.prompts)):
         kwargs = {k: v[row : row + 1].to(device, dtype) for k, v in encoded.embeds.items()}
@@ -54,7 +55,7 @@ def render(pipe: Any, encoded: EncodedPrompts, *, size: int, steps: int, guidanc
         with torch.no_grad():
             images.append(pipe(
                 **kwargs, height=size, width=size, num_inference_steps=steps, guidance_scale=guidance,
-                generator=generator,
+                generator=generator, **(pipe_kwargs or {}),
             ).images[0])  # fmt: skip
     return images
 
