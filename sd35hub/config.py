@@ -134,6 +134,8 @@ class DataSpec:
     # masked loss (docs/training.md): per-image mask from <stem>.mask.png or the alpha channel weights the loss
     masked_loss: bool = False
     unmasked_weight: float = 0.0  # loss weight where the mask is black/transparent (0 = no gradient there)
+    repeats: int = 1  # each training sample appears this many times per epoch (small subject datasets)
+    random_flip: bool = False  # mirror each sample with probability 1/2 per epoch (both latents cached: exact)
 
     def problems(self) -> list[str]:
         out: list[str] = []
@@ -154,6 +156,7 @@ class DataSpec:
         if not 1 <= self.max_sequence_length <= 512:
             out.append(f"data.max_sequence_length={self.max_sequence_length} must be in 1..512")
         out += self._prior_problems()
+        out += _positive("data", "repeats", self.repeats)
         if not 0.0 <= self.unmasked_weight <= 1.0:
             out.append(f"data.unmasked_weight={self.unmasked_weight!r} must be in [0, 1] (0: masked-out pixels get "
                        "no gradient; 1: the mask has no effect)")

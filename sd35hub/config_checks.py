@@ -64,6 +64,7 @@ BOUNDS: dict[str, tuple[float | None, float | None]] = {
     "train.log_every": (1, 100_000_000),
     "train.prior_loss_weight": (0, 100),
     "data.unmasked_weight": (0, 1),
+    "data.repeats": (1, 10_000),
     "lora.decompose_factor": (-1, 65536),
     "train.validation_skip_layers": (0, 1000),
     "train.validation_skip_layer_scale": (0, 100),

@@ -31,6 +31,7 @@ from sd35hub.data.buckets import BucketBatcher, bounded_buckets
 from sd35hub.data.cache_index import (
     CACHE_FORMAT,
     INDEX_FILE,
+    FLIP_FIELDS,
     MASK_FIELD,
     BatchRef,
     CachedBatches,
@@ -229,6 +230,8 @@ def build_cache(spec: DataSpec, pipe: Any, cache_dir: Path, *, model_id: str, ba
                 "dtype": str(dtype).replace("torch.", ""), "resolution": spec.resolution, "crop": spec.crop}
     if spec.masked_loss:  # entries carry a latent-grid loss mask (sd35hub.data.masks); keys unchanged when off
         settings["masked_loss"] = True
+    if spec.random_flip:  # entries also carry the mirrored image's posterior (one more VAE pass each)
+        settings["random_flip"] = True
     existing = scan_shards(cache_dir)
     stage = cache_dir / "staging"  # latents of entries whose embeddings are not cached yet (survives a crash)
     stage.mkdir(exist_ok=True)
@@ -261,11 +264,14 @@ def build_cache(spec: DataSpec, pipe: Any, cache_dir: Path, *, model_id: str, ba
 
                         given = batch.masks[todo] if batch.masks is not None else None
                         masks = latent_mask(given, tuple(mean.shape[-2:]), len(todo))
+                    flips = encode_images(batch.pixel_values[todo].flip(-1)) if spec.random_flip else None
                     for row, i in enumerate(todo):
                         staged_before.update(staged.add(ids[i], {
                             "latents_mean": mean[row].to(dtype).cpu(), "latents_std": std[row].to(dtype).cpu(),
                             "caption": torch.tensor(list(batch.captions[i].encode()), dtype=torch.uint8),
                             **({MASK_FIELD: masks[row]} if masks is not None else {}),
+                            **({FLIP_FIELDS[0]: flips[0][row].to(dtype).cpu(), FLIP_FIELDS[1]: flips[1][row].to(dtype).cpu()}
+                               if flips is not None else {}),
                         }))  # fmt: skip
                     encoded += len(todo)
                 rows.extend((eid, key, batch.bucket) for eid, key in zip(ids, batch.keys, strict=True))
@@ -309,6 +315,8 @@ def build_cache(spec: DataSpec, pipe: Any, cache_dir: Path, *, model_id: str, ba
                              "prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled}
                     if spec.masked_loss:
                         entry[MASK_FIELD] = latents[f"{eid}/{MASK_FIELD}"]
+                    if spec.random_flip:  # the mirrored image's posterior (data.random_flip)
+                        entry.update({name: latents[f"{eid}/{name}"] for name in FLIP_FIELDS})
                     existing.update(writer.add(eid, entry))
             existing.update(writer.flush())
             for shard in shards:  # a staged shard goes once every entry in it is final

@@ -34,6 +34,7 @@ VALIDATION_TRAIN_SAMPLES = 4  # nothing held out: the validation loss uses this 
 CACHE_FORMAT = "1"
 FIELDS = ("latents_mean", "latents_std", "prompt_embeds", "pooled_prompt_embeds")
 MASK_FIELD = "mask"  # [1, h/8, w/8] in [0, 1], in caches built with data.masked_loss (sd35hub.data.masks)
+FLIP_FIELDS = ("latents_mean_flip", "latents_std_flip")  # the mirrored image's posterior (data.random_flip)
 
 
 @dataclass(frozen=True)
@@ -152,7 +153,7 @@ class CachedBatches:
     """
 
     def __init__(self, index: CacheIndex | Path, batch_size: int, seed: int = 0, holdout: int | None = 0,
-                 caption_dropout: float = 0.0, partial: str = "keep") -> None:
+                 caption_dropout: float = 0.0, partial: str = "keep", repeats: int = 1) -> None:
         self.index = index if isinstance(index, CacheIndex) else CacheIndex.load(Path(index))
         self.batch_size = batch_size
         self.seed = seed
@@ -160,6 +161,7 @@ class CachedBatches:
         if partial not in ("keep", "fill", "drop"):
             raise ValueError(f"partial batches {partial!r} is not one of keep, fill, drop")
         self.partial = partial
+        self.repeats = max(1, repeats)  # data.repeats: each training entry this many times per epoch
         self.reader = ShardReader(self.index.path)
         order = sorted(range(len(self.index.entries)), key=lambda i: self.index.entries[i].key)
         if holdout is None:
@@ -174,7 +176,7 @@ class CachedBatches:
         rng = random.Random(stable_seed("epoch", self.seed, epoch))
         by_bucket: dict[tuple[int, int], list[int]] = {}
         for i in self.train_entries:
-            by_bucket.setdefault(self.index.entries[i].bucket, []).append(i)
+            by_bucket.setdefault(self.index.entries[i].bucket, []).extend([i] * self.repeats)
         groups: list[tuple[tuple[int, int], tuple[int, ...]]] = []
         for bucket in sorted(by_bucket):
             members = by_bucket[bucket]
@@ -209,7 +211,8 @@ class CachedBatches:
         """Tensors of one batch: latents_mean/latents_std [b, 16, h/8, w/8], prompt_embeds [b, S, D],
         pooled_prompt_embeds [b, P], keys; with ``sample=True`` also ``latents`` (VAE-sampled,
         shifted and scaled, ready for the flow-matching loss)."""
-        return self._load(ref.entries, epoch=ref.epoch, dropout=self.caption_dropout, generator=generator, sample=sample)
+        return self._load(ref.entries, epoch=ref.epoch, dropout=self.caption_dropout, generator=generator, sample=sample,
+                          flips=bool(self.index.settings.get("random_flip")), batch=ref.index)
 
     @property
     def validation_source(self) -> str:
@@ -255,14 +258,21 @@ class CachedBatches:
         return self._load(chosen, epoch=0, dropout=0.0, generator=generator, sample=sample)
 
     def _load(self, positions: tuple[int, ...], *, epoch: int, dropout: float,
-              generator: torch.Generator | None, sample: bool) -> dict[str, Any]:
+              generator: torch.Generator | None, sample: bool, flips: bool = False, batch: int = 0) -> dict[str, Any]:
         import torch
 
         entries = [self.index.entries[i] for i in positions]
         # entry-first: each entry's shard is looked up once, however many shards the batch spans
         fields = FIELDS + (MASK_FIELD,) if self.index.settings.get("masked_loss") else FIELDS
-        rows = [self.reader.entry(e.shard, e.id, fields) for e in entries]
+        flipped = [flips and stable_seed("flip", self.seed, epoch, batch, row, e.key) % 2 == 1 for row, e in enumerate(entries)]
+        rows = [self.reader.entry(e.shard, e.id, fields + (FLIP_FIELDS if f else ())) for e, f in zip(entries, flipped, strict=True)]
+        for row, f in zip(rows, flipped, strict=True):  # data.random_flip: the mirrored image, encoded at caching
+            if f:
+                row["latents_mean"], row["latents_std"] = row.pop(FLIP_FIELDS[0]), row.pop(FLIP_FIELDS[1])
+                if MASK_FIELD in row:
+                    row[MASK_FIELD] = row[MASK_FIELD].flip(-1)
         out: dict[str, Any] = {name: torch.stack([row[name] for row in rows]) for name in fields}
+        out["flipped"] = flipped
         dropped = [caption_dropped(e.key, seed=self.seed, epoch=epoch, rate=dropout) for e in entries]
         if any(dropped):
             empty = self.empty_prompt()

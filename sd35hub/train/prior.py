@@ -103,7 +103,7 @@ def class_spec(cfg: Config, folder: Path) -> DataSpec:
         data, source=str(folder), split="train", image_column=None, caption_column=None,
         trigger_word=data.class_prompt, caption_dropout=0.0, shuffle_tags=False, keep_tags=0,
         min_size=min(data.min_size, data.resolution), max_samples=data.num_class_images, holdout=0,
-        cache_dir=None, class_prompt="", class_data=None, masked_loss=False,
+        cache_dir=None, class_prompt="", class_data=None, masked_loss=False, repeats=1,
     )  # fmt: skip
 
 

@@ -163,7 +163,7 @@ class Trainer:
                 self.log(f"FP8 matmuls on {layers} frozen base layers (torchao float8)")
         self.batches = CachedBatches(self.index, batch_size=train.batch_size, seed=train.seed,
                                      holdout=cfg.data.holdout, caption_dropout=cfg.data.caption_dropout,
-                                     partial=cfg.data.partial_batches)
+                                     partial=cfg.data.partial_batches, repeats=cfg.data.repeats)
         self._epoch_cache: dict[int, list[Any]] = {}
         self.batches_per_epoch = len(self._epoch(0))
         if train.compile:
