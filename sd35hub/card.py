@@ -211,6 +211,7 @@ def _settings(info: CardInfo) -> list[tuple[str, str]]:
         ("LoRA alpha", lora.get("alpha")),
         ("target modules", lora.get("targets")),
         ("LoRA dropout", lora.get("dropout")),
+        ("adapter variant", _variant_text(lora)),
         ("transformer blocks", lora.get("blocks")),
         ("steps", info.steps),
         ("epochs", info.epochs),
@@ -229,6 +230,21 @@ def _settings(info: CardInfo) -> list[tuple[str, str]]:
         ("sd35hub version", info.sd35hub_version),
     ]
     return [(name, _fmt(value)) for name, value in rows if value is not None and value != ""]
+
+
+_VARIANT_LOADERS = {
+    "dora": "DoRA, diffusers/peft layout (`load_lora_weights` reads it)",
+    "lokr": "LoKr, LyCORIS layout: load it in ComfyUI (LoraLoader); diffusers' `load_lora_weights` cannot",
+    "loha": "LoHa, LyCORIS layout: load it in ComfyUI (LoraLoader); diffusers' `load_lora_weights` cannot",
+}
+
+
+def _variant_text(lora: dict[str, Any]) -> str | None:
+    variant, init, rslora = lora.get("variant"), lora.get("init"), lora.get("rslora")
+    if variant in _VARIANT_LOADERS:
+        return _VARIANT_LOADERS[str(variant)]
+    extras = [x for x in (f"{init} init" if init in ("pissa", "olora") else "", "rsLoRA" if rslora else "") if x]
+    return f"{', '.join(extras)} (saved as a plain LoRA of the original base)" if extras else None
 
 
 def _prior_text(prior: dict[str, Any] | None) -> str | None:

@@ -191,12 +191,17 @@ def build_plan(
     validation_prompts: list[str] | None = None,
     profile: Any = None,
     extra: list[str] | None = None,
+    class_prompt: str = "",
+    num_class_images: int | None = None,
 ) -> RunPlan:
     """The notebook's config cell -> a validated, profile-resolved plan. Every problem in one ConfigError.
-    ``None`` values are left to the hardware profile; ``extra`` takes ``section.key=value`` strings."""
+    ``None`` values are left to the hardware profile; ``extra`` takes ``section.key=value`` strings.
+    The subject path: instance images as ``dataset``, the new subject's ``trigger_word`` and a ``class_prompt``
+    (e.g. "a photo of a dog") turn on prior preservation with class images the base model renders."""
     chosen = {
         "model": {"name": model},
-        "data": {"source": dataset, "trigger_word": trigger_word, "resolution": resolution},
+        "data": {"source": dataset, "trigger_word": trigger_word, "resolution": resolution,
+                 "class_prompt": class_prompt or None, "num_class_images": num_class_images},
         "lora": {"rank": rank},
         "train": {"epochs": epochs, "max_steps": max_steps, "output_dir": output_dir, "checkpoint_dir": checkpoint_dir,
                   "checkpoint_every": checkpoint_every, "validation_every": validation_every,

@@ -168,3 +168,14 @@ def test_each_variant_trains_and_heldout_loss_falls(tmp_path_factory, changes):
     assert result.validation_loss < result.initial_validation_loss, (result.initial_validation_loss, result.validation_loss)
     assert result.summary["lora"]["variant"] == cfg.lora.variant
     assert (out / "adapter" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_card_says_where_a_variant_loads():
+    from sd35hub.card import CardInfo, build_model_card
+
+    def card(lora: dict) -> str:
+        return str(build_model_card(CardInfo(base_model="tiny", lora={"rank": 4, **lora}), repo_id=None))
+
+    assert "LoKr, LyCORIS layout: load it in ComfyUI" in card({"variant": "lokr"})
+    assert "pissa init, rsLoRA (saved as a plain LoRA" in card({"variant": "lora", "init": "pissa", "rslora": True})
+    assert "adapter variant" not in card({})
