@@ -30,8 +30,8 @@ from sd35hub.config import DataSpec
 from sd35hub.data.buckets import BucketBatcher, bounded_buckets
 from sd35hub.data.cache_index import (
     CACHE_FORMAT,
-    INDEX_FILE,
     FLIP_FIELDS,
+    INDEX_FILE,
     MASK_FIELD,
     BatchRef,
     CachedBatches,
