@@ -91,6 +91,7 @@ class BlendEngine:
         local_roots: tuple[Path, ...] | None = None,
         named_sources: Callable[[str], Path | None] | None = None,
         public_model_id: str | None = None,
+        mask_t5_padding: bool = False,
     ) -> None:
         import torch
 
@@ -128,6 +129,11 @@ class BlendEngine:
         )
         if self.cpu_offload:
             self.pipe.enable_model_cpu_offload()
+        if mask_t5_padding:  # as adapters trained with data.mask_t5_padding saw their prompts
+            from sd35hub.train.t5mask import install_t5_padding_mask
+
+            install_t5_padding_mask(self.pipe)
+        self.mask_t5_padding = mask_t5_padding
         self.pipe.set_progress_bar_config(disable=True)
         self._base_scheduler_config = dict(self.pipe.scheduler.config)
         self._model_path = str(
@@ -393,6 +399,7 @@ class BlendEngine:
             "model_path": self._model_path,
             "model_id": self.model_id,
             "model_revision": self.model_revision,
+            **({"mask_t5_padding": True} if self.mask_t5_padding else {}),
             "dtype": str(self.dtype).removeprefix("torch."),
             "device": self.device,
             "adapters": [

@@ -141,6 +141,7 @@ class CardInfo:
     validation_loss_on: str | None = None  # "held-out" samples | "training" samples at fixed noise
     held_out: int | None = None
     prior_preservation: dict[str, Any] | None = None  # class_prompt, class_images, generated, prior_loss_weight
+    mask_t5_padding: bool = False  # trained on zeroed T5 padding embeddings
 
     @property
     def resolved_variant(self) -> str | None:
@@ -225,6 +226,8 @@ def _settings(info: CardInfo) -> list[tuple[str, str]]:
         ("quantization", info.quantization or ("none" if info.precision else None)),
         ("seed", info.seed),
         ("prior preservation", _prior_text(info.prior_preservation)),
+        ("T5 padding", "zeroed in training: generate with `sd35hub generate --mask-t5-padding`"
+         if info.mask_t5_padding else None),
         ("training time", f"{info.duration_s / 60:.1f} min" if info.duration_s is not None else None),
         ("peak GPU memory", f"{info.peak_memory_gib:.1f} GiB" if info.peak_memory_gib is not None else None),
         ("sd35hub version", info.sd35hub_version),

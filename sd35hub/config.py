@@ -136,6 +136,7 @@ class DataSpec:
     unmasked_weight: float = 0.0  # loss weight where the mask is black/transparent (0 = no gradient there)
     repeats: int = 1  # each training sample appears this many times per epoch (small subject datasets)
     random_flip: bool = False  # mirror each sample with probability 1/2 per epoch (both latents cached: exact)
+    mask_t5_padding: bool = False  # zero the T5 embedding at padded positions (generate with --mask-t5-padding)
 
     def problems(self) -> list[str]:
         out: list[str] = []

@@ -70,6 +70,9 @@ def register(app: typer.Typer) -> None:
             "", "--skip-layers", help="Skip-layer guidance on these blocks, e.g. 7,8,9 (SD3.5 Medium); needs --cfg > 1."
         ),
         skip_layer_scale: float = typer.Option(2.8, "--skip-layer-scale", help="Skip-layer guidance scale."),
+        mask_t5_padding: bool = typer.Option(
+            False, "--mask-t5-padding", help="Zero T5 padding embeddings (for adapters trained with data.mask_t5_padding)."
+        ),
     ) -> None:
         """Generate images with any number of LoRAs; PNGs carry their parameters in text chunks."""
         from sd35hub.blend import BlendEngine
@@ -82,7 +85,8 @@ def register(app: typer.Typer) -> None:
             raise ConfigError(f"--compare {compare!r} is not one of {', '.join(COMPARE_MODES)}")
         layers = _parse_layers(skip_layers)
         refs: list[AdapterRef] = [parse_lora_option(spec) for spec in lora]
-        engine = BlendEngine(model, dtype=dtype, cpu_offload=cpu_offload, drop_t5=drop_t5, quantize=quantize)
+        engine = BlendEngine(model, dtype=dtype, cpu_offload=cpu_offload, drop_t5=drop_t5, quantize=quantize,
+                             mask_t5_padding=mask_t5_padding)
         request = GenerationRequest(
             prompt=prompt, negative_prompt=negative_prompt, adapters=refs, steps=steps, guidance_scale=cfg,
             width=width, height=height, seed=seed, scheduler=scheduler, num_images=n,

@@ -216,6 +216,10 @@ class PhasedEncoders:
             quantize = self.t5.split("-")[1] if self.t5.startswith("gpu-") else "none"
 
             def t5(pipe: Any, batch: list[str]) -> dict[str, torch.Tensor]:
+                if getattr(self, "mask_t5_padding", False):  # data.mask_t5_padding (sd35hub.train.t5mask)
+                    from sd35hub.train.t5mask import install_t5_padding_mask
+
+                    install_t5_padding_mask(pipe)
                 return {"embeds": pipe._get_t5_prompt_embeds(prompt=batch, max_sequence_length=self.max_sequence_length,
                                                              device=t5_device, dtype=self.dtype)}  # fmt: skip
 

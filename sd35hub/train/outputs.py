@@ -187,6 +187,8 @@ def finish(trainer: Any) -> TrainResult:
         summary["held_out"] = len(trainer.batches.holdout_entries)
         if cfg.lora.variant != "lora" or cfg.lora.rslora or cfg.lora.init in ("pissa", "olora"):
             summary["lora"].update(variant=cfg.lora.variant, rslora=cfg.lora.rslora, init=cfg.lora.init)
+        if cfg.data.mask_t5_padding:  # generation must zero the T5 padding too (generate --mask-t5-padding)
+            summary["mask_t5_padding"] = True
         if getattr(trainer, "prior", None) is not None:  # DreamBooth class images: counts and weight
             summary["prior_preservation"] = trainer.prior.summary(state.epoch * trainer.batches_per_epoch + state.batch_in_epoch)
         if getattr(trainer, "phases", None) is not None:  # measured peak GPU / host memory per phase (+ the plan)
