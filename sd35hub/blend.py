@@ -198,7 +198,13 @@ class BlendEngine:
         if source in self._loaded:
             self._loaded.move_to_end(source)
             return self._loaded[source]
-        adapter: Adapter = read_adapter(file)
+        try:
+            adapter: Adapter = read_adapter(file)
+        except AdapterError as exc:  # e.g. non-finite values: say which adapter
+            if source not in exc.message:
+                exc.message = f"The adapter {source}: {exc.message}"
+                exc.args = (exc.message,)
+            raise
         check_finite(adapter, source, self.dtype)
         while len(self._loaded) >= self.max_cached_adapters:
             self._evict_one(keep)

@@ -224,3 +224,29 @@ def test_ode_schedulers_agree_with_euler() -> None:
 def test_classic_samplers_are_refused_with_reason(engine: BlendEngine) -> None:
     with pytest.raises(ConfigError, match="rectified-flow"):
         engine.generate(_request(scheduler="ddim"))
+
+
+def test_non_finite_adapters_and_latents_are_named(tmp_path: Path) -> None:
+    """#16 item 6: a NaN adapter is refused when loaded, and one that overflows while generating stops the
+    run at that step; both messages name the adapter (instead of a silent black image)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from sd35hub.errors import NonFiniteError
+
+    pipe = tiny_pipe()
+    add_random_lora(pipe.transformer, "huge", rank=2, targets=["to_v", "to_out.0"], seed=5)
+    meta = AdapterMetadata(rank=2, alpha=2.0)
+    files = {"huge": save_adapter(pipe.transformer, tmp_path / "huge", metadata=meta, adapter_name="huge")}
+    with safe_open(files["huge"], "pt") as f:  # a damaged file: save_adapter itself refuses NaN
+        tensors, header = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    next(iter(tensors.values()))[0, 0] = float("nan")
+    files["nan"] = tmp_path / "nan" / "pytorch_lora_weights.safetensors"
+    files["nan"].parent.mkdir()
+    save_file(tensors, files["nan"], metadata=header)
+    engine = BlendEngine("tiny")
+    with pytest.raises(AdapterError, match=r"The adapter .*nan.*(non-finite|NaN)"):
+        engine.load(str(files["nan"]))
+    with pytest.raises(NonFiniteError, match=r"NaN/infinite at step 1 of 2 with .*huge.* × 1e\+35"):
+        engine.generate(_request(adapters=[AdapterRef(str(files["huge"]), 1e35)]))  # overflows at this weight
+    assert engine.generate(_request()).images  # the engine still works afterwards
