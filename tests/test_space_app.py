@@ -363,3 +363,27 @@ def test_space_metadata_dockerfile_and_pins() -> None:
             assert re.search(rf"^TORCH \?= torch=={re.escape(pinned)}$", makefile, re.M)
             continue
         assert version(name).split("+")[0] == pinned, name
+
+
+def test_persistent_storage_holds_the_caches(tmp_path: Path) -> None:
+    from sd35hub.space_start import DATA_ENV, storage_env
+
+    assert storage_env({DATA_ENV: str(tmp_path)}) == {
+        "HF_HOME": str(tmp_path / "huggingface"),
+        "SD35HUB_CACHE": str(tmp_path / "sd35hub"),
+    }
+    assert storage_env({DATA_ENV: str(tmp_path / "not-mounted")}) == {}
+    assert storage_env({DATA_ENV: ""}) == {}  # turned off
+    assert "sd35hub.space_start" in Path(SPACE_APP).parent.joinpath("Dockerfile").read_text()
+
+
+def test_lock_file_pins_the_whole_dependency_set() -> None:
+    space_dir = Path(SPACE_APP).parent
+    lines = lambda name: space_dir.joinpath(name).read_text().splitlines()  # noqa: E731
+    read = lambda name: {  # noqa: E731
+        n.lower().replace("_", "-"): v for n, v in (line.split("==") for line in lines(name) if line and line[0] != "#")
+    }
+    lock, direct = read("requirements.lock"), read("requirements.txt")
+    assert all(lock.get(name) == v for name, v in direct.items())  # the same direct pins
+    assert len(lock) > 2 * len(direct) and {"numpy", "tornado", "pyarrow"} <= set(lock)  # transitive ones too
+    assert "pip install -r space/requirements.lock" in space_dir.joinpath("Dockerfile").read_text()
