@@ -50,8 +50,8 @@ def test_search_blend_generate_in_browser(
     search.fill(repos.tag)
     search.press("Enter")
     page.get_by_role("button", name="Search", exact=True).click()
-    blend = page.get_by_test_id("stColumn").filter(has_text="Your blend").first
-    sliders = blend.get_by_test_id("stSlider")  # the blend's (the training page below has its own)
+    # the blend's weight sliders (the training page below has sliders of its own)
+    sliders = page.get_by_test_id("stSlider").filter(has_text="Weight")
     for count, repo in enumerate((repos.watercolor, repos.ink), start=1):
         card = (
             page.get_by_test_id("stVerticalBlock")
