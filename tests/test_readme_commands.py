@@ -3,8 +3,9 @@ on a small local diffusers folder (#15: "the README's commands run as shown").
 
 Only what needs another machine is substituted: the Hub base and dataset become the tiny model (or a
 local copy of it) and the sample dataset, Hub adapters become the adapter the README's own `train`
-wrote, `publish` adds --dry-run, and the training runs 2 steps. `check-access` and `bench` need the Hub
-or a GPU (tests/test_access.py, tests/test_bench.py); `make space` is tests/test_space_app.py.
+wrote, `me/` is the local test Hub's user, `publish` adds --dry-run, and the training runs 2 steps. `check-access` and `bench` need the Hub
+or a GPU (tests/test_access.py, tests/test_bench.py), `--on hf-jobs` and `sweep` run Hub jobs
+(tests/test_jobs.py); `make space` is tests/test_space_app.py.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ def readme_commands() -> list[list[str]]:
 
 def test_the_readme_still_shows_the_commands_this_test_runs() -> None:
     names = [c[0] for c in readme_commands()]
-    assert names == ["check-access", "data", "train", "train", "publish", "generate", "convert", "merge", "bench", "bench"]
+    assert names == ["check-access", "data", "train", "train", "publish", "train", "sweep", "generate", "convert", "merge",
+                     "bench", "bench"]
 
 
 def _substitute(args: list[str], model: str, work: Path, adapter: Path | None) -> list[str] | None:
@@ -50,6 +52,8 @@ def _substitute(args: list[str], model: str, work: Path, adapter: Path | None) -
             arg = str(work / arg)
         elif re.match(r"^me/[\w-]+:[\d.]+$", arg):  # a published adapter of ours: the local one
             arg = f"{adapter}:{arg.split(':')[1]}"
+        elif arg.startswith("me/"):  # our Hub user on the local test Hub
+            arg = "alice/" + arg[3:]
         elif arg in ("kohya_lora.safetensors", "out.safetensors"):
             arg = str(work / arg)
         out.append(arg)
@@ -61,7 +65,7 @@ def _run_readme(model: str, work: Path, capsys, extra_train: list[str]) -> dict[
     adapter = work / "out" / "naruto" / "adapter"
     for args in readme_commands():
         name = args[0]
-        if name in ("check-access", "bench"):
+        if name in ("check-access", "bench", "sweep") or "hf-jobs" in args:
             continue
         args = _substitute(args, model, work, adapter)
         if name == "data":
@@ -99,13 +103,13 @@ def _check(work: Path, outputs: dict[str, str], model_shown: str) -> None:
 
 
 @pytest.mark.slow
-def test_readme_commands_on_the_tiny_model(tmp_path: Path, capsys) -> None:
-    outputs = _run_readme("tiny", tmp_path, capsys, ["--steps", "2"])
+def test_readme_commands_on_the_tiny_model(tmp_path: Path, capsys, hub) -> None:
+    outputs = _run_readme("tiny", tmp_path, capsys, ["--steps", "2", "--resolution", "64"])  # 512 px: test_train_recipe
     _check(tmp_path, outputs, "tiny")
 
 
 @pytest.mark.slow
-def test_readme_commands_on_a_local_diffusers_folder(tmp_path: Path, capsys) -> None:
+def test_readme_commands_on_a_local_diffusers_folder(tmp_path: Path, capsys, hub) -> None:
     """A local folder the way the Hub cache holds one: its Hub id is found, and never its path."""
     import shutil
 
