@@ -260,5 +260,5 @@ def test_inputs_are_bounded_and_oversize_adapters_refused_on_add(
         space.search_adapters(TINY, "x" * 201)
     words = space.lookup_adapter(hostile.card, TINY).trigger_words
     assert sum(map(len, words)) < 500  # the 15,000-character trigger word is not on the page
-    long_words = space.AdapterChoice("o/r", ["w" * 90] * 6)
+    long_words = space.AdapterChoice("o/r", [str(i) * 90 for i in range(6)])
     assert "with the trigger words" in _problems("p" * 900, [long_words])
