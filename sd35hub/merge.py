@@ -85,7 +85,6 @@ def write_merged(items: list[tuple[str, float]], out_dir: str | Path, *, base_mo
     """Merge local/Hub sources into `out_dir` (adapter + README listing sources and weights)."""
     from sd35hub.adapters import AdapterMetadata, metadata_for, read_adapter, write_adapter
     from sd35hub.blend import fetch_adapter_source
-
     from sd35hub.card import is_hub_id
 
     adapters = [(read_adapter(fetch_adapter_source(source)[0]), weight) for source, weight in items]

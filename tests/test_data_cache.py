@@ -244,6 +244,6 @@ def test_default_holdout_keeps_every_image_of_a_small_set_and_says_so(tmp_path: 
     explicit = CachedBatches(index, batch_size=2, seed=5, holdout=2)
     assert explicit.validation_source == "held-out"
     held_keys = sorted(index.entries[i].key for i in explicit.holdout_entries)
-    assert f"held out 2 of 7 samples" in explicit.describe_holdout()
+    assert "held out 2 of 7 samples" in explicit.describe_holdout()
     assert all(key in explicit.describe_holdout() for key in held_keys)
     assert set(explicit.validation_batch()["keys"]) <= set(held_keys)

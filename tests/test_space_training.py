@@ -68,7 +68,7 @@ def test_uploaded_images_become_a_private_dataset_the_trainer_can_stream(hub):  
     from sd35hub.data.sources import check_dataset
     from sd35hub.space_training import upload_dataset
 
-    files = [("../../etc/cat one.png", _png((200, 10, 10))), ("cat one.txt", "a red cat".encode()),
+    files = [("../../etc/cat one.png", _png((200, 10, 10))), ("cat one.txt", b"a red cat"),
              ("dog.png", _png((10, 200, 10))), ("broken.png", b"\x89PNG not really"), ("notes.pdf", b"%PDF")]
     result = upload_dataset(files, "bob/uploaded-photos", HUB_OTHER_TOKEN)
     assert (result.images, result.captions, result.skipped) == (2, 1, {"corrupt": 1, "not_an_image": 1})

@@ -30,7 +30,14 @@ from PIL import Image
 
 from sd35hub.config import DataSpec
 from sd35hub.data import readers
-from sd35hub.data.images import MAX_CAPTION_CHARS, MAX_PIXELS, SkipStats, clean_caption, decode_caption, decode_image
+from sd35hub.data.images import (
+    MAX_CAPTION_CHARS,
+    MAX_PIXELS,
+    SkipStats,
+    clean_caption,
+    decode_caption,
+    decode_image,
+)
 from sd35hub.errors import DatasetError
 
 
