@@ -137,6 +137,7 @@ class CardInfo:
     gradient_accumulation: int | None = None
     duration_s: float | None = None
     peak_memory_gib: float | None = None
+    peak_memory_of: str = "gpu"  # "gpu" (CUDA allocations) | "host" (the process's peak RSS: a CPU run)
     sd35hub_version: str | None = None
     validation_loss_on: str | None = None  # "held-out" samples | "training" samples at fixed noise
     held_out: int | None = None
@@ -229,7 +230,8 @@ def _settings(info: CardInfo) -> list[tuple[str, str]]:
         ("T5 padding", "zeroed in training: generate with `sd35hub generate --mask-t5-padding`"
          if info.mask_t5_padding else None),
         ("training time", f"{info.duration_s / 60:.1f} min" if info.duration_s is not None else None),
-        ("peak GPU memory", f"{info.peak_memory_gib:.1f} GiB" if info.peak_memory_gib is not None else None),
+        ("peak GPU memory" if info.peak_memory_of == "gpu" else "peak host memory (no GPU)",
+         f"{info.peak_memory_gib:.1f} GiB" if info.peak_memory_gib is not None else None),
         ("sd35hub version", info.sd35hub_version),
     ]
     return [(name, _fmt(value)) for name, value in rows if value is not None and value != ""]

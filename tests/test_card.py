@@ -217,3 +217,13 @@ def test_publishing_with_base_model_id_fixes_the_adapter_header(tmp_path: Path) 
         assert json.loads(handle.metadata()["sd35hub"])["base_model"] == BASE_MODEL
         assert len(list(handle.keys())) == 2
     assert str(tmp_path) not in card and LOCAL_BASE not in card
+
+
+@pytest.mark.parametrize("of,label", [("gpu", "peak GPU memory"), ("host", "peak host memory (no GPU)")])
+def test_card_labels_peak_memory_by_what_was_measured(tmp_path: Path, of: str, label: str) -> None:
+    """#15 item 5: a CPU run's peak resident set was labelled "peak GPU memory"."""
+    out = make_training_output(tmp_path / "o", peak_memory_of=of)
+    card = str(build_model_card(CardInfo.from_output_dir(out), repo_id="alice/x"))
+    assert f"| {label} | 12.5 GiB |" in card
+    if of == "host":
+        assert "peak GPU memory" not in card

@@ -58,6 +58,7 @@ def test_heldout_loss_falls_and_outputs_are_written(trained):
     assert summary["lora"]["rank"] == 4 and summary["lora"]["alpha"] == 8.0 and summary["steps"] == 30
     assert summary["initial_validation_loss"] == pytest.approx(result.initial_validation_loss)
     assert all((out / img["path"]).is_file() for img in summary["validation_images"])
+    assert summary["peak_memory_of"] == "host" and "peak host memory (no GPU)" in (out / "README.md").read_text()
     lines = [json.loads(x) for x in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines if "loss" in r] == list(range(1, 31))
 

@@ -185,6 +185,8 @@ def finish(trainer: Any) -> TrainResult:
         heldout = getattr(trainer, "heldout", None)
         summary["validation_loss_on"] = None if heldout is None else heldout.source  # "held-out" | "training"
         summary["held_out"] = len(trainer.batches.holdout_entries)
+        # what peak_memory_gib measured: CUDA allocations on a GPU, the process's peak resident set elsewhere
+        summary["peak_memory_of"] = "gpu" if getattr(trainer.device, "type", "") == "cuda" else "host"
         if cfg.lora.variant != "lora" or cfg.lora.rslora or cfg.lora.init in ("pissa", "olora"):
             summary["lora"].update(variant=cfg.lora.variant, rslora=cfg.lora.rslora, init=cfg.lora.init)
         if cfg.data.mask_t5_padding:  # generation must zero the T5 padding too (generate --mask-t5-padding)
