@@ -294,6 +294,12 @@ class BlendEngine:
                 f"width={width}, height={height} must be multiples of 16, steps={steps} and "
                 f"num_images={request.num_images} must be >= 1"
             )
+        limit = self.info.max_resolution  # the positional embedding's grid: pos_embed_max_size x patch x 8 px
+        if max(width, height) > limit:
+            raise ConfigError(
+                f"width={width}, height={height}: this base model ({self.info.variant}) covers images up to "
+                f"{limit} px a side; choose a width and height of at most {limit}"
+            )
         scheduler = make_scheduler(request.scheduler, self._base_scheduler_config)
         fetched = [self._fetch(ref.source, ref.token) for ref in refs]  # downloads before taking the lock
         seeds = [request.seed + i for i in range(request.num_images)]

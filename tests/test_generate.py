@@ -87,3 +87,13 @@ def test_pickled_adapter_exit_9(tmp_path: Path, capsys: pytest.CaptureFixture[st
     with pytest.raises(SystemExit) as info:
         main(["adapter-info", str(tmp_path / "evil.ckpt")])
     assert info.value.code == 9 and "safetensors" in capsys.readouterr().err
+
+
+def test_a_size_beyond_the_bases_position_grid_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The tiny base covers 512 px a side: 1024 was an "Internal error" from diffusers' pos_embed check."""
+    with pytest.raises(SystemExit) as info:
+        main(["generate", "--prompt", "a fox", "--output", str(tmp_path), "--model", "tiny", "--steps", "1",
+              "--width", "1024", "--height", "1024"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "at most 512" in err and "Internal error" not in err and not list(tmp_path.glob("*.png"))
