@@ -49,7 +49,8 @@ def test_visitor_plans_and_trains_with_their_own_token(hub, hub_datasets, monkey
     assert HUB_OTHER_TOKEN not in json.dumps({k: v for k, v in job.spec.items() if k != "secrets"})
     assert hub.jobs.wait(job.id).stage == "COMPLETED", hub.jobs.log_text(job.id)[-2000:]
     at.button(key="train_refresh").click().run()
-    assert any("Published:" in s.value and "bob/space-trained" in s.value for s in at.success)
+    assert any("Published:" in s.value and "bob/space-trained" in s.value for s in at.success), (
+        [s.value for s in at.success], [e.value for e in at.error], [m.value for m in at.markdown][-3:])
     assert "pytorch_lora_weights.safetensors" in hub.files("bob/space-trained")
 
 
