@@ -10,7 +10,8 @@ plain default (data.resolution, lora.rank, model.quantize, train.optimizer) are 
 profile unless the user set them explicitly (``explicit`` keys; the Python API counts a value equal
 to the dataclass default as "not set"). Profiles are resolved from device properties and model
 configs only, before any weights load. The t4 and h100 rows are measured on an H100 (speed and
-peak memory, docs/performance.md); l4 and a100 rows are derived from them, not measured on those cards.
+peak memory, docs/performance.md), the h200 batches on an H200; l4 and a100 rows are derived from them,
+not measured on those cards.
 """
 
 from __future__ import annotations
