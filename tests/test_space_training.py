@@ -44,7 +44,9 @@ def test_visitor_plans_and_trains_with_their_own_token(hub, hub_datasets, monkey
     assert "memory plan:" in plan_text
     at.button(key="train_start").click().run()
     assert not at.error, [e.value for e in at.error]
-    job = next(j for j in hub.jobs.jobs.values() if (j.spec.get("labels") or {}).get("sd35hub_from") == "space")
+    # the job this page started (the session-scoped server also holds the browser test's Space jobs)
+    job = hub.jobs.jobs[at.session_state["train_job"]["id"]]
+    assert (job.spec.get("labels") or {}).get("sd35hub_from") == "space"
     assert job.namespace == "bob" and job.spec["secrets"] == {"HF_TOKEN": HUB_OTHER_TOKEN}
     assert HUB_OTHER_TOKEN not in json.dumps({k: v for k, v in job.spec.items() if k != "secrets"})
     assert hub.jobs.wait(job.id).stage == "COMPLETED", hub.jobs.log_text(job.id)[-2000:]

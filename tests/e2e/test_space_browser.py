@@ -63,8 +63,9 @@ def test_search_blend_generate_in_browser(
         expect(sliders).to_have_count(count)  # one weight slider per adapter in the blend
     thumb = sliders.first.get_by_role("slider")
     thumb.focus()
-    for _ in range(4):
-        thumb.press("ArrowRight")  # 1.00 -> 1.20 in steps of 0.05
+    for i in range(1, 5):  # 1.00 -> 1.20 in steps of 0.05, one press per server round trip: a press made
+        thumb.press("ArrowRight")  # while the rerun of the previous one is in flight can be overwritten by it
+        expect(page.get_by_text(f"× {round(1 + 0.05 * i, 2):g} +")).to_be_visible()
     expect(sliders.first).to_contain_text("1.20")
     expect(page.get_by_text("× 1.2 +")).to_be_visible()  # the server saw the new weight (blend summary)
 
