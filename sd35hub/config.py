@@ -37,6 +37,16 @@ CROPS = ("center", "random")
 LORA_TARGET_PRESETS = ("attention", "attention+ff", "all-linear")
 LORA_INITS = ("gaussian", "default", "pissa", "olora")
 LORA_VARIANTS = ("lora", "dora", "lokr", "loha")
+# Named lora.blocks for SD3.5 Large (38 blocks), after Stability's SD3.5 Large fine-tuning tutorial as quoted
+# in diffusers' examples/dreambooth/README_sd3.md: blocks 12-24 shape composition / primary form, 30-37
+# tertiary details ("speculative", their word); freezing the last layers helped photoreal data (docs/training.md)
+LARGE_BLOCK_PRESETS = {
+    "large-stability": "12-24,30-37",  # diffusers' --lora_blocks example of that guidance
+    "large-composition": "12-24",
+    "large-details": "30-37",
+    "large-photoreal": "0-29",  # the detail layers 30-37 frozen
+}
+LARGE_BLOCKS = 38
 TIMESTEP_SAMPLING = ("logit_normal", "mode", "cosmap", "uniform")
 LOSS_WEIGHTING = ("none", "sigma_sqrt", "cosmap")
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
@@ -189,7 +199,7 @@ class LoraSpec:
     # directions out of the frozen base into the adapter; saved as a rank-2r LoRA of the original base)
     init: str = "gaussian"
     targets: str = "attention"  # attention | attention+ff | all-linear | comma-separated module names
-    blocks: str = "all"  # transformer blocks to adapt: "all", "0-11", "0-5,20-23"
+    blocks: str = "all"  # transformer blocks to adapt: "all", "0-11", "0-5,20-23", or a LARGE_BLOCK_PRESETS name
     # lora | dora (weight-decomposed, peft use_dora) | lokr (Kronecker) | loha (Hadamard); docs/training.md
     variant: str = "lora"
     rslora: bool = False  # rank-stabilised scale alpha/sqrt(r) (saved as a plain LoRA with alpha*sqrt(r))
@@ -212,16 +222,22 @@ class LoraSpec:
             out.append(f"lora.decompose_factor={self.decompose_factor} must be -1 (automatic) or a positive factor")
         if not self.targets.strip():
             out.append("lora.targets is empty; use attention, attention+ff, all-linear or module names")
-        if self.blocks != "all" and not re.fullmatch(r"\s*\d+(\s*-\s*\d+)?(\s*,\s*\d+(\s*-\s*\d+)?)*\s*", self.blocks):
-            out.append(f"lora.blocks={self.blocks!r} is not 'all' or a range list like '0-11' or '0-5,20-23'")
+        if self.blocks != "all" and self.blocks not in LARGE_BLOCK_PRESETS and not re.fullmatch(
+                r"\s*\d+(\s*-\s*\d+)?(\s*,\s*\d+(\s*-\s*\d+)?)*\s*", self.blocks):
+            out.append(f"lora.blocks={self.blocks!r} is not 'all', a range list like '0-11' or '0-5,20-23', "
+                       f"or one of the SD3.5 Large presets {', '.join(LARGE_BLOCK_PRESETS)}")
         return out
 
     def block_indices(self, num_blocks: int) -> list[int]:
         """The selected transformer block indices for a model with ``num_blocks`` blocks."""
         if self.blocks == "all":
             return list(range(num_blocks))
+        ranges = LARGE_BLOCK_PRESETS.get(self.blocks, self.blocks)
+        if self.blocks in LARGE_BLOCK_PRESETS and num_blocks != LARGE_BLOCKS:
+            raise ConfigError(f"lora.blocks={self.blocks} is a preset for SD3.5 Large / Large Turbo ({LARGE_BLOCKS} "
+                              f"blocks) but the model has {num_blocks}; use a range list like '0-11' instead")
         chosen: set[int] = set()
-        for part in self.blocks.split(","):
+        for part in ranges.split(","):
             lo, _, hi = part.strip().partition("-")
             chosen.update(range(int(lo), int(hi or lo) + 1))
         bad = sorted(i for i in chosen if i >= num_blocks)

@@ -71,3 +71,28 @@ def test_load_lora_state_refuses_a_different_block_selection_before_copying(tran
     after = lora_state(other)
     assert all(torch.equal(before[k], after[k]) for k in before)  # nothing was copied
     load_lora_state(transformer, saved)  # the same config still loads
+
+
+def test_large_block_presets_select_stabilitys_layers_on_a_38_block_transformer():
+    from diffusers import SD3Transformer2DModel
+
+    from sd35hub.config import LARGE_BLOCK_PRESETS, Config
+    from sd35hub.models.tiny import TRANSFORMER_CONFIG
+
+    large_shaped = SD3Transformer2DModel(**{**TRANSFORMER_CONFIG, "num_layers": 38, "dual_attention_layers": ()})
+    names = target_modules(large_shaped, LoraSpec(blocks="large-stability"))
+    blocks = sorted({int(n.split(".")[1]) for n in names})
+    assert blocks == list(range(12, 25)) + list(range(30, 38))  # Stability's 12-24 (composition) + 30-37 (details)
+    assert sorted({int(n.split(".")[1]) for n in target_modules(large_shaped, LoraSpec(blocks="large-photoreal"))}) \
+        == list(range(30))
+    assert not any("norm1" in n for n in names)  # attention only: the adaptive (adaLN) linears stay frozen
+    assert not Config(lora=LoraSpec(blocks="large-details")).problems()
+    assert set(LARGE_BLOCK_PRESETS) == {"large-stability", "large-composition", "large-details", "large-photoreal"}
+
+
+def test_a_large_block_preset_on_a_smaller_model_is_a_config_error_naming_large(transformer):
+    with pytest.raises(ConfigError, match=r"preset for SD3\.5 Large .*38 blocks.*has 3"):
+        target_modules(transformer, LoraSpec(blocks="large-composition"))
+    from sd35hub.config import Config
+
+    assert "large-stability" in " ".join(Config(lora=LoraSpec(blocks="large-all")).problems())
