@@ -110,9 +110,15 @@ def load_component(
     kwargs: dict[str, Any] = {"dtype": weights_dtype, **_device_map(device)}
     if quantize != "none":
         kwargs["quantization_config"] = quantization_config(quantize, weights_dtype, library=library)
+    from sd35hub.models.stream import load_streamed, quantized_device, use_streaming
+
     with _loading(model, folder):
-        module = cls.from_pretrained(folder, subfolder=name, **kwargs)
-    if device is not None and quantize == "none" and "device_map" not in kwargs:
+        if use_streaming():  # tensor by tensor onto the device: bounded host memory (sd35hub.models.stream)
+            module = load_streamed(library, class_name, folder / name, dtype=weights_dtype,
+                                   device=quantized_device(device, quantize), quantize=quantize)  # fmt: skip
+        else:  # SD35HUB_LOADER=mmap: the library's from_pretrained (maps the weights files)
+            module = cls.from_pretrained(folder, subfolder=name, **kwargs)
+    if device is not None and quantize == "none" and "device_map" not in kwargs and not use_streaming():
         module = module.to(device)
     module.requires_grad_(False)
     module.eval()

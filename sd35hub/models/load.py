@@ -264,14 +264,21 @@ def load_transformer(
     subfolder = _transformer_subfolder(folder, model)
     from diffusers import SD3Transformer2DModel
 
+    from sd35hub.models.stream import load_streamed, quantized_device, use_streaming
+
     with _loading(model, folder):
-        transformer = SD3Transformer2DModel.from_pretrained(
-            folder,
-            subfolder=subfolder,
-            dtype=weights_dtype,
-            quantization_config=quantization_config(quantize, weights_dtype),
-            **_device_map(device),
-        )
+        if use_streaming():  # tensor by tensor onto the device, bounded host memory (sd35hub.models.stream)
+            transformer = load_streamed("diffusers", "SD3Transformer2DModel", folder / (subfolder or "."),
+                                        dtype=weights_dtype, device=quantized_device(device, quantize),
+                                        quantize=quantize)  # fmt: skip
+        else:  # SD35HUB_LOADER=mmap: the library's from_pretrained (maps the shards)
+            transformer = SD3Transformer2DModel.from_pretrained(
+                folder,
+                subfolder=subfolder,
+                dtype=weights_dtype,
+                quantization_config=quantization_config(quantize, weights_dtype),
+                **_device_map(device),
+            )
     if device is not None and quantize == "none":
         transformer = transformer.to(device)
     _track(transformer, "transformer", device)
@@ -286,7 +293,12 @@ def load_vae(
     folder = model_dir(ref, ("vae",))
     from diffusers import AutoencoderKL
 
+    from sd35hub.models.stream import load_streamed, use_streaming
+
     with _loading(model, folder):
+        if use_streaming():
+            return load_streamed("diffusers", "AutoencoderKL", folder / "vae", dtype=torch_dtype(dtype, device),
+                                 device=device)  # fmt: skip
         vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", dtype=torch_dtype(dtype, device))
     return vae.to(device) if device is not None else vae
 

@@ -1,0 +1,161 @@
+"""The streaming loader (sd35hub.models.stream): exact round trips against the libraries' own mmap
+loading, one reusable host buffer and no mapped weights files, clear errors on broken files."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import AutoencoderKL, SD3Transformer2DModel
+from transformers import CLIPTextModelWithProjection, T5EncoderModel
+
+from sd35hub.errors import ModelLoadError
+from sd35hub.models.stream import TensorStream, load_streamed, read_header, weight_files
+from sd35hub.models.tiny import tiny_model_path
+
+COMPONENTS = [
+    ("diffusers", SD3Transformer2DModel, "transformer"),
+    ("diffusers", AutoencoderKL, "vae"),
+    ("transformers", CLIPTextModelWithProjection, "text_encoder"),
+    ("transformers", CLIPTextModelWithProjection, "text_encoder_2"),
+    ("transformers", T5EncoderModel, "text_encoder_3"),
+]
+
+
+def _assert_same_state(reference: torch.nn.Module, streamed: torch.nn.Module) -> None:
+    a, b = reference.state_dict(), streamed.state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key].dtype == b[key].dtype, key
+        assert a[key].device == b[key].device, key
+        assert torch.equal(a[key], b[key]), key
+    assert {k: v.dtype for k, v in reference.named_buffers()} == {k: v.dtype for k, v in streamed.named_buffers()}
+
+
+@pytest.mark.parametrize("library,cls,name", COMPONENTS, ids=[c[2] for c in COMPONENTS])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_round_trip_equals_the_mmap_load(library, cls, name, dtype) -> None:
+    folder = tiny_model_path()
+    reference = cls.from_pretrained(folder, subfolder=name, dtype=dtype)
+    streamed = load_streamed(library, cls.__name__, folder / name, dtype=dtype, device=None)
+    assert type(streamed) is cls and not streamed.training
+    _assert_same_state(reference, streamed)
+    if name == "text_encoder_3":  # tied input embedding, and T5's wo in fp32 for an fp16 load as transformers does
+        assert streamed.encoder.embed_tokens.weight is streamed.shared.weight
+        wo = streamed.encoder.block[0].layer[1].DenseReluDense.wo.weight
+        assert wo.dtype == (torch.float32 if dtype == torch.float16 else dtype)
+
+
+def test_the_loaders_go_through_the_stream(monkeypatch) -> None:
+    """load_component / load_transformer stream by default; SD35HUB_LOADER=mmap is the libraries' path."""
+    from sd35hub.models import stream
+    from sd35hub.models.components import load_component
+    from sd35hub.models.load import load_transformer
+
+    calls: list[str] = []
+    real = stream.load_streamed
+    monkeypatch.setattr(stream, "load_streamed", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    t5 = load_component("tiny", "text_encoder_3", dtype="bf16")
+    transformer = load_transformer("tiny", dtype="bf16")
+    assert calls == ["T5EncoderModel", "SD3Transformer2DModel"]
+    monkeypatch.setenv("SD35HUB_LOADER", "mmap")
+    _assert_same_state(load_component("tiny", "text_encoder_3", dtype="bf16"), t5)
+    _assert_same_state(load_transformer("tiny", dtype="bf16"), transformer)
+    assert len(calls) == 2
+
+
+def _mapped(path: Path) -> bool:
+    return str(path.resolve()) in Path("/proc/self/maps").read_text()
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc")
+def test_one_reusable_buffer_and_no_mapped_file(tmp_path) -> None:
+    """Every tensor is read into the same buffer (allocated once, the largest tensor's size) and the
+    weights files are never mapped into the process (so their pages are not in its RSS)."""
+    t5 = T5EncoderModel.from_pretrained(tiny_model_path(), subfolder="text_encoder_3")
+    t5.save_pretrained(tmp_path / "t5", max_shard_size="20KB")  # several shards + an index
+    files = weight_files(tmp_path / "t5")
+    assert len(files) > 1
+    stream = TensorStream(files)
+    sizes = [e.nbytes for _, entries in stream.entries for e in entries]
+    assert stream.buffer_bytes == max(sizes)
+    seen, pointers = [], set()
+    for name, view in stream:
+        pointers.add(view.untyped_storage().data_ptr())
+        assert not any(_mapped(f) for f in files), name
+        seen.append(name)
+    assert stream.allocations == 1 and len(pointers) == 1
+    assert sorted(seen) == sorted(t5.state_dict().keys() - {"encoder.embed_tokens.weight"})
+    # the check can fail: safetensors' own loading maps the file
+    from safetensors import safe_open
+
+    with safe_open(str(files[0]), framework="pt") as handle:
+        handle.get_tensor(next(iter(handle.keys())))
+        assert _mapped(files[0])
+    loaded = load_streamed("transformers", "T5EncoderModel", tmp_path / "t5", dtype=torch.float32, device=None)
+    _assert_same_state(t5, loaded)
+
+
+def test_header_matches_safetensors() -> None:
+    from safetensors import safe_open
+
+    path = tiny_model_path() / "transformer" / "diffusion_pytorch_model.safetensors"
+    entries = {e.name: e for e in read_header(path)}
+    with safe_open(str(path), framework="pt") as handle:
+        assert set(handle.keys()) == set(entries)
+        for key in handle.keys():
+            assert tuple(handle.get_slice(key).get_shape()) == entries[key].shape
+
+
+def _copy(tmp_path: Path, name: str) -> Path:
+    target = tmp_path / name
+    shutil.copytree(tiny_model_path() / name, target)
+    return target
+
+
+def test_truncated_file_is_a_clear_error(tmp_path) -> None:
+    folder = _copy(tmp_path, "text_encoder")
+    path = folder / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 100])
+    with pytest.raises(ModelLoadError, match="truncated or corrupt"):
+        load_streamed("transformers", "CLIPTextModelWithProjection", folder, dtype=torch.float32, device=None)
+
+
+def test_bad_header_and_pickles_are_refused(tmp_path) -> None:
+    folder = _copy(tmp_path, "text_encoder")
+    path = folder / "model.safetensors"
+    path.write_bytes(struct.pack("<Q", 10**12) + b"{}")
+    with pytest.raises(ModelLoadError, match="not a valid safetensors"):
+        read_header(path)
+    path.unlink()
+    (folder / "pytorch_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(ModelLoadError, match="pickled"):
+        weight_files(folder)
+
+
+def test_weights_that_do_not_match_the_config(tmp_path) -> None:
+    folder = _copy(tmp_path, "text_encoder")
+    config = json.loads((folder / "config.json").read_text())
+    config["intermediate_size"] = config["intermediate_size"] * 2
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match="do not match config.json"):
+        load_streamed("transformers", "CLIPTextModelWithProjection", folder, dtype=torch.float32, device=None)
+
+
+def test_missing_weights_are_named(tmp_path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    folder = _copy(tmp_path, "vae")
+    path = folder / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(str(path))
+    dropped = sorted(tensors)[0]
+    del tensors[dropped]
+    save_file(tensors, str(path))
+    with pytest.raises(ModelLoadError, match="missing") as info:
+        load_streamed("diffusers", "AutoencoderKL", folder, dtype=torch.float32, device=None)
+    assert dropped in str(info.value)
