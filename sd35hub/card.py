@@ -143,6 +143,7 @@ class CardInfo:
     held_out: int | None = None
     prior_preservation: dict[str, Any] | None = None  # class_prompt, class_images, generated, prior_loss_weight
     mask_t5_padding: bool = False  # trained on zeroed T5 padding embeddings
+    fidelity: dict[str, Any] | None = None  # train.evaluate: CLIP-T / CLIP-I / DINO (sd35hub.workflows.fidelity)
 
     @property
     def resolved_variant(self) -> str | None:
@@ -267,8 +268,23 @@ def _results(info: CardInfo) -> list[tuple[str, str]]:
         ("final training loss", info.final_loss),
         (f"validation loss{on} before training", info.initial_validation_loss),
         (f"validation loss{on} after training", info.validation_loss),
+        ("subject fidelity", _fidelity_text(info.fidelity)),
     ]
     return [(name, _fmt(value)) for name, value in rows if value is not None]
+
+
+def _fidelity_text(fidelity: dict[str, Any] | None) -> str | None:
+    """'CLIP-T 0.301, CLIP-I 0.812, DINO 0.655 (final validation images, 3 prompts; openai/clip-…, facebook/dino-vits16)'."""
+    mean = fidelity.get("mean") if isinstance(fidelity, dict) else None
+    if not isinstance(mean, dict):
+        return None
+    parts = [f"{label} {mean[k]:.3f}" for k, label in (("clip_t", "CLIP-T"), ("clip_i", "CLIP-I"), ("dino", "DINO"))
+             if isinstance(mean.get(k), (int, float))]
+    if not parts:
+        return None
+    names = [str(fidelity.get(k) or "")[:80].replace("|", "/").replace("`", "'") for k in ("clip_model", "dino_model")]
+    return (f"{', '.join(parts)} (higher is better; final validation images, {len(fidelity.get('prompts') or [])} prompts "
+            f"vs {fidelity.get('instance_images')} instance images; encoders {names[0]}, {names[1]})")
 
 
 def _snippet(info: CardInfo, source: str, adapter_name: str, prompt: str) -> str:

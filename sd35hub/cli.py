@@ -27,7 +27,7 @@ from sd35hub.errors import (
     Sd35HubError,
 )
 
-COMMAND_MODULES = ("core", "hub", "data", "train", "adapters", "bench", "jobs")
+COMMAND_MODULES = ("core", "hub", "data", "train", "adapters", "bench", "jobs", "evaluate")
 INTERRUPTED = 130
 
 app = typer.Typer(

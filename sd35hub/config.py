@@ -294,6 +294,10 @@ class TrainSpec:
     # skip-layer guidance in the validation grids (SD3.5 Medium preset: 7,8,9); needs validation_guidance > 1
     validation_skip_layers: tuple[int, ...] = ()
     validation_skip_layer_scale: float = 2.8
+    # CLIP-T / CLIP-I / DINO of the final validation images against the instance images (sd35hub eval)
+    evaluate: bool = False
+    eval_clip_model: str = "openai/clip-vit-base-patch32"  # transformers CLIPModel: Hub id or folder
+    eval_dino_model: str = "facebook/dino-vits16"  # transformers ViTModel (DINO ViT-S/16): Hub id or folder
 
     def problems(self) -> list[str]:
         s = "train"
@@ -326,6 +330,9 @@ class TrainSpec:
         out += _positive(s, "validation_steps", self.validation_steps)
         out += _positive(s, "log_every", self.log_every)
         out += _positive(s, "prior_loss_weight", self.prior_loss_weight, zero_ok=True)
+        for name in ("eval_clip_model", "eval_dino_model"):
+            if not str(getattr(self, name)).strip():
+                out.append(f"train.{name} is empty; give a Hub id or a folder of a transformers model")
         if any(not isinstance(i, int) or i < 0 for i in self.validation_skip_layers):
             out.append(f"train.validation_skip_layers={list(self.validation_skip_layers)!r} must be transformer block "
                        "indices >= 0, e.g. [7, 8, 9] (SD3.5 Medium)")

@@ -21,7 +21,8 @@ ADAPTER_FILE = "adapter/pytorch_lora_weights.safetensors"
 _NOT_MATH = {
     "train": {"output_dir", "resume", "checkpoint_dir", "max_steps", "epochs", "checkpoint_every",
               "keep_checkpoints", "validation_every", "validation_prompts", "validation_steps",
-              "validation_guidance", "validation_seed", "log_every", "report_to"},
+              "validation_guidance", "validation_seed", "log_every", "report_to", "evaluate", "eval_clip_model",
+              "eval_dino_model"},
     "data": {"cache_dir"},
     "model": {"base_model_id"},
 }  # fmt: skip
@@ -154,6 +155,22 @@ def peak_memory_gib(device: Any) -> float | None:
         return None
 
 
+def _fidelity(trainer: Any, out: Path) -> dict[str, Any]:
+    """Score the final validation images against the instance images; eval/eval.json + eval/grid.png."""
+    from sd35hub.workflows.evaluate import EVAL_DIR, evaluate_images, instance_images, write_results
+
+    t = trainer.config.train
+    generated = [(p, [image]) for p, image in zip(trainer.prompts.prompts, trainer.lora_images, strict=True)]
+    instance = instance_images(trainer.config.data)
+    report = evaluate_images(generated, instance, clip_model=t.eval_clip_model, dino_model=t.eval_dino_model,
+                             device=trainer.device)
+    written = write_results(report, out / EVAL_DIR, generated, instance,
+                            {"images_per_prompt": 1, "steps": t.validation_steps, "guidance_scale": t.validation_guidance,
+                             "seed": t.validation_seed, "source": "final validation images"})
+    trainer.log(f"subject fidelity: {report.line()} ({written.json_path})")
+    return {**report.to_dict(), "json": f"{EVAL_DIR}/eval.json", "grid": f"{EVAL_DIR}/grid.png"}
+
+
 def finish(trainer: Any) -> TrainResult:
     """Everything a finished run writes into OUTPUT/ (main process), then the Hub publication."""
     from sd35hub.card import write_model_card
@@ -193,6 +210,8 @@ def finish(trainer: Any) -> TrainResult:
             summary["mask_t5_padding"] = True
         if getattr(trainer, "prior", None) is not None:  # DreamBooth class images: counts and weight
             summary["prior_preservation"] = trainer.prior.summary(state.epoch * trainer.batches_per_epoch + state.batch_in_epoch)
+        if cfg.train.evaluate:  # CLIP-T / CLIP-I / DINO of the final validation images (sd35hub eval for more)
+            summary["fidelity"] = _fidelity(trainer, out)
         if getattr(trainer, "phases", None) is not None:  # measured peak GPU / host memory per phase (+ the plan)
             summary["memory"] = trainer.phases.report()
         write_summary(out, summary)

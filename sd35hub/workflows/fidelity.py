@@ -1,0 +1,184 @@
+"""Subject fidelity as the DreamBooth paper measures it (Ruiz et al. 2023, section 4.1):
+
+    CLIP-T   prompt fidelity: cosine similarity of a generated image's CLIP image embedding and its
+             prompt's CLIP text embedding, averaged over the prompt's images
+    CLIP-I   subject fidelity: cosine similarity of CLIP image embeddings of generated and instance
+             (real) images, averaged over every (generated, instance) pair
+    DINO     subject fidelity: the same with the CLS embedding of a self-supervised DINO ViT
+             (facebook/dino-vits16, ViT-S/16 as in the paper), which separates instances of one
+             class better than CLIP does
+
+The encoders are ordinary transformers models loaded by Hub id or folder (``CLIPModel`` + its processor,
+``ViTModel`` + its image processor): numbers are comparable only between runs scored with the same two
+encoders, which the report names. Higher is better for all three; the mean of each is over prompts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from sd35hub.config import TrainSpec
+from sd35hub.errors import ModelLoadError, Sd35HubError
+
+DEFAULT_CLIP_MODEL = TrainSpec.eval_clip_model  # openai/clip-vit-base-patch32
+DEFAULT_DINO_MODEL = TrainSpec.eval_dino_model  # facebook/dino-vits16
+METRICS = ("clip_t", "clip_i", "dino")
+
+
+@dataclass
+class Encoders:
+    """The CLIP model and the DINO ViT with their processors, on one device, in eval mode."""
+
+    clip_model: str
+    dino_model: str
+    clip: Any
+    clip_processor: Any
+    dino: Any
+    dino_processor: Any
+    device: Any
+
+    def clip_images(self, images: list[Image.Image]) -> Any:
+        """[n, d] unit CLIP image embeddings."""
+        import torch
+
+        pixels = self.clip_processor(images=[i.convert("RGB") for i in images], return_tensors="pt")["pixel_values"]
+        with torch.inference_mode():
+            out = self.clip.get_image_features(pixel_values=pixels.to(self.device, self.clip.dtype))
+        return _unit(getattr(out, "pooler_output", out))
+
+    def clip_texts(self, texts: list[str]) -> Any:
+        """[n, d] unit CLIP text embeddings (truncated to CLIP's 77 tokens)."""
+        import torch
+
+        tokens = self.clip_processor(text=texts, return_tensors="pt", padding=True, truncation=True)
+        with torch.inference_mode():
+            out = self.clip.get_text_features(input_ids=tokens["input_ids"].to(self.device),
+                                              attention_mask=tokens["attention_mask"].to(self.device))
+        return _unit(getattr(out, "pooler_output", out))
+
+    def dino_images(self, images: list[Image.Image]) -> Any:
+        """[n, d] unit DINO CLS embeddings (last layer, token 0)."""
+        import torch
+
+        pixels = self.dino_processor(images=[i.convert("RGB") for i in images], return_tensors="pt")["pixel_values"]
+        with torch.inference_mode():
+            hidden = self.dino(pixel_values=pixels.to(self.device, self.dino.dtype)).last_hidden_state
+        return _unit(hidden[:, 0])
+
+
+def _unit(x: Any) -> Any:
+    x = x.float()
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def _from_pretrained(loader: Any, source: str, what: str, token: str | bool | None, **kwargs: Any) -> Any:
+    """``loader.from_pretrained(source)``, with the Hub's and transformers' failures as sd35hub errors."""
+    from sd35hub.access import hub_errors, translate_hub_error
+
+    local = Path(source).expanduser()
+    if local.exists():
+        try:
+            return loader.from_pretrained(str(local), **kwargs)
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"Could not load the {what} from {local}: {str(exc).splitlines()[0]}. Pass a folder "
+                                 "saved with save_pretrained, or a Hub id.") from exc
+    with hub_errors(source, token=token, what=f"loading the {what}"):
+        try:
+            return loader.from_pretrained(source, token=token, **kwargs)
+        except OSError as exc:  # transformers wraps the Hub's errors in OSError: report the cause
+            cause = exc.__cause__ or exc.__context__
+            translated = translate_hub_error(cause, source, token=token, what=f"loading the {what}") if cause else None
+            if isinstance(translated, Sd35HubError):
+                raise translated from exc
+            raise ModelLoadError(f"Could not load the {what} {source!r}: {str(exc).splitlines()[0]}. Pass a Hub id "
+                                 "of a transformers model or a local folder.") from exc
+
+
+def load_encoders(clip_model: str = DEFAULT_CLIP_MODEL, dino_model: str = DEFAULT_DINO_MODEL, *,
+                  device: Any = "cpu", token: str | bool | None = None) -> Encoders:
+    """Load both encoders (fp32 on CPU; fp16 on CUDA) by Hub id or local folder."""
+    import torch
+    from transformers import AutoImageProcessor, CLIPModel, CLIPProcessor, ViTModel
+
+    dtype = torch.float16 if torch.device(device).type == "cuda" else torch.float32
+    clip = _from_pretrained(CLIPModel, clip_model, "CLIP model (eval.clip_model)", token, dtype=dtype)
+    clip_processor = _from_pretrained(CLIPProcessor, clip_model, "CLIP processor (eval.clip_model)", token)
+    dino = _from_pretrained(ViTModel, dino_model, "DINO model (eval.dino_model)", token, dtype=dtype,
+                            add_pooling_layer=False)
+    dino_processor = _from_pretrained(AutoImageProcessor, dino_model, "DINO image processor (eval.dino_model)", token)
+    return Encoders(clip_model=clip_model, dino_model=dino_model, clip=clip.to(device).eval(),
+                    clip_processor=clip_processor, dino=dino.to(device).eval(), dino_processor=dino_processor,
+                    device=device)
+
+
+@dataclass
+class PromptScore:
+    prompt: str  # what the images were generated from
+    clip_text: str  # what CLIP-T compared them with (the prompt, or the trigger word replaced)
+    images: int
+    clip_t: float
+    clip_i: float | None  # None without instance images
+    dino: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class FidelityReport:
+    clip_model: str
+    dino_model: str
+    instance_images: int
+    prompts: list[PromptScore] = field(default_factory=list)
+
+    @property
+    def mean(self) -> dict[str, float | None]:
+        """Each metric's mean over the prompts (None where no prompt has it)."""
+        out: dict[str, float | None] = {}
+        for metric in METRICS:
+            values = [getattr(p, metric) for p in self.prompts if getattr(p, metric) is not None]
+            out[metric] = sum(values) / len(values) if values else None
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"clip_model": self.clip_model, "dino_model": self.dino_model, "instance_images": self.instance_images,
+                "mean": self.mean, "prompts": [p.to_dict() for p in self.prompts]}
+
+    def line(self) -> str:
+        """One line for logs: 'CLIP-T 0.301, CLIP-I 0.812, DINO 0.655 (3 prompts, 10 instance images)'."""
+        m = self.mean
+        parts = [f"{label} {m[k]:.3f}" for k, label in zip(METRICS, ("CLIP-T", "CLIP-I", "DINO"), strict=True)
+                 if m[k] is not None]
+        return f"{', '.join(parts)} ({len(self.prompts)} prompts, {self.instance_images} instance images)"
+
+
+def clip_text_for(prompt: str, trigger_word: str | None, replacement: str | None) -> str:
+    """The text CLIP-T scores against: the prompt, with the trigger word replaced when asked (a rare token such
+    as 'sks' means nothing to CLIP; DreamBooth-style reports often score 'a dog in the snow' instead)."""
+    if not trigger_word or replacement is None:
+        return prompt
+    return " ".join(prompt.replace(trigger_word, replacement).split())
+
+
+def score(encoders: Encoders, generated: list[tuple[str, list[Image.Image]]], instance: list[Image.Image], *,
+          trigger_word: str | None = None, trigger_replacement: str | None = None) -> FidelityReport:
+    """CLIP-T, CLIP-I and DINO of each prompt's generated images (module docstring)."""
+    report = FidelityReport(clip_model=encoders.clip_model, dino_model=encoders.dino_model,
+                            instance_images=len(instance))
+    real_clip = encoders.clip_images(instance) if instance else None
+    real_dino = encoders.dino_images(instance) if instance else None
+    for prompt, images in generated:
+        if not images:
+            continue
+        text = clip_text_for(prompt, trigger_word, trigger_replacement)
+        gen_clip = encoders.clip_images(images)  # [n, d]
+        clip_t = float((gen_clip @ encoders.clip_texts([text])[0]).mean())
+        clip_i = float((gen_clip @ real_clip.T).mean()) if real_clip is not None else None  # mean of n x m pairs
+        dino = float((encoders.dino_images(images) @ real_dino.T).mean()) if real_dino is not None else None
+        report.prompts.append(PromptScore(prompt=prompt, clip_text=text, images=len(images), clip_t=clip_t,
+                                          clip_i=clip_i, dino=dino))
+    return report
