@@ -215,6 +215,7 @@ def _settings(info: CardInfo) -> list[tuple[str, str]]:
         ("target modules", lora.get("targets")),
         ("LoRA dropout", lora.get("dropout")),
         ("adapter variant", _variant_text(lora)),
+        ("text-encoder LoRA", _text_encoder_text(lora)),
         ("transformer blocks", lora.get("blocks")),
         ("steps", info.steps),
         ("epochs", info.epochs),
@@ -251,6 +252,26 @@ def _variant_text(lora: dict[str, Any]) -> str | None:
         return _VARIANT_LOADERS[str(variant)]
     extras = [x for x in (f"{init} init" if init in ("pissa", "olora") else "", "rsLoRA" if rslora else "") if x]
     return f"{', '.join(extras)} (saved as a plain LoRA of the original base)" if extras else None
+
+
+_TE_KEYS = {"clip_l": ("CLIP-L", "text_encoder"), "clip_g": ("CLIP-G", "text_encoder_2"), "t5": ("T5-XXL", "text_encoder_3")}
+
+
+def _text_encoders(lora: dict[str, Any]) -> list[str]:
+    value = lora.get("text_encoders")
+    return [str(n) for n in value if n in _TE_KEYS] if isinstance(value, list) else []
+
+
+def _text_encoder_text(lora: dict[str, Any]) -> str | None:
+    names = _text_encoders(lora)
+    if not names:
+        return None
+    parts = ", ".join(f"{_TE_KEYS[n][0]} (`{_TE_KEYS[n][1]}.*` keys)" for n in names)
+    text = (f"{parts}, rank {_fmt(lora.get('text_encoder_rank'))}, alpha {_fmt(lora.get('text_encoder_alpha'))}, "
+            f"learning rate {_fmt(lora.get('text_encoder_lr'))}")
+    if "t5" in names:
+        text += "; the T5 part is applied by `sd35hub generate` and ComfyUI, not by diffusers' `load_lora_weights`"
+    return text
 
 
 def _prior_text(prior: dict[str, Any] | None) -> str | None:
@@ -305,12 +326,22 @@ def _snippet(info: CardInfo, source: str, adapter_name: str, prompt: str) -> str
             "import torch",
             "from diffusers import StableDiffusion3Pipeline",
             *load,
+            *_text_encoder_comment(info.lora),
             f'pipe.load_lora_weights("{source}", weight_name="{ADAPTER_FILE_IN_REPO}", adapter_name="{adapter_name}")',
             f'pipe.set_adapters(["{adapter_name}"], [1.0])',
             f"image = pipe({json.dumps(prompt, ensure_ascii=False)}, num_inference_steps={steps}, guidance_scale={guidance}).images[0]",
             'image.save("sample.png")',
         ]
     )
+
+
+def _text_encoder_comment(lora: dict[str, Any]) -> list[str]:
+    """A snippet comment for an adapter with text-encoder keys (load_lora_weights loads the CLIP ones too)."""
+    clips = [_TE_KEYS[n][1] for n in _text_encoders(lora) if n != "t5"]
+    if not clips:
+        return []
+    return [f"# the file also holds {' and '.join(f'{c}.*' for c in clips)} (text-encoder LoRA) keys: "
+            "load_lora_weights applies them to the pipeline's CLIP encoders too"]
 
 
 def license_link_for(base_model: str | None) -> str:

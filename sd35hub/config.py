@@ -47,6 +47,7 @@ LARGE_BLOCK_PRESETS = {
     "large-photoreal": "0-29",  # the detail layers 30-37 frozen
 }
 LARGE_BLOCKS = 38
+TEXT_ENCODER_LORA = ("clip_l", "clip_g", "t5")  # lora.text_encoders: CLIP-L, CLIP-G, T5-XXL (docs/training.md)
 TIMESTEP_SAMPLING = ("logit_normal", "mode", "cosmap", "uniform")
 LOSS_WEIGHTING = ("none", "sigma_sqrt", "cosmap")
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
@@ -204,9 +205,24 @@ class LoraSpec:
     variant: str = "lora"
     rslora: bool = False  # rank-stabilised scale alpha/sqrt(r) (saved as a plain LoRA with alpha*sqrt(r))
     decompose_factor: int = -1  # lokr: factor of the Kronecker split (-1: closest to sqrt(dim))
+    # text encoders that get a LoRA too (q/k/v/out_proj, as diffusers' SD3 script): clip_l, clip_g, t5 (off by default)
+    text_encoders: tuple[str, ...] = ()
+    text_encoder_rank: int | None = None  # None = rank
+    text_encoder_alpha: float | None = None  # None = text_encoder_rank (scale 1.0)
 
     def problems(self) -> list[str]:
         out = _positive("lora", "rank", self.rank)
+        out += _positive("lora", "text_encoder_rank", self.text_encoder_rank, allow_none=True)
+        out += _positive("lora", "text_encoder_alpha", self.text_encoder_alpha, allow_none=True)
+        unknown = [name for name in self.text_encoders if name not in TEXT_ENCODER_LORA]
+        if unknown:
+            out.append(f"lora.text_encoders has {show(unknown)}; each must be one of {', '.join(TEXT_ENCODER_LORA)}, "
+                       "given as a list: lora.text_encoders=[clip_l,clip_g]")
+        if len(set(self.text_encoders)) != len(self.text_encoders):
+            out.append(f"lora.text_encoders={list(self.text_encoders)!r} names an encoder twice; e.g. [clip_l, clip_g]")
+        if self.text_encoders and self.variant != "lora":
+            out.append(f"lora.text_encoders with lora.variant={self.variant}: text-encoder LoRA is built for variant lora "
+                       "only (its file is a plain diffusers LoRA); use lora.variant=lora or lora.text_encoders=[]")
         out += _positive("lora", "alpha", self.alpha, allow_none=True)
         out += _fraction("lora", "dropout", self.dropout)
         out += _choice("lora", "init", self.init, LORA_INITS)
@@ -298,6 +314,7 @@ class TrainSpec:
     evaluate: bool = False
     eval_clip_model: str = "openai/clip-vit-base-patch32"  # transformers CLIPModel: Hub id or folder
     eval_dino_model: str = "facebook/dino-vits16"  # transformers ViTModel (DINO ViT-S/16): Hub id or folder
+    text_encoder_lr: float | None = None  # learning rate of the text-encoder LoRA (lora.text_encoders); None = learning_rate
 
     def problems(self) -> list[str]:
         s = "train"
@@ -308,6 +325,7 @@ class TrainSpec:
         out += _positive(s, "batch_size", self.batch_size, allow_none=True)
         out += _positive(s, "gradient_accumulation", self.gradient_accumulation, allow_none=True)
         out += _positive(s, "learning_rate", self.learning_rate)
+        out += _positive(s, "text_encoder_lr", self.text_encoder_lr, allow_none=True)
         out += _choice(s, "optimizer", self.optimizer, OPTIMIZERS)
         out += _positive(s, "weight_decay", self.weight_decay, zero_ok=True)
         if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
@@ -390,6 +408,7 @@ class Config:
         if self.lora.init in ("pissa", "olora") and (self.model.quantize != "none" or self.model.float8):
             out.append(f"lora.init={self.lora.init} rewrites the frozen base weights, which model.quantize / "
                        "model.float8 keep in a packed form; use lora.init=gaussian or model.quantize=none")
+        out += _text_encoder_problems(self)
         return out
 
     def validate(self) -> Config:
@@ -404,6 +423,23 @@ class Config:
 
     def replace(self, **sections: Any) -> Config:
         return dataclasses.replace(self, **sections)
+
+
+def _text_encoder_problems(cfg: Config) -> list[str]:
+    """Text-encoder LoRA (lora.text_encoders) against the model and train settings."""
+    out: list[str] = []
+    names = cfg.lora.text_encoders
+    if cfg.train.text_encoder_lr is not None and not names:
+        out.append("train.text_encoder_lr is set but lora.text_encoders is empty, so nothing uses it; set "
+                   "lora.text_encoders=[clip_l,clip_g] or drop train.text_encoder_lr")
+    if "t5" in names and cfg.model.drop_t5:
+        out.append("lora.text_encoders includes t5 but model.drop_t5=true leaves T5 out; remove t5 from "
+                   "lora.text_encoders or set model.drop_t5=false")
+    if "t5" in names and cfg.model.text_encoder_quantize in ("nf4", "int8"):
+        out.append(f"lora.text_encoders includes t5, which trains on the unquantized T5 kept on the device, but "
+                   f"model.text_encoder_quantize={cfg.model.text_encoder_quantize}; set model.text_encoder_quantize=auto "
+                   "(or none), or remove t5 from lora.text_encoders")
+    return out
 
 
 SECTIONS: dict[str, type] = {"model": ModelSpec, "data": DataSpec, "lora": LoraSpec, "train": TrainSpec, "hub": HubSpec}

@@ -66,6 +66,9 @@ BOUNDS: dict[str, tuple[float | None, float | None]] = {
     "data.unmasked_weight": (0, 1),
     "data.repeats": (1, 10_000),
     "lora.decompose_factor": (-1, 65536),
+    "lora.text_encoder_rank": (1, 1024),
+    "lora.text_encoder_alpha": (0, 65536),
+    "train.text_encoder_lr": (0, 10),
     "train.validation_skip_layers": (0, 1000),
     "train.validation_skip_layer_scale": (0, 100),
 }

@@ -247,7 +247,7 @@ def build_cache(spec: DataSpec, pipe: Any, cache_dir: Path, *, model_id: str, ba
     stream = SampleStream(spec, seed=seed, token=token)
     batcher = BucketBatcher(stream, bounded_buckets(spec.resolution, max_side)[1], batch_size, spec.buffer_size, seed,
                             spec.crop)
-    rows: list[tuple[str, str, tuple[int, int]]] = []  # (id, key, bucket) in stream order
+    rows: list[tuple[str, str, tuple[int, int], str]] = []  # (id, key, bucket, caption) in stream order
     pending: set[str] = set()  # entry ids of this stream that need embeddings
     bar = tqdm(desc="caching latents", unit="img", disable=not progress)
     text_dir = stage / f"text-{os.getpid()}-{os.urandom(3).hex()}"
@@ -281,7 +281,8 @@ def build_cache(spec: DataSpec, pipe: Any, cache_dir: Path, *, model_id: str, ba
                                if flips is not None else {}),
                         }))  # fmt: skip
                     encoded += len(todo)
-                rows.extend((eid, key, batch.bucket) for eid, key in zip(ids, batch.keys, strict=True))
+                rows.extend((eid, key, batch.bucket, caption)
+                            for eid, key, caption in zip(ids, batch.keys, batch.captions, strict=True))
                 bar.update(len(batch))
         bar.close()
         staged_before.update(staged.flush())
@@ -337,7 +338,7 @@ def build_cache(spec: DataSpec, pipe: Any, cache_dir: Path, *, model_id: str, ba
         path=cache_dir, model_id=model_id, settings=settings,
         shift_factor=float(_factor(vae_config, "shift_factor", 0.0)),
         scaling_factor=float(_factor(vae_config, "scaling_factor", 1.0)),
-        entries=[CacheEntry(eid, key, bucket, existing[eid]) for eid, key, bucket in rows],
+        entries=[CacheEntry(eid, key, bucket, existing[eid], caption) for eid, key, bucket, caption in rows],
         empty_prompt=empty_name, stats=stream.stats.as_dict(), encoded=encoded,
     )
     from sd35hub.paths import atomic_write_text

@@ -43,6 +43,7 @@ class CacheEntry:
     key: str  # the sample's stable key
     bucket: tuple[int, int]  # (width, height) in pixels
     shard: str  # file name inside the cache folder
+    caption: str | None = None  # the caption it was encoded with (live text encoders re-encode it); None: older index
 
 
 @dataclass
@@ -69,7 +70,8 @@ class CacheIndex:
             ) from exc
         if raw.get("format") != CACHE_FORMAT:
             raise DatasetError(f"The cache in {path} has format {raw.get('format')!r}, not {CACHE_FORMAT}; delete it and rebuild.")
-        entries = [CacheEntry(e["id"], e["key"], (e["bucket"][0], e["bucket"][1]), e["shard"]) for e in raw["entries"]]
+        entries = [CacheEntry(e["id"], e["key"], (e["bucket"][0], e["bucket"][1]), e["shard"], e.get("caption"))
+                   for e in raw["entries"]]
         return cls(path, raw["model_id"], raw["settings"], raw["shift_factor"], raw["scaling_factor"], entries,
                    raw["empty_prompt"], raw.get("stats", {}), raw.get("encoded", 0))
 
@@ -83,7 +85,8 @@ class CacheIndex:
             "empty_prompt": self.empty_prompt,
             "stats": self.stats,
             "encoded": self.encoded,
-            "entries": [{"id": e.id, "key": e.key, "bucket": list(e.bucket), "shard": e.shard} for e in self.entries],
+            "entries": [{"id": e.id, "key": e.key, "bucket": list(e.bucket), "shard": e.shard,
+                         **({"caption": e.caption} if e.caption is not None else {})} for e in self.entries],
         }
 
     def bucket_histogram(self) -> dict[str, int]:
@@ -282,6 +285,8 @@ class CachedBatches:
                     out["pooled_prompt_embeds"][row] = empty["pooled_prompt_embeds"][0].to(out["pooled_prompt_embeds"].dtype)
         out["keys"] = [e.key for e in entries]
         out["dropped_captions"] = dropped
+        # what the text encoders saw ("" where the caption was dropped), for live encoders (sd35hub.train.live_text)
+        out["captions"] = ["" if d else e.caption for e, d in zip(entries, dropped, strict=True)]
         if sample:
             from sd35hub.data.cache import sample_latents
 

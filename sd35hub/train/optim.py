@@ -16,25 +16,33 @@ from sd35hub.config import TrainSpec
 from sd35hub.errors import MissingDependencyError
 
 
-def build_optimizer(params: Iterable[torch.nn.Parameter], spec: TrainSpec) -> torch.optim.Optimizer:
-    """adamw (fused on CUDA) | adamw8bit (bitsandbytes) | prodigy (prodigyopt; use learning_rate=1.0)."""
+def build_optimizer(params: Iterable[torch.nn.Parameter], spec: TrainSpec,
+                    text_encoder_params: Iterable[torch.nn.Parameter] = ()) -> torch.optim.Optimizer:
+    """adamw (fused on CUDA) | adamw8bit (bitsandbytes) | prodigy (prodigyopt; use learning_rate=1.0).
+    ``text_encoder_params`` (those of ``params`` that belong to a text-encoder LoRA) form a second parameter
+    group at ``train.text_encoder_lr`` (default learning_rate); the LR schedule scales both groups alike."""
     params = list(params)
+    te_ids = {id(p) for p in text_encoder_params}
+    groups: Any = params
+    if te_ids:
+        groups = [{"params": [p for p in params if id(p) not in te_ids]},
+                  {"params": [p for p in params if id(p) in te_ids], "lr": spec.text_encoder_lr or spec.learning_rate}]
     kwargs: dict[str, Any] = dict(lr=spec.learning_rate, betas=tuple(spec.adam_betas), weight_decay=spec.weight_decay)
     if spec.optimizer == "adamw8bit":
         if importlib.util.find_spec("bitsandbytes") is None:
             raise MissingDependencyError("bitsandbytes", "train.optimizer=adamw8bit", extra="quant")
         import bitsandbytes as bnb
 
-        return bnb.optim.AdamW8bit(params, **kwargs)
+        return bnb.optim.AdamW8bit(groups, **kwargs)
     if spec.optimizer == "prodigy":
         if importlib.util.find_spec("prodigyopt") is None:
             raise MissingDependencyError("prodigyopt", "train.optimizer=prodigy", extra="prodigy")
         from prodigyopt import Prodigy
 
-        return Prodigy(params, safeguard_warmup=spec.warmup_steps > 0, use_bias_correction=True, **kwargs)
+        return Prodigy(groups, safeguard_warmup=spec.warmup_steps > 0, use_bias_correction=True, **kwargs)
     from sd35hub.train.speed import fused_adamw_kwargs
 
-    return torch.optim.AdamW(params, **kwargs, **fused_adamw_kwargs(params))
+    return torch.optim.AdamW(groups, **kwargs, **fused_adamw_kwargs(params))
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, spec: TrainSpec, total_steps: int) -> Any:

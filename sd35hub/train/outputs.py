@@ -206,6 +206,11 @@ def finish(trainer: Any) -> TrainResult:
         summary["peak_memory_of"] = "gpu" if getattr(trainer.device, "type", "") == "cuda" else "host"
         if cfg.lora.variant != "lora" or cfg.lora.rslora or cfg.lora.init in ("pissa", "olora"):
             summary["lora"].update(variant=cfg.lora.variant, rslora=cfg.lora.rslora, init=cfg.lora.init)
+        if cfg.lora.text_encoders:  # text-encoder LoRA (text_encoder.* / _2 / _3 keys in the adapter)
+            te_rank = cfg.lora.text_encoder_rank or cfg.lora.rank
+            summary["lora"].update(text_encoders=list(cfg.lora.text_encoders), text_encoder_rank=te_rank,
+                                   text_encoder_alpha=cfg.lora.text_encoder_alpha or te_rank,
+                                   text_encoder_lr=cfg.train.text_encoder_lr or cfg.train.learning_rate)
         if cfg.data.mask_t5_padding:  # generation must zero the T5 padding too (generate --mask-t5-padding)
             summary["mask_t5_padding"] = True
         if getattr(trainer, "prior", None) is not None:  # DreamBooth class images: counts and weight

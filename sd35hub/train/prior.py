@@ -136,8 +136,10 @@ class PriorData:
         """(bucket area, batch size) of every class batch: the shapes compiled blocks also see."""
         return {(ref.bucket[0] * ref.bucket[1], len(ref.entries)) for ref in self.batches.epoch_batches(0)}
 
-    def loss(self, transformer: Any, g: int, *, train: Any, device: Any, dtype: torch.dtype) -> torch.Tensor:
-        """The flow loss of micro-batch ``g``'s class samples (own generator: instance noise unchanged)."""
+    def loss(self, transformer: Any, g: int, *, train: Any, device: Any, dtype: torch.dtype,
+             text: Any = None) -> torch.Tensor:
+        """The flow loss of micro-batch ``g``'s class samples (own generator: instance noise unchanged).
+        ``text``: live text encoders (sd35hub.train.live_text) that encode the class captions now."""
         from sd35hub.data.sources import stable_seed
         from sd35hub.train.flow import draw_noise_and_sigmas, flow_loss
         from sd35hub.train.speed import to_device
@@ -148,9 +150,12 @@ class PriorData:
             tuple(batch["latents"].shape), generator, scheme=train.timestep_sampling, shift=train.timestep_shift,
             logit_mean=train.logit_mean, logit_std=train.logit_std, mode_scale=train.mode_scale,
         )  # fmt: skip
-        return flow_loss(transformer, to_device(batch["latents"], device, dtype),
-                         to_device(batch["prompt_embeds"], device, dtype),
-                         to_device(batch["pooled_prompt_embeds"], device, dtype), to_device(noise, device, dtype),
+        prompt_embeds = to_device(batch["prompt_embeds"], device, dtype)
+        pooled_prompt_embeds = to_device(batch["pooled_prompt_embeds"], device, dtype)
+        if text is not None:
+            prompt_embeds, pooled_prompt_embeds = text.encode(batch["captions"], prompt_embeds, pooled_prompt_embeds)
+        return flow_loss(transformer, to_device(batch["latents"], device, dtype), prompt_embeds,
+                         pooled_prompt_embeds, to_device(noise, device, dtype),
                          to_device(sigmas, device), weighting=train.loss_weighting,
                          precondition=train.precondition_outputs)  # fmt: skip
 

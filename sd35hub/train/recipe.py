@@ -153,6 +153,15 @@ class Trainer:
         # pissa/olora: the adapter's start, to save the trained change to the ORIGINAL base (train.variants)
         self.initial_adapter = lora_state(transformer) if rewrites_base(cfg.lora) else None
         self.named_params = {n: p for n, p in transformer.named_parameters() if p.requires_grad}
+        from sd35hub.train.live_text import for_trainer
+
+        self.text = for_trainer(self)  # lora.text_encoders: kept on the device, run every step (None: all cached)
+        self.text_params = self.text.trainable() if self.text is not None else []
+        if self.text is not None:
+            self.params += self.text_params
+            self.named_params.update(self.text.named_lora_params())  # "<component>/<name>": EMA and checkpoints
+            if self.main:
+                self.log(self.text.describe())
         if train.gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
         if cfg.model.float8:
@@ -178,7 +187,7 @@ class Trainer:
             if self.main:
                 self.log(f"compiling the transformer blocks for {len(shapes)} input shape(s) (bucket area x batch size)"
                          + ("; shapes that change become dynamic" if dynamic else ", one static graph each"))
-        optimizer = build_optimizer(self.params, train)
+        optimizer = build_optimizer(self.params, train, text_encoder_params=self.text_params)
         self.transformer, self.optimizer = acc.prepare(transformer, optimizer)
         self.micro_per_step = acc.num_processes * train.gradient_accumulation
         self.total_steps = train.max_steps or max(1, train.epochs * self.batches_per_epoch // self.micro_per_step)
@@ -247,7 +256,11 @@ class Trainer:
         path = saved.path
         if saved.state.config_digest != self.digest and self.main:
             self.log("warning: the config differs from the checkpoint's in settings that change the math; continuing")
-        load_lora_state(self.acc.unwrap_model(self.transformer), saved.lora)
+        lora = saved.lora
+        if self.text is not None:  # the text-encoder LoRA's tensors are "<component>/<name>"
+            self.text.load_lora_state(lora)
+            lora = {k: v for k, v in lora.items() if "/" not in k}
+        load_lora_state(self.acc.unwrap_model(self.transformer), lora)
         self.optimizer.load_state_dict(saved.optimizer)
         self.scheduler.load_state_dict(saved.scheduler)
         if saved.scaler is not None and self.acc.scaler is not None:
@@ -377,19 +390,24 @@ class Trainer:
             pixel_weights = _pixel_weights(batch, cfg.data.unmasked_weight)
 
             def compute_loss(inputs: tuple[torch.Tensor, ...] = inputs, g: int = g,
-                             pixel_weights: torch.Tensor | None = pixel_weights) -> torch.Tensor:
+                             pixel_weights: torch.Tensor | None = pixel_weights,
+                             captions: list[str] = batch["captions"]) -> torch.Tensor:
+                if self.text is not None:  # text-encoder LoRA: the trained encoders' embeddings, computed now
+                    inputs = (inputs[0], *self.text.encode(captions, inputs[1], inputs[2]), *inputs[3:])
                 loss = flow_loss(self.transformer, *inputs, weighting=t.loss_weighting,
                                  precondition=t.precondition_outputs, pixel_weights=pixel_weights)
                 if self.prior is not None:  # loss = instance + prior_loss_weight * class (sd35hub.train.prior)
                     from sd35hub.train.prior import combine
 
-                    prior_loss = self.prior.loss(self.transformer, g, train=t, device=self.device, dtype=self.weight_dtype)
+                    prior_loss = self.prior.loss(self.transformer, g, train=t, device=self.device, dtype=self.weight_dtype,
+                                                 text=self.text)
                     parts.append(torch.stack([loss.detach(), prior_loss.detach()]))
                     loss = combine(loss, prior_loss, self.prior.weight)
                 return loss
 
             losses.append(optimize_micro_batch(acc, self.transformer, self.params, self.optimizer, compute_loss,
-                                               attention=self.attention_kernel, max_grad_norm=t.max_grad_norm))
+                                               attention=self.attention_kernel, max_grad_norm=t.max_grad_norm,
+                                               unsynced=self.text_params))
         self.scheduler.step()
         if self.ema is not None:
             self.ema.update()
@@ -444,7 +462,12 @@ class Trainer:
             try:
                 with self._published_weights(), eager():  # eager: no extra compiled graphs for these shapes
                     if self.heldout is not None:
-                        loss = validation.heldout_loss(model, self.heldout, device=self.device, dtype=self.weight_dtype,
+                        heldout = self.heldout
+                        if self.text is not None:  # the adapted text encoders' embeddings of the held-out captions
+                            from sd35hub.train.live_text import live_heldout
+
+                            heldout = live_heldout(heldout, self.text)
+                        loss = validation.heldout_loss(model, heldout, device=self.device, dtype=self.weight_dtype,
                                                        autocast=self.acc.autocast())
                         self._log_record({"step": step, "validation_loss": loss})
                     self.validation_grid = self._render_grid(model, step)
@@ -483,6 +506,10 @@ class Trainer:
                 # no optimizer step yet: peft starts lora_B at zero for every lora.init (default and gaussian),
                 # so the adapter (and its EMA) adds nothing and the LoRA column is the base column
                 self.lora_images = self.base_images
+            elif self.text is not None:  # the prompts (and the negative "") through the adapted text encoders
+                from sd35hub.train.live_text import live_prompts
+
+                self.lora_images = validation.render(pipe, live_prompts(self.prompts, self.text), **kwargs)
             else:
                 self.lora_images = validation.render(pipe, self.prompts, **kwargs)
         pipe.vae.to("cpu")
@@ -507,8 +534,9 @@ class Trainer:
         if self.main:
             model = self.acc.unwrap_model(self.transformer)
             self.state.extra["duration_s"] = round(self._elapsed(), 3)
+            lora = {**lora_state(model), **(self.text.lora_state() if self.text is not None else {})}
             path = ckpt.save_checkpoint(
-                self.checkpoint_dir, self.state, lora=lora_state(model), optimizer=self.optimizer.state_dict(),
+                self.checkpoint_dir, self.state, lora=lora, optimizer=self.optimizer.state_dict(),
                 scheduler=self.scheduler.state_dict(), scaler=self.acc.scaler.state_dict() if self.acc.scaler else None,
                 ema=self.ema.state_dict() if self.ema is not None else None, write_adapter=self._write_adapter,
                 keep=self.config.train.keep_checkpoints,
@@ -539,7 +567,8 @@ class Trainer:
         )  # fmt: skip
         with self._published_weights():
             return save_trained(self.acc.unwrap_model(self.transformer), folder, metadata=metadata, spec=cfg.lora,
-                                initial=self.initial_adapter)
+                                initial=self.initial_adapter,
+                                text_encoders=self.text.encoders if self.text is not None else None)
 
     @contextlib.contextmanager
     def _published_weights(self) -> Iterator[None]:

@@ -11,7 +11,7 @@ fixed noise and a fixed spread of sigmas, so its changes come from the adapter a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -139,6 +139,7 @@ class HeldOut:
     keys: list[str]
     weights: torch.Tensor | None = None  # [n*k, 1, h/8, w/8] per-pixel loss weights (data.masked_loss)
     source: str = "held-out"  # "held-out" | "training" (nothing held out: training samples at fixed noise)
+    captions: list[str] = field(default_factory=list)  # [n*k], for live text encoders (sd35hub.train.live_text)
 
 
 def make_heldout(batches: Any, seed: int, *, unmasked_weight: float = 0.0) -> HeldOut | None:
@@ -159,6 +160,7 @@ def make_heldout(batches: Any, seed: int, *, unmasked_weight: float = 0.0) -> He
         keys=list(batch["keys"]),
         weights=_masked_weights(batch, unmasked_weight, k),
         source=batches.validation_source,
+        captions=[c for c in batch.get("captions") or [] for _ in range(k)],
     )
 
 

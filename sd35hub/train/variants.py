@@ -64,13 +64,16 @@ def _scale(config: dict[str, Any], rank: int) -> float:
 
 
 def save_trained(transformer: Any, folder: Path, *, metadata: Any, spec: LoraSpec,
-                 initial: dict[str, torch.Tensor] | None = None) -> Path:
+                 initial: dict[str, torch.Tensor] | None = None, text_encoders: dict[str, Any] | None = None) -> Path:
     """Write the trained adapter of ``spec``'s variant in its layout (module docstring). ``initial``: the
-    adapter tensors right after attach (lora_state), needed for pissa/olora."""
-    from sd35hub.adapters import metadata_for, save_adapter, write_adapter
+    adapter tensors right after attach (lora_state), needed for pissa/olora. ``text_encoders``: {component:
+    peft-wrapped encoder} of a text-encoder LoRA (variant lora only: the config refuses the others), saved as
+    ``text_encoder.*`` / ``text_encoder_2.*`` / ``text_encoder_3.*`` keys."""
+    from sd35hub.adapters import metadata_for, peft_modules, save_adapter, write_adapter
 
     if is_plain(spec):
-        return save_adapter(transformer, folder, metadata=metadata)
+        return save_adapter(transformer, folder, metadata=metadata, text_encoders=text_encoders)
+    te_modules = {c: peft_modules(m, "default", c) for c, m in (text_encoders or {}).items()}
     state, config = _peft_state(transformer)
     header = {VARIANT_HEADER: json.dumps({"variant": spec.variant, "rslora": spec.rslora, "init": spec.init})}
     if spec.variant == "lora":  # rsLoRA and/or PiSSA/OLoRA: a plain LoRA of the original base
@@ -80,7 +83,7 @@ def save_trained(transformer: Any, folder: Path, *, metadata: Any, spec: LoraSpe
         measured = metadata_for(modules)
         full = dataclasses.replace(metadata, rank=measured.rank, alpha=measured.alpha, targets=measured.targets,
                                    rank_pattern=measured.rank_pattern, alpha_pattern=measured.alpha_pattern)
-        return write_adapter(modules, folder, metadata=full)
+        return write_adapter(modules, folder, metadata=full, text_encoders=te_modules)
     if spec.variant == "dora":
         tensors, header2 = _dora_tensors(state, config)
         header.update(header2)

@@ -1,0 +1,257 @@
+"""Text-encoder LoRA (#18 part 2, lora.text_encoders): config refusals, the live encoding matches diffusers'
+encode_prompt exactly, a trained run's file loads in stock diffusers and reproduces the trainer's model, the TE
+keys survive kohya / ComfyUI conversions exactly, and blends weight each adapter's text-encoder part."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+from lora_helpers import generate_latents, tiny_pipe
+from safetensors import safe_open
+
+from sd35hub.config import load_config
+from sd35hub.errors import ConfigError
+
+CAPTIONS = ["nrt style a red square", "a blue triangle on white", ""]
+
+
+# --- config ------------------------------------------------------------------------------------------
+
+
+def test_config_refusals_are_reported_together_and_name_the_fix():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["lora.text_encoders=[clip_l,t5,clip_x]", "model.drop_t5=true", "lora.variant=lokr",
+                           "lora.text_encoder_rank=0"])
+    text = str(err.value)
+    assert "lora.text_encoders has ['clip_x']" in text and "lora.text_encoders=[clip_l,clip_g]" in text
+    assert "remove t5 from lora.text_encoders or set model.drop_t5=false" in text
+    assert "use lora.variant=lora or lora.text_encoders=[]" in text
+    assert "lora.text_encoder_rank" in text
+    with pytest.raises(ConfigError, match="set model.text_encoder_quantize=auto"):
+        load_config(None, ["lora.text_encoders=[t5]", "model.text_encoder_quantize=nf4"])
+    with pytest.raises(ConfigError, match="lora.text_encoders is empty, so nothing uses it"):
+        load_config(None, ["train.text_encoder_lr=5e-5"])
+    with pytest.raises(ConfigError, match="twice"):
+        load_config(None, ["lora.text_encoders=[clip_l,clip_l]"])
+    cfg = load_config(None, ["lora.text_encoders=[clip_l,clip_g]", "train.text_encoder_lr=5e-5",
+                             "lora.text_encoder_rank=8"])
+    assert cfg.lora.text_encoders == ("clip_l", "clip_g") and cfg.train.text_encoder_lr == 5e-5
+    assert load_config(None, []).lora.text_encoders == ()  # off by default
+
+
+# --- the live encoding -------------------------------------------------------------------------------
+
+
+def _randomize_lora(model: torch.nn.Module, seed: int, std: float = 0.3) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+@pytest.mark.parametrize("live", [["text_encoder"], ["text_encoder_2"], ["text_encoder", "text_encoder_2"],
+                                  ["text_encoder", "text_encoder_3"]], ids=["clip_l", "clip_g", "both", "clip_l+t5"])
+def test_live_encoding_equals_encode_prompt_of_the_adapted_pipeline(live):
+    """Cached (base) embeddings with the live encoders' parts replaced == diffusers' encode_prompt of a pipeline
+    that holds the adapted encoders: bit for bit, with gradients reaching every LoRA tensor."""
+    from sd35hub.train.live_text import LiveTextEncoders
+
+    pipe = tiny_pipe()
+    with torch.no_grad():
+        cached, _, cached_pooled, _ = pipe.encode_prompt(prompt=CAPTIONS, prompt_2=None, prompt_3=None,
+                                                         do_classifier_free_guidance=False, max_sequence_length=16)
+    encoders = LiveTextEncoders.from_pipeline(pipe, live, device=torch.device("cpu"), max_sequence_length=16)
+    params = encoders.attach_lora(4, 8.0)
+    assert all(p.dtype == torch.float32 and p.requires_grad for p in params)
+    for i, name in enumerate(live):
+        _randomize_lora(getattr(pipe, name), seed=i)
+    prompt_embeds, pooled = encoders.encode(CAPTIONS, cached, cached_pooled)
+    with torch.no_grad():
+        want, _, want_pooled, _ = pipe.encode_prompt(prompt=CAPTIONS, prompt_2=None, prompt_3=None,
+                                                     do_classifier_free_guidance=False, max_sequence_length=16)
+    assert torch.equal(prompt_embeds.detach(), want) and torch.equal(pooled.detach(), want_pooled)
+    assert not torch.equal(want, cached)  # the adapters change the embeddings
+    (prompt_embeds.square().sum() + pooled.square().sum()).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
+    for name in {"text_encoder", "text_encoder_2", "text_encoder_3"} - set(live):  # the others get no LoRA
+        assert not any("lora_" in n for n, _ in getattr(pipe, name).named_parameters())
+    with encoders.adapters_disabled():  # the base encoders again: the cached embeddings
+        base, base_pooled = encoders.encode(CAPTIONS, cached, cached_pooled)
+    assert torch.equal(base.detach(), cached) and torch.equal(base_pooled.detach(), cached_pooled)
+
+
+# --- blends: each adapter's text-encoder part at its weight ------------------------------------------
+
+
+def test_blend_weights_each_adapters_text_encoder_part(tmp_path: Path):
+    """Two adapters with CLIP-L/CLIP-G parts at weights 0.6 and -0.3 give exactly the embeddings (and image) of
+    their merge: every layer adds w1·ΔW1 + w2·ΔW2."""
+    from test_formats_interop import _mod
+
+    from sd35hub.adapters import load_into_pipeline, read_adapter, set_pipeline_adapters, write_adapter
+    from sd35hub.merge import write_merged
+
+    files = []
+    for i in range(2):
+        te = {"text_encoder": {f"text_model.encoder.layers.{j}.self_attn.q_proj": _mod(32, 32, 4, 2.0 + i, 10 * i + j)
+                               for j in (0, 1)},
+              "text_encoder_2": {"text_model.encoder.layers.0.self_attn.out_proj": _mod(32, 32, 2, 8.0, 30 + i)}}
+        for modules in te.values():
+            for m in modules.values():
+                m.up = m.up * 20
+        files.append(write_adapter({}, tmp_path / f"a{i}", text_encoders=te))
+    merged = write_merged([(str(files[0]), 0.6), (str(files[1]), -0.3)], tmp_path / "merged")
+
+    def embeds(pipe):
+        with torch.no_grad():
+            pe, _, pooled, _ = pipe.encode_prompt(prompt=CAPTIONS[:2], prompt_2=None, prompt_3=None,
+                                                  do_classifier_free_guidance=False, max_sequence_length=16)
+        return pe, pooled
+
+    blended = tiny_pipe()
+    for i, file in enumerate(files):
+        load_into_pipeline(blended, read_adapter(file), f"a{i}")
+    set_pipeline_adapters(blended, ["a0", "a1"], [0.6, -0.3])
+    one = tiny_pipe()
+    load_into_pipeline(one, read_adapter(merged), "m")
+    set_pipeline_adapters(one, ["m"], [1.0])
+    got, want = embeds(blended), embeds(one)
+    torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=1e-5)
+    set_pipeline_adapters(blended, ["a0", "a1"], [0.6, 0.0])
+    assert (embeds(blended)[0] - want[0]).abs().max() > 1e-3  # the second adapter's weight matters
+
+
+# --- a trained run -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """16 steps with CLIP-L + CLIP-G LoRA (T5 off), kept alive to compare against the trainer's modules."""
+    from test_train_recipe import tiny_config
+
+    from sd35hub.train import recipe
+
+    out = tmp_path_factory.mktemp("te-run")
+    cfg = tiny_config(out, tmp_path_factory.mktemp("te-cache"), max_steps=16, learning_rate=2e-3, checkpoint_every=8)
+    cfg = cfg.replace(lora=dataclasses.replace(cfg.lora, text_encoders=("clip_l", "clip_g"), text_encoder_rank=2,
+                                               text_encoder_alpha=4.0),
+                      train=dataclasses.replace(cfg.train, text_encoder_lr=5e-3))
+    trainer = recipe.Trainer(cfg, log=lambda s: None, progress=False)
+    trainer.setup()
+    initial = trainer.text.lora_state()
+    trainer.train()
+    result = trainer.save()
+    yield trainer, result, initial
+    trainer.cleanup()
+
+
+@pytest.mark.slow
+def test_it_trains_the_clip_loras_and_not_t5(trained):
+    trainer, result, initial = trained
+    assert result.validation_loss < result.initial_validation_loss, (result.initial_validation_loss, result.validation_loss)
+    assert sorted(trainer.text.encoders) == ["text_encoder", "text_encoder_2"]  # T5 is not even kept
+    final = trainer.text.lora_state()
+    for component in ("text_encoder", "text_encoder_2"):
+        ups = [k for k in final if k.startswith(component + "/") and ".lora_B." in k]
+        assert ups and all(initial[k].abs().max() == 0 for k in ups)  # gaussian init: B starts at 0
+        assert all(final[k].abs().max() > 0 for k in ups), component  # ... and every one moved
+    groups = trainer.optimizer.param_groups
+    assert [g["lr"] for g in groups] == [2e-3, 5e-3]  # train.text_encoder_lr: its own group
+    assert sum(p.numel() for p in groups[1]["params"]) == sum(v.numel() for v in final.values())
+    # gradients reach every text-encoder LoRA tensor through the live encoding of a training batch
+    from sd35hub.train.flow import flow_loss
+
+    batch = trainer.batches.load(trainer._ref(0), generator=torch.Generator().manual_seed(0), sample=True)
+    pe, pooled = trainer.text.encode(batch["captions"], batch["prompt_embeds"], batch["pooled_prompt_embeds"])
+    model = trainer.acc.unwrap_model(trainer.transformer)
+    n = batch["latents"].shape[0]
+    flow_loss(model, batch["latents"], pe, pooled, torch.randn_like(batch["latents"]), torch.full((n,), 0.5)).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trainer.text_params)
+    trainer.optimizer.zero_grad(set_to_none=True)
+    with safe_open(str(result.adapter_path), framework="pt") as handle:
+        keys = list(handle.keys())
+    assert any(k.startswith("text_encoder.") for k in keys) and any(k.startswith("text_encoder_2.") for k in keys)
+    assert not any(k.startswith("text_encoder_3.") for k in keys)
+    assert {k.split(".")[-3] for k in keys if k.startswith("text_encoder")} == {"q_proj", "k_proj", "v_proj", "out_proj"}
+    summary = result.summary
+    assert summary["lora"]["text_encoders"] == ["clip_l", "clip_g"] and summary["lora"]["text_encoder_rank"] == 2
+    card = (result.output_dir / "README.md").read_text()
+    assert "text_encoder" in card and "CLIP-L" in card
+
+
+@pytest.mark.slow
+def test_stock_diffusers_loads_the_file_and_reproduces_the_trained_pipeline(trained):
+    """The pipeline made of the trainer's own modules (transformer + adapted CLIPs) vs stock diffusers with
+    load_lora_weights on the saved file: same seed, same latents; the text-encoder part matters."""
+    from diffusers import StableDiffusion3Pipeline
+
+    from sd35hub.models.tiny import tiny_model_path
+
+    trainer, result, _ = trained
+    stock = StableDiffusion3Pipeline.from_pretrained(str(tiny_model_path()))
+    stock.set_progress_bar_config(disable=True)
+    base = generate_latents(stock, prompt=CAPTIONS[0])
+    ours = StableDiffusion3Pipeline(transformer=trainer.acc.unwrap_model(trainer.transformer).eval(),
+                                    text_encoder=trainer.text.encoders["text_encoder"],
+                                    text_encoder_2=trainer.text.encoders["text_encoder_2"],
+                                    **{k: getattr(stock, k) for k in ("scheduler", "vae", "tokenizer", "tokenizer_2",
+                                                                     "text_encoder_3", "tokenizer_3")})
+    ours.set_progress_bar_config(disable=True)
+    expected = generate_latents(ours, prompt=CAPTIONS[0])
+    stock.load_lora_weights(str(result.output_dir / "adapter"))
+    got = generate_latents(stock, prompt=CAPTIONS[0])
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert (expected - base).abs().max() > 1e-4
+    # without its text-encoder part the image is another one: the CLIP LoRAs were trained, not idle
+    stock.disable_lora()
+    stock.transformer.enable_lora()
+    assert (generate_latents(stock, prompt=CAPTIONS[0]) - expected).abs().max() > 1e-6
+
+
+@pytest.mark.slow
+def test_convert_round_trips_the_trained_text_encoder_keys_exactly(trained, tmp_path, capsys):
+    from cli_helpers import run_cli
+
+    from sd35hub.adapters import read_adapter
+
+    _, result, _ = trained
+    source = read_adapter(result.adapter_path)
+    assert sorted(source.text_encoders) == ["text_encoder", "text_encoder_2"]
+    current = str(result.adapter_path)
+    for i, layout in enumerate(("kohya", "comfyui", "kohya", "diffusers")):
+        target = tmp_path / f"{i}-{layout}.safetensors"
+        code, out, err = run_cli(["convert", current, str(target), "--to", layout], capsys)
+        assert code == 0 and "text-encoder modules" in out, (out, err)
+        with safe_open(str(target), framework="pt") as handle:
+            keys = list(handle.keys())
+        prefix = {"kohya": "lora_te1_", "comfyui": "text_encoders.clip_l.transformer.", "diffusers": "text_encoder."}
+        assert any(k.startswith(prefix[layout]) for k in keys), layout
+        current = str(target)
+    back = read_adapter(current)
+    for component, modules in source.text_encoders.items():
+        assert sorted(back.text_encoders[component]) == sorted(modules)
+        for name, module in modules.items():
+            other = back.text_encoders[component][name]
+            assert torch.equal(other.down, module.down) and torch.equal(other.up * other.scale, module.up * module.scale)
+
+
+@pytest.mark.slow
+def test_the_checkpoint_holds_the_text_encoder_lora_and_resume_restores_it(trained, tmp_path):
+    from sd35hub.train import checkpoint as ckpt
+
+    trainer, _, _ = trained
+    saved = ckpt.load_resumable("latest", trainer.checkpoint_dir, lambda line: None)
+    final = trainer.text.lora_state()
+    assert all(torch.equal(saved.lora[k], v) for k, v in final.items())
+    with torch.no_grad():
+        for p in trainer.text_params:
+            p.zero_()
+    trainer.text.load_lora_state(saved.lora)
+    assert all(torch.equal(trainer.text.lora_state()[k], v) for k, v in final.items())
+    with pytest.raises(ConfigError, match="lacks"):
+        trainer.text.load_lora_state({k: v for k, v in saved.lora.items() if not k.startswith("text_encoder_2/")})
