@@ -61,6 +61,11 @@ class StepVariant:
     optimizer: str = "adamw"  # ours: train.optimizer (adamw is fused on CUDA); the reference: torch's default AdamW
     float8: bool = False  # FP8 matmuls for the frozen base (torchao float8; Ada/Hopper)
     reference: bool = False
+    # issue #19's levers (ours only; each exact on the CPU tiny model, tests/test_levers.py)
+    fused_lora: bool = False  # LoRA's down-projection inside the base product (sd35hub.train.fused_lora)
+    lora_input_cast: bool = True  # False: peft does not copy a LoRA layer's input to fp32 (autocast casts it back)
+    graph_step: bool = False  # the whole step as one CUDA graph (sd35hub.train.graphed); blocks compiled graph-less
+    inductor: tuple[tuple[str, Any], ...] = ()  # extra torch._inductor options for the compiled blocks
 
 
 REFERENCE_STEPS = {
@@ -171,10 +176,11 @@ def _build_nf4_transformer(cfg: dict[str, Any], device: Any, dtype: Any) -> Any:
     return transformer
 
 
-def make_inputs(cfg: dict[str, Any], resolution: int, batch: int, device: Any, dtype: Any, text_tokens: int = 154) -> dict[str, Any]:
+def make_inputs(cfg: dict[str, Any], resolution: int, batch: int, device: Any, dtype: Any, text_tokens: int = 154,
+                seed: int = 1) -> dict[str, Any]:
     import torch
 
-    g = torch.Generator(device="cpu").manual_seed(1)
+    g = torch.Generator(device="cpu").manual_seed(seed)
     side = resolution // 8
     return {
         "latents": torch.randn(batch, cfg["in_channels"], side, side, generator=g).to(device, dtype),
@@ -228,13 +234,15 @@ def prepare(transformer: Any, variant: StepVariant, rank: int) -> tuple[Any, Cal
                              fp32_params=variant.fp32_lora)
     if variant.float8:
         speed.float8_base(transformer, emulate=device_type != "cuda")
+    refresh = _apply_lora_levers(transformer, variant)
     if variant.checkpoint_every:
         if variant.reference:
             transformer.enable_gradient_checkpointing()
         else:
             speed.checkpoint_blocks(transformer, variant.checkpoint_every)
     if variant.compile:
-        speed.compile_blocks(transformer, mode=variant.compile_mode)
+        speed.compile_blocks(transformer, mode=None if variant.graph_step else variant.compile_mode,
+                             options=dict(variant.inductor) or None)
 
     if variant.reference:  # the reference keeps PyTorch's defaults, as diffusers' script does
         optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-4)
@@ -260,21 +268,60 @@ def prepare(transformer: Any, variant: StepVariant, rank: int) -> tuple[Any, Cal
     speed.enable_tf32()
     spec = TrainSpec(learning_rate=1e-4, optimizer=variant.optimizer)
     optimizer = build_optimizer(params, spec)
+    if refresh is not None:  # the stacked weights' copy of A follows every update
+        optimizer.register_step_post_hook(refresh)
     scheduler = build_scheduler(optimizer, spec, total_steps=10_000)
-    acc = Accelerator(cpu=device_type == "cpu", mixed_precision="bf16" if device_type == "cuda" else "no")
-    model, acc_optimizer = acc.prepare(transformer, optimizer)
+    handlers = []
+    if variant.graph_step:  # no autocast weight cache across a capture
+        from accelerate.utils import AutocastKwargs
 
-    def our_step(inputs: dict[str, Any]) -> Any:  # the trainer's own step (sd35hub.train.step)
-        loss = optimize_micro_batch(
+        handlers.append(AutocastKwargs(cache_enabled=False))
+    acc = Accelerator(cpu=device_type == "cpu", mixed_precision="bf16" if device_type == "cuda" else "no",
+                      kwargs_handlers=handlers)
+    model, acc_optimizer = acc.prepare(transformer, optimizer)
+    inputs_box: dict[str, Any] = {}
+
+    def one_step() -> Any:  # the trainer's own step (sd35hub.train.step)
+        inputs = inputs_box["inputs"]
+        return optimize_micro_batch(
             acc, model, params, acc_optimizer,
             lambda: flow_loss(model, inputs["latents"], inputs["prompt_embeds"], inputs["pooled_prompt_embeds"],
                               inputs["noise"], inputs["sigmas"]),
             attention=variant.attention, max_grad_norm=1.0,
         )  # fmt: skip
+
+    if variant.graph_step:
+        from sd35hub.train.graphed import GraphedStep, make_capturable
+
+        make_capturable(optimizer)
+        graphed = GraphedStep(one_step, after=scheduler.step)
+
+        def graphed_step(inputs: dict[str, Any]) -> Any:  # inputs: the same tensors every call, refilled in place
+            inputs_box["inputs"] = inputs
+            return graphed()
+
+        return acc_optimizer, graphed_step
+
+    def our_step(inputs: dict[str, Any]) -> Any:
+        inputs_box["inputs"] = inputs
+        loss = one_step()
         scheduler.step()
         return loss
 
     return acc_optimizer, our_step
+
+
+def _apply_lora_levers(transformer: Any, variant: StepVariant) -> Callable[..., None] | None:
+    """The LoRA-layer levers of ``variant``; returns the fused layers' refresh hook (None when not fused)."""
+    from sd35hub.train import fused_lora
+
+    if variant.reference and (variant.fused_lora or not variant.lora_input_cast):
+        from sd35hub.errors import ConfigError
+
+        raise ConfigError("fused_lora / lora_input_cast are levers of our step, not of the reference step")
+    if not variant.lora_input_cast:
+        fused_lora.skip_lora_input_cast(transformer)
+    return fused_lora.fuse_lora_down(transformer) if variant.fused_lora else None
 
 
 def count_flops(transformer: Any, inputs: dict[str, Any]) -> float:
@@ -291,9 +338,14 @@ def count_flops(transformer: Any, inputs: dict[str, Any]) -> float:
 
 
 def run_variant(model: str, variant: StepVariant, *, resolution: int, batch: int, rank: int, steps: int,
-                warmup: int, device: str, flops: float | None = None) -> BenchResult:
+                warmup: int, device: str, flops: float | None = None, budget_s: float | None = None,
+                curve_steps: int = 0) -> BenchResult:
     """Time one variant. ``flops`` (per step, from an earlier variant of the same model and inputs)
-    is reused; otherwise they are counted here on the eager step (a compiled step can't be counted)."""
+    is reused; otherwise they are counted here on the eager step (a compiled step can't be counted).
+    ``budget_s``: stop the timed steps (at least 3) once they took that long. Every step's loss lands in
+    ``extra["losses"]`` (the same inputs each step: variants of the same math give the same trajectory).
+    ``curve_steps``: then that many more steps on fresh seeded inputs (noise, timesteps, latents; the same
+    for every variant), their losses in ``extra["curve"]`` (FP8 vs bf16: issue #19 goal 2)."""
     import torch
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -312,9 +364,10 @@ def run_variant(model: str, variant: StepVariant, *, resolution: int, batch: int
         flops = count_flops(transformer, inputs)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     t0 = time.perf_counter()
-    loss_start = float(step(inputs))
+    losses = [step(inputs)]
+    loss_start = float(losses[0])
     for _ in range(max(warmup - 1, 0)):
-        step(inputs)
+        losses.append(step(inputs))
     sync()
     warmup_s = time.perf_counter() - t0
     if device == "cuda":
@@ -326,15 +379,25 @@ def run_variant(model: str, variant: StepVariant, *, resolution: int, batch: int
         loss = step(inputs)
         sync()
         times.append(time.perf_counter() - t)
+        losses.append(loss)
+        if budget_s is not None and len(times) >= 3 and sum(times) > budget_s:
+            break
     s_per_step = sorted(times)[len(times) // 2]
+    curve = []
+    for i in range(curve_steps):
+        fresh = make_inputs(cfg, resolution, batch, "cpu", dtype, seed=1000 + i)
+        for key in ("latents", "noise", "sigmas"):
+            inputs[key].copy_(fresh[key])  # in place: a captured step reads these tensors
+        curve.append(step(inputs))
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
     tflops = (flops / s_per_step / 1e12) if flops else None
     card_peak = peak_tflops(torch.cuda.get_device_name(0)) if device == "cuda" else None
     result = BenchResult(
         variant=variant.name, model=model, resolution=resolution, batch=batch, rank=rank, s_per_step=s_per_step,
         samples_per_s=batch / s_per_step, peak_gib=peak, tflops=tflops,
-        warmup_s=warmup_s, steps=steps, loss_start=loss_start, loss_end=float(loss),
-        mfu=(tflops / card_peak) if tflops and card_peak else None, extra={"flops": flops},
+        warmup_s=warmup_s, steps=len(times), loss_start=loss_start, loss_end=float(loss),
+        mfu=(tflops / card_peak) if tflops and card_peak else None,
+        extra={"flops": flops, "losses": [float(v) for v in losses], "curve": [float(v) for v in curve]},
     )
     del transformer, step, inputs
     gc.collect()

@@ -1,0 +1,157 @@
+"""Issue #19's speed levers are exact: on the CPU tiny model each gives the loss trajectory and the LoRA
+gradients of the plain step (GPU timings: benchmarks/gpu_bench.py, docs/performance.md)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from sd35hub import bench as B
+from sd35hub.train import fused_lora, speed
+from sd35hub.train.graphed import make_capturable
+
+PLAIN = B.StepVariant("plain")
+
+
+def _trajectory(variant: B.StepVariant, steps: int = 4) -> list[float]:
+    r = B.run_variant("tiny", variant, resolution=64, batch=2, rank=4, steps=steps, warmup=1, device="cpu", flops=1.0)
+    return r.extra["losses"]
+
+
+@pytest.fixture(scope="module")
+def plain_losses() -> list[float]:
+    return _trajectory(PLAIN)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lever", [
+    dict(fused_lora=True), dict(lora_input_cast=False), dict(graph_step=True),
+    dict(fused_lora=True, lora_input_cast=False, graph_step=True),
+])  # fmt: skip
+def test_each_lever_keeps_the_plain_steps_loss_trajectory(lever: dict, plain_losses: list[float]) -> None:
+    losses = _trajectory(replace(PLAIN, name=str(lever), **lever))
+    assert len(losses) == len(plain_losses) == 5
+    assert len(set(plain_losses)) > 1  # the LoRA moved: later losses depend on every update being right
+    # A stale copy of A in the stacked weight (a missed refresh) or a learning rate the graph froze would
+    # move losses 2.. by far more than float rounding
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(plain_losses), rtol=1e-5, atol=0)
+
+
+def _tiny_lora(dtype: torch.dtype = torch.float32, fp32_lora: bool = True):  # noqa: ANN202
+    transformer = B.build_transformer("tiny", PLAIN, "cpu", dtype)
+    B.prepare(transformer, replace(PLAIN, fp32_lora=fp32_lora), rank=4)
+    torch.manual_seed(3)
+    for p in (p for p in transformer.parameters() if p.requires_grad):
+        torch.nn.init.normal_(p, std=0.05)  # non-zero B: every LoRA tensor gets a gradient
+    return transformer
+
+
+def _loss_and_grads(transformer, inputs, autocast: bool = False):  # noqa: ANN001, ANN202
+    for p in transformer.parameters():
+        p.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = B._loss(transformer, inputs)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in transformer.named_parameters() if p.grad is not None}
+
+
+def test_fused_down_projection_gives_the_plain_gradients_and_unfuses_back() -> None:
+    transformer = _tiny_lora()
+    inputs = B.make_inputs(B.transformer_config("tiny"), 64, 2, "cpu", torch.float32)
+    loss, grads = _loss_and_grads(transformer, inputs)
+    layer = transformer.transformer_blocks[0].attn.to_q
+    base_weight = layer.base_layer.weight.detach().clone()
+    refresh = fused_lora.fuse_lora_down(transformer)
+    assert refresh.layers == sum(isinstance(m, fused_lora.FusedLoraLinear) for m in transformer.modules()) > 0
+    assert layer.base_layer.weight.data_ptr() == layer._sd35hub_stacked.data_ptr()  # a view, no second W
+    fused_loss, fused_grads = _loss_and_grads(transformer, inputs)
+    assert fused_grads.keys() == grads.keys() and any("lora_A" in n for n in grads)
+    torch.testing.assert_close(fused_loss, loss, rtol=1e-6, atol=0)
+    for name in grads:
+        torch.testing.assert_close(fused_grads[name], grads[name], rtol=1e-5, atol=1e-7)
+    assert fused_lora.unfuse_lora_down(transformer) == refresh.layers
+    assert type(layer) is fused_lora._lora_linear_class() and not hasattr(layer, "_sd35hub_stacked")
+    torch.testing.assert_close(layer.base_layer.weight, base_weight, rtol=0, atol=0)
+    torch.testing.assert_close(_loss_and_grads(transformer, inputs)[0], loss, rtol=0, atol=0)
+
+
+def test_fused_layer_under_bf16_autocast_keeps_dtypes_and_values() -> None:
+    """The GPU configuration (bf16 base, fp32 LoRA masters, bf16 autocast), on the CPU's autocast."""
+    transformer = _tiny_lora(torch.bfloat16)
+    inputs = B.make_inputs(B.transformer_config("tiny"), 64, 2, "cpu", torch.bfloat16)
+    loss, grads = _loss_and_grads(transformer, inputs, autocast=True)
+    fused_lora.fuse_lora_down(transformer)
+    fused_loss, fused_grads = _loss_and_grads(transformer, inputs, autocast=True)
+    assert fused_grads.keys() == grads.keys()
+    torch.testing.assert_close(fused_loss, loss, rtol=2e-2, atol=0)  # bf16 products summed in another order
+    for name, g in grads.items():
+        assert fused_grads[name].dtype == g.dtype == torch.float32  # masters keep fp32 gradients
+        if not g.any():  # the last block's text-stream output is unused: no gradient either way
+            assert not fused_grads[name].any(), name
+            continue
+        assert torch.nn.functional.cosine_similarity(fused_grads[name].flatten(), g.flatten(), dim=0) > 0.99, name
+
+
+def test_skipping_peft_input_cast_is_bit_identical_under_autocast() -> None:
+    transformer = _tiny_lora(torch.bfloat16)
+    inputs = B.make_inputs(B.transformer_config("tiny"), 64, 2, "cpu", torch.bfloat16)
+    loss, grads = _loss_and_grads(transformer, inputs, autocast=True)
+    assert fused_lora.skip_lora_input_cast(transformer) > 0
+    nocast_loss, nocast_grads = _loss_and_grads(transformer, inputs, autocast=True)
+    assert nocast_loss.item() == loss.item()
+    for name in grads:
+        assert torch.equal(nocast_grads[name], grads[name]), name
+
+
+def test_only_vanilla_lora_layers_are_fused() -> None:
+    from peft import LoraConfig
+
+    def layer_with(**kwargs):  # noqa: ANN003, ANN202
+        model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+        from peft import get_peft_model
+
+        return get_peft_model(model, LoraConfig(r=2, target_modules=["0"], **kwargs)).base_model.model[0]
+
+    assert fused_lora.fusable(layer_with())
+    assert not fused_lora.fusable(layer_with(use_dora=True))
+    assert not fused_lora.fusable(layer_with(lora_dropout=0.1))
+
+
+def test_captured_step_reads_the_learning_rate_the_scheduler_writes() -> None:
+    from diffusers.optimization import get_scheduler
+
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.AdamW([p], lr=1e-2)
+    sched = get_scheduler("constant_with_warmup", optimizer=opt, num_warmup_steps=2, num_training_steps=10)
+    make_capturable(opt)
+    lr = opt.param_groups[0]["lr"]
+    assert isinstance(lr, torch.Tensor) and lr.item() == 0.0
+    sched.step()
+    assert opt.param_groups[0]["lr"] is lr and lr.item() == pytest.approx(5e-3)  # filled in place, not replaced
+
+
+def test_compile_options_merge_with_the_mode() -> None:
+    assert speed._compile_kwargs("reduce-overhead", None) == {"mode": "reduce-overhead"}
+    merged = speed._compile_kwargs("reduce-overhead", {"coordinate_descent_tuning": True})
+    assert merged == {"options": {"triton.cudagraphs": True, "coordinate_descent_tuning": True}}
+    assert speed._compile_kwargs(None, {"max_autotune": True}) == {"options": {"max_autotune": True}}
+
+
+@pytest.mark.slow
+def test_fused_layers_trace_into_one_graph_per_block(monkeypatch) -> None:
+    """torch.compile (dynamo + AOT autograd, the inductor front end) takes the fused layers without a graph
+    break and gives the eager gradients."""
+    transformer = _tiny_lora()
+    inputs = B.make_inputs(B.transformer_config("tiny"), 64, 2, "cpu", torch.float32)
+    loss, grads = _loss_and_grads(transformer, inputs)
+    fused_lora.fuse_lora_down(transformer)
+    monkeypatch.setattr(speed, "COMPILE_BACKEND", "aot_eager")
+    speed.reset_compiler()
+    speed.compile_blocks(transformer, mode=None, fullgraph=True)  # fullgraph: a graph break is an error
+    compiled_loss, compiled_grads = _loss_and_grads(transformer, inputs)
+    torch.testing.assert_close(compiled_loss, loss, rtol=1e-5, atol=0)
+    for name in grads:
+        torch.testing.assert_close(compiled_grads[name], grads[name], rtol=1e-4, atol=1e-6)
+    speed.reset_compiler()
