@@ -21,7 +21,7 @@ if TYPE_CHECKING:  # pragma: no cover
 KNOWN = {
     "text_encoder": {768: (12, 3072, 768), 32: (2, 64, 32)},
     "text_encoder_2": {1280: (32, 5120, 1280), 32: (2, 64, 32)},
-    "text_encoder_3": {4096: (24, 10240, 4096), 64: (2, 128, 64)},
+    "text_encoder_3": {4096: (24, 10240, 4096), 64: (2, 128, 32)},  # tiny T5: 4 heads x d_kv 8
 }
 _LAYER = re.compile(r"^(?:text_model\.encoder\.layers|encoder\.block)\.(\d+)\.(.+)$")
 

@@ -88,7 +88,7 @@ def _te_parts() -> dict[str, dict[str, LoraModule]]:
     return {
         "text_encoder": {"text_model.encoder.layers.0.self_attn.q_proj": _mod(W, W, 4, 2.0, 50)},
         "text_encoder_2": {"text_model.encoder.layers.1.mlp.fc1": _mod(2 * W, W, 4, 4.0, 51)},
-        "text_encoder_3": {"encoder.block.0.layer.0.SelfAttention.q": _mod(64, 64, 4, 8.0, 52)},
+        "text_encoder_3": {"encoder.block.0.layer.0.SelfAttention.q": _mod(32, 64, 4, 8.0, 52)},  # tiny T5: inner 32
     }
 
 

@@ -255,3 +255,80 @@ def test_the_checkpoint_holds_the_text_encoder_lora_and_resume_restores_it(train
     assert all(torch.equal(trainer.text.lora_state()[k], v) for k, v in final.items())
     with pytest.raises(ConfigError, match="lacks"):
         trainer.text.load_lora_state({k: v for k, v in saved.lora.items() if not k.startswith("text_encoder_2/")})
+
+
+# --- the memory plan ---------------------------------------------------------------------------------
+
+
+def test_memory_plan_counts_the_encoders_kept_for_training(tmp_path: Path):
+    from test_memory_plan import _inputs
+
+    from sd35hub.models.real_configs import write_config_folder
+    from sd35hub.workflows.plan import plan_memory
+    from sd35hub.workflows.sizes import sizes_from_folder
+
+    large = sizes_from_folder(write_config_folder("large", tmp_path / "large"))
+    inputs = _inputs(gpu_budget_gib=40.0, quantize="none")
+    plain = plan_memory(large, inputs).phase("train")
+    clips = plan_memory(large, dataclasses.replace(inputs, text_encoder_lora=("text_encoder", "text_encoder_2"),
+                                                   text_encoder_rank=16)).phase("train")
+    clip_bytes = large["text_encoder"].weight_bytes("bf16") + large["text_encoder_2"].weight_bytes("bf16")
+    assert clips.weights_bytes == plain.weights_bytes + clip_bytes
+    assert clips.gpu_gib - plain.gpu_gib > clip_bytes / 2**30  # weights + LoRA + optimizer state + activations
+    assert "CLIP-L, CLIP-G + LoRA r16 kept" in clips.strategy
+    with_t5 = plan_memory(large, dataclasses.replace(inputs, text_encoder_lora=("text_encoder_3",),
+                                                     text_encoder_rank=16)).phase("train")
+    assert with_t5.gpu_gib - plain.gpu_gib > 8.0  # T5-XXL in bf16 stays on the device
+    assert plan_memory(large, dataclasses.replace(inputs, text_encoder_lora=("text_encoder",), text_encoder_rank=16)
+                       ).phase("validate").weights_bytes > plan_memory(large, inputs).phase("validate").weights_bytes
+
+
+@pytest.mark.slow
+def test_cli_flags_reach_the_config_and_the_plan(tmp_path: Path, capsys):
+    from cli_helpers import run_cli
+
+    code, out, err = run_cli(["train", "--dry-run", "--model", "tiny", "--dataset", "sample", "--profile", "cpu",
+                              "--text-encoders", "clip_l,clip_g", "--text-encoder-lr", "5e-5", "-o",
+                              str(tmp_path / "out")], capsys)  # fmt: skip
+    assert code == 0, err
+    assert "CLIP-L, CLIP-G + LoRA r16 kept, run every step" in out
+    code, out, err = run_cli(["train", "--dry-run", "--model", "tiny", "--dataset", "sample", "--text-encoders", "t5",
+                              "model.drop_t5=true"], capsys)
+    assert code == 2 and "remove t5 from lora.text_encoders or set model.drop_t5=false" in out + err
+
+
+@pytest.mark.slow
+def test_t5_lora_trains_when_asked_and_generate_applies_it(tmp_path: Path):
+    """lora.text_encoders=[t5]: T5 runs live (the CLIPs come from the cache), its LoRA is saved as text_encoder_3.*
+    keys, and our generate path (load_into_pipeline) reproduces the trainer's pipeline with it."""
+    from diffusers import StableDiffusion3Pipeline
+    from test_train_recipe import tiny_config
+
+    from sd35hub.adapters import load_into_pipeline, read_adapter, set_pipeline_adapters
+    from sd35hub.models.tiny import tiny_model_path
+    from sd35hub.train import recipe
+
+    cfg = tiny_config(tmp_path / "out", tmp_path / "cache", max_steps=4, learning_rate=5e-3)
+    cfg = cfg.replace(lora=dataclasses.replace(cfg.lora, text_encoders=("t5",)))
+    trainer = recipe.Trainer(cfg, log=lambda s: None, progress=False)
+    try:
+        trainer.setup()
+        assert sorted(trainer.text.encoders) == ["text_encoder_3"]
+        trainer.train()
+        result = trainer.save()
+        adapter = read_adapter(result.adapter_path)
+        assert sorted(adapter.text_encoders) == ["text_encoder_3"]
+        assert {n.rsplit(".", 1)[-1] for n in adapter.text_encoders["text_encoder_3"]} == {"q", "k", "v", "o"}
+        stock = StableDiffusion3Pipeline.from_pretrained(str(tiny_model_path()))
+        stock.set_progress_bar_config(disable=True)
+        ours = StableDiffusion3Pipeline(transformer=trainer.acc.unwrap_model(trainer.transformer).eval(),
+                                        text_encoder_3=trainer.text.encoders["text_encoder_3"],
+                                        **{k: getattr(stock, k) for k in ("scheduler", "vae", "tokenizer", "tokenizer_2",
+                                                                         "text_encoder", "text_encoder_2", "tokenizer_3")})
+        ours.set_progress_bar_config(disable=True)
+        expected = generate_latents(ours, prompt=CAPTIONS[0])
+        load_into_pipeline(stock, adapter, "t5")
+        set_pipeline_adapters(stock, ["t5"], [1.0])
+        torch.testing.assert_close(generate_latents(stock, prompt=CAPTIONS[0]), expected, atol=1e-5, rtol=1e-5)
+    finally:
+        trainer.cleanup()

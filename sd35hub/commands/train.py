@@ -14,7 +14,8 @@ FLAG_KEYS = {
     "epochs": "train.epochs", "resolution": "data.resolution", "seed": "train.seed", "output": "train.output_dir",
     "resume": "train.resume", "profile": "train.profile", "trigger_word": "data.trigger_word",
     "repo_id": "hub.repo_id", "image_column": "data.image_column", "caption_column": "data.caption_column",
-    "split": "data.split", "base_model_id": "model.base_model_id",
+    "split": "data.split", "base_model_id": "model.base_model_id", "text_encoders": "lora.text_encoders",
+    "text_encoder_lr": "train.text_encoder_lr",
 }  # fmt: skip
 
 
@@ -61,6 +62,10 @@ def register(app: typer.Typer) -> None:
         split: str | None = typer.Option(None, "--split", help="Dataset split (Hub datasets; default train)."),
         base_model_id: str | None = typer.Option(None, "--base-model-id", metavar="OWNER/NAME",
                                                  help="Hub repo a local --model folder came from (card, adapter)."),
+        text_encoders: str | None = typer.Option(None, "--text-encoders", metavar="clip_l,clip_g",
+                                                 help="Also train a LoRA on these text encoders: clip_l, clip_g, t5 (comma list)."),
+        text_encoder_lr: float | None = typer.Option(None, "--text-encoder-lr", help="Learning rate of the text-encoder LoRA "
+                                                     "(default: the learning rate)."),
         dry_run: bool = typer.Option(False, "--dry-run", help="Print the memory plan (each phase's predicted peak "
                                      "GPU and host memory, and how it fits) and exit; only config files are fetched."),
         on: str = typer.Option("local", "--on", help="local | hf-jobs (the Hub's GPUs; docs/jobs.md)."),
@@ -77,7 +82,8 @@ def register(app: typer.Typer) -> None:
         flags = dict(model=model, dataset=dataset, rank=rank, steps=steps, epochs=epochs, resolution=resolution,
                      seed=seed, output=output, resume=resume, profile=profile, trigger_word=trigger_word,
                      repo_id=repo_id, image_column=image_column, caption_column=caption_column,
-                     split=split, base_model_id=base_model_id)  # fmt: skip
+                     split=split, base_model_id=base_model_id, text_encoder_lr=text_encoder_lr,
+                     text_encoders=None if text_encoders is None else [n.strip() for n in text_encoders.split(",") if n.strip()])  # fmt: skip
         all_overrides = build_overrides(flags, overrides or [])
         if push_to_hub:
             all_overrides.insert(0, "hub.push_to_hub=true")

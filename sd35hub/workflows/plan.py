@@ -79,6 +79,9 @@ class PlanInputs:
     buffer_size: int
     has_bitsandbytes: bool
     gpu_name: str = ""
+    # text-encoder LoRA (lora.text_encoders): the components kept on the device for the whole run, and their rank
+    text_encoder_lora: tuple[str, ...] = ()
+    text_encoder_rank: int = 0
 
 
 @dataclass(frozen=True)
@@ -269,24 +272,33 @@ def _plan(sizes: dict[str, ComponentSize], i: PlanInputs) -> MemoryPlan:
         act = unit * (2 * t.layers + ACT_PER_BLOCK + ACT_DUAL)
     else:
         act = unit * (ACT_PER_BLOCK * t.layers + ACT_DUAL * t.dual_layers)
-    train_alloc = t_w + lora_bytes + act
-    add("train", train_alloc, 0 if cuda else train_alloc, 0, t_w,
+    # text-encoder LoRA: those encoders stay on the device (unquantized), with their LoRA, its optimizer state and
+    # every layer's activations for the backward pass (sd35hub.train.live_text)
+    kept = [sizes[c] for c in i.text_encoder_lora if c in sizes]
+    kept_w = sum(enc.weight_bytes(i.dtype) for enc in kept)
+    te_lora = sum(4 * 2 * enc.width * i.text_encoder_rank * enc.layers for enc in kept)  # q/k/v/out (T5: q/k/v/o)
+    te_act = sum(enc.layers * _text_activations(enc, i.batch_size, i.max_sequence_length if enc.name == "text_encoder_3"
+                                                else CLIP_TOKENS, act_bytes) for enc in kept)
+    te_train = kept_w + te_lora * (4 + 4 + OPTIMIZER_STATE.get(i.optimizer, 8)) + te_act
+    te_note = f"; {', '.join(enc.label for enc in kept)} + LoRA r{i.text_encoder_rank} kept, run every step" if kept else ""
+    train_alloc = t_w + lora_bytes + act + te_train
+    add("train", train_alloc, 0 if cuda else train_alloc, 0, t_w + kept_w,
         f"LoRA r{i.rank} ({lora / 1e6:.1f} M params, {i.optimizer}), checkpointing "
-        f"{'on' if i.gradient_checkpointing else 'off'}; latents and embeddings from the cache")
+        f"{'on' if i.gradient_checkpointing else 'off'}; latents and embeddings from the cache{te_note}")
 
     # validation: base + LoRA, cached embeddings, then the VAE decode
     cfg_batch = 2 if i.guidance > 1.0 else 1
     heldout_chunk = min(8, max(i.holdout, 1) * 5)
     infer_act = max(cfg_batch, heldout_chunk) * tokens * t.width * act_bytes * 12
     decode_full = VAE_DECODE_ACT * vae.width * i.resolution**2 * act_bytes
-    held = t_w + lora * 4 + vae_w
+    held = t_w + lora * 4 + vae_w + kept_w + te_lora * 4
     tiling = cuda and _reserved(held + decode_full) > i.gpu_budget_gib
     decode = VAE_DECODE_ACT * vae.width * min(i.resolution, VAE_TILE) ** 2 * act_bytes if tiling else decode_full
     val_alloc = held + max(infer_act, decode)
     for name in ("validate", "final samples"):
         strategy = ("quantized base + LoRA, prompt embeddings cached up front (no encoder reloads), VAE decode "
                     + ("tiled" if tiling else "whole")) if name == "validate" else "the last validation's images"  # fmt: skip
-        add(name, val_alloc, 0 if cuda else val_alloc, 0, t_w + vae_w, strategy)
+        add(name, val_alloc, 0 if cuda else val_alloc, 0, t_w + vae_w + kept_w, strategy)
     add("save / publish", t_w + lora * 4, lora * 4, 0, t_w, "adapter (safetensors) + run folder; upload when hub.push_to_hub")
     return MemoryPlan(i, phases, t5_mode, tiling)
 
@@ -406,6 +418,9 @@ def inputs_from_config(cfg: Config, profile: HardwareProfile, *, validation_prom
         guidance=t.validation_guidance, holdout=cfg.data.holdout if cfg.data.holdout is not None else 4, buffer_size=cfg.data.buffer_size,
         has_bitsandbytes=importlib.util.find_spec("bitsandbytes") is not None,
         gpu_name=profile.device_name if profile.vram_gib else f"a {profile.name} card: none here",
+        text_encoder_lora=tuple({"clip_l": "text_encoder", "clip_g": "text_encoder_2", "t5": "text_encoder_3"}[n]
+                                for n in cfg.lora.text_encoders),
+        text_encoder_rank=cfg.lora.text_encoder_rank or cfg.lora.rank,
     )  # fmt: skip
 
 
