@@ -332,3 +332,14 @@ def test_t5_lora_trains_when_asked_and_generate_applies_it(tmp_path: Path):
         torch.testing.assert_close(generate_latents(stock, prompt=CAPTIONS[0]), expected, atol=1e-5, rtol=1e-5)
     finally:
         trainer.cleanup()
+
+
+def test_notebook_plan_takes_the_text_encoders():
+    from sd35hub import notebook as nb
+
+    plan = nb.build_plan(model="tiny", dataset="sample", trigger_word="sks shape", text_encoders=["clip_l", "clip_g"],
+                         text_encoder_lr=5e-5)
+    assert plan.config.lora.text_encoders == ("clip_l", "clip_g") and plan.config.train.text_encoder_lr == 5e-5
+    assert nb.build_plan(model="tiny", dataset="sample", text_encoders=[]).config.lora.text_encoders == ()
+    with pytest.raises(ConfigError, match="set model.drop_t5=false"):
+        nb.build_plan(model="tiny", dataset="sample", text_encoders=["t5"], extra=["model.drop_t5=true"])
