@@ -59,8 +59,13 @@ def add_choice(choice: space.AdapterChoice) -> None:
     if len(state.adapters) >= space.MAX_ADAPTERS:
         state.messages.append(f"At most {space.MAX_ADAPTERS} adapters per image: remove one first.")
         return
-    state[f"weight_{choice.source}"] = state[f"weightnum_{choice.source}"] = float(choice.weight)
+    forget_weight(choice.source)  # the widgets start from choice.weight (their `value`), not a leftover
     state.adapters.append(choice)
+
+
+def forget_weight(source: str) -> None:
+    for prefix in ("weight_", "weightnum_"):
+        state.pop(f"{prefix}{source}", None)
 
 
 def on_search(base: space.BaseChoice) -> None:
@@ -101,6 +106,7 @@ def on_add_samples(base: space.BaseChoice) -> None:
 
 def on_remove(source: str) -> None:
     state.adapters = [choice for choice in state.adapters if choice.source != source]
+    forget_weight(source)
 
 
 def sync_weight(source: str, changed: str) -> None:
@@ -237,16 +243,19 @@ with blend:
             if thumb is not None:
                 thumb.image(choice.preview_url, width=56)
             body.markdown(f"**{md_text(choice.source)}**")
-            for prefix in ("weight_", "weightnum_"):  # (re)seed the widgets from the blend, e.g. after a
-                state.setdefault(f"{prefix}{choice.source}", float(choice.weight))  # run that did not show them
+            # `value=` is what the browser shows for a widget it has not seen yet. Never seed a widget only
+            # through st.session_state: Streamlit sends that value only in the run that first draws the
+            # widget, and that run's messages are lost when the visitor's next action starts a rerun first
+            # (the outgoing queue is cleared); the browser then sent back the default, the minimum -1.
             slider_col, number_col = body.columns([3, 1], vertical_alignment="bottom")
             slider_col.slider(
-                "Weight", *space.WEIGHT_RANGE, step=0.05, key=f"weight_{choice.source}",
+                "Weight", *space.WEIGHT_RANGE, value=float(choice.weight), step=0.05, key=f"weight_{choice.source}",
                 on_change=sync_weight, args=(choice.source, "weight_"),
             )  # fmt: skip
             number_col.number_input(
-                "Type a weight", *space.WEIGHT_RANGE, step=0.05, key=f"weightnum_{choice.source}",
-                on_change=sync_weight, args=(choice.source, "weightnum_"), label_visibility="collapsed",
+                "Type a weight", *space.WEIGHT_RANGE, value=float(choice.weight), step=0.05,
+                key=f"weightnum_{choice.source}", on_change=sync_weight, args=(choice.source, "weightnum_"),
+                label_visibility="collapsed",
             )  # fmt: skip
             choice.weight = float(state[f"weight_{choice.source}"])
             words = ", ".join(choice.trigger_words)
@@ -296,7 +305,7 @@ with settings_col:
         index=labels.index(default_label) if default_label in labels else len(labels) - 1,
         key=f"size_{base.key}",
     )
-    seed = left.number_input("Seed", 0, 2**31 - 1, key="seed")
+    seed = left.number_input("Seed", 0, 2**31 - 1, value=int(state.seed), key="seed")  # value=: as the weights
     right.checkbox("Random seed each time", value=True, key="random_seed")
     compare = st.checkbox("Also render the base model with the same seed (side by side)", key="compare_base")
 clicked = st.button("Generate", type="primary", key="generate", on_click=roll_seed)

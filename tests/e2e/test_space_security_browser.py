@@ -10,7 +10,7 @@ from urllib.parse import quote, urlsplit
 import pytest
 from space_helpers import EVIL, HostileRepos, SpaceRepos, seed_hostile_repos, seed_space_repos
 
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
 TIMEOUT_MS = 60_000
 
 
@@ -74,6 +74,11 @@ def test_hostile_card_link_and_prompt_are_inert(
     expect(card.last).to_contain_text("1 over-long or extra ignored")  # the 15,000-character trigger word
     assert card.last.locator("img").count() == 0  # its widget image is off-site: not shown
     _no_evil(page)
+
+    # The link's adapter is in the blend at weight 1, in the browser too (the weight widgets once came back
+    # as -1 when the first run's messages were lost: test_space_browser.py::test_widgets_the_browser_never...).
+    weight = page.get_by_test_id("stSlider").filter(has_text="Weight")
+    expect(weight).to_contain_text("1.00")
 
     # 1 + 2. Trigger words never act as tags; typed tags get the blend panel's checks.
     prompt = page.get_by_label("Prompt", exact=True)
