@@ -343,3 +343,68 @@ def test_notebook_plan_takes_the_text_encoders():
     assert nb.build_plan(model="tiny", dataset="sample", text_encoders=[]).config.lora.text_encoders == ()
     with pytest.raises(ConfigError, match="set model.drop_t5=false"):
         nb.build_plan(model="tiny", dataset="sample", text_encoders=["t5"], extra=["model.drop_t5=true"])
+
+
+@pytest.mark.slow
+def test_two_processes_train_the_text_encoder_lora_like_one_with_accumulation(tmp_path: Path):
+    """DDP wraps only the transformer: the text-encoder LoRA's gradients are averaged by optimize_micro_batch
+    (unsynced=...). 2 processes x accumulation 1 == 1 process x accumulation 2, text-encoder keys included."""
+    import yaml
+    from test_train_ddp import CONFIG, _adapter, _launch, _max_diff
+
+    from sd35hub.commands.train import explicit_keys
+    from sd35hub.train import recipe
+
+    config = {**CONFIG, "data": {**CONFIG["data"], "cache_dir": str(tmp_path / "cache")},
+              "lora": {**CONFIG["lora"], "text_encoders": ["clip_l", "clip_g"]},
+              "train": {**CONFIG["train"], "max_steps": 4, "checkpoint_every": 0, "text_encoder_lr": 5e-3}}
+    config_file = tmp_path / "tiny.yaml"
+    config_file.write_text(yaml.safe_dump(config))
+    overrides = ["train.gradient_accumulation=2", f"train.output_dir={tmp_path / 'one'}"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        recipe.train(load_config(config_file, overrides), explicit=explicit_keys(config_file, overrides),
+                     log=lambda s: None, progress=False)  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    two = _launch(["-m", "sd35hub", "train", "--config", str(config_file), "--output", str(tmp_path / "two")])
+    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
+    one_sd, two_sd = _adapter(tmp_path / "one"), _adapter(tmp_path / "two")
+    assert any(k.startswith("text_encoder_2.") for k in two_sd)
+    assert _max_diff({k: v for k, v in one_sd.items() if k.startswith("text_encoder")},
+                     {k: v for k, v in two_sd.items() if k.startswith("text_encoder")}) <= 1e-5
+    assert _max_diff(one_sd, two_sd) <= 1e-5
+
+
+@pytest.mark.slow
+def test_prior_preservation_encodes_the_class_prompt_with_the_adapted_encoders(tmp_path: Path):
+    """With data.class_prompt the pipeline holds every encoder; the live ones are taken from it and the class
+    loss goes through them: a changed CLIP LoRA changes the prior loss of the same class batch."""
+    from test_prior import prior_config
+
+    from sd35hub.train import recipe
+
+    cfg = prior_config(tmp_path / "out", tmp_path / "cache", max_steps=3)
+    cfg = cfg.replace(lora=dataclasses.replace(cfg.lora, text_encoders=("clip_g",)))
+    trainer = recipe.Trainer(cfg, log=lambda s: None, progress=False)
+    try:
+        trainer.setup()
+        assert trainer.text.encoders["text_encoder_2"] is trainer.pipe.text_encoder_2  # from the pipeline
+        trainer.train()
+        result = trainer.save()
+        assert result.summary["prior_preservation"]["class_samples_seen"] > 0
+        model = trainer.acc.unwrap_model(trainer.transformer)
+
+        def prior_loss() -> float:
+            with torch.no_grad():
+                return float(trainer.prior.loss(model, 0, train=cfg.train, device=trainer.device,
+                                                dtype=trainer.weight_dtype, text=trainer.text))
+
+        before = prior_loss()
+        with trainer.text.adapters_disabled():
+            base = prior_loss()
+        assert before != base  # the trained CLIP-G LoRA reaches the class loss
+        assert prior_loss() == before
+    finally:
+        trainer.cleanup()
