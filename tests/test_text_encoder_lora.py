@@ -408,3 +408,33 @@ def test_prior_preservation_encodes_the_class_prompt_with_the_adapted_encoders(t
         assert prior_loss() == before
     finally:
         trainer.cleanup()
+
+
+@pytest.mark.slow
+def test_interrupted_then_resumed_equals_uninterrupted_with_the_text_encoder_lora(tmp_path: Path):
+    """The checkpoint carries the text-encoder LoRA, its optimizer group and its EMA: a resumed run ends
+    where an uninterrupted one does, text-encoder keys included."""
+    from safetensors.torch import load_file
+    from test_train_recipe import tiny_config
+
+    from sd35hub.errors import TrainingInterrupted
+    from sd35hub.train import recipe
+
+    def config(name: str, **extra: object):
+        cfg = tiny_config(tmp_path / name, tmp_path / "cache", max_steps=5, gradient_accumulation=2, ema_decay=0.9,
+                          lr_scheduler="cosine", warmup_steps=1, validation_every=0, checkpoint_every=0, **extra)
+        return cfg.replace(lora=dataclasses.replace(cfg.lora, text_encoders=("clip_l",)),
+                           train=dataclasses.replace(cfg.train, text_encoder_lr=4e-3))
+
+    recipe.train(config("straight"), log=lambda s: None, progress=False)
+
+    def interrupt_at_2(trainer: recipe.Trainer) -> None:
+        if trainer.state.step == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(TrainingInterrupted):
+        recipe.train(config("broken"), log=lambda s: None, on_step=interrupt_at_2, progress=False)
+    recipe.train(config("broken", resume="latest"), log=lambda s: None, progress=False)
+    a, b = (load_file(str(tmp_path / n / "adapter" / "pytorch_lora_weights.safetensors")) for n in ("straight", "broken"))
+    assert a.keys() == b.keys() and any(k.startswith("text_encoder.") for k in a)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
