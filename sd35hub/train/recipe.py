@@ -609,6 +609,7 @@ class Trainer:
                 acc.end_training()
             acc.free_memory()
         self.pipe = None
+        self.text = None  # the live text encoders (lora.text_encoders)
 
 
 def _pixel_weights(batch: dict[str, Any], unmasked_weight: float) -> torch.Tensor | None:
