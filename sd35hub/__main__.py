@@ -1,4 +1,4 @@
-from sd35hub.cli import main
+from sd35hub.frontends.cli import main
 
 if __name__ == "__main__":
     main()

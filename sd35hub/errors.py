@@ -1,7 +1,7 @@
 """Every error sd35hub raises on purpose.
 
 Each class carries an ``exit_code`` (what the CLI exits with) and a message that says how to fix
-the problem. Only ``sd35hub.cli`` (and the Space) format them for people; library code raises.
+the problem. Only ``sd35hub.frontends.cli`` (and the Space) format them for people; library code raises.
 
 Exit codes (documented in docs/cli.md):
     1  unexpected internal error (a bug: please report it with SD35HUB_DEBUG=1 output)

@@ -15,7 +15,7 @@ before any Hub call) sets a factory whose client:
   dropped connections and refused connections to the Hub host itself, ``SD35HUB_HUB_RETRIES`` times
   (3) with exponential backoff (0.5 s doubling, at most 8 s), honouring ``Retry-After`` and the Hub's
   ``RateLimit`` header (up to ``MAX_RETRY_AFTER_S``); a timeout is retried once. Commits and
-  other writes are never repeated here: ``sd35hub.publish`` retries them after checking the repo head.
+  other writes are never repeated here: ``sd35hub.hub.publish`` retries them after checking the repo head.
   Where huggingface_hub's own ``http_backoff`` already retries a request (paginated listings,
   preupload, LFS, HfFileSystem), this client leaves those faults to it, so the budgets never multiply;
   its repeats to a host that has just let a request time out wait ``REPEAT_TIMEOUT_S`` (2 s) for an
@@ -100,7 +100,7 @@ def is_idempotent(method: str, path: str) -> bool:
 
 
 def retried_here(method: str, path: str) -> bool:
-    """Whether this client retries the request. Not writes (see sd35hub.publish), and not the file
+    """Whether this client retries the request. Not writes (see sd35hub.hub.publish), and not the file
     metadata HEAD of hf_hub_download: huggingface_hub retries that one itself with backoff when no copy
     is cached, and falls back to the cached copy at once when there is one."""
     return is_idempotent(method, path) and not (method.upper() == "HEAD" and "/resolve/" in path)

@@ -1,7 +1,7 @@
 """Streamlit Space: browse, blend and compare published SD3.5 LoRA adapters.
 
 UI only: every decision (bases, adapter sources, limits, requests, error wording) lives in
-sd35hub.space_support and sd35hub.space_text; generation in sd35hub.blend.BlendEngine. One engine per
+sd35hub.frontends.space.support and sd35hub.frontends.space.text; generation in sd35hub.blend.engine.BlendEngine. One engine per
 base is shared by all sessions (st.cache_resource; its lock serialises "set adapters + generate"); each
 visitor's choices live in st.session_state. Run locally with `make space` (the tiny model without a GPU).
 
@@ -15,10 +15,10 @@ import time
 
 import streamlit as st
 
-from sd35hub import space_support as space
-from sd35hub import space_view as view
-from sd35hub.schedulers import SCHEDULERS
-from sd35hub.space_text import md_text, plain
+from sd35hub.blend.schedulers import SCHEDULERS
+from sd35hub.frontends.space import support as space
+from sd35hub.frontends.space import view
+from sd35hub.frontends.space.text import md_text, plain
 
 st.set_page_config(page_title="SD3.5 LoRA blender", page_icon="🎨", layout="wide")
 state = st.session_state

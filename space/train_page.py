@@ -1,6 +1,6 @@
 """The Space's training section: a visitor trains their own LoRA on Hugging Face Jobs with their own token.
 
-UI only (sd35hub.space_training decides and calls the Hub); drawn at the end of app.py by
+UI only (sd35hub.frontends.space.training decides and calls the Hub); drawn at the end of app.py by
 ``train_page.render(token)``. Per-session state lives in st.session_state under ``train_*`` keys.
 """
 
@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import streamlit as st
 
-from sd35hub import space_support as space
-from sd35hub import space_training as training
+from sd35hub.frontends.space import support as space
+from sd35hub.frontends.space import training
 
 
 def render(token: str | None) -> None:

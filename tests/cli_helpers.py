@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sd35hub.cli import main
+from sd35hub.frontends.cli import main
 
 
 def run_cli(args: list[str], capsys) -> tuple[int, str, str]:  # noqa: ANN001

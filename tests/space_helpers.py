@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from lora_helpers import add_random_lora
 
-from sd35hub.adapters import AdapterMetadata, save_adapter
-from sd35hub.space_support import TINY_HUB_BASE
+from sd35hub.adapters.files import AdapterMetadata, save_adapter
+from sd35hub.frontends.space.support import TINY_HUB_BASE
 
 LARGE = "stabilityai/stable-diffusion-3.5-large"
 SPACE_APP = str(Path(__file__).resolve().parents[1] / "space" / "app.py")
@@ -172,7 +172,7 @@ def seed_hostile_repos(hub, repos: SpaceRepos) -> HostileRepos:  # noqa: ANN001
     widget image and license are off-site links."""
     import json
 
-    from sd35hub.hub import download_adapter
+    from sd35hub.hub.discovery import download_adapter
 
     private = f"alice/{repos.tag}-secret"
     weights = hub.files(repos.watercolor)["pytorch_lora_weights.safetensors"]

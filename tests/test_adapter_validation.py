@@ -16,9 +16,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from sd35hub.adapters import read_adapter
+from sd35hub.adapters.files import read_adapter
+from sd35hub.adapters.formats import LoraModule, to_state_dict
 from sd35hub.errors import AdapterError, AdapterIncompatibleError
-from sd35hub.formats import LoraModule, to_state_dict
 
 W = 32  # tiny transformer width
 COUNTS: dict[str, int] = {"named": 0, "generated": 0, "rejected": 0, "accepted": 0}
@@ -201,7 +201,7 @@ def test_generated_hostile_files_are_typed_errors_or_valid_adapters(
         assert str(exc) and "\n" not in str(exc)[:200]
         return
     COUNTS["accepted"] += 1  # what loads must be a sound adapter for the tiny model
-    from sd35hub.adapter_check import check_transformer
+    from sd35hub.adapters.check import check_transformer
     from sd35hub.models.info import model_info_from_config
     from sd35hub.models.tiny import TRANSFORMER_CONFIG
 

@@ -12,7 +12,7 @@ from lora_helpers import ALL_TARGETS, add_random_lora, generate_latents, tiny_pi
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from sd35hub.adapters import (
+from sd35hub.adapters.files import (
     AdapterMetadata,
     check_compatible,
     load_adapter_file,

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from sd35hub import bench as B
-from sd35hub.cli import main
+from sd35hub.frontends.cli import main
 from sd35hub.train import speed
 
 

@@ -11,11 +11,11 @@ import pytest
 import torch
 from lora_helpers import ATTENTION_TARGETS, add_random_lora, tiny_pipe
 
-from sd35hub.adapters import AdapterMetadata, save_adapter
-from sd35hub.blend import BlendEngine, fetch_adapter_source
-from sd35hub.blend_request import AdapterRef, GenerationRequest, parse_prompt
+from sd35hub.adapters.files import AdapterMetadata, save_adapter
+from sd35hub.blend.engine import BlendEngine, fetch_adapter_source
+from sd35hub.blend.request import AdapterRef, GenerationRequest, parse_prompt
+from sd35hub.blend.schedulers import SCHEDULERS
 from sd35hub.errors import AdapterError, ConfigError, PromptSyntaxError, Sd35HubError
-from sd35hub.schedulers import SCHEDULERS
 
 FF_TARGETS = ["ff.net.0.proj", "ff.net.2", "to_q", "to_out.0"]
 
@@ -175,13 +175,13 @@ def test_local_roots_confine_local_paths_and_size_limit(
     adapters: dict[str, Path], tmp_path: Path, hub, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     repo_root = Path(__file__).resolve().parents[1]
-    monkeypatch.chdir(repo_root)  # 'sd35hub/templates' is then an existing local folder
+    monkeypatch.chdir(repo_root)  # 'sd35hub/hub/templates' is then an existing local folder
     roots = (adapters["a"],)
     file, coords = fetch_adapter_source(str(adapters["a"]), local_roots=roots)
     assert file == adapters["a"] / "pytorch_lora_weights.safetensors" and coords == {}
     # Outside the roots a local path is a Hub id: nothing local is read or listed.
     with pytest.raises(Sd35HubError) as info:
-        fetch_adapter_source("sd35hub/templates", token=False, local_roots=roots)
+        fetch_adapter_source("sd35hub/hub/templates", token=False, local_roots=roots)
     assert "model_card.md" not in info.value.message and "does not exist" in info.value.message
     escapes = [str(adapters["a"] / ".." / "b"), str(adapters["b"] / "pytorch_lora_weights.safetensors")]
     link = adapters["a"] / "link.safetensors"  # a symlink inside a root, pointing outside it
@@ -208,7 +208,7 @@ def test_each_scheduler_generates(engine: BlendEngine, name: str) -> None:
 
 def test_ode_schedulers_agree_with_euler() -> None:
     """Deterministic samplers integrate the same flow ODE: at 30 steps they land near Euler's latents."""
-    from sd35hub.schedulers import make_scheduler
+    from sd35hub.blend.schedulers import make_scheduler
 
     pipe = tiny_pipe()
     config = dict(pipe.scheduler.config)

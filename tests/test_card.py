@@ -9,8 +9,8 @@ import pytest
 from huggingface_hub import ModelCard, ModelCardData
 from training_output import BASE_MODEL, make_training_output
 
-from sd35hub.card import CardInfo, build_model_card, repo_image_path, variant_from_base, write_model_card
 from sd35hub.errors import ConfigError
+from sd35hub.hub.card import CardInfo, build_model_card, repo_image_path, variant_from_base, write_model_card
 
 
 @pytest.fixture()
@@ -165,7 +165,7 @@ def _local_run(tmp_path: Path, base: str) -> Path:
 def test_a_local_base_is_never_published_and_its_hub_id_is_asked_for(tmp_path: Path) -> None:
     """#15.12: a run on --model /some/folder published the path in the card text and snippet, a blank
     license sentence, the Hub's home page as base link, and no base_model."""
-    from sd35hub.card import LOCAL_BASE
+    from sd35hub.hub.card import LOCAL_BASE
 
     out = _local_run(tmp_path, LOCAL_BASE)
     local = str(build_model_card(CardInfo.from_output_dir(out), repo_id=None))
@@ -183,7 +183,7 @@ def test_a_local_base_is_never_published_and_its_hub_id_is_asked_for(tmp_path: P
 
 
 def test_a_local_folder_resolves_to_the_hub_repo_it_came_from(tmp_path: Path) -> None:
-    from sd35hub.card import LOCAL_BASE, base_model_hub_id, public_base_name
+    from sd35hub.hub.card import LOCAL_BASE, base_model_hub_id, public_base_name
 
     snapshot = tmp_path / "hub" / "models--stabilityai--stable-diffusion-3.5-large" / "snapshots" / "abc123"
     snapshot.mkdir(parents=True)
@@ -206,8 +206,8 @@ def test_a_local_folder_resolves_to_the_hub_repo_it_came_from(tmp_path: Path) ->
 def test_publishing_with_base_model_id_fixes_the_adapter_header(tmp_path: Path) -> None:
     from safetensors import safe_open
 
-    from sd35hub.card import LOCAL_BASE
-    from sd35hub.publish import plan_publication
+    from sd35hub.hub.card import LOCAL_BASE
+    from sd35hub.hub.publish import plan_publication
 
     out = _local_run(tmp_path, LOCAL_BASE)
     files, card = plan_publication(out, "alice/x", base_model_id=BASE_MODEL)

@@ -10,7 +10,6 @@ import pytest
 from cli_helpers import run_cli
 
 from sd35hub import __version__
-from sd35hub.cli import format_error
 from sd35hub.errors import (
     AdapterIncompatibleError,
     ConfigError,
@@ -20,6 +19,7 @@ from sd35hub.errors import (
     RepoNotFoundError,
     WritePermissionError,
 )
+from sd35hub.frontends.cli import format_error
 
 
 def test_help_lists_the_commands_and_version(capsys) -> None:

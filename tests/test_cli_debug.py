@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from sd35hub.cli import format_error
+from sd35hub.frontends.cli import format_error
 
 TOKEN = "hf_" + "Zq3" * 11 + "x"  # the shape of a real token (hf_ + 34 letters and digits)
 

@@ -12,7 +12,7 @@ import pytest
 from cli_helpers import run_cli
 
 from sd35hub import errors
-from sd35hub.cli import format_error
+from sd35hub.frontends.cli import format_error
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "cli.md"
 

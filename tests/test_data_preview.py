@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from sd35hub.cli import main
 from sd35hub.config import DataSpec
 from sd35hub.data.preview import preview_grid
+from sd35hub.frontends.cli import main
 
 
 def test_preview_grid_writes_png_and_summary(tmp_path: Path) -> None:

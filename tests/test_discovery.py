@@ -6,8 +6,9 @@ import itertools
 
 import pytest
 
+from sd35hub.adapters.files import pick_adapter_file
 from sd35hub.errors import AdapterError, LicenseNotAcceptedError, RepoNotFoundError, UnsafeFileError
-from sd35hub.hub import adapter_info, download_adapter, list_adapters, pick_adapter_file
+from sd35hub.hub.discovery import adapter_info, download_adapter, list_adapters
 
 
 @pytest.mark.parametrize(
@@ -135,7 +136,7 @@ def test_download_gated_adapter_without_access(hub) -> None:
 
 
 def test_cli_list_adapters(hub, adapters, capsys) -> None:
-    from sd35hub.cli import main
+    from sd35hub.frontends.cli import main
 
     main(["list-adapters", "--base", MEDIUM, "--author", "bob"])
     out = capsys.readouterr().out

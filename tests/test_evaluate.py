@@ -103,7 +103,7 @@ def test_train_evaluate_then_sd35hub_eval_run(tmp_path, encoder_dirs):
     N images per prompt with the adapter and writes per-prompt and mean numbers, a JSON and a grid."""
     from test_train_recipe import tiny_config
 
-    from sd35hub.cli import main
+    from sd35hub.frontends.cli import main
     from sd35hub.train import recipe
 
     clip_dir, dino_dir = (str(p) for p in encoder_dirs)

@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sd35hub.errors import AdapterError, AdapterIncompatibleError
-from sd35hub.formats import (
+from sd35hub.adapters.formats import (
     LoraModule,
     detect_format,
     fuse_qkv,
@@ -14,6 +13,7 @@ from sd35hub.formats import (
     split_qkv,
     to_state_dict,
 )
+from sd35hub.errors import AdapterError, AdapterIncompatibleError
 
 DIM = 32  # tiny transformer width
 
@@ -69,7 +69,7 @@ def test_round_trip_is_bitwise_exact(fmt: str) -> None:
     mods = synthetic_modules()
     state_dict, header = to_state_dict(mods, fmt)
     assert detect_format(state_dict) == fmt
-    from sd35hub.formats import _fold, unprefixed_config
+    from sd35hub.adapters.formats import _fold, unprefixed_config
 
     back = modules_from_state_dict(state_dict, fmt, unprefixed_config(header.get("lora_adapter_metadata")))
     # diffusers files carry alpha = rank with the scale folded into lora_B (here 2 and 0.5: bitwise)

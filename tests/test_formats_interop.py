@@ -21,9 +21,9 @@ from cli_helpers import run_cli
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from sd35hub.adapters import read_adapter, write_adapter
+from sd35hub.adapters.files import read_adapter, write_adapter
+from sd35hub.adapters.formats import LoraModule, parts_from_state_dict, to_state_dict, unprefixed_configs
 from sd35hub.errors import AdapterError
-from sd35hub.formats import LoraModule, parts_from_state_dict, to_state_dict, unprefixed_configs
 
 W = 32  # the tiny model's width (3 blocks; attn2 on 0 and 1)
 QKV = "joint_blocks.0.x_block.attn.qkv"
@@ -216,7 +216,7 @@ def test_lorasave_file_is_read_exactly_and_loads_through_peft(tmp_path: Path) ->
     # through peft into the tiny model: base + delta, bias + delta_b (what ComfyUI patches)
     from lora_helpers import tiny_pipe
 
-    from sd35hub.adapters import Adapter, load_into_transformer
+    from sd35hub.adapters.files import Adapter, load_into_transformer
 
     pipe = tiny_pipe()
     tr = pipe.transformer
@@ -352,7 +352,7 @@ def test_generate_applies_text_encoder_lora_like_stock_diffusers(tmp_path: Path)
     diffusers' load_lora_weights gives; blending it off gives the base again."""
     from lora_helpers import generate_latents, tiny_pipe
 
-    from sd35hub.adapters import disable_pipeline_adapters, load_into_pipeline, set_pipeline_adapters
+    from sd35hub.adapters.files import disable_pipeline_adapters, load_into_pipeline, set_pipeline_adapters
 
     te = {"text_encoder": {f"text_model.encoder.layers.{i}.self_attn.q_proj": _mod(W, W, 4, 2.0, 60 + i) for i in (0, 1)},
           "text_encoder_2": {"text_model.encoder.layers.0.mlp.fc1": _mod(64, W, 4, 8.0, 70),
@@ -375,7 +375,7 @@ def test_generate_applies_text_encoder_lora_like_stock_diffusers(tmp_path: Path)
 
 
 def test_merge_keeps_text_encoder_parts_and_bias_deltas(tmp_path: Path) -> None:
-    from sd35hub.merge import write_merged
+    from sd35hub.blend.merge import write_merged
 
     sources = []
     for i, weight in enumerate((0.7, -0.4)):
@@ -399,8 +399,8 @@ def test_blend_engine_applies_a_text_encoder_only_adapter(tmp_path: Path) -> Non
     """generate / the Space (BlendEngine): a CLIP-only LoRA changes the image; weight 0 and eviction undo it."""
     import numpy as np
 
-    from sd35hub.blend import BlendEngine
-    from sd35hub.blend_request import AdapterRef, GenerationRequest
+    from sd35hub.blend.engine import BlendEngine
+    from sd35hub.blend.request import AdapterRef, GenerationRequest
 
     te = {"text_encoder": {"text_model.encoder.layers.0.self_attn.q_proj": _mod(W, W, 4, 4.0, 61)}}
     te["text_encoder"]["text_model.encoder.layers.0.self_attn.q_proj"].up *= 40

@@ -9,8 +9,8 @@ import pytest
 from lora_helpers import add_random_lora, tiny_pipe
 from PIL import Image
 
-from sd35hub.adapters import AdapterMetadata, read_adapter, save_adapter
-from sd35hub.cli import main
+from sd35hub.adapters.files import AdapterMetadata, read_adapter, save_adapter
+from sd35hub.frontends.cli import main
 from sd35hub.pngmeta import read_png_params
 
 TINY = ["--model", "tiny", "--steps", "2", "--width", "64", "--height", "64", "--cfg", "4.5"]

@@ -25,8 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture
 def fast(hub_faults: HubServer, monkeypatch: pytest.MonkeyPatch) -> HubServer:
+    import sd35hub.hub.publish as publish
     import sd35hub.hubhttp as hubhttp
-    import sd35hub.publish as publish
 
     monkeypatch.setattr(hubhttp, "BASE_WAIT_S", 0.01)
     monkeypatch.setattr(publish, "RETRY_BASE_WAIT_S", 0.01)
@@ -131,7 +131,7 @@ def test_check_access_against_a_listener_that_never_answers(tmp_path: Path) -> N
 # ------------------------------------------------------------------ #15 item 10: a failed checkpoint push
 @pytest.mark.slow  # trains the tiny model for 4 steps
 def test_a_failed_checkpoint_push_warns_and_training_goes_on(fast: HubServer, tmp_path: Path, caplog) -> None:
-    import sd35hub.publish as publish
+    import sd35hub.hub.publish as publish
     from sd35hub.config import Config, DataSpec, HubSpec, LoraSpec, ModelSpec, TrainSpec
     from sd35hub.train import recipe
 

@@ -35,8 +35,8 @@ def unique(name: str) -> str:
 @pytest.fixture
 def fast(hub_faults: HubServer, monkeypatch: pytest.MonkeyPatch) -> HubServer:
     """Backoff waits of 10 ms (Retry-After is still honoured as sent); timeouts stay the defaults."""
+    import sd35hub.hub.publish as publish
     import sd35hub.hubhttp as hubhttp
-    import sd35hub.publish as publish
 
     monkeypatch.setattr(hubhttp, "BASE_WAIT_S", 0.01)
     monkeypatch.setattr(publish, "RETRY_BASE_WAIT_S", 0.01)
@@ -87,14 +87,14 @@ def op_whoami(r: dict[str, Any]) -> Any:
 
 
 def op_list_adapters(r: dict[str, Any]) -> Any:
-    from sd35hub.hub import list_adapters
+    from sd35hub.hub.discovery import list_adapters
 
     found = list_adapters(BASE, author=r["author"])
     assert [a.repo_id for a in found] == [r["adapter"]] and found[0].trigger_words == ["fault style"]
 
 
 def op_download(r: dict[str, Any]) -> Any:
-    from sd35hub.hub import download_adapter
+    from sd35hub.hub.discovery import download_adapter
 
     assert download_adapter(r["adapter"], revision="main").stat().st_size > 0
 
@@ -107,7 +107,7 @@ def op_dataset(r: dict[str, Any]) -> Any:
 
 
 def op_publish(r: dict[str, Any]) -> Any:
-    from sd35hub.publish import publish
+    from sd35hub.hub.publish import publish
 
     repo = f"alice/{unique('pub')}"
     result = publish(r["out"], repo)
@@ -200,8 +200,8 @@ def test_a_hub_that_never_answers_is_a_timeout_naming_the_request(short_timeouts
                                      "dataset-info", "publish-commit"])
 def test_a_fault_that_never_stops_ends_in_a_typed_error_after_the_budget(fast: HubServer, repos,
                                                                          op_name: str) -> None:
+    import sd35hub.hub.publish as publish
     import sd35hub.hubhttp as hubhttp
-    import sd35hub.publish as publish
 
     op, path, method = OPERATIONS[op_name]
     fault = fast.inject(path, method, status=503, times=None)

@@ -19,8 +19,8 @@ import yaml
 from cli_helpers import run_cli
 from hub_tokens import HUB_TOKEN
 
-from sd35hub.cli import main
 from sd35hub.errors import ConfigError
+from sd35hub.frontends.cli import main
 from sd35hub.workflows.jobs import job_command, plan_job
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,9 +10,9 @@ import torch
 import yaml
 from lora_helpers import ATTENTION_TARGETS, add_random_lora, generate_latents, tiny_pipe
 
-from sd35hub.adapters import AdapterMetadata, read_adapter, save_adapter
-from sd35hub.cli import main
-from sd35hub.merge import merge_adapters, merge_modules
+from sd35hub.adapters.files import AdapterMetadata, read_adapter, save_adapter
+from sd35hub.blend.merge import merge_adapters, merge_modules
+from sd35hub.frontends.cli import main
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,7 @@ def test_merge_cli_writes_adapter_and_card(two: dict[str, Path], tmp_path: Path)
 
 def _with_meta(path: Path, tmp_path: Path, name: str, **meta) -> Path:
     """A copy of an adapter whose sd35hub header says ``meta``."""
-    from sd35hub.adapters import write_adapter
+    from sd35hub.adapters.files import write_adapter
 
     adapter = read_adapter(path)
     return write_adapter(adapter.modules, tmp_path / name, metadata=AdapterMetadata(0, 0.0, **meta))
@@ -79,8 +79,8 @@ def _with_meta(path: Path, tmp_path: Path, name: str, **meta) -> Path:
 def test_merged_card_names_the_base_as_an_adapter_and_dedupes_positive_triggers(two: dict[str, Path], tmp_path: Path) -> None:
     """#15.14: different bases gave no base_model, a '<base model>' snippet and the wrong license link;
     base_model_relation was never set; shared triggers repeated; a negative adapter's trigger inserted."""
+    from sd35hub.blend.merge import write_merged
     from sd35hub.errors import AdapterError
-    from sd35hub.merge import write_merged
 
     large, medium = "stabilityai/stable-diffusion-3.5-large", "stabilityai/stable-diffusion-3.5-medium"
     a = _with_meta(two["a"], tmp_path, "a", base_model=large, trigger_words=["blb style", "zxq"])
@@ -106,7 +106,7 @@ def test_merged_card_names_the_base_as_an_adapter_and_dedupes_positive_triggers(
 
 
 def test_blend_prompt_gets_each_trigger_once() -> None:
-    from sd35hub.blend_request import with_trigger_words
+    from sd35hub.blend.request import with_trigger_words
 
     assert with_trigger_words("a castle", ["blb style", "BLB style", "zxq"]) == "blb style, zxq, a castle"
     assert with_trigger_words("zxq castle", ["zxq"]) == "zxq castle"

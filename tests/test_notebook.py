@@ -78,7 +78,7 @@ def seed_blend_adapter(hub: Any, repo_id: str, tmp: Path) -> None:
     """A second, already published adapter on the local Hub (random LoRA on the tiny model)."""
     from lora_helpers import add_random_lora
 
-    from sd35hub.adapters import AdapterMetadata, save_adapter
+    from sd35hub.adapters.files import AdapterMetadata, save_adapter
     from sd35hub.models.load import load_pipeline
 
     transformer = load_pipeline("tiny").transformer
@@ -157,7 +157,7 @@ def test_adapter_is_really_published_to_the_local_hub(runs, hub) -> None:
 
 
 def test_second_execution_resumes_from_the_checkpoint(runs) -> None:
-    from sd35hub.notebook import read_runs
+    from sd35hub.frontends.colab import read_runs
 
     out = runs["out"]
     first, second = read_runs(out / "checkpoints")
@@ -194,7 +194,7 @@ def test_every_code_cell_is_a_short_call_into_sd35hub() -> None:
 
 # ----------------------------------------------------------------------- the helpers, one by one
 def _plan(**kwargs: Any) -> Any:
-    from sd35hub.notebook import build_plan
+    from sd35hub.frontends.colab import build_plan
 
     defaults: dict[str, Any] = dict(model="tiny", dataset="sample", output_dir="out")
     return build_plan(**{**defaults, **kwargs})
@@ -235,7 +235,7 @@ def test_plan_leaves_open_settings_to_the_profile_and_keeps_the_users() -> None:
 def test_prepare_run_falls_back_from_drive_outside_colab_and_resumes_when_a_checkpoint_exists(
     tmp_path,
 ) -> None:
-    from sd35hub.notebook import prepare_run
+    from sd35hub.frontends.colab import prepare_run
 
     plan = prepare_run(_plan(output_dir=str(tmp_path), checkpoint_dir="/content/drive/MyDrive/sd35hub/ckpt"))
     assert plan.config.train.checkpoint_dir is None and plan.config.train.resume is None
@@ -248,7 +248,7 @@ def test_prepare_run_falls_back_from_drive_outside_colab_and_resumes_when_a_chec
 
 def test_login_and_access_checks_against_the_local_hub(hub, monkeypatch) -> None:
     from sd35hub.errors import LicenseNotAcceptedError, NotLoggedInError, WritePermissionError
-    from sd35hub.notebook import check_access, login, target_repo
+    from sd35hub.frontends.colab import check_access, login, target_repo
 
     assert login() == "alice"  # HF_TOKEN, resolved by huggingface_hub itself
     repo = f"bob/gated-base-{uuid.uuid4().hex[:6]}"  # gated for alice (not her repo)
@@ -274,7 +274,7 @@ def test_login_and_access_checks_against_the_local_hub(hub, monkeypatch) -> None
 
 
 def test_space_link_preselects_the_adapter() -> None:
-    from sd35hub.notebook_tools import space_link
+    from sd35hub.frontends.colab_tools import space_link
 
     assert space_link("me/my-lora", endpoint="https://huggingface.co") == (
         "https://huggingface.co/spaces/sd35hub/lora-blend?adapter=me/my-lora"
@@ -291,8 +291,8 @@ def test_clip_score_with_a_local_clip_model(tmp_path) -> None:
     from PIL import Image
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
 
+    from sd35hub.frontends.colab_tools import clip_score
     from sd35hub.models.tiny import tiny_model_path
-    from sd35hub.notebook_tools import clip_score
 
     tokenizer = CLIPTokenizer.from_pretrained(tiny_model_path() / "tokenizer")
     config = CLIPConfig(
@@ -323,7 +323,7 @@ def test_evaluate_reads_the_run_through_the_card_info(tmp_path) -> None:
     from training_output import make_training_output
 
     from sd35hub.errors import ConfigError
-    from sd35hub.notebook_tools import evaluate
+    from sd35hub.frontends.colab_tools import evaluate
 
     out = make_training_output(tmp_path / "o")
     summary = _json.loads((out / "summary.json").read_text())

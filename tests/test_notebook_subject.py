@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from sd35hub import notebook as nb
 from sd35hub.errors import ConfigError
+from sd35hub.frontends import colab as nb
 
 
 def test_class_prompt_turns_on_prior_preservation_in_the_plan():

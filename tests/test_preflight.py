@@ -10,8 +10,8 @@ import pytest
 import torch
 from cli_helpers import run_cli
 
-from sd35hub.commands.train import build_overrides
 from sd35hub.config import load_config
+from sd35hub.frontends.commands.train import build_overrides
 from sd35hub.train.checkpoint import TrainState, save_checkpoint
 
 TRAIN = ["train", "--model", "tiny", "--dataset", "sample", "--steps", "2"]

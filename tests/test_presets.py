@@ -50,7 +50,7 @@ def test_validation_render_applies_skip_layer_guidance():
 
 
 def test_generate_skip_layers_flag_reaches_the_pipeline_and_the_snippet(tmp_path: Path):
-    from sd35hub.cli import main
+    from sd35hub.frontends.cli import main
     from sd35hub.pngmeta import read_png_params
 
     tiny = ["--model", "tiny", "--steps", "10", "--width", "64", "--height", "64", "--cfg", "4.5", "--prompt", "a fox"]
@@ -60,7 +60,7 @@ def test_generate_skip_layers_flag_reaches_the_pipeline_and_the_snippet(tmp_path
     assert np.abs(np.asarray(Image.open(a)).astype(int) - np.asarray(Image.open(b)).astype(int)).max() > 0
     params = read_png_params(b)["sd35hub"]
     assert params["skip_guidance_layers"] == [0] and params["skip_layer_guidance_scale"] == 2.8
-    from sd35hub.blend_request import diffusers_snippet
+    from sd35hub.blend.request import diffusers_snippet
 
     assert "skip_guidance_layers=[0]" in diffusers_snippet(params)
     with pytest.raises(SystemExit) as exc:

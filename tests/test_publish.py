@@ -12,7 +12,7 @@ from huggingface_hub import ModelCard
 from training_output import BASE_MODEL, make_training_output
 
 from sd35hub.errors import HubRequestError, WritePermissionError
-from sd35hub.hub import publish, publish_checkpoint_adapter
+from sd35hub.hub.publish import publish, publish_checkpoint_adapter
 
 EXPECTED = {
     "pytorch_lora_weights.safetensors", "README.md", "images/val_0.png", "images/val_1.png", "images/loss.png",
@@ -23,9 +23,9 @@ EXPECTED = {
 @pytest.fixture(autouse=True)
 def fast_retries(monkeypatch: pytest.MonkeyPatch) -> None:
     """The retry backoff is real code; its waits need not be real seconds here."""
-    import sd35hub.publish
+    import sd35hub.hub.publish
 
-    monkeypatch.setattr(sd35hub.publish, "RETRY_BASE_WAIT_S", 0.01)
+    monkeypatch.setattr(sd35hub.hub.publish, "RETRY_BASE_WAIT_S", 0.01)
 
 
 @pytest.fixture()
@@ -118,12 +118,12 @@ def test_a_500_on_the_first_commit_attempt_is_retried(hub, output_dir: Path) -> 
 
 
 def test_permanent_errors_leave_the_repo_unchanged(hub, output_dir: Path, monkeypatch) -> None:
-    import sd35hub.publish
+    import sd35hub.hub.publish
 
     publish(output_dir, "alice/publish-fail")
     (output_dir / "samples" / "val_0.png").write_bytes((output_dir / "loss.png").read_bytes())
     before = hub.commits("alice/publish-fail")
-    hub.fail_next("POST", "/commit/", 500, times=sd35hub.publish.COMMIT_ATTEMPTS)  # every attempt fails
+    hub.fail_next("POST", "/commit/", 500, times=sd35hub.hub.publish.COMMIT_ATTEMPTS)  # every attempt fails
     with pytest.raises(HubRequestError, match="HTTP 500") as info:
         publish(output_dir, "alice/publish-fail")
     assert info.value.exit_code == 10

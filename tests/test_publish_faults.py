@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from training_output import make_training_output
 
 from sd35hub.errors import AdapterError, ConfigError, HubRequestError
-from sd35hub.publish import plan_publication, publish, publish_checkpoint_adapter, push_checkpoint
+from sd35hub.hub.publish import plan_publication, publish, publish_checkpoint_adapter, push_checkpoint
 
 SETTINGS = settings(max_examples=150, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
@@ -30,8 +30,8 @@ def unique(name: str) -> str:
 
 @pytest.fixture
 def fast(hub_faults: HubServer, monkeypatch: pytest.MonkeyPatch) -> HubServer:
+    import sd35hub.hub.publish as publish_module
     import sd35hub.hubhttp as hubhttp
-    import sd35hub.publish as publish_module
 
     monkeypatch.setattr(hubhttp, "BASE_WAIT_S", 0.01)
     monkeypatch.setattr(publish_module, "RETRY_BASE_WAIT_S", 0.01)
@@ -130,7 +130,7 @@ def test_someone_elses_push_during_the_retry_is_not_overwritten(fast: HubServer,
 
 def test_push_checkpoint_warns_and_returns_none_when_the_hub_keeps_failing(fast: HubServer, out: Path,
                                                                            caplog) -> None:
-    import sd35hub.publish as publish_module
+    import sd35hub.hub.publish as publish_module
 
     repo_id = unique("ckptfail")
     fast.inject(f"/api/models/{repo_id}/commit/", "POST", status=500, times=publish_module.COMMIT_ATTEMPTS)
@@ -292,7 +292,7 @@ def test_a_failed_resume_branch_push_warns_and_the_next_one_goes_through(fast: H
                                                                          caplog) -> None:
     from types import SimpleNamespace
 
-    import sd35hub.publish as publish_module
+    import sd35hub.hub.publish as publish_module
     from sd35hub.workflows.resume import push_after_save
 
     repo_id = unique("resumefail")

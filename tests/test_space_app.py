@@ -1,6 +1,6 @@
 """The Space driven with streamlit's AppTest (tiny model, local Hub): search, pick two adapters, change
 weights, generate; the image equals a direct engine render with those weights; errors are messages;
-plus the logic of sd35hub.space_support that the app relies on."""
+plus the logic of sd35hub.frontends.space.support that the app relies on."""
 
 from __future__ import annotations
 
@@ -15,12 +15,12 @@ from PIL import Image
 from space_helpers import SPACE_APP, SpaceRepos, card, seed_space_repos
 from streamlit.testing.v1 import AppTest
 
-from sd35hub import space_support as space
-from sd35hub.blend import BlendEngine
-from sd35hub.blend_request import AdapterRef, GenerationRequest
+from sd35hub.blend.engine import BlendEngine
+from sd35hub.blend.request import AdapterRef, GenerationRequest
 from sd35hub.errors import AdapterError, ConfigError, PromptSyntaxError, Sd35HubError
+from sd35hub.frontends.space import support as space
+from sd35hub.frontends.space.support import TINY_HUB_BASE
 from sd35hub.pngmeta import read_png_params
-from sd35hub.space_support import TINY_HUB_BASE
 
 
 @pytest.fixture(scope="module")
@@ -242,10 +242,10 @@ def test_visitors_never_use_the_space_token(monkeypatch: pytest.MonkeyPatch, rep
 
 
 def test_space_engine_reads_no_local_files_but_the_samples(monkeypatch: pytest.MonkeyPatch, hub) -> None:
-    monkeypatch.chdir(Path(SPACE_APP).parents[1])  # 'sd35hub/templates' is a local folder from here
+    monkeypatch.chdir(Path(SPACE_APP).parents[1])  # 'sd35hub/hub/templates' is a local folder from here
     engine = space.load_engine("tiny")
     with pytest.raises(Sd35HubError) as info:
-        engine.load("sd35hub/templates")  # looked up on the Hub, not listed from the disk
+        engine.load("sd35hub/hub/templates")  # looked up on the Hub, not listed from the disk
     assert "model_card.md" not in info.value.message and "does not exist" in info.value.message
     with pytest.raises(AdapterError, match="is not a Hub id"):
         engine.load(str(Path(SPACE_APP).resolve()))
@@ -258,7 +258,7 @@ def test_space_engine_reads_no_local_files_but_the_samples(monkeypatch: pytest.M
     assert [a["source"] for a in result.params["adapters"]] == [ref.source for ref in request.adapters]
 
 
-# --- sd35hub.space_support -----------------------------------------------------------------------
+# --- sd35hub.frontends.space.support -----------------------------------------------------------------------
 
 
 def test_parse_adapter_source() -> None:
@@ -366,7 +366,7 @@ def test_space_metadata_dockerfile_and_pins() -> None:
 
 
 def test_persistent_storage_holds_the_caches(tmp_path: Path) -> None:
-    from sd35hub.space_start import DATA_ENV, storage_env
+    from sd35hub.frontends.space.start import DATA_ENV, storage_env
 
     assert storage_env({DATA_ENV: str(tmp_path)}) == {
         "HF_HOME": str(tmp_path / "huggingface"),
@@ -374,7 +374,7 @@ def test_persistent_storage_holds_the_caches(tmp_path: Path) -> None:
     }
     assert storage_env({DATA_ENV: str(tmp_path / "not-mounted")}) == {}
     assert storage_env({DATA_ENV: ""}) == {}  # turned off
-    assert "sd35hub.space_start" in Path(SPACE_APP).parent.joinpath("Dockerfile").read_text()
+    assert "sd35hub.frontends.space.start" in Path(SPACE_APP).parent.joinpath("Dockerfile").read_text()
 
 
 def test_lock_file_pins_the_whole_dependency_set() -> None:

@@ -23,7 +23,7 @@ import pytest
 from PIL import Image
 from space_helpers import SpaceRepos, seed_space_repos, start_streamlit, stop_streamlit
 
-from sd35hub import space_support as space
+from sd35hub.frontends.space import support as space
 
 
 @pytest.fixture(scope="module")

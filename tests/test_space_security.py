@@ -17,12 +17,12 @@ from PIL import Image
 from space_helpers import EVIL, SPACE_APP, HostileRepos, SpaceRepos, seed_hostile_repos, seed_space_repos
 from streamlit.testing.v1 import AppTest
 
-from sd35hub import space_support as space
-from sd35hub import space_view as view
 from sd35hub.errors import AdapterError, ConfigError
-from sd35hub.hub import AdapterInfo
-from sd35hub.space_support import TINY_HUB_BASE
-from sd35hub.space_text import hub_image_url, md_text, scrub_paths
+from sd35hub.frontends.space import support as space
+from sd35hub.frontends.space import view
+from sd35hub.frontends.space.support import TINY_HUB_BASE
+from sd35hub.frontends.space.text import hub_image_url, md_text, scrub_paths
+from sd35hub.hub.discovery import AdapterInfo
 
 TINY = space.BASES["tiny"]
 UNESCAPED_LINK = re.compile(r"(?<!\\)\]\((?!http://127\.0\.0\.1)")  # '](' not escaped, not a Hub page link

@@ -10,9 +10,9 @@ from hub_tokens import HUB_OTHER_TOKEN
 from space_helpers import SPACE_APP
 from streamlit.testing.v1 import AppTest
 
-from sd35hub import space_support as space
 from sd35hub.errors import ConfigError
-from sd35hub.space_training import TrainingRequest, overrides
+from sd35hub.frontends.space import support as space
+from sd35hub.frontends.space.training import TrainingRequest, overrides
 
 
 def test_request_problems_are_reported_together():
@@ -69,7 +69,7 @@ def _png(color: tuple[int, int, int], size: tuple[int, int] = (48, 40)) -> bytes
 def test_uploaded_images_become_a_private_dataset_the_trainer_can_stream(hub):  # noqa: ANN001
     from sd35hub.config import DataSpec
     from sd35hub.data.sources import check_dataset
-    from sd35hub.space_training import upload_dataset
+    from sd35hub.frontends.space.training import upload_dataset
 
     files = [("../../etc/cat one.png", _png((200, 10, 10))), ("cat one.txt", b"a red cat"),
              ("dog.png", _png((10, 200, 10))), ("broken.png", b"\x89PNG not really"), ("notes.pdf", b"%PDF")]

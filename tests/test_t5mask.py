@@ -54,8 +54,8 @@ def test_cache_and_validation_see_the_same_masked_embeddings(tmp_path):
 
 
 def test_generate_flag_masks_and_is_recorded(tmp_path: Path):
-    from sd35hub.blend_request import diffusers_snippet
-    from sd35hub.cli import main
+    from sd35hub.blend.request import diffusers_snippet
+    from sd35hub.frontends.cli import main
     from sd35hub.pngmeta import read_png_params
 
     tiny = ["--model", "tiny", "--steps", "2", "--width", "64", "--height", "64", "--cfg", "4.5", "--prompt", "a fox"]

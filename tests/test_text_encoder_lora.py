@@ -92,8 +92,8 @@ def test_blend_weights_each_adapters_text_encoder_part(tmp_path: Path):
     their merge: every layer adds w1·ΔW1 + w2·ΔW2."""
     from test_formats_interop import _mod
 
-    from sd35hub.adapters import load_into_pipeline, read_adapter, set_pipeline_adapters, write_adapter
-    from sd35hub.merge import write_merged
+    from sd35hub.adapters.files import load_into_pipeline, read_adapter, set_pipeline_adapters, write_adapter
+    from sd35hub.blend.merge import write_merged
 
     files = []
     for i in range(2):
@@ -217,7 +217,7 @@ def test_stock_diffusers_loads_the_file_and_reproduces_the_trained_pipeline(trai
 def test_convert_round_trips_the_trained_text_encoder_keys_exactly(trained, tmp_path, capsys):
     from cli_helpers import run_cli
 
-    from sd35hub.adapters import read_adapter
+    from sd35hub.adapters.files import read_adapter
 
     _, result, _ = trained
     source = read_adapter(result.adapter_path)
@@ -304,7 +304,7 @@ def test_t5_lora_trains_when_asked_and_generate_applies_it(tmp_path: Path):
     from diffusers import StableDiffusion3Pipeline
     from test_train_recipe import tiny_config
 
-    from sd35hub.adapters import load_into_pipeline, read_adapter, set_pipeline_adapters
+    from sd35hub.adapters.files import load_into_pipeline, read_adapter, set_pipeline_adapters
     from sd35hub.models.tiny import tiny_model_path
     from sd35hub.train import recipe
 

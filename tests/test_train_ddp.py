@@ -20,8 +20,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from sd35hub.commands.train import explicit_keys
 from sd35hub.config import load_config
+from sd35hub.frontends.commands.train import explicit_keys
 from sd35hub.train import recipe
 
 pytestmark = pytest.mark.slow  # ~70 s in all (see above)
@@ -40,7 +40,7 @@ CONFIG = {
 SIGNAL_WORKER = """
 import os, signal, sys
 from pathlib import Path
-from sd35hub.commands.train import explicit_keys
+from sd35hub.frontends.commands.train import explicit_keys
 from sd35hub.config import load_config
 from sd35hub.train import recipe
 
@@ -182,7 +182,7 @@ def test_sigterm_on_one_process_stops_both_after_the_same_step_and_resume_is_exa
 SPLIT_CHECKPOINTS_WORKER = """
 import os, shutil, sys
 from pathlib import Path
-from sd35hub.cli import main
+from sd35hub.frontends.cli import main
 
 ckpts = Path(sys.argv[1]) / f"checkpoints-rank{os.environ['RANK']}"
 if os.environ["RANK"] == "0":

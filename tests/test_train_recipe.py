@@ -249,7 +249,7 @@ def test_bad_config_and_empty_dataset_fail_before_any_model_loads(tmp_path, monk
 
 
 def test_cli_rejects_a_bad_config_with_exit_2(tmp_path, capsys):
-    from sd35hub.cli import main
+    from sd35hub.frontends.cli import main
 
     with pytest.raises(SystemExit) as exit_info:
         main(["train", "--model", "tiny", "--dataset", "sample", "--resolution", "100", "--output", str(tmp_path / "o"),
@@ -261,7 +261,7 @@ def test_cli_rejects_a_bad_config_with_exit_2(tmp_path, capsys):
 
 
 def test_cli_flags_are_explicit_keys():
-    from sd35hub.commands.train import build_overrides, explicit_keys
+    from sd35hub.frontends.commands.train import build_overrides, explicit_keys
 
     overrides = build_overrides({"resolution": 1024, "trigger_word": "sks, dog", "rank": None}, ["lora.rank=8"])
     assert overrides == ['data.resolution=1024', 'data.trigger_word="sks, dog"', "lora.rank=8"]

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sd35hub.adapters import AdapterMetadata
+from sd35hub.adapters.files import AdapterMetadata
 from sd35hub.config import LoraSpec, load_config
 from sd35hub.errors import AdapterError, ConfigError
 from sd35hub.train import variants
@@ -108,14 +108,14 @@ def test_lycoris_files_use_comfyui_keys_and_merge_exactly(tmp_path, variant):
     assert (expected - base).abs().max() > 1e-3
     torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
     # convert refuses it, naming what the file is (not a low-rank pair)
-    from sd35hub.adapters import read_adapter
+    from sd35hub.adapters.files import read_adapter
 
     with pytest.raises(AdapterError, match="LoKr" if variant == "lokr" else "LoHa"):
         read_adapter(file)
 
 
 def test_dora_is_refused_by_convert_with_its_name(tmp_path):
-    from sd35hub.adapters import read_adapter
+    from sd35hub.adapters.files import read_adapter
 
     spec = dataclasses.replace(SPEC, variant="dora")
     model, _ = _trained(spec)
@@ -171,7 +171,7 @@ def test_each_variant_trains_and_heldout_loss_falls(tmp_path_factory, changes):
 
 
 def test_card_says_where_a_variant_loads():
-    from sd35hub.card import CardInfo, build_model_card
+    from sd35hub.hub.card import CardInfo, build_model_card
 
     def card(lora: dict) -> str:
         return str(build_model_card(CardInfo(base_model="tiny", lora={"rank": 4, **lora}), repo_id=None))

@@ -37,6 +37,7 @@ from sd35hub.data.cache_index import (
     CachedBatches,
     CacheEntry,
     CacheIndex,
+    sample_latents,
 )
 from sd35hub.data.sources import SampleStream, no_usable_message
 from sd35hub.errors import DatasetError
@@ -48,15 +49,6 @@ __all__ = ["BatchRef", "CacheIndex", "CachedBatches", "build_cache", "encode_bat
 
 SHARD_MAX_ENTRIES = 256
 SHARD_MAX_BYTES = 256 * 1024**2
-
-
-def sample_latents(mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator | None,
-                   shift: float, scale: float) -> torch.Tensor:
-    """One VAE posterior sample, shifted and scaled like the pipeline does: (mean + std·ε - shift) · scale."""
-    import torch
-
-    eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-    return (mean + std * eps - shift) * scale
 
 
 def encode_batch(pipe: Any, pixel_values: torch.Tensor, captions: list[str], *, max_sequence_length: int,

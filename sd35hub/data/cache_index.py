@@ -37,6 +37,15 @@ MASK_FIELD = "mask"  # [1, h/8, w/8] in [0, 1], in caches built with data.masked
 FLIP_FIELDS = ("latents_mean_flip", "latents_std_flip")  # the mirrored image's posterior (data.random_flip)
 
 
+def sample_latents(mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator | None,
+                   shift: float, scale: float) -> torch.Tensor:
+    """One VAE posterior sample, shifted and scaled like the pipeline does: (mean + std·ε - shift) · scale."""
+    import torch
+
+    eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    return (mean + std * eps - shift) * scale
+
+
 @dataclass(frozen=True)
 class CacheEntry:
     id: str  # content hash of (image bytes, caption, crop, bucket, model id, encoder settings)
@@ -288,8 +297,6 @@ class CachedBatches:
         # what the text encoders saw ("" where the caption was dropped), for live encoders (sd35hub.train.live_text)
         out["captions"] = ["" if d else e.caption for e, d in zip(entries, dropped, strict=True)]
         if sample:
-            from sd35hub.data.cache import sample_latents
-
             out["latents"] = sample_latents(out["latents_mean"], out["latents_std"], generator,
                                             self.index.shift_factor, self.index.scaling_factor)
         return out

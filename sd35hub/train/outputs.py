@@ -1,6 +1,6 @@
 """What a finished run leaves in OUTPUT/: adapter, summary.json, training_config.yaml, loss.png, README.md.
 
-The publisher (sd35hub.publish) and the model card (sd35hub.card) read exactly this layout.
+The publisher (sd35hub.hub.publish) and the model card (sd35hub.hub.card) read exactly this layout.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ class TrainResult:
     duration_s: float
     peak_memory_gib: float | None
     summary: dict[str, Any] = field(default_factory=dict)
-    published: Any = None  # sd35hub.publish.PublishResult when hub.push_to_hub
+    published: Any = None  # sd35hub.hub.publish.PublishResult when hub.push_to_hub
 
 
 def config_digest(config: Config) -> str:
@@ -62,7 +62,7 @@ def build_summary(*, config: Config, base_model: str, variant: str, steps: int, 
                   buckets: list[list[int]], skipped: dict[str, int], validation_images: list[dict[str, str]],
                   loss_plot: str | None, duration_s: float, peak_memory_gib: float | None,
                   target_names: list[str]) -> dict[str, Any]:
-    """summary.json: the keys sd35hub.card.CardInfo reads."""
+    """summary.json: the keys sd35hub.hub.card.CardInfo reads."""
     train, lora = config.train, config.lora
     return {
         "base_model": base_model,
@@ -105,7 +105,7 @@ def write_summary(output_dir: Path, summary: dict[str, Any]) -> Path:
 
 def resolve_base(model: Any, log: Any) -> str | None:
     """The Hub id of the base (card.base_model_hub_id); says so when a local folder's is unknown."""
-    from sd35hub.card import base_model_hub_id
+    from sd35hub.hub.card import base_model_hub_id
 
     found = base_model_hub_id(model.name, model.base_model_id)
     if found is None and model.name != "tiny":
@@ -118,7 +118,7 @@ def resolve_base(model: Any, log: Any) -> str | None:
 
 def public_base_model(trainer: Any) -> str:
     """The base model as it may be published: a Hub id, "tiny", or "a local model" (never a path)."""
-    from sd35hub.card import public_base_name
+    from sd35hub.hub.card import public_base_name
 
     return public_base_name(trainer.config.model.name, getattr(trainer, "base_model_id", None))
 
@@ -173,7 +173,7 @@ def _fidelity(trainer: Any, out: Path) -> dict[str, Any]:
 
 def finish(trainer: Any) -> TrainResult:
     """Everything a finished run writes into OUTPUT/ (main process), then the Hub publication."""
-    from sd35hub.card import write_model_card
+    from sd35hub.hub.card import write_model_card
     from sd35hub.train import validation
     from sd35hub.train.metrics import plot_loss
 
@@ -228,7 +228,7 @@ def finish(trainer: Any) -> TrainResult:
             f"validation loss {trainer.initial_validation_loss} -> {trainer.final_validation_loss}; adapter in {out / 'adapter'}"
         )
         if cfg.hub.push_to_hub and cfg.hub.repo_id:
-            from sd35hub.hub import publish
+            from sd35hub.hub.publish import publish
 
             published = publish(out, cfg.hub.repo_id, private=cfg.hub.private, revision=cfg.hub.revision)
     trainer.acc.wait_for_everyone()

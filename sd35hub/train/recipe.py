@@ -32,13 +32,13 @@ import torch
 
 from sd35hub.config import Config
 from sd35hub.errors import TrainingInterrupted
-from sd35hub.preflight import preflight
 from sd35hub.train import checkpoint as ckpt
 from sd35hub.train import outputs, validation
 from sd35hub.train.distributed import any_process, check_same_resume_step, launched_without_cuda
 from sd35hub.train.flow import draw_noise_and_sigmas, flow_loss
 from sd35hub.train.metrics import PendingLog
 from sd35hub.train.outputs import TrainResult
+from sd35hub.train.preflight import preflight
 from sd35hub.train.speed import eager, to_device
 from sd35hub.train.step import optimize_micro_batch
 
@@ -542,7 +542,7 @@ class Trainer:
                 keep=self.config.train.keep_checkpoints,
             )  # fmt: skip
             if self.config.hub.push_checkpoints and self.config.hub.repo_id:
-                from sd35hub.publish import push_checkpoint  # a failed push warns; training goes on
+                from sd35hub.hub.publish import push_checkpoint  # a failed push warns; training goes on
 
                 push_checkpoint(path / outputs.ADAPTER_FILE, self.config.hub.repo_id, step=self.state.step,
                                 private=self.config.hub.private)
@@ -556,7 +556,7 @@ class Trainer:
     def _write_adapter(self, folder: Path) -> Path:
         """The adapter as published, with the EMA weights when train.ema_decay is set (checkpoints and
         the final adapter alike); the trained weights are back in place afterwards, even on an error."""
-        from sd35hub.adapters import AdapterMetadata
+        from sd35hub.adapters.files import AdapterMetadata
         from sd35hub.train.variants import save_trained
 
         cfg = self.config

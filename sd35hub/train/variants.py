@@ -69,7 +69,7 @@ def save_trained(transformer: Any, folder: Path, *, metadata: Any, spec: LoraSpe
     adapter tensors right after attach (lora_state), needed for pissa/olora. ``text_encoders``: {component:
     peft-wrapped encoder} of a text-encoder LoRA (variant lora only: the config refuses the others), saved as
     ``text_encoder.*`` / ``text_encoder_2.*`` / ``text_encoder_3.*`` keys."""
-    from sd35hub.adapters import metadata_for, peft_modules, save_adapter, write_adapter
+    from sd35hub.adapters.files import metadata_for, peft_modules, save_adapter, write_adapter
 
     if is_plain(spec):
         return save_adapter(transformer, folder, metadata=metadata, text_encoders=text_encoders)
@@ -100,7 +100,7 @@ def save_trained(transformer: Any, folder: Path, *, metadata: Any, spec: LoraSpe
 def _write(tensors: dict[str, torch.Tensor], folder: Path, header: dict[str, str]) -> Path:
     from safetensors.torch import save_file
 
-    from sd35hub.adapters import ADAPTER_FILENAME
+    from sd35hub.adapters.files import ADAPTER_FILENAME
     from sd35hub.paths import atomic_write
 
     file = folder if folder.suffix == ".safetensors" else folder / ADAPTER_FILENAME
@@ -116,7 +116,7 @@ def _pairs(state: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torc
 
 def _plain_modules(state: dict[str, torch.Tensor], config: dict[str, Any],
                    initial: dict[str, torch.Tensor] | None) -> Any:
-    from sd35hub.formats import LoraModule
+    from sd35hub.adapters.formats import LoraModule
 
     modules = {}
     for name, (down, up) in _pairs(state).items():
@@ -131,7 +131,7 @@ def _plain_modules(state: dict[str, torch.Tensor], config: dict[str, Any],
 
 
 def _dora_tensors(state: dict[str, torch.Tensor], config: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    from sd35hub.formats import DIFFUSERS_PREFIX, prefixed_config
+    from sd35hub.adapters.formats import DIFFUSERS_PREFIX, prefixed_config
 
     tensors = {f"{DIFFUSERS_PREFIX}{k}": v for k, v in state.items()}
     pairs = _pairs(state)
@@ -189,14 +189,14 @@ def delta_weights(path: str | Path, base: dict[str, torch.Tensor]) -> dict[str, 
     the base's Linear weights (DoRA's delta depends on W; the module names of LyCORIS keys come from it)."""
     from safetensors.torch import load_file
 
-    from sd35hub.adapters import adapter_file
+    from sd35hub.adapters.files import adapter_file
 
     tensors = load_file(str(adapter_file(path)))
     if any(k.startswith(LYCORIS_PREFIX) for k in tensors):
         return _lycoris_deltas(tensors, base)
     if any(k.endswith(".lora_magnitude_vector") for k in tensors):
         return _dora_deltas(path, tensors, base)
-    from sd35hub.adapters import read_adapter
+    from sd35hub.adapters.files import read_adapter
 
     return {name: m.up.float() @ m.down.float() * (m.alpha / m.rank) for name, m in read_adapter(path).modules.items()}
 
@@ -230,8 +230,8 @@ def _lycoris_deltas(tensors: dict[str, torch.Tensor], base: dict[str, torch.Tens
 def _dora_deltas(path: str | Path, tensors: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     from safetensors import safe_open
 
-    from sd35hub.adapters import adapter_file
-    from sd35hub.formats import unprefixed_config
+    from sd35hub.adapters.files import adapter_file
+    from sd35hub.adapters.formats import unprefixed_config
 
     with safe_open(str(adapter_file(path)), framework="pt") as handle:
         config = unprefixed_config((handle.metadata() or {}).get("lora_adapter_metadata")) or {}

@@ -154,8 +154,8 @@ def evaluate_run(run_dir: str | Path, *, prompts: list[str] | tuple[str, ...] = 
     """Render, score and write (module docstring). Defaults come from the run: its validation prompts
     (those of summary.json, i.e. what the trainer rendered), sampler steps and guidance, base model, and
     ``train.eval_clip_model`` / ``train.eval_dino_model``."""
-    from sd35hub.blend import BlendEngine
-    from sd35hub.blend_request import AdapterRef, GenerationRequest
+    from sd35hub.blend.engine import BlendEngine
+    from sd35hub.blend.request import AdapterRef, GenerationRequest
 
     run = Path(run_dir)
     cfg, summary = _run_config(run)

@@ -51,7 +51,7 @@ def push_checkpoint(checkpoint: Path, repo_id: str, *, branch: str, keep: int, m
     the newest ``keep`` are deleted in the same commit. Returns the commit URL."""
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
 
-    from sd35hub.publish import PlannedFile, commit_once, with_retries
+    from sd35hub.hub.publish import PlannedFile, commit_once, with_retries
 
     api = HfApi(token=token)
     checkpoint = Path(checkpoint)
