@@ -5,7 +5,7 @@ knows about gated repos, so a user who never accepted the SD3.5 license learns i
 download, with the exact URL to accept it. Write access uses ``whoami`` (token role, fine-grained
 permissions, organisation roles) because the target repo usually does not exist yet.
 
-``hub_errors`` translates huggingface_hub exceptions into sd35hub's typed errors; hub.py and the
+``hub_errors`` translates huggingface_hub exceptions into sd35hub's typed errors; sd35hub.hub and the
 publishing code use it too. Nothing here downloads a file.
 """
 

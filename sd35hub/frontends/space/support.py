@@ -155,7 +155,7 @@ class AdapterChoice:
 
     source: str  # "owner/repo", "owner/repo/file.safetensors" or "sample:<name>"
     trigger_words: list[str] = field(default_factory=list)
-    preview_url: str | None = None  # only a Hub URL (space_text.hub_image_url)
+    preview_url: str | None = None  # only a Hub URL (text.hub_image_url)
     base_model: str | None = None
     weight: float = 1.0
     use_trigger_words: bool = True
