@@ -25,7 +25,7 @@ def build(variant: str, out: Path) -> Path:
     from diffusers import AutoencoderKL, SD3Transformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-    from sd35hub.bench import SD35_CONFIGS
+    from sd35hub.models.real_configs import SD35_CONFIGS
     from sd35hub.models.tiny import tiny_model_path
 
     if (out / "model_index.json").is_file():

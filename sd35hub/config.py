@@ -372,7 +372,7 @@ class HubSpec:
     push_checkpoints: bool = False  # also push each checkpoint's adapter to branch "checkpoints"
     check_access: bool = True  # check license acceptance and write permission before training
     # branch of repo_id that receives every checkpoint in full as it is written; train.resume=latest with no
-    # local checkpoint resumes from its newest (sd35hub.workflows.resume; `--on hf-jobs` sets it to "resume")
+    # local checkpoint resumes from its newest (sd35hub.train.resume; `--on hf-jobs` sets it to "resume")
     resume_branch: str | None = None
 
     def problems(self) -> list[str]:

@@ -272,8 +272,8 @@ def test_any_summary_values_give_a_card_or_a_config_error(run: Path, changes: di
 
 
 def test_a_lost_answer_to_a_full_checkpoint_push_makes_one_commit(fast: HubServer, tmp_path: Path) -> None:
-    """hub.resume_branch pushes (sd35hub.workflows.resume) go through the same never-twice commit."""
-    from sd35hub.workflows.resume import push_checkpoint as push_full_checkpoint
+    """hub.resume_branch pushes (sd35hub.train.resume) go through the same never-twice commit."""
+    from sd35hub.train.resume import push_checkpoint as push_full_checkpoint
 
     repo_id = unique("lostresume")
     checkpoint = tmp_path / "checkpoint-000002"
@@ -293,7 +293,7 @@ def test_a_failed_resume_branch_push_warns_and_the_next_one_goes_through(fast: H
     from types import SimpleNamespace
 
     import sd35hub.hub.publish as publish_module
-    from sd35hub.workflows.resume import push_after_save
+    from sd35hub.train.resume import push_after_save
 
     repo_id = unique("resumefail")
     logged: list[str] = []

@@ -10,7 +10,7 @@ import torch
 from lora_helpers import tiny_pipe
 from PIL import Image
 
-from sd35hub.train.t5mask import install_t5_padding_mask
+from sd35hub.models.t5mask import install_t5_padding_mask
 
 
 def _t5_part(pipe, prompts, length=16):

@@ -18,6 +18,7 @@ import collections
 import re
 from typing import TYPE_CHECKING, Any
 
+from sd35hub.adapters.check_te import model_shapes
 from sd35hub.errors import AdapterIncompatibleError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -28,7 +29,6 @@ if TYPE_CHECKING:  # pragma: no cover
 KNOWN_WIDTHS = {1536: "SD3 / SD3.5 Medium", 2432: "SD3.5 Large / Large Turbo"}
 Shape = tuple  # weight shape: (out, in) or (out, in, k, k); None entries match anything
 _BLOCK = re.compile(r"^transformer_blocks\.(\d+)\.(.+)$")
-_LINEAR_KINDS = ("Linear", "Linear4bit", "Linear8bitLt", "Float8Linear", "QLinear")
 
 
 def describe_width(width: int | None) -> str:
@@ -79,18 +79,6 @@ def transformer_shapes(info: ModelInfo, *, loose: bool = False) -> dict[str, lis
             for name in ("to_q", "to_k", "to_v", "to_out.0"):
                 shapes[f"transformer_blocks.{i}.attn2.{name}"] = [(w, w)]
     return shapes
-
-
-def model_shapes(model: Any) -> dict[str, list[Shape]]:
-    """{module name: [weight shape]} of a loaded torch model's linear and conv layers."""
-    out: dict[str, list[Shape]] = {}
-    for name, module in model.named_modules():
-        kind = type(module).__name__
-        if kind.startswith("Conv") and hasattr(module, "weight"):
-            out[name] = [tuple(module.weight.shape)]
-        elif kind in _LINEAR_KINDS or (hasattr(module, "in_features") and hasattr(module, "out_features")):
-            out[name] = [(int(module.out_features), int(module.in_features))]
-    return out
 
 
 def adapter_width(modules: Modules) -> int | None:

@@ -23,7 +23,20 @@ KNOWN = {
     "text_encoder_2": {1280: (32, 5120, 1280), 32: (2, 64, 32)},
     "text_encoder_3": {4096: (24, 10240, 4096), 64: (2, 128, 32)},  # tiny T5: 4 heads x d_kv 8
 }
+_LINEAR_KINDS = ("Linear", "Linear4bit", "Linear8bitLt", "Float8Linear", "QLinear")
 _LAYER = re.compile(r"^(?:text_model\.encoder\.layers|encoder\.block)\.(\d+)\.(.+)$")
+
+
+def model_shapes(model: Any) -> dict[str, list[tuple]]:
+    """{module name: [weight shape]} of a loaded torch model's linear and conv layers."""
+    out: dict[str, list[tuple]] = {}
+    for name, module in model.named_modules():
+        kind = type(module).__name__
+        if kind.startswith("Conv") and hasattr(module, "weight"):
+            out[name] = [tuple(module.weight.shape)]
+        elif kind in _LINEAR_KINDS or (hasattr(module, "in_features") and hasattr(module, "out_features")):
+            out[name] = [(int(module.out_features), int(module.in_features))]
+    return out
 
 
 def _expected(component: str, leaf: str, width: int, inter: int | None, inner: int | None) -> tuple | None:
@@ -60,8 +73,6 @@ def check_text_encoder(
     component: str, modules: Modules, model: Any = None, *, label: str = "This adapter"
 ) -> None:
     """Raise AdapterIncompatibleError unless every LoRA module of this text encoder fits it."""
-    from sd35hub.adapters.check import model_shapes
-
     label_te = TE_LABELS[component]
     problems: list[str] = []
     if model is not None:

@@ -130,7 +130,7 @@ class BlendEngine:
         if self.cpu_offload:
             self.pipe.enable_model_cpu_offload()
         if mask_t5_padding:  # as adapters trained with data.mask_t5_padding saw their prompts
-            from sd35hub.train.t5mask import install_t5_padding_mask
+            from sd35hub.models.t5mask import install_t5_padding_mask
 
             install_t5_padding_mask(self.pipe)
         self.mask_t5_padding = mask_t5_padding

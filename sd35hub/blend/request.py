@@ -145,7 +145,7 @@ def diffusers_snippet(params: dict[str, Any]) -> str:
         )
     )
     if params.get("mask_t5_padding"):  # the one step plain diffusers has no switch for
-        lines += ["from sd35hub.train.t5mask import install_t5_padding_mask",
+        lines += ["from sd35hub.models.t5mask import install_t5_padding_mask",
                   "install_t5_padding_mask(pipe)  # zero T5 padding embeddings, as in training"]
     if params.get("device", "cpu") != "cpu":
         lines.append(f"pipe.to({params['device']!r})")

@@ -222,8 +222,8 @@ def build_cache(spec: DataSpec, pipe: Any, cache_dir: Path, *, model_id: str, ba
                 "dtype": str(dtype).replace("torch.", ""), "resolution": spec.resolution, "crop": spec.crop}
     if spec.masked_loss:  # entries carry a latent-grid loss mask (sd35hub.data.masks); keys unchanged when off
         settings["masked_loss"] = True
-    if spec.mask_t5_padding:  # T5 padding positions zeroed (sd35hub.train.t5mask); keys unchanged when off
-        from sd35hub.train.t5mask import install_t5_padding_mask
+    if spec.mask_t5_padding:  # T5 padding positions zeroed (sd35hub.models.t5mask); keys unchanged when off
+        from sd35hub.models.t5mask import install_t5_padding_mask
 
         if hasattr(pipe, "_get_t5_prompt_embeds"):  # a whole pipeline (prior preservation, `data cache`)
             install_t5_padding_mask(pipe)

@@ -216,8 +216,8 @@ class PhasedEncoders:
             quantize = self.t5.split("-")[1] if self.t5.startswith("gpu-") else "none"
 
             def t5(pipe: Any, batch: list[str]) -> dict[str, torch.Tensor]:
-                if getattr(self, "mask_t5_padding", False):  # data.mask_t5_padding (sd35hub.train.t5mask)
-                    from sd35hub.train.t5mask import install_t5_padding_mask
+                if getattr(self, "mask_t5_padding", False):  # data.mask_t5_padding (sd35hub.models.t5mask)
+                    from sd35hub.models.t5mask import install_t5_padding_mask
 
                     install_t5_padding_mask(pipe)
                 return {"embeds": pipe._get_t5_prompt_embeds(prompt=batch, max_sequence_length=self.max_sequence_length,

@@ -14,7 +14,21 @@ import json
 from pathlib import Path
 from typing import Any
 
-from sd35hub.bench import SD35_CONFIGS
+# Public SD3.5 transformer configs (transformer/config.json of the Hub repos); sd35hub.bench times them.
+SD35_CONFIGS: dict[str, dict[str, Any]] = {
+    "large": dict(
+        sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=38, attention_head_dim=64,
+        num_attention_heads=38, joint_attention_dim=4096, caption_projection_dim=2432,
+        pooled_projection_dim=2048, pos_embed_max_size=192, qk_norm="rms_norm",
+    ),
+    "medium": dict(
+        sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+        num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+        pooled_projection_dim=2048, pos_embed_max_size=384, qk_norm="rms_norm",
+        dual_attention_layers=tuple(range(13)),
+    ),
+}
+
 
 CLIP_L: dict[str, Any] = {
     "architectures": ["CLIPTextModelWithProjection"], "model_type": "clip_text_model", "hidden_size": 768,

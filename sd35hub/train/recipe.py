@@ -127,7 +127,7 @@ class Trainer:
 
         # 6. encoders one at a time (latents, captions, validation prompts cached), then the transformer
         from sd35hub.train.phased import encode_and_load
-        from sd35hub.workflows.phases import PhaseRecorder
+        from sd35hub.train.phases import PhaseRecorder
         from sd35hub.workflows.plan import apply_gpu_cap
 
         apply_gpu_cap(self.device)  # SD35HUB_GPU_MEMORY_CAP_GIB: emulate a smaller card
@@ -246,7 +246,7 @@ class Trainer:
         from sd35hub.train.lora import load_lora_state
 
         if resume == "latest" and self.config.hub.resume_branch:  # no local checkpoint: the Hub branch's newest
-            from sd35hub.workflows.resume import fetch_for_resume
+            from sd35hub.train.resume import fetch_for_resume
 
             fetch_for_resume(self)
         saved = ckpt.load_resumable(resume, self.checkpoint_dir, self.log if self.main else lambda line: None)
@@ -547,7 +547,7 @@ class Trainer:
                 push_checkpoint(path / outputs.ADAPTER_FILE, self.config.hub.repo_id, step=self.state.step,
                                 private=self.config.hub.private)
             if self.config.hub.resume_branch:  # the full checkpoint, to resume on another machine
-                from sd35hub.workflows.resume import push_after_save
+                from sd35hub.train.resume import push_after_save
 
                 push_after_save(self, path)
         self.acc.wait_for_everyone()

@@ -1,2 +1,2 @@
-"""Workflows that compose the library: the memory plan (plan.py), training on Hugging Face Jobs (jobs.py, job_status.py), checkpoints
-that survive a job (resume.py), hyperparameter sweeps (sweep.py). Nothing heavy is imported here."""
+"""Workflows that compose the library: the memory plan (plan.py, sizes.py), training on Hugging Face Jobs (jobs.py,
+job_status.py), hyperparameter sweeps (sweep.py), the offline demo (demo.py). Nothing heavy is imported here."""
