@@ -168,7 +168,7 @@ class LiveTextEncoders:
             parts[slot.replace("text_encoder", "tokenizer")] = self.tokenizers[name]
             pipe = StableDiffusion3Pipeline(**parts)
             if name == "text_encoder_3" and self.mask_t5_padding:
-                from sd35hub.train.t5mask import install_t5_padding_mask
+                from sd35hub.models.t5mask import install_t5_padding_mask
 
                 install_t5_padding_mask(pipe)
             self._stages[name] = pipe
