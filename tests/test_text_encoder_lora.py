@@ -335,7 +335,7 @@ def test_t5_lora_trains_when_asked_and_generate_applies_it(tmp_path: Path):
 
 
 def test_notebook_plan_takes_the_text_encoders():
-    from sd35hub import notebook as nb
+    from sd35hub.frontends import colab as nb
 
     plan = nb.build_plan(model="tiny", dataset="sample", trigger_word="sks shape", text_encoders=["clip_l", "clip_g"],
                          text_encoder_lr=5e-5)
@@ -352,7 +352,7 @@ def test_two_processes_train_the_text_encoder_lora_like_one_with_accumulation(tm
     import yaml
     from test_train_ddp import CONFIG, _adapter, _launch, _max_diff
 
-    from sd35hub.commands.train import explicit_keys
+    from sd35hub.frontends.commands.train import explicit_keys
     from sd35hub.train import recipe
 
     config = {**CONFIG, "data": {**CONFIG["data"], "cache_dir": str(tmp_path / "cache")},
