@@ -2,6 +2,7 @@
 
 usage: python benchmarks/gpu_bench.py --out DIR [--models medium,large] [--variants ref,h100,t4,...]
        [--deadline-s 500] [--variant-timeout-s 150] [--budget-s 4] [--curve-steps 100 --curve-variants h100,fp8]
+       [--plan "large=ref,h100,nocast;medium=ref,h100"]   (per-model variant lists, in that order)
        python benchmarks/gpu_bench.py --smoke --out DIR     (CPU, tiny model, every lever variant, aot_eager)
 Writes DIR/bench.json (all numbers, every step's loss) and DIR/bench.md (one table per model: s/step, MFU,
 ratio to the same-run `h100` row and to the reference, the loss trajectory's largest deviation from the
@@ -104,7 +105,12 @@ def main() -> None:
     ap.add_argument("--curve-variants", default="h100,fp8-nocast,h100-fp8")
     ap.add_argument("--trace", default="", help="model:variant[,model:variant] to profile (kernel time vs wall time)")
     ap.add_argument("--smoke", action="store_true", help="CPU check of every lever path: tiny model, aot_eager")
+    ap.add_argument("--plan", default="", help="MODEL=V1,V2;MODEL=... : per-model variant lists (overrides --models/--variants)")
     args = ap.parse_args()
+    plan = dict(part.split("=", 1) for part in args.plan.split(";") if part) if args.plan else {}
+    unknown = sorted(({k for v in plan.values() for k in v.split(",")} | set(args.variants.split(","))) - set(VARIANTS))
+    if unknown:
+        ap.error(f"unknown variants {unknown}; known: {sorted(VARIANTS)}")
     if args.smoke:
         from sd35hub.train import speed
 
@@ -122,10 +128,10 @@ def main() -> None:
     everything = {"info": info, "results": [], "errors": [], "skipped": []}
     start = time.perf_counter()
     curve_keys = set(args.curve_variants.split(","))
-    for model in filter(None, args.models.split(",")):
+    for model in plan or filter(None, args.models.split(",")):
         results = []
         flops = None
-        for key in filter(None, args.variants.split(",")):
+        for key in filter(None, plan.get(model, args.variants).split(",")):
             variant = VARIANTS[key]
             left = args.deadline_s - (time.perf_counter() - start)
             if left < args.min_left_s:

@@ -113,7 +113,10 @@ def fuse_lora_down(model: Any) -> Callable[..., None]:
         if base.bias is not None:
             bias = torch.zeros(stacked.shape[0], dtype=stacked.dtype, device=stacked.device)
             bias[:out].copy_(base.bias.detach())
-        module._sd35hub_stacked, module._sd35hub_bias = stacked, bias
+        # buffers, not plain attributes: compiled graphs treat them as fixed inputs (CUDA graphs copy any other
+        # tensor input into their own memory on every replay)
+        module.register_buffer("_sd35hub_stacked", stacked, persistent=False)
+        module.register_buffer("_sd35hub_bias", bias, persistent=False)
         module.__class__ = FusedLoraLinear
         layers.append(module)
     tails = [m._sd35hub_stacked[m.base_layer.weight.shape[0]:] for m in layers]
