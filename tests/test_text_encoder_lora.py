@@ -129,8 +129,8 @@ def test_blend_weights_each_adapters_text_encoder_part(tmp_path: Path):
     # the blend engine (generate, the Space): the two adapters at 0.6 / -0.3 render the merge's image
     import numpy as np
 
-    from sd35hub.blend import BlendEngine
-    from sd35hub.blend_request import AdapterRef, GenerationRequest
+    from sd35hub.blend.engine import BlendEngine
+    from sd35hub.blend.request import AdapterRef, GenerationRequest
 
     engine = BlendEngine("tiny", max_cached_adapters=3)
 
