@@ -315,6 +315,16 @@ class TrainSpec:
     eval_clip_model: str = "openai/clip-vit-base-patch32"  # transformers CLIPModel: Hub id or folder
     eval_dino_model: str = "facebook/dino-vits16"  # transformers ViTModel (DINO ViT-S/16): Hub id or folder
     text_encoder_lr: float | None = None  # learning rate of the text-encoder LoRA (lora.text_encoders); None = learning_rate
+    # pivotal tuning / textual inversion (sd35hub.train.pivotal): N new tokens <s0>..<sN-1> in the tokenizers of
+    # token_encoders, their embedding rows trained with embedding_lr for the first embedding_steps (None: the
+    # embedding_fraction of all steps), then the LoRA alone; data.trigger_word holds them (empty: set to them)
+    new_tokens: int = 0  # 0 = off; 2 -> "<s0><s1>"
+    token_name: str = "s"  # the tokens are <{token_name}0>, <{token_name}1>, ...
+    token_encoders: tuple[str, ...] = ("clip_l", "clip_g")  # + "t5" trains T5's rows too
+    token_init: str = ""  # a word the rows start from (its mean embedding, e.g. "dog"); "" = random
+    embedding_lr: float = 5e-4
+    embedding_steps: int | None = None
+    embedding_fraction: float = 1.0  # in (0, 1]; 0.5 = the embeddings train for the first half
 
     def problems(self) -> list[str]:
         s = "train"
@@ -358,6 +368,24 @@ class TrainSpec:
         for r in self.report_to:
             if r not in ("jsonl", "tensorboard", "wandb"):
                 out.append(f"train.report_to contains {r!r}; use jsonl, tensorboard or wandb")
+        out += self._token_problems()
+        return out
+
+    def _token_problems(self) -> list[str]:
+        if not self.new_tokens:
+            return _positive("train", "new_tokens", self.new_tokens, zero_ok=True)
+        out = []
+        if not 0 < self.new_tokens <= 16:
+            out.append(f"train.new_tokens={self.new_tokens} must be in 1..16 (2 is the usual subject trigger <s0><s1>)")
+        if not re.fullmatch(r"[a-z][a-z0-9_]{0,15}", self.token_name):
+            out.append(f"train.token_name={show(self.token_name)} must be lowercase letters, digits or _ (e.g. s)")
+        bad = [e for e in self.token_encoders if e not in ("clip_l", "clip_g", "t5")]
+        if bad or not self.token_encoders or len(set(self.token_encoders)) != len(self.token_encoders):
+            out.append(f"train.token_encoders={list(self.token_encoders)!r} must name some of clip_l, clip_g, t5 once each")
+        out += _positive("train", "embedding_lr", self.embedding_lr)
+        out += _positive("train", "embedding_steps", self.embedding_steps, allow_none=True)
+        if not 0.0 < self.embedding_fraction <= 1.0:
+            out.append(f"train.embedding_fraction={self.embedding_fraction!r} must be in (0, 1], e.g. 0.5")
         return out
 
 
@@ -405,6 +433,7 @@ class Config:
             generic, wrong_type = field_problems(f.name, section)
             # a value of the wrong type (a Config built in Python) would crash the section's own checks
             out += generic if wrong_type else merge_problems(section.problems(), generic)
+        out += _pivotal_problems(self)
         if self.lora.init in ("pissa", "olora") and (self.model.quantize != "none" or self.model.float8):
             out.append(f"lora.init={self.lora.init} rewrites the frozen base weights, which model.quantize / "
                        "model.float8 keep in a packed form; use lora.init=gaussian or model.quantize=none")
@@ -443,6 +472,22 @@ def _text_encoder_problems(cfg: Config) -> list[str]:
 
 
 SECTIONS: dict[str, type] = {"model": ModelSpec, "data": DataSpec, "lora": LoraSpec, "train": TrainSpec, "hub": HubSpec}
+
+
+def _pivotal_problems(cfg: Config) -> list[str]:
+    """train.new_tokens against the data and model sections (the trigger must carry the tokens)."""
+    t = cfg.train
+    if not t.new_tokens or not isinstance(t.new_tokens, int) or not isinstance(t.token_name, str):
+        return []
+    out = []
+    tokens = "".join(f"<{t.token_name}{i}>" for i in range(t.new_tokens))
+    trigger = cfg.data.trigger_word.strip()
+    if trigger and tokens not in trigger:
+        out.append(f"data.trigger_word={show(trigger)} does not contain the new tokens {tokens}; pass "
+                   f"data.trigger_word='{tokens}' (or e.g. '{tokens} dog'), or leave it empty to use {tokens}")
+    if "t5" in t.token_encoders and cfg.model.drop_t5:
+        out.append("train.token_encoders names t5 but model.drop_t5 leaves T5 out; drop one of them")
+    return out
 
 
 def _section_to_dict(section: Any) -> dict[str, Any]:

@@ -96,9 +96,11 @@ class LiveTextEncoders:
                    mask_t5_padding=mask_t5_padding)
 
     # ------------------------------------------------------------------------------------- LoRA
-    def attach_lora(self, rank: int, alpha: float, *, adapter_name: str = "default") -> list[torch.nn.Parameter]:
+    def attach_lora(self, rank: int, alpha: float, *, adapter_name: str = "default",
+                    only: list[str] | None = None) -> list[torch.nn.Parameter]:
         """peft LoRA (gaussian init: B = 0, so the encoders start unchanged) on each live encoder's
-        LORA_TARGETS; the adapter tensors in fp32. Returns every trainable tensor."""
+        LORA_TARGETS (``only``: on these components alone; the others are live for pivotal tuning's
+        new-token rows); the adapter tensors in fp32. Returns every trainable tensor."""
         from peft import LoraConfig, inject_adapter_in_model
 
         from sd35hub.train.lora import is_adapter_param
@@ -106,6 +108,8 @@ class LiveTextEncoders:
         out: list[torch.nn.Parameter] = []
         for name, model in self.encoders.items():
             model.requires_grad_(False)
+            if only is not None and name not in only:
+                continue
             config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
                                 target_modules=list(LORA_TARGETS[name]))
             inject_adapter_in_model(config, model, adapter_name=adapter_name)  # (transformers' add_adapter wants peft 0.22)
@@ -115,6 +119,10 @@ class LiveTextEncoders:
             self.params[name] = params
             out += params
         return out
+
+    def lora_encoders(self) -> dict[str, Any]:
+        """The live encoders that carry a LoRA (what the adapter file saves), by component."""
+        return {c: m for c, m in self.encoders.items() if self.params.get(c)}
 
     def trainable(self) -> list[torch.nn.Parameter]:
         """Every trainable LoRA tensor of the live encoders (after :meth:`attach_lora`)."""
@@ -226,18 +234,23 @@ class LiveTextEncoders:
         count = sum(p.numel() for ps in self.params.values() for p in ps)
         names = ", ".join(LABELS[n] for n in self.encoders)
         cached = "latents" if "text_encoder_3" in self.encoders else "T5 embeddings and latents"
-        return f"text-encoder LoRA on {names} ({count / 1e6:.2f} M params): run every step; {cached} from the cache"
+        lora = ", ".join(LABELS[n] for n in self.lora_encoders())
+        what = f"text-encoder LoRA on {lora} ({count / 1e6:.2f} M params)" if lora else "new-token embeddings"
+        return f"{what}: {names} run every step; {cached} from the cache"
 
 
 # --- the trainer's side (sd35hub.train.recipe) -----------------------------------------------------
 
 
 def for_trainer(trainer: Any) -> LiveTextEncoders | None:
-    """The live encoders of ``trainer.config.lora.text_encoders`` with their LoRA attached (None when empty):
-    taken from the validation pipeline when it holds them (prior preservation), else loaded now, after the
-    transformer, onto the device, where they stay for the whole run (the memory plan counts them)."""
+    """The live encoders of ``trainer.config.lora.text_encoders`` with their LoRA attached, and those of
+    ``train.token_encoders`` when train.new_tokens (pivotal tuning, no LoRA unless also named), None when
+    neither: taken from the validation pipeline when it holds them (prior preservation), else loaded now,
+    after the transformer, onto the device, where they stay for the whole run (the memory plan counts them)."""
     cfg = trainer.config
-    names = components(cfg.lora.text_encoders)
+    lora_names = components(cfg.lora.text_encoders)
+    token_names = components(cfg.train.token_encoders) if cfg.train.new_tokens else []
+    names = [c for c in ("text_encoder", "text_encoder_2", "text_encoder_3") if c in lora_names or c in token_names]
     if not names:
         return None
     pipe = trainer.pipe
@@ -250,7 +263,7 @@ def for_trainer(trainer: Any) -> LiveTextEncoders | None:
                                      **kwargs)
     rank = cfg.lora.text_encoder_rank or cfg.lora.rank
     alpha = cfg.lora.text_encoder_alpha if cfg.lora.text_encoder_alpha is not None else float(rank)
-    live.attach_lora(rank, alpha)
+    live.attach_lora(rank, alpha, only=lora_names)
     return live
 
 

@@ -17,16 +17,21 @@ from sd35hub.errors import MissingDependencyError
 
 
 def build_optimizer(params: Iterable[torch.nn.Parameter], spec: TrainSpec,
-                    text_encoder_params: Iterable[torch.nn.Parameter] = ()) -> torch.optim.Optimizer:
+                    text_encoder_params: Iterable[torch.nn.Parameter] = (),
+                    extra_groups: Iterable[dict[str, Any]] = ()) -> torch.optim.Optimizer:
     """adamw (fused on CUDA) | adamw8bit (bitsandbytes) | prodigy (prodigyopt; use learning_rate=1.0).
     ``text_encoder_params`` (those of ``params`` that belong to a text-encoder LoRA) form a second parameter
-    group at ``train.text_encoder_lr`` (default learning_rate); the LR schedule scales both groups alike."""
+    group at ``train.text_encoder_lr`` (default learning_rate); the LR schedule scales both groups alike.
+    ``extra_groups``: more parameter groups with their own settings (pivotal tuning's new-token rows)."""
     params = list(params)
     te_ids = {id(p) for p in text_encoder_params}
     groups: Any = params
     if te_ids:
         groups = [{"params": [p for p in params if id(p) not in te_ids]},
                   {"params": [p for p in params if id(p) in te_ids], "lr": spec.text_encoder_lr or spec.learning_rate}]
+    extra = list(extra_groups)
+    if extra:
+        groups = (groups if te_ids else [{"params": params}]) + extra
     kwargs: dict[str, Any] = dict(lr=spec.learning_rate, betas=tuple(spec.adam_betas), weight_decay=spec.weight_decay)
     if spec.optimizer == "adamw8bit":
         if importlib.util.find_spec("bitsandbytes") is None:

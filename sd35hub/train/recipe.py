@@ -57,6 +57,8 @@ class Trainer:
         self.records: list[dict[str, Any]] = []
         self.prior_duration_s = 0.0  # training time of earlier sessions of a resumed run
         self.finished = False  # resumed at or past the last step of a run that wrote its outputs
+        self.pivotal: Any = None  # pivotal tuning (train.new_tokens): sd35hub.train.pivotal_live.Pivotal
+        self.pivotal_params: list[torch.nn.Parameter] = []  # its new-token rows (outside DDP, like the TE LoRA)
 
     # ------------------------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -72,6 +74,10 @@ class Trainer:
         from sd35hub.train.optim import LoraEMA, build_optimizer, build_scheduler
 
         cfg = self.config.validate()  # 1. every config problem at once, before anything loads
+        if cfg.train.new_tokens:  # pivotal tuning: data.trigger_word carries the new tokens (sd35hub.train.pivotal)
+            from sd35hub.train.pivotal_live import resolve_trigger
+
+            cfg = resolve_trigger(cfg)
         preflight(cfg)  # missing packages, output paths that are files, --resume with another rank
         self._check_access(cfg)  # 2. license + token (nothing downloaded)
         check_dataset(cfg.data, limit=256)  # 3. DatasetError now, not after loading 16 GB
@@ -162,6 +168,10 @@ class Trainer:
             self.named_params.update(self.text.named_lora_params())  # "<component>/<name>": EMA and checkpoints
             if self.main:
                 self.log(self.text.describe())
+        if train.new_tokens:  # pivotal tuning: the tokens go into the live encoders' tokenizers (for_trainer loaded them)
+            from sd35hub.train.pivotal_live import Pivotal
+
+            self.pivotal = Pivotal.setup(self)
         if train.gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
         if cfg.model.float8:
@@ -187,7 +197,8 @@ class Trainer:
             if self.main:
                 self.log(f"compiling the transformer blocks for {len(shapes)} input shape(s) (bucket area x batch size)"
                          + ("; shapes that change become dynamic" if dynamic else ", one static graph each"))
-        optimizer = build_optimizer(self.params, train, text_encoder_params=self.text_params)
+        optimizer = build_optimizer(self.params, train, text_encoder_params=self.text_params,
+                                    extra_groups=[self.pivotal.param_group()] if self.pivotal is not None else ())
         self.transformer, self.optimizer = acc.prepare(transformer, optimizer)
         self.micro_per_step = acc.num_processes * train.gradient_accumulation
         self.total_steps = train.max_steps or max(1, train.epochs * self.batches_per_epoch // self.micro_per_step)
@@ -200,6 +211,8 @@ class Trainer:
             self._resume(train.resume)
             check_same_resume_step(acc, self.state.step, self.checkpoint_dir)
             self.finished = self.state.step >= self.total_steps and outputs.has_outputs(self.output_dir)
+        if self.pivotal is not None:  # the rows train for the first embedding_steps steps (then they freeze)
+            self.pivotal.schedule(self.total_steps, self.state.step)
         self.metrics = MetricsLog(self.output_dir / "logs" / "metrics.jsonl",
                                   resume_step=self.state.step if train.resume else None) if self.main else None
         if trackers:
@@ -261,6 +274,8 @@ class Trainer:
             self.text.load_lora_state(lora)
             lora = {k: v for k, v in lora.items() if "/" not in k}
         load_lora_state(self.acc.unwrap_model(self.transformer), lora)
+        if self.pivotal is not None:  # the new-token rows of the checkpoint (adapter/embeddings.safetensors)
+            self.pivotal.load(path / "adapter")
         self.optimizer.load_state_dict(saved.optimizer)
         self.scheduler.load_state_dict(saved.scheduler)
         if saved.scaler is not None and self.acc.scaler is not None:
@@ -407,10 +422,12 @@ class Trainer:
 
             losses.append(optimize_micro_batch(acc, self.transformer, self.params, self.optimizer, compute_loss,
                                                attention=self.attention_kernel, max_grad_norm=t.max_grad_norm,
-                                               unsynced=self.text_params))
+                                               unsynced=self.text_params + self.pivotal_params))
         self.scheduler.step()
         if self.ema is not None:
             self.ema.update()
+        if self.pivotal is not None:
+            self.pivotal.after_step(state.step + 1)
         # bookkeeping for every process's micro-batches (refs are deterministic: no communication)
         digest = hashlib.sha256(state.seen_keys_digest.encode())
         for g in range(base, base + self.micro_per_step):
@@ -502,7 +519,7 @@ class Trainer:
                 model.disable_adapters()
                 self.base_images = validation.render(pipe, self.prompts, **kwargs)
                 model.enable_adapters()
-            if step == 0:
+            if step == 0 and self.pivotal is None:
                 # no optimizer step yet: peft starts lora_B at zero for every lora.init (default and gaussian),
                 # so the adapter (and its EMA) adds nothing and the LoRA column is the base column
                 self.lora_images = self.base_images
@@ -566,9 +583,12 @@ class Trainer:
             trigger_words=[cfg.data.trigger_word] if cfg.data.trigger_word else [],
         )  # fmt: skip
         with self._published_weights():
-            return save_trained(self.acc.unwrap_model(self.transformer), folder, metadata=metadata, spec=cfg.lora,
+            path = save_trained(self.acc.unwrap_model(self.transformer), folder, metadata=metadata, spec=cfg.lora,
                                 initial=self.initial_adapter,
-                                text_encoders=self.text.encoders if self.text is not None else None)
+                                text_encoders=self.text.lora_encoders() if self.text is not None else None)
+        if self.pivotal is not None:  # embeddings.safetensors next to the adapter (sd35hub.train.embeddings_file)
+            self.pivotal.save(folder)
+        return path
 
     @contextlib.contextmanager
     def _published_weights(self) -> Iterator[None]:
