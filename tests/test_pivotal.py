@@ -11,10 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from sd35hub.adapters.embeddings import EMBEDDINGS_FILE, read_embeddings, save_embeddings
 from sd35hub.config import Config, DataSpec, LoraSpec, ModelSpec, TrainSpec, load_config
 from sd35hub.errors import AdapterError, ConfigError
 from sd35hub.models.tiny import CLIP_HIDDEN, T5_D_MODEL
-from sd35hub.train.embeddings_file import EMBEDDINGS_FILE, read_embeddings, save_embeddings
 from sd35hub.train.pivotal import PivotalTokens
 
 TOKENS = ["<s0>", "<s1>"]

@@ -23,7 +23,10 @@ from typing import Any
 
 import torch
 
+from sd35hub.adapters.embeddings import token_strings
 from sd35hub.errors import ConfigError
+
+__all__ = ["ENCODERS", "NewTokenRows", "PivotalTokens", "token_strings"]
 
 # our encoder name -> (pipeline tokenizer attribute, pipeline text-encoder attribute)
 ENCODERS: dict[str, tuple[str, str]] = {
@@ -32,11 +35,6 @@ ENCODERS: dict[str, tuple[str, str]] = {
     "t5": ("tokenizer_3", "text_encoder_3"),
 }
 TOKEN_NAME = re.compile(r"^[a-z][a-z0-9_]{0,15}$")
-
-
-def token_strings(name: str, count: int) -> list[str]:
-    """``<s0>``, ``<s1>``, ... : the new tokens of a run (lowercase: CLIP lowercases prompts)."""
-    return [f"<{name}{i}>" for i in range(count)]
 
 
 class NewTokenRows(torch.nn.Module):
@@ -160,7 +158,7 @@ class PivotalTokens:
             r.sync()
 
     def state(self) -> dict[str, torch.Tensor]:
-        """{encoder: [N, D] fp32 CPU copy}: what :func:`sd35hub.train.embeddings_file.save_embeddings` writes."""
+        """{encoder: [N, D] fp32 CPU copy}: what :func:`sd35hub.adapters.embeddings.save_embeddings` writes."""
         return {name: r.rows.detach().float().cpu().clone() for name, r in self.rows.items()}
 
     def load_state(self, state: dict[str, torch.Tensor]) -> None:

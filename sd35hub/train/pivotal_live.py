@@ -20,9 +20,9 @@ from typing import Any
 
 import torch
 
+from sd35hub.adapters.embeddings import EMBEDDINGS_FILE, read_embeddings, save_embeddings
 from sd35hub.config import Config
 from sd35hub.errors import ConfigError
-from sd35hub.train.embeddings_file import EMBEDDINGS_FILE, read_embeddings, save_embeddings
 from sd35hub.train.pivotal import PivotalTokens, token_strings
 
 
@@ -106,7 +106,7 @@ class Pivotal:
                 f"the checkpoint {folder} has no {EMBEDDINGS_FILE}: it was not written by a run with "
                 "train.new_tokens; resume with the config it was trained with"
             )
-        from sd35hub.train.embeddings_file import pipeline_dims
+        from sd35hub.adapters.embeddings import pipeline_dims
 
         saved = read_embeddings(path, dims=pipeline_dims(self.text_pipe))
         if saved.tokens != self.tokens.tokens:

@@ -586,7 +586,7 @@ class Trainer:
             path = save_trained(self.acc.unwrap_model(self.transformer), folder, metadata=metadata, spec=cfg.lora,
                                 initial=self.initial_adapter,
                                 text_encoders=self.text.lora_encoders() if self.text is not None else None)
-        if self.pivotal is not None:  # embeddings.safetensors next to the adapter (sd35hub.train.embeddings_file)
+        if self.pivotal is not None:  # embeddings.safetensors next to the adapter (sd35hub.adapters.embeddings)
             self.pivotal.save(folder)
         return path
 

@@ -37,7 +37,13 @@ FILE_KEYS = {"clip_l": "clip_l", "clip_g": "clip_g", "t5": "t5xxl"}
 MAX_TOKENS = 64  # textual-inversion files hold 1-16 vectors; more is not an embedding file
 MAX_EMBEDDINGS_BYTES = 32 * 1024**2  # 64 tokens x (768 + 1280 + 4096) x fp32 = 1.5 MiB
 TOKEN_TEXT = re.compile(r"^<[a-z][a-z0-9_]{0,23}>$")
+PIPELINE_ENCODERS = {"clip_l": "text_encoder", "clip_g": "text_encoder_2", "t5": "text_encoder_3"}
 ENCODER_DIMS = {"clip_l": 768, "clip_g": 1280, "t5": 4096}  # SD3.5 (the tiny model is smaller: pass its dims)
+
+
+def token_strings(name: str, count: int) -> list[str]:
+    """``<s0>``, ``<s1>``, ... : the new tokens of a run (lowercase: CLIP lowercases prompts)."""
+    return [f"<{name}{i}>" for i in range(count)]
 
 
 @dataclass(frozen=True)
@@ -145,8 +151,6 @@ def read_embeddings(
             listed = None
         found = check_tokens(listed, source=source)
     else:
-        from sd35hub.train.pivotal import token_strings
-
         found = check_tokens(tokens or token_strings("s", count), source=source)
     if len(found) != count:
         raise AdapterError(f"{source}: {len(found)} tokens for {count} embedding rows: refused")
@@ -155,10 +159,8 @@ def read_embeddings(
 
 def pipeline_dims(pipe: Any) -> dict[str, int]:
     """Each present encoder's input-embedding width in ``pipe`` (what :func:`read_embeddings` checks)."""
-    from sd35hub.train.pivotal import ENCODERS
-
     out = {}
-    for name, (_, enc_attr) in ENCODERS.items():
+    for name, enc_attr in PIPELINE_ENCODERS.items():
         encoder = getattr(pipe, enc_attr, None)
         if encoder is not None:
             out[name] = int(encoder.get_input_embeddings().weight.shape[1])
