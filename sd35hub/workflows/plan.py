@@ -19,10 +19,18 @@ Phases, in the order the trainer runs them (sd35hub.train.recipe):
     save / publish     the adapter (a few MB) and the run folder
 
 The GPU figures predict PyTorch's reserved memory (what an allocator cap limits). The host figures
-are the resident set of the process: a base for Python + torch + CUDA libraries, plus the pages of the
-weights file being read (safetensors maps it; those pages are page cache the kernel can reclaim, shown
-separately as "file"), plus what a phase holds in anonymous memory. The constants below are estimates
-to be checked against benchmarks/memory_journey.py; the weight sizes are exact counts from the configs.
+are the resident set of the process: a base for Python + torch + CUDA libraries (smaller while caching
+than once training has imported and allocated its own), plus what a load adds, which depends on the loader
+(``PlanInputs.loader``, sd35hub.models.stream):
+
+    stream  (default) one reusable buffer of the component's largest tensor + one converted copy of it;
+            the reads go through the kernel's page cache, which is not in the process's RSS
+    mmap    (SD35HUB_LOADER=mmap: the libraries' from_pretrained) the mapped pages of the weights files,
+            shown separately as "file" (reclaimable): every shard of a transformers text encoder (they
+            stay mapped together: T5-XXL's 9.5 GB), the largest shard of a diffusers model
+
+plus what a phase holds in anonymous memory. The constants below are fitted to run 16's measurements
+(benchmarks/results/run16_memory_journey/, mmap loader); the weight sizes are exact counts from the configs.
 """
 
 from __future__ import annotations
@@ -45,7 +53,8 @@ GPU_CAP_ENV = "SD35HUB_GPU_MEMORY_CAP_GIB"  # cap PyTorch's allocator (emulates 
 HOST_RAM_ENV = "SD35HUB_HOST_MEMORY_GIB"  # plan for this much system RAM (e.g. 12.7 for a free Colab)
 CONTEXT_GIB = 0.6  # CUDA context + libraries outside the allocator (no cap set)
 RESERVE_FACTOR, RESERVE_GIB = 1.08, 0.25  # reserved ~ allocated x 1.08 + workspaces
-HOST_BASE_GIB = {"cuda": 2.5, "cpu": 1.0}  # python + torch + diffusers/transformers (+ CUDA libraries)
+HOST_BASE_GIB = {"cuda": 2.5, "cpu": 1.0}  # python + torch + diffusers/transformers (+ CUDA libraries), training
+HOST_BASE_ENCODE_GIB = {"cuda": 1.5, "cpu": 1.0}  # the same while caching (run 16: 1.6-1.9 with small files)
 OS_HOST_GIB = 0.6  # left to the OS and the notebook kernel
 ACT_PER_BLOCK = 27  # activations of one MMDiT block, in units of tokens x width (measured: FACTS.md step table)
 ACT_DUAL = 12  # extra for a block with a second attention (Medium)
@@ -82,6 +91,7 @@ class PlanInputs:
     # text-encoder LoRA (lora.text_encoders): the components kept on the device for the whole run, and their rank
     text_encoder_lora: tuple[str, ...] = ()
     text_encoder_rank: int = 0
+    loader: str = "stream"  # stream | mmap (sd35hub.models.stream.use_streaming)
 
 
 @dataclass(frozen=True)
@@ -197,17 +207,26 @@ def plan_memory(sizes: dict[str, ComponentSize], i: PlanInputs) -> MemoryPlan:
     return plan
 
 
+def _load_host(size: ComponentSize, i: PlanInputs, library: str) -> tuple[float, float]:
+    """(anonymous, file-backed) host bytes a load of ``size`` adds while it runs, for the plan's loader."""
+    if i.loader == "mmap":
+        return 0.0, float(size.file_bytes or size.largest_file) if library == "transformers" else float(size.largest_file)
+    out_bytes = 4 if i.dtype == "fp32" else 2
+    return size.largest_tensor * (1 + out_bytes / 2), 0.0  # the buffer + one converted copy of one tensor
+
+
 def _plan(sizes: dict[str, ComponentSize], i: PlanInputs) -> MemoryPlan:
     cuda = i.device == "cuda"
-    base = HOST_BASE_GIB["cuda" if cuda else "cpu"]
     act_bytes = 4 if i.dtype == "fp32" else 2
     phases: list[Phase] = []
 
     def add(name: str, gpu_alloc: float, host_anon: float, file_bytes: float, weights: int, strategy: str,
-            host_weights: float = 0.0) -> Phase:
+            host_weights: float = 0.0, load: tuple[float, float] = (0.0, 0.0)) -> Phase:
         gpu = _reserved(gpu_alloc) if cuda and gpu_alloc else 0.0
-        file_gib = _gib(file_bytes)
-        host = base + _gib(host_anon + host_weights) + file_gib
+        file_gib = _gib(file_bytes + load[1])
+        caching = name.startswith(("encode ", "load transformer"))
+        base = (HOST_BASE_ENCODE_GIB if caching else HOST_BASE_GIB)["cuda" if cuda else "cpu"]
+        host = base + _gib(host_anon + host_weights + load[0]) + file_gib
         problems = []
         if cuda and gpu > i.gpu_budget_gib:
             problems.append(f"needs ~{gpu:.1f} GiB of GPU memory, the budget is {i.gpu_budget_gib:.1f} GiB")
@@ -224,8 +243,9 @@ def _plan(sizes: dict[str, ComponentSize], i: PlanInputs) -> MemoryPlan:
     encode_act = VAE_ENCODE_ACT * vae.width * i.resolution**2 * act_bytes
     buffer = i.buffer_size * i.resolution**2 * 3 + i.batch_size * 3 * i.resolution**2 * 4
     where = "on the GPU" if cuda else "on the CPU"
-    add("encode images (VAE)", vae_w + encode_act, buffer + (0 if cuda else vae_w + encode_act), vae.largest_file,
-        vae_w, f"VAE alone {where}, slicing (one image at a time); latents to the cache")
+    add("encode images (VAE)", vae_w + encode_act, buffer + (0 if cuda else vae_w + encode_act), 0,
+        vae_w, f"VAE alone {where}, slicing (one image at a time); latents to the cache",
+        load=_load_host(vae, i, "diffusers"))
 
     # encode captions: one encoder at a time, each freed before the next
     texts = f"captions + '' + {i.validation_prompts} validation prompt(s)"
@@ -235,8 +255,9 @@ def _plan(sizes: dict[str, ComponentSize], i: PlanInputs) -> MemoryPlan:
         enc = sizes[name]
         w = enc.weight_bytes(i.dtype)
         act = _text_activations(enc, i.batch_size, CLIP_TOKENS, act_bytes)
-        add(f"encode captions ({enc.label})", w + act, 0 if cuda else w + act, enc.largest_file, w,
-            f"{enc.label} alone, loaded straight {'onto the GPU' if cuda else 'on the CPU'}, freed after ({texts})")
+        add(f"encode captions ({enc.label})", w + act, 0 if cuda else w + act, 0, w,
+            f"{enc.label} alone, loaded straight {'onto the GPU' if cuda else 'on the CPU'}, freed after ({texts})",
+            load=_load_host(enc, i, "transformers"))
     t5_mode = "none"
     if "text_encoder_3" in sizes and i.drop_t5:
         t5_mode = "dropped"
@@ -251,8 +272,8 @@ def _plan(sizes: dict[str, ComponentSize], i: PlanInputs) -> MemoryPlan:
             act = _text_activations(t5, i.batch_size, i.max_sequence_length, act_bytes)
             how = {"gpu": "on the GPU", "gpu-int8": "8-bit (bitsandbytes) on the GPU",
                    "gpu-nf4": "NF4 (bitsandbytes) on the GPU", "cpu": "on the CPU (slow: minutes per 100 captions)"}[t5_mode]  # fmt: skip
-            phase = add("encode captions (T5-XXL)", 0 if on_cpu else w + act, w + act if on_cpu else 0, t5.largest_file,
-                        w, f"T5-XXL alone, {how}, freed after ({texts})")
+            phase = add("encode captions (T5-XXL)", 0 if on_cpu else w + act, w + act if on_cpu else 0, 0,
+                        w, f"T5-XXL alone, {how}, freed after ({texts})", load=_load_host(t5, i, "transformers"))
             if phase.fits or t5_mode == options[-1]:
                 break
             phases.pop()
@@ -261,8 +282,9 @@ def _plan(sizes: dict[str, ComponentSize], i: PlanInputs) -> MemoryPlan:
     t = sizes["transformer"]
     t_w = t.weight_bytes(i.dtype, i.quantize)
     qname = {"none": "", "nf4": " NF4 (quantized while loading)", "int8": " 8-bit (quantized while loading)"}[i.quantize]
-    add("load transformer", t_w, 0 if cuda else t_w, t.largest_file, t_w,
-        f"MMDiT{qname} straight {'onto the GPU' if cuda else 'to the CPU'}, only after the encoders are freed")
+    add("load transformer", t_w, 0 if cuda else t_w, 0, t_w,
+        f"MMDiT{qname} straight {'onto the GPU' if cuda else 'to the CPU'}, only after the encoders are freed",
+        load=_load_host(t, i, "diffusers"))
 
     lora = _lora_params(t, i.rank, i.lora_targets)
     lora_bytes = lora * (4 + 4 + OPTIMIZER_STATE.get(i.optimizer, 8))
@@ -397,6 +419,12 @@ def host_ram_gib() -> float:
         return 64.0
 
 
+def _loader() -> str:
+    from sd35hub.models.stream import use_streaming
+
+    return "stream" if use_streaming() else "mmap"
+
+
 def inputs_from_config(cfg: Config, profile: HardwareProfile, *, validation_prompts: int | None = None) -> PlanInputs:
     """PlanInputs of a profile-resolved config (see sd35hub.hardware.apply_profile)."""
     cuda = profile.name != "cpu"
@@ -416,7 +444,7 @@ def inputs_from_config(cfg: Config, profile: HardwareProfile, *, validation_prom
                                                            else profile.gradient_checkpointing),
         validation_prompts=validation_prompts if validation_prompts is not None else (len(t.validation_prompts) or 2),
         guidance=t.validation_guidance, holdout=cfg.data.holdout if cfg.data.holdout is not None else 4, buffer_size=cfg.data.buffer_size,
-        has_bitsandbytes=importlib.util.find_spec("bitsandbytes") is not None,
+        has_bitsandbytes=importlib.util.find_spec("bitsandbytes") is not None, loader=_loader(),
         gpu_name=profile.device_name if profile.vram_gib else f"a {profile.name} card: none here",
         text_encoder_lora=tuple({"clip_l": "text_encoder", "clip_g": "text_encoder_2", "t5": "text_encoder_3"}[n]
                                 for n in cfg.lora.text_encoders),

@@ -36,6 +36,8 @@ class ComponentSize:
     quantizable: int  # nn.Linear weights bitsandbytes would replace
     fp32_params: int  # kept in fp32 when the model loads in fp16 (transformers' _keep_in_fp32_modules)
     largest_file: int  # bytes of the largest weights file (mapped into host memory while it loads)
+    file_bytes: int = 0  # bytes of all its weights files (transformers maps every shard at once)
+    largest_tensor: int = 0  # elements of its largest tensor x 2 (bf16/fp16 files): the streaming loader's buffer
     width: int = 0  # hidden size / d_model / first VAE block channels
     ffn: int = 0  # MLP width
     layers: int = 0
@@ -66,18 +68,18 @@ def _read(path: Path) -> dict[str, Any] | None:
         raise ModelLoadError(f"{path} is not readable JSON ({exc}); re-download or re-save the model.") from exc
 
 
-def _largest_file(folder: Path, params: int) -> int:
-    """Bytes of the largest *.safetensors file; from the shard index (Hub, configs only) when absent."""
+def _files(folder: Path, params: int) -> tuple[int, int]:
+    """(largest, total) bytes of the *.safetensors files; from the shard index (Hub, configs only) when absent."""
     files = [f.stat().st_size for f in folder.glob("*.safetensors")] if folder.is_dir() else []
     if files:
-        return max(files)
+        return max(files), sum(files)
     for index in folder.glob("*.safetensors.index.json") if folder.is_dir() else []:
         data = _read(index) or {}
         total = int((data.get("metadata") or {}).get("total_size") or 0)
         shards = len(set((data.get("weight_map") or {}).values())) or 1
         if total:
-            return total // shards
-    return params * 2  # one bf16/fp16 file (what the SD3.5 repos ship)
+            return total // shards, total
+    return params * 2, params * 2  # one bf16/fp16 file (what the SD3.5 repos ship)
 
 
 def _meta_model(library: str, class_name: str, config: dict[str, Any]) -> Any:
@@ -144,9 +146,11 @@ def sizes_from_folder(folder: Path, name: str = "model") -> dict[str, ComponentS
                 "check that the folder is a complete SD3/SD3.5 diffusers model."
             ) from exc
         total, quantizable, fp32 = _count(model)
+        largest_tensor = 2 * max((t.numel() for t in model.state_dict().values()), default=0)
         del model
+        largest, all_files = _files(folder / component, total)
         out[component] = ComponentSize(name=component, params=total, quantizable=quantizable, fp32_params=fp32,
-                                       largest_file=_largest_file(folder / component, total),
+                                       largest_file=largest, file_bytes=all_files, largest_tensor=largest_tensor,
                                        **_shape(component, config))  # fmt: skip
     if "transformer" not in out:
         raise ModelLoadError(f"{name} has no transformer/config.json: it is not a complete SD3/SD3.5 model.")
