@@ -211,3 +211,16 @@ def test_largest_tensor_is_the_streaming_buffer_of_the_tiny_model() -> None:
         itemsize = {e.dtype for f in files for e in read_header(f)}
         assert itemsize == {"F32"}, name  # the tiny model is saved in fp32: the buffer is twice the bf16 count
         assert TensorStream(files).buffer_bytes == 2 * size.largest_tensor, name
+
+
+def test_class_image_generation_is_a_phase_on_the_quantized_base(large: dict) -> None:
+    assert "generate class images" not in [p.name for p in plan_memory(large, _inputs()).phases]
+    plan = plan_memory(large, _inputs(class_images=50))
+    names = [p.name for p in plan.phases]
+    assert names.index("encode captions (T5-XXL)") < names.index("load transformer") < names.index(
+        "generate class images") < names.index("train")  # fmt: skip
+    generate = plan.phase("generate class images")
+    assert generate.fits and "NF4" in generate.strategy and "50 class image(s)" in generate.strategy
+    # the base + VAE, no LoRA or optimizer: under training's peak, far under a bf16 base's 15 GiB
+    assert generate.gpu_gib < plan.phase("train").gpu_gib + 1.0 and generate.gpu_gib < 10.0
+    assert plan_memory(large, _inputs(class_images=50, gpu_budget_gib=4.0)).first_failure is not None

@@ -117,3 +117,30 @@ def test_train_refuses_before_loading_when_no_plan_fits(capsys: pytest.CaptureFi
     assert "encode captions (T5-XXL)" in err  # the first phase that does not fit; the transformer would not either
     assert "model.quantize=nf4" in err and "together with model.drop_t5=true" in err
     assert loader.loader_log[start:] == []
+
+
+@pytest.mark.slow
+def test_prior_preservation_renders_class_images_as_a_phase_of_the_plan(tmp_path: Path) -> None:
+    """Class images come from the base alone (no encoder alive), between the caption encoders and the
+    class images' own cache; the plan lists the phase and memory.json measures it."""
+    extra = ("data.class_prompt=a shape on a background", "data.num_class_images=2")
+    cfg = _config(tmp_path, *extra)
+    plan = plan_for_config(cfg, detect_profile("cpu"))
+    names = [p.name for p in plan.phases]
+    assert names.index("load transformer") < names.index("generate class images") < names.index("train")
+    assert "2 class image(s)" in plan.phase("generate class images").strategy
+    gc.collect()
+    start = len(loader.loader_log)
+    result = train(cfg, progress=False)
+    log = [(event, name) for event, name, _ in loader.loader_log[start:]]
+    assert [name for event, name in log if event == "load"] == [
+        "vae", "text_encoder", "text_encoder_2", "text_encoder_3", "transformer",  # instance cache, then rendering
+        "text_encoder", "text_encoder_2", "text_encoder_3", "transformer"]  # class cache, then training  # fmt: skip
+    live: set[str] = set()
+    for event, name in log:  # an encoder never shares the device with the transformer or another encoder
+        if event == "load" and name in (*ENCODERS, "transformer"):
+            assert not live & {*ENCODERS, "transformer"}, (name, live)
+        (live.add if event == "load" else live.discard)(name)
+    phases = json.loads((result.output_dir / "memory.json").read_text())["phases"]
+    assert phases["generate class images"]["items"] == 2 and "predicted_host_gib" in phases["generate class images"]
+    assert result.summary["prior_preservation"]["generated"] == 2

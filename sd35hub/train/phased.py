@@ -5,8 +5,10 @@
     made of that transformer, the VAE (kept on the CPU between validations) and no text encoders:
     the validation prompts were encoded with the captions and are read back from the cache.
 
-Prior preservation (data.class_prompt) renders class images with the whole base pipeline before
-training, so that run loads every component at once (the previous path); the memory plan says so.
+Prior preservation (data.class_prompt) follows the same order: the class prompt is encoded with the
+captions; when class images are missing, the plan's phase "generate class images" loads the base alone
+(quantized as for training), renders them with the cached class-prompt embeddings and frees it; the class
+images are then cached with the encoders one at a time, and the base is loaded again for training.
 """
 
 from __future__ import annotations
@@ -33,6 +35,13 @@ def _validation_prompts(trainer: Any, index: Any, prompts: list[str]) -> Any:
     return EncodedPrompts(list(prompts), out)
 
 
+def _rows(encoded: Any, rows: list[int]) -> Any:
+    """The EncodedPrompts of some of ``encoded``'s prompts (rows in order)."""
+    from sd35hub.train.validation import EncodedPrompts
+
+    return EncodedPrompts([encoded.prompts[r] for r in rows], {k: v[rows] for k, v in encoded.embeds.items()})
+
+
 def validation_pipeline(model: str, transformer: Any, vae: Any, *, revision: str | None, tiling: bool) -> Any:
     """StableDiffusion3Pipeline(transformer, vae, scheduler) with no text encoders (embeddings are cached)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
@@ -51,57 +60,59 @@ def validation_pipeline(model: str, transformer: Any, vae: Any, *, revision: str
     return pipe
 
 
+def load_base(trainer: Any) -> Any:
+    """The plan's phase 'load transformer': the base (quantized while loading) straight onto the device."""
+    from sd35hub.models.load import load_transformer
+
+    cfg = trainer.config
+    with trainer.phases.phase("load transformer"):
+        transformer = load_transformer(cfg.model.name, dtype=trainer.weight_dtype, revision=cfg.model.revision,
+                                       quantize=cfg.model.quantize, device=str(trainer.device))  # fmt: skip
+        if cfg.model.attention == "xformers":
+            transformer.enable_xformers_memory_efficient_attention()
+    return transformer
+
+
 def encode_and_load(trainer: Any, cache_dir: Path, prompts: list[str]) -> Any:
     """Fill trainer.index / prior / prompts; return the pipeline the trainer validates with."""
-    from sd35hub.data.cache import CacheIndex, build_cache, free_encoders
+    from sd35hub.data.cache import CacheIndex, build_cache
     from sd35hub.data.encode import PhasedEncoders
-    from sd35hub.models.load import load_pipeline, load_transformer
 
     cfg, acc, plan, phases = trainer.config, trainer.acc, trainer.plan, trainer.phases
     train = cfg.train
-    phased = not cfg.data.class_prompt.strip()
-    if phased:
-        t5 = "dropped" if cfg.model.drop_t5 else (plan.t5 if plan is not None and plan.t5 != "none" else "gpu")
-        if trainer.device.type != "cuda" and t5 != "dropped":
-            t5 = "gpu"  # on a CPU run the "device" is the CPU
-        encoders: Any = PhasedEncoders(cfg.model.name, device=trainer.device, dtype=trainer.weight_dtype,
-                                       max_sequence_length=cfg.data.max_sequence_length,
-                                       joint_attention_dim=trainer.info.joint_attention_dim, t5=t5,
-                                       revision=cfg.model.revision, batch_size=train.batch_size,
-                                       phase=phases.phase)  # fmt: skip
-    else:
-        with phases.phase("load pipeline (prior preservation)"):
-            encoders = load_pipeline(cfg.model.name, dtype=trainer.weight_dtype, revision=cfg.model.revision,
-                                     quantize=cfg.model.quantize, attention=cfg.model.attention,
-                                     drop_t5=cfg.model.drop_t5)  # fmt: skip
-            encoders.set_progress_bar_config(disable=True)
-            for name in ("text_encoder", "text_encoder_2", "text_encoder_3", "vae"):
-                if getattr(encoders, name, None) is not None:
-                    getattr(encoders, name).to(trainer.device)
+    t5 = "dropped" if cfg.model.drop_t5 else (plan.t5 if plan is not None and plan.t5 != "none" else "gpu")
+    if trainer.device.type != "cuda" and t5 != "dropped":
+        t5 = "gpu"  # on a CPU run the "device" is the CPU
+    encoders = PhasedEncoders(cfg.model.name, device=trainer.device, dtype=trainer.weight_dtype,
+                              max_sequence_length=cfg.data.max_sequence_length,
+                              joint_attention_dim=trainer.info.joint_attention_dim, t5=t5,
+                              revision=cfg.model.revision, batch_size=train.batch_size,
+                              phase=phases.phase)  # fmt: skip
+    class_prompt = cfg.data.class_prompt.strip()
+    # the class prompt is encoded with the captions: class images are rendered without any text encoder
+    encoded = list(prompts) + ([cfg.data.class_prompt] if class_prompt and cfg.data.class_prompt not in prompts else [])
     with acc.main_process_first():  # rank 0 encodes; then the first process of each other node checks/fills its cache
         if acc.is_local_main_process:
             trainer.index = build_cache(cfg.data, encoders, cache_dir, model_id=cfg.model.name,
                                         batch_size=train.batch_size, device=trainer.device, dtype=trainer.weight_dtype,
                                         seed=train.seed, progress=trainer.progress and trainer.main,
-                                        prompts=prompts, max_side=trainer.info.max_resolution)  # fmt: skip
+                                        prompts=encoded, max_side=trainer.info.max_resolution)  # fmt: skip
     acc.wait_for_everyone()
     if not acc.is_local_main_process:  # one writer per cache dir: the others read the index it just wrote
         trainer.index = CacheIndex.load(cache_dir)
+    every = (_validation_prompts(trainer, trainer.index, encoded)
+             if trainer.main or (class_prompt and acc.is_local_main_process) else None)  # fmt: skip
     trainer.prior = None
-    if not phased:  # DreamBooth prior preservation: class images next to the instance ones
+    if class_prompt:  # DreamBooth prior preservation: class images next to the instance ones
         from sd35hub.train.prior import prepare_prior
 
-        trainer.prior = prepare_prior(trainer, encoders, cache_dir)
-    trainer.prompts = _validation_prompts(trainer, trainer.index, prompts) if trainer.main else None
-    if not phased:
-        free_encoders(encoders)  # text encoders + VAE back to the CPU: the GPU is the transformer's now
-        return encoders
+        row = encoded.index(cfg.data.class_prompt)
+        class_embeds = _rows(every, [row]) if every is not None else None
+        trainer.prior = prepare_prior(trainer, encoders, cache_dir, class_embeds=class_embeds,
+                                      load_transformer=lambda: load_base(trainer))  # fmt: skip
+    trainer.prompts = _rows(every, list(range(len(prompts)))) if trainer.main and every is not None else None
     # every encoder is gone now: the transformer may have the device
-    with phases.phase("load transformer"):
-        transformer = load_transformer(cfg.model.name, dtype=trainer.weight_dtype, revision=cfg.model.revision,
-                                       quantize=cfg.model.quantize, device=str(trainer.device))  # fmt: skip
-        if cfg.model.attention == "xformers":
-            transformer.enable_xformers_memory_efficient_attention()
+    transformer = load_base(trainer)
     vae = encoders.load_vae()  # on the CPU (it was loaded for the images, or now when everything was cached)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

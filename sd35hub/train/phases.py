@@ -27,8 +27,8 @@ REMEDIES = {
     "encode captions (CLIP-L)": "free the GPU of other processes (CLIP-L alone is 0.3 GB)",
     "encode captions (CLIP-G)": "free the GPU of other processes (CLIP-G alone is 1.4 GB)",
     "encode captions (T5-XXL)": "model.text_encoder_quantize=nf4 (or int8; needs bitsandbytes), or model.drop_t5=true",
-    "encode captions (all encoders)": "drop prior preservation (data.class_prompt) so the encoders load one at a time, "
-                                      "or model.drop_t5=true",
+    "encode captions (all encoders)": "model.drop_t5=true (every encoder of a loaded pipeline is in memory at once)",
+    "generate class images": "model.quantize=nf4, a lower data.resolution, or class images of your own (data.class_data)",
     "load transformer": "model.quantize=nf4 (bitsandbytes), or model.name=stabilityai/stable-diffusion-3.5-medium",
     "train": "train.gradient_checkpointing=true, model.quantize=nf4, a lower data.resolution or train.batch_size=1",
     "validate": "a lower data.resolution or fewer train.validation_prompts (training itself fitted)",

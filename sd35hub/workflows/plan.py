@@ -13,6 +13,9 @@ Phases, in the order the trainer runs them (sd35hub.train.recipe):
                        every caption, the empty caption and the validation prompts, then freed before the
                        next is loaded; T5 in 8-bit / NF4 (bitsandbytes) or on the CPU when it would not fit
     load transformer   only once every encoder is gone; quantized while loading, straight to the device
+    generate class     prior preservation only: the base alone renders the missing class images from the
+    images             cached class-prompt embeddings, is freed, the class images are cached (VAE, then the
+                       encoders one at a time, as above) and the base is loaded again
     train              frozen base + LoRA weights, gradients, optimizer state and activations
     validate           the quantized base with the LoRA, cached prompt embeddings, VAE decode (tiled
                        when the decode would not fit); the final samples are the last validation's images
@@ -92,6 +95,7 @@ class PlanInputs:
     text_encoder_lora: tuple[str, ...] = ()
     text_encoder_rank: int = 0
     loader: str = "stream"  # stream | mmap (sd35hub.models.stream.use_streaming)
+    class_images: int = 0  # prior preservation: class images the base renders before training (at most)
 
 
 @dataclass(frozen=True)
@@ -286,6 +290,18 @@ def _plan(sizes: dict[str, ComponentSize], i: PlanInputs) -> MemoryPlan:
         f"MMDiT{qname} straight {'onto the GPU' if cuda else 'to the CPU'}, only after the encoders are freed",
         load=_load_host(t, i, "diffusers"))
 
+    cfg_batch = 2 if i.guidance > 1.0 else 1
+    decode_full = VAE_DECODE_ACT * vae.width * i.resolution**2 * act_bytes
+    if i.class_images:  # prior preservation: the base alone (no LoRA yet) + the VAE, cached class-prompt embeddings
+        held = t_w + vae_w
+        gen_tiling = cuda and _reserved(held + decode_full) > i.gpu_budget_gib
+        gen_decode = VAE_DECODE_ACT * vae.width * min(i.resolution, VAE_TILE) ** 2 * act_bytes if gen_tiling else decode_full
+        add("generate class images", held + max(cfg_batch * _train_tokens(i) * t.width * act_bytes * 12, gen_decode),
+            0 if cuda else held, 0, held,
+            f"{i.class_images} class image(s): the base{qname} with the class prompt's cached embeddings (no encoder), "
+            "then freed; the class images are cached with the encoders one at a time (as above) and the base is "
+            "loaded again")  # fmt: skip
+
     lora = _lora_params(t, i.rank, i.lora_targets)
     lora_bytes = lora * (4 + 4 + OPTIMIZER_STATE.get(i.optimizer, 8))
     tokens = _train_tokens(i)
@@ -309,10 +325,8 @@ def _plan(sizes: dict[str, ComponentSize], i: PlanInputs) -> MemoryPlan:
         f"{'on' if i.gradient_checkpointing else 'off'}; latents and embeddings from the cache{te_note}")
 
     # validation: base + LoRA, cached embeddings, then the VAE decode
-    cfg_batch = 2 if i.guidance > 1.0 else 1
     heldout_chunk = min(8, max(i.holdout, 1) * 5)
     infer_act = max(cfg_batch, heldout_chunk) * tokens * t.width * act_bytes * 12
-    decode_full = VAE_DECODE_ACT * vae.width * i.resolution**2 * act_bytes
     held = t_w + lora * 4 + vae_w + kept_w + te_lora * 4
     tiling = cuda and _reserved(held + decode_full) > i.gpu_budget_gib
     decode = VAE_DECODE_ACT * vae.width * min(i.resolution, VAE_TILE) ** 2 * act_bytes if tiling else decode_full
@@ -419,6 +433,19 @@ def host_ram_gib() -> float:
         return 64.0
 
 
+def _class_images(cfg: Config) -> int:
+    """Class images prior preservation may render: data.num_class_images less those data.class_data holds."""
+    from pathlib import Path
+
+    from sd35hub.data.images import IMAGE_EXTENSIONS
+
+    if not cfg.data.class_prompt.strip():
+        return 0
+    folder = Path(cfg.data.class_data).expanduser() if cfg.data.class_data else None
+    have = sum(1 for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS) if folder and folder.is_dir() else 0
+    return max(cfg.data.num_class_images - have, 0)
+
+
 def _loader() -> str:
     from sd35hub.models.stream import use_streaming
 
@@ -445,6 +472,7 @@ def inputs_from_config(cfg: Config, profile: HardwareProfile, *, validation_prom
         validation_prompts=validation_prompts if validation_prompts is not None else (len(t.validation_prompts) or 2),
         guidance=t.validation_guidance, holdout=cfg.data.holdout if cfg.data.holdout is not None else 4, buffer_size=cfg.data.buffer_size,
         has_bitsandbytes=importlib.util.find_spec("bitsandbytes") is not None, loader=_loader(),
+        class_images=_class_images(cfg),
         gpu_name=profile.device_name if profile.vram_gib else f"a {profile.name} card: none here",
         text_encoder_lora=tuple({"clip_l": "text_encoder", "clip_g": "text_encoder_2", "t5": "text_encoder_3"}[n]
                                 for n in cfg.lora.text_encoders),
