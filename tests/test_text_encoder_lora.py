@@ -396,8 +396,9 @@ def test_two_processes_train_the_text_encoder_lora_like_one_with_accumulation(tm
 
 @pytest.mark.slow
 def test_prior_preservation_encodes_the_class_prompt_with_the_adapted_encoders(tmp_path: Path):
-    """With data.class_prompt the pipeline holds every encoder; the live ones are taken from it and the class
-    loss goes through them: a changed CLIP LoRA changes the prior loss of the same class batch."""
+    """With data.class_prompt the class images are rendered inside the memory plan (the validation pipeline
+    holds no encoder), the live encoders are loaded after the transformer and the class loss goes through
+    them: a changed CLIP LoRA changes the prior loss of the same class batch."""
     from test_prior import prior_config
 
     from sd35hub.train import recipe
@@ -407,7 +408,7 @@ def test_prior_preservation_encodes_the_class_prompt_with_the_adapted_encoders(t
     trainer = recipe.Trainer(cfg, log=lambda s: None, progress=False)
     try:
         trainer.setup()
-        assert trainer.text.encoders["text_encoder_2"] is trainer.pipe.text_encoder_2  # from the pipeline
+        assert trainer.pipe.text_encoder_2 is None and trainer.text.encoders["text_encoder_2"] is not None
         trainer.train()
         result = trainer.save()
         assert result.summary["prior_preservation"]["class_samples_seen"] > 0
