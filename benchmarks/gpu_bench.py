@@ -160,6 +160,8 @@ def main() -> None:
             (args.out / "bench.json").write_text(json.dumps(everything, indent=2))
             (args.out / "bench.md").write_text(markdown(everything))
         print(B.format_table(results), flush=True)
+    (args.out / "bench.json").write_text(json.dumps(everything, indent=2))
+    (args.out / "bench.md").write_text(markdown(everything))
     for spec in filter(None, args.trace.split(",")):
         model, key = spec.split(":")
         print(trace(model, VARIANTS[key], args), flush=True)

@@ -155,3 +155,25 @@ def test_fused_layers_trace_into_one_graph_per_block(monkeypatch) -> None:
     for name in grads:
         torch.testing.assert_close(compiled_grads[name], grads[name], rtol=1e-4, atol=1e-6)
     speed.reset_compiler()
+
+
+@pytest.mark.slow
+def test_gpu_bench_script_writes_json_and_markdown_and_skips_past_its_deadline(tmp_path) -> None:
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, str(root / "benchmarks" / "gpu_bench.py"), "--smoke", "--out", str(tmp_path),
+                          "--plan", "tiny=ref,eager-cudnn,nocast", "--deadline-s", "1e9", "--min-left-s", "0"],
+                         capture_output=True, text=True, cwd=root, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    everything = json.loads((tmp_path / "bench.json").read_text())
+    assert [r["extra"]["key"] for r in everything["results"]] == ["ref", "eager-cudnn", "nocast"]
+    assert all(len(r["extra"]["losses"]) == 4 for r in everything["results"])  # 2 warm-up + 2 timed steps
+    table = (tmp_path / "bench.md").read_text()
+    assert "| eager-cudnn | ours eager + cudnn |" in table and "| nocast |" in table
+    late = subprocess.run([sys.executable, str(root / "benchmarks" / "gpu_bench.py"), "--smoke", "--out", str(tmp_path / "late"),
+                           "--plan", "tiny=ref", "--deadline-s", "0"], capture_output=True, text=True, cwd=root, timeout=300)
+    assert late.returncode == 0 and json.loads((tmp_path / "late" / "bench.json").read_text())["skipped"][0]["variant"] == "ref"
