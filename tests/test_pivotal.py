@@ -328,3 +328,50 @@ def test_stock_diffusers_with_the_lora_and_embeddings_reproduces_the_trained_mod
     assert torch.allclose(
         render(None), render(trained["trainer_transformer"]), atol=1e-4
     )  # LoRA loaded = trained
+
+
+@pytest.mark.slow
+def test_the_cards_snippet_loads_lora_and_embeddings_and_runs(trained, monkeypatch):
+    out = trained["out"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["embeddings"]["tokens"] == TOKENS and summary["embeddings"]["keys"] == ["clip_l", "clip_g"]
+    card = (out / "README.md").read_text()
+    assert "`<s0><s1>` are new tokens" in card and "embedding:NAME" in card
+    snippet = card.split("```python\n", 1)[1].split("```", 1)[0]
+    assert (
+        'pipe.load_textual_inversion(embeddings["clip_g"], token=tokens, text_encoder=pipe.text_encoder_2'
+        in snippet
+    )
+    snippet = snippet.replace('image.save("sample.png")', "")  # run it as a user would, in the output folder
+    monkeypatch.chdir(out)
+    scope: dict = {}
+    exec(compile(snippet, "card-snippet", "exec"), scope)  # noqa: S102 - our own generated card
+    pipe = scope["pipe"]
+    assert (
+        pipe.tokenizer.convert_tokens_to_ids("<s1>")
+        == pipe.text_encoder.get_input_embeddings().weight.shape[0] - 1
+    )
+    rows = load_file(str(out / "adapter" / EMBEDDINGS_FILE))["clip_g"]
+    ids = pipe.tokenizer_2.convert_tokens_to_ids(TOKENS)
+    assert torch.equal(pipe.text_encoder_2.get_input_embeddings().weight[ids], rows)
+    assert scope["image"].size[0] > 0  # it rendered
+
+
+@pytest.mark.slow
+def test_publication_uploads_the_embeddings_and_refuses_a_bad_one(trained, tmp_path):
+    import shutil
+
+    from sd35hub.hub.publish import plan_publication
+
+    files, _ = plan_publication(trained["out"], "alice/subject")
+    by_path = {f.path_in_repo: f for f in files}
+    assert by_path[EMBEDDINGS_FILE].content == (trained["out"] / "adapter" / EMBEDDINGS_FILE).read_bytes()
+    broken = tmp_path / "broken"
+    shutil.copytree(trained["out"], broken, ignore=shutil.ignore_patterns("checkpoints", "cache"))
+    save_file(
+        {"clip_l": torch.full((2, CLIP_HIDDEN), float("inf"))},
+        str(broken / "adapter" / EMBEDDINGS_FILE),
+        metadata={"tokens": json.dumps(TOKENS)},
+    )
+    with pytest.raises(AdapterError, match="NaN or infinite"):
+        plan_publication(broken, "alice/subject")

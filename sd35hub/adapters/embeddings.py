@@ -157,6 +157,15 @@ def read_embeddings(
     return Embeddings(found, tensors)
 
 
+def dims_for_variant(variant: str | None) -> dict[str, int]:
+    """Each encoder's embedding width for a base variant ("tiny": the embedded test model)."""
+    if variant == "tiny":
+        from sd35hub.models.tiny import CLIP_HIDDEN, T5_D_MODEL
+
+        return {"clip_l": CLIP_HIDDEN, "clip_g": CLIP_HIDDEN, "t5": T5_D_MODEL}
+    return dict(ENCODER_DIMS)
+
+
 def pipeline_dims(pipe: Any) -> dict[str, int]:
     """Each present encoder's input-embedding width in ``pipe`` (what :func:`read_embeddings` checks)."""
     out = {}

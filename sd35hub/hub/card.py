@@ -144,6 +144,7 @@ class CardInfo:
     prior_preservation: dict[str, Any] | None = None  # class_prompt, class_images, generated, prior_loss_weight
     mask_t5_padding: bool = False  # trained on zeroed T5 padding embeddings
     fidelity: dict[str, Any] | None = None  # train.evaluate: CLIP-T / CLIP-I / DINO (sd35hub.workflows.fidelity)
+    embeddings: dict[str, Any] | None = None  # pivotal tuning: file, tokens, encoders, keys (sd35hub.train.pivotal_live)
 
     @property
     def resolved_variant(self) -> str | None:
@@ -321,6 +322,12 @@ def _snippet(info: CardInfo, source: str, adapter_name: str, prompt: str) -> str
     else:
         load = ["", 'base = "PATH/TO/BASE"  # the local diffusers folder of the SD3.5 model this adapter was trained on',
                 'pipe = StableDiffusion3Pipeline.from_pretrained(base, dtype=torch.bfloat16).to("cuda")']
+    embeddings = _embedding_lines(info, source)
+    if embeddings:  # SD3 pipelines lack diffusers' TextualInversionLoaderMixin: a subclass adds it
+        load = [line.replace("StableDiffusion3Pipeline.from_pretrained", "SD3WithEmbeddings.from_pretrained") for line in load]
+        load = ["from diffusers.loaders import TextualInversionLoaderMixin", *embeddings[0], "",
+                "class SD3WithEmbeddings(TextualInversionLoaderMixin, StableDiffusion3Pipeline):  # SD3 lacks the mixin",
+                "    pass", *load]
     return "\n".join(
         [
             "import torch",
@@ -329,10 +336,42 @@ def _snippet(info: CardInfo, source: str, adapter_name: str, prompt: str) -> str
             *_text_encoder_comment(info.lora),
             f'pipe.load_lora_weights("{source}", weight_name="{ADAPTER_FILE_IN_REPO}", adapter_name="{adapter_name}")',
             f'pipe.set_adapters(["{adapter_name}"], [1.0])',
+            *(embeddings[1] if embeddings else []),
             f"image = pipe({json.dumps(prompt, ensure_ascii=False)}, num_inference_steps={steps}, guidance_scale={guidance}).images[0]",
             'image.save("sample.png")',
         ]
     )
+
+
+_TI_ENCODERS = {"clip_l": ("text_encoder", "tokenizer"), "clip_g": ("text_encoder_2", "tokenizer_2"),
+                "t5xxl": ("text_encoder_3", "tokenizer_3")}
+
+
+def _embedding_lines(info: CardInfo, source: str) -> tuple[list[str], list[str]] | None:
+    """(imports, loading lines) of the pivotal-tuning embeddings, or None: diffusers' stock
+    load_textual_inversion, once per encoder key of embeddings.safetensors."""
+    from sd35hub.adapters.embeddings import EMBEDDINGS_FILE, check_tokens
+
+    emb = info.embeddings
+    if not isinstance(emb, dict):
+        return None
+    try:  # our own summary, but a card is Hub text: plain tokens only
+        tokens = check_tokens(emb.get("tokens"), source="summary.json embeddings")
+    except Exception:
+        return None
+    keys = [k for k in emb.get("keys") or [] if k in _TI_ENCODERS] or ["clip_l", "clip_g"]
+    if is_hub_id(source):
+        imports = ["from huggingface_hub import hf_hub_download", "from safetensors.torch import load_file"]
+        read = f'embeddings = load_file(hf_hub_download("{source}", "{EMBEDDINGS_FILE}"))'
+    else:
+        imports = ["from safetensors.torch import load_file"]
+        read = f'embeddings = load_file("{source}/{EMBEDDINGS_FILE}")'
+    lines = [read, f"tokens = {json.dumps(tokens)}  # the new tokens: write {''.join(tokens)} in the prompt"]
+    for key in keys:
+        encoder, tokenizer = _TI_ENCODERS[key]
+        lines.append(f'pipe.load_textual_inversion(embeddings["{key}"], token=tokens, text_encoder=pipe.{encoder}, '
+                     f"tokenizer=pipe.{tokenizer})")
+    return imports, lines
 
 
 def _text_encoder_comment(lora: dict[str, Any]) -> list[str]:
@@ -342,6 +381,17 @@ def _text_encoder_comment(lora: dict[str, Any]) -> list[str]:
         return []
     return [f"# the file also holds {' and '.join(f'{c}.*' for c in clips)} (text-encoder LoRA) keys: "
             "load_lora_weights applies them to the pipeline's CLIP encoders too"]
+
+
+def _embeddings_note(info: CardInfo) -> str | None:
+    """The trigger section's line about embeddings.safetensors (pivotal tuning), or None."""
+    if _embedding_lines(info, "x") is None:
+        return None
+    tokens = "".join(info.embeddings["tokens"])  # type: ignore[index]  # checked by _embedding_lines
+    return (f"`{tokens}` are new tokens whose embeddings were trained with the LoRA (pivotal tuning): load "
+            "`embeddings.safetensors` too (the snippet below). Its `clip_l` / `clip_g` (`t5xxl`) keys are the layout "
+            "diffusers' `load_textual_inversion` takes per encoder and ComfyUI reads from `models/embeddings/` "
+            f"(write `embedding:NAME` where the prompt has `{tokens}`).")
 
 
 def license_link_for(base_model: str | None) -> str:
@@ -415,6 +465,7 @@ def build_model_card(info: CardInfo, *, repo_id: str | None) -> ModelCard:
         variant_label=_VARIANT_LABELS.get(variant or "", "Stable Diffusion 3.5"),
         dataset_text=dataset_text,
         trigger_word=info.trigger_word,
+        embeddings_file=_embeddings_note(info),
         gallery=[{**img, "prompt_md": img["prompt"].replace("|", "\\|") or "—"} for img in gallery],
         snippet=_snippet(info, source, adapter_name, prompt),
         adapter_name=adapter_name,

@@ -107,6 +107,12 @@ def plan_publication(output_dir: str | Path, repo_id: str, base_model_id: str | 
         PlannedFile(ADAPTER_FILE_IN_REPO, adapter_bytes(adapter, base_model_id), info.adapter_file),
         PlannedFile("README.md", card_text.encode("utf-8"), "generated model card"),
     ]
+    if info.embeddings and isinstance(info.embeddings.get("file"), str):  # pivotal tuning: next to the adapter
+        from sd35hub.adapters.embeddings import EMBEDDINGS_FILE, dims_for_variant, read_embeddings
+
+        embeddings = inside(output_dir, info.embeddings["file"], "embeddings.file")
+        read_embeddings(embeddings, dims=dims_for_variant(info.resolved_variant))  # a bad file is refused, not sent
+        files.append(PlannedFile(EMBEDDINGS_FILE, embeddings.read_bytes(), info.embeddings["file"]))
     images = [image.path for image in info.validation_images] + ([info.loss_plot] if info.loss_plot else [])
     for local in dict.fromkeys(images):  # de-duplicated, in card order
         files.append(PlannedFile(repo_image_path(local), inside(output_dir, local, "image").read_bytes(), local))

@@ -213,6 +213,8 @@ def finish(trainer: Any) -> TrainResult:
                                    text_encoder_lr=cfg.train.text_encoder_lr or cfg.train.learning_rate)
         if cfg.data.mask_t5_padding:  # generation must zero the T5 padding too (generate --mask-t5-padding)
             summary["mask_t5_padding"] = True
+        if getattr(trainer, "pivotal", None) is not None:  # pivotal tuning: embeddings.safetensors by the adapter
+            summary["embeddings"] = trainer.pivotal.summary()
         if getattr(trainer, "prior", None) is not None:  # DreamBooth class images: counts and weight
             summary["prior_preservation"] = trainer.prior.summary(state.epoch * trainer.batches_per_epoch + state.batch_in_epoch)
         if cfg.train.evaluate:  # CLIP-T / CLIP-I / DINO of the final validation images (sd35hub eval for more)

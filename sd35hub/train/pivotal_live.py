@@ -94,6 +94,15 @@ class Pivotal:
         if not self.tokens.frozen and self.stop_step is not None and step >= self.stop_step:
             self.tokens.freeze()
 
+    def summary(self) -> dict[str, Any]:
+        """summary.json's "embeddings" (the card's snippet and the publication read it)."""
+        from sd35hub.adapters.embeddings import FILE_KEYS
+
+        t = self.cfg.train
+        return {"file": f"adapter/{EMBEDDINGS_FILE}", "tokens": list(self.tokens.tokens),
+                "encoders": list(t.token_encoders), "keys": [FILE_KEYS[n] for n in t.token_encoders],
+                "embedding_lr": t.embedding_lr, "embedding_steps": self.stop_step, "init": t.token_init or None}
+
     # ------------------------------------------------------------------ files
     def save(self, folder: Path) -> Path:
         return save_embeddings(self.tokens.state(), Path(folder) / EMBEDDINGS_FILE, tokens=self.tokens.tokens)
