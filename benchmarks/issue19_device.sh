@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Issue #19's GPU runs, one device call each (<= 9 min). Carry .whl (diffusers, psutil, bitsandbytes), .whl-extra
+# (torchvision 0.26.0 for the peer, torchao 0.18.0 for the FP8 rows) and, for `peer`, .peer (the diffusers script).
+#   bash benchmarks/issue19_device.sh levers   one H200: the levers, Large then Medium, in one process (~9 min)
+#   bash benchmarks/issue19_device.sh peer     one H200: the peer vs `sd35hub train`, Medium + Large, cold/warm (~9 min)
+#   bash benchmarks/issue19_device.sh both     kind nvidia-h200-x2: levers on GPU 1 while peer runs on GPU 0 (the
+#                                              bench's compile threads share the host with the eager peer: caveat)
+# Results: $OUT/levers/bench.{json,md}, $OUT/e2e/peer_e2e.{json,md} and $OUT/e2e/logs/*.log.
+set -uo pipefail
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl .whl-extra/*.whl \
+  && export PYTHONPATH=/tmp/site:$PWD || exit 1
+export PYTHONUNBUFFERED=1 SD35HUB_CACHE=/tmp/sdc OUT=${OUT:-/tmp/out}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+quiet() { grep -v -i -E "warn|^W1|Loading|torchao|Enum subclass|_C_"; }
+PLAN="large=ref,h100,nocast,fused-nocast,fp8-nocast,graph-nocast;medium=ref,h100,nocast,fused-nocast,h100-flash,cdt-nocast"
+levers() {
+  timeout 510 python3 benchmarks/gpu_bench.py --out "$OUT/levers" --plan "${PLAN_OVERRIDE:-$PLAN}" --steps 8 --budget-s 4 \
+    --deadline-s "${1:-490}" --min-left-s 50 --variant-timeout-s 150 --curve-steps 60 --curve-variants h100,fp8-nocast
+}
+peer() {
+  timeout 515 python3 benchmarks/peer_e2e.py --out "$OUT/e2e" --root /tmp/pe --deadline-s "${1:-500}" ${PEER_ARGS:-}
+}
+case "${1:-}" in
+  levers) levers 2>&1 | quiet | tail -80 ;;
+  peer) peer 2>&1 | quiet | tail -50 ;;
+  both)
+    mkdir -p "$OUT"
+    CUDA_VISIBLE_DEVICES=1 TORCHINDUCTOR_COMPILE_THREADS=8 levers > "$OUT/levers.log" 2>&1 &
+    CUDA_VISIBLE_DEVICES=0 peer 2>&1 | quiet | tail -40
+    wait
+    quiet < "$OUT/levers.log" | tail -60
+    ;;
+  *) echo "usage: bash benchmarks/issue19_device.sh levers|peer|both" >&2; exit 2 ;;
+esac
