@@ -107,14 +107,15 @@ def test_lycoris_files_use_comfyui_keys_and_merge_exactly(tmp_path, variant):
         got = fresh(**_inputs(), return_dict=False)[0]
     assert (expected - base).abs().max() > 1e-3
     torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
-    # convert refuses it, naming what the file is (not a low-rank pair)
+    # the LoRA reader (merge, adapter-info) refuses it, naming what the file is (not a low-rank pair);
+    # generate / the blend engine / convert read it through variants.read_variant (tests/test_variant_loading.py)
     from sd35hub.adapters.files import read_adapter
 
     with pytest.raises(AdapterError, match="LoKr" if variant == "lokr" else "LoHa"):
         read_adapter(file)
 
 
-def test_dora_is_refused_by_convert_with_its_name(tmp_path):
+def test_dora_is_refused_by_the_lora_reader_with_its_name(tmp_path):
     from sd35hub.adapters.files import read_adapter
 
     spec = dataclasses.replace(SPEC, variant="dora")
@@ -177,5 +178,8 @@ def test_card_says_where_a_variant_loads():
         return str(build_model_card(CardInfo(base_model="tiny", lora={"rank": 4, **lora}), repo_id=None))
 
     assert "LoKr, LyCORIS layout: load it in ComfyUI" in card({"variant": "lokr"})
+    # the card's snippet cannot use load_lora_weights for LyCORIS keys: it merges the exact delta
+    assert "merge_into(pipe.transformer" in card({"variant": "loha"}) and "pipe.load_lora_weights" not in card({"variant": "loha"})
+    assert "pipe.load_lora_weights" in card({"variant": "dora"})
     assert "pissa init, rsLoRA (saved as a plain LoRA" in card({"variant": "lora", "init": "pissa", "rslora": True})
     assert "adapter variant" not in card({})

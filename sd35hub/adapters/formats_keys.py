@@ -60,7 +60,8 @@ _NOT_LORA = (
 NOT_LORA_REASON = (
     "it is not a low-rank pair (delta_W = B A): diffusers/peft cannot load it as a LoRA, it cannot be "
     "blended by weight or converted exactly except at full rank. Load it in a tool that supports it "
-    "(ComfyUI), or export a plain LoRA from it (LyCORIS `extract`, ComfyUI LoraSave)"
+    "(ComfyUI), or export a plain LoRA from it (LyCORIS `extract`, ComfyUI LoraSave). DoRA, LoKr and LoHa files "
+    "trained by sd35hub load as they are in `sd35hub generate`, the Space and `sd35hub convert` (docs/formats.md)"
 )
 
 

@@ -10,6 +10,9 @@
   ONCE into the transformer under a stable peft name; an LRU keeps at most `max_cached_adapters`,
   evicting with `delete_adapters` (the peft modules are really removed). A request never reloads:
   it only calls `set_adapters(names, weights)`, or `disable_lora()` for the base model.
+* DoRA, LoKr and LoHa files we train (sd35hub.train.variants) are not low-rank pairs: they are applied
+  exactly as weight deltas on the transformer's Linears (sd35hub.models.weight_deltas), weighted per
+  request like the LoRAs (W + sum w_i delta_i), and blend with them.
 * One lock covers "load missing adapters + set weights + run the pipeline", so a shared engine
   (the Space serves many users) never renders one user's prompt with another's weights. Hub
   downloads happen before taking the lock.
@@ -198,6 +201,10 @@ class BlendEngine:
         if source in self._loaded:
             self._loaded.move_to_end(source)
             return self._loaded[source]
+        from sd35hub.train.variants import file_variant_kind
+
+        if file_variant_kind(file) is not None:
+            return self._load_variant(source, file, hub, keep)
         try:
             adapter: Adapter = read_adapter(file)
         except AdapterError as exc:  # e.g. non-finite values: say which adapter
@@ -234,10 +241,41 @@ class BlendEngine:
         self._loaded[source] = loaded
         return loaded
 
+    def _load_variant(self, source: str, file: Path, hub: dict[str, Any], keep: set[str]) -> LoadedAdapter:
+        """A DoRA / LoKr / LoHa file: exact weight deltas on the transformer (module docstring)."""
+        from sd35hub.models import weight_deltas
+        from sd35hub.train.variants import read_variant
+
+        try:
+            variant = read_variant(file, weight_deltas.linear_shapes(self.pipe.transformer))
+        except AdapterError as exc:
+            if source not in exc.message:
+                exc.message = f"The adapter {source}: {exc.message}"
+                exc.args = (exc.message,)
+            raise
+        while len(self._loaded) >= self.max_cached_adapters:
+            self._evict_one(keep)
+        name = adapter_name_for(source)
+        weight_deltas.apply(self.pipe.transformer, name, variant)
+        metadata = variant.metadata
+        words = list(metadata.trigger_words) if metadata else []
+        words += [w for w in hub.get("card_trigger_words", []) if w not in words]
+        loaded = LoadedAdapter(name=name, source=source, file=variant.path or file, format=variant.kind,
+                               metadata=metadata, trigger_words=words, repo_id=hub.get("repo_id"),
+                               filename=hub.get("filename"), revision=hub.get("revision"), named=bool(hub.get("named")))
+        self._loaded[source] = loaded
+        return loaded
+
+    def _delete(self, name: str) -> None:
+        from sd35hub.models import weight_deltas
+
+        delete_from_pipeline(self.pipe, name)
+        weight_deltas.remove(self.pipe.transformer, name)
+
     def _evict_one(self, keep: set[str]) -> None:
         for source, loaded in self._loaded.items():
             if source not in keep:
-                delete_from_pipeline(self.pipe, loaded.name)
+                self._delete(loaded.name)
                 del self._loaded[source]
                 log.info("Evicted adapter %s (%s) from the cache", loaded.name, source)
                 return
@@ -250,7 +288,7 @@ class BlendEngine:
         with self._lock:
             loaded = self._loaded.pop(source.strip(), None)
             if loaded is not None:
-                delete_from_pipeline(self.pipe, loaded.name)
+                self._delete(loaded.name)
 
     # --- generation ------------------------------------------------------------------------------
 
@@ -346,6 +384,8 @@ class BlendEngine:
     ) -> GenerationResult:  # fmt: skip
         import torch
 
+        from sd35hub.models import weight_deltas
+
         steps, guidance, width, height, seeds = settings
         with self._lock:
             keep = {ref.source for ref in refs}
@@ -366,6 +406,7 @@ class BlendEngine:
                     base_images = run(final_prompt, None)  # same prompt and seeds: only the adapters differ
                 if loaded:
                     set_pipeline_adapters(self.pipe, [a.name for a in loaded], [ref.weight for ref in refs])
+                    weight_deltas.set_weights(self.pipe.transformer, {a.name: ref.weight for ref, a in zip(refs, loaded, strict=True)})
                     blend = ", ".join(f"{ref.source} × {ref.weight:g}" for ref in refs)
                     images = run(final_prompt, blend)
                 else:
@@ -376,7 +417,10 @@ class BlendEngine:
         )
 
     def _disable_adapters(self) -> None:
+        from sd35hub.models import weight_deltas
+
         disable_pipeline_adapters(self.pipe)
+        weight_deltas.set_weights(self.pipe.transformer, {})
 
     def _params(
         self,

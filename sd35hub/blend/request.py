@@ -154,7 +154,16 @@ def diffusers_snippet(params: dict[str, Any]) -> str:
         if adapter.get("repo_id") is None and adapter.get("file") is None:  # served by the app, not on the Hub
             lines.append(f"# {adapter['source']} is built into the app that made this image; it is not on the Hub")
             lines.append(f"pipe.load_lora_weights('<{adapter['source']}>', adapter_name={adapter['name']!r})")
-        elif adapter.get("format", "diffusers") != "diffusers":
+        elif adapter.get("format") in ("lokr", "loha"):  # not a LoRA: diffusers cannot load it; sd35hub merges it
+            where = repr(adapter["file"]) if adapter.get("file") else (
+                f"hf_hub_download({adapter['repo_id']!r}, {adapter['filename']!r}, revision={adapter.get('revision')!r})")
+            lines.append(f"# {adapter['source']} is a {adapter['format'].replace('lo', 'Lo', 1)} adapter (LyCORIS keys): "
+                         "diffusers cannot load it; sd35hub adds its exact weight delta")
+            if not adapter.get("file"):
+                lines.append("from huggingface_hub import hf_hub_download")
+            lines.append("from sd35hub.train.variants import merge_into")
+            lines.append(f"merge_into(pipe.transformer, [({where}, {adapter['weight']!r})])")
+        elif adapter.get("format", "diffusers") not in ("diffusers", "dora"):
             lines.append(f"# {adapter['source']} is a {adapter['format']} file: convert it first with")
             where = adapter.get("file") or f"{adapter['repo_id']}/{adapter['filename']}"
             lines.append(f"#   sd35hub convert {where} converted/ --to diffusers")
@@ -167,10 +176,14 @@ def diffusers_snippet(params: dict[str, Any]) -> str:
             )
         else:
             lines.append(f"pipe.load_lora_weights({adapter['file']!r}, adapter_name={adapter['name']!r})")
-    if adapters:
-        names = [a["name"] for a in adapters]
-        weights = [a["weight"] for a in adapters]
+    loras = [a for a in adapters if a.get("format") not in ("lokr", "loha")]
+    if loras:
+        names = [a["name"] for a in loras]
+        weights = [a["weight"] for a in loras]
         lines.append(f"pipe.set_adapters({names!r}, adapter_weights={weights!r})")
+        if any(a.get("format") == "dora" and a["weight"] != 1 for a in loras):
+            lines.append("# DoRA at a weight other than 1: diffusers scales the low-rank part inside the norm; sd35hub "
+                         "(and ComfyUI) scale the whole change, so images differ slightly")
     lines += [
         f"seeds = {params['seeds']!r}",
         "images = pipe(",

@@ -242,8 +242,10 @@ def _settings(info: CardInfo) -> list[tuple[str, str]]:
 
 _VARIANT_LOADERS = {
     "dora": "DoRA, diffusers/peft layout (`load_lora_weights` reads it)",
-    "lokr": "LoKr, LyCORIS layout: load it in ComfyUI (LoraLoader); diffusers' `load_lora_weights` cannot",
-    "loha": "LoHa, LyCORIS layout: load it in ComfyUI (LoraLoader); diffusers' `load_lora_weights` cannot",
+    "lokr": "LoKr, LyCORIS layout: load it in ComfyUI (LoraLoader) or `sd35hub generate`; diffusers' "
+            "`load_lora_weights` cannot",
+    "loha": "LoHa, LyCORIS layout: load it in ComfyUI (LoraLoader) or `sd35hub generate`; diffusers' "
+            "`load_lora_weights` cannot",
 }
 
 
@@ -309,6 +311,17 @@ def _fidelity_text(fidelity: dict[str, Any] | None) -> str | None:
             f"vs {fidelity.get('instance_images')} instance images; encoders {names[0]}, {names[1]})")
 
 
+def _load_lines(info: CardInfo, source: str, adapter_name: str) -> list[str]:
+    if info.lora.get("variant") in ("lokr", "loha"):  # LyCORIS keys: diffusers cannot load them; sd35hub adds the delta
+        where = (f'hf_hub_download("{source}", "{ADAPTER_FILE_IN_REPO}")' if is_hub_id(source)
+                 else f'"{source}/{ADAPTER_FILE_IN_REPO}"')
+        return [*(["from huggingface_hub import hf_hub_download"] if is_hub_id(source) else []),
+                "from sd35hub.train.variants import merge_into  # LoKr/LoHa: the exact weight change, merged",
+                f"merge_into(pipe.transformer, [({where}, 1.0)])"]
+    return [f'pipe.load_lora_weights("{source}", weight_name="{ADAPTER_FILE_IN_REPO}", adapter_name="{adapter_name}")',
+            f'pipe.set_adapters(["{adapter_name}"], [1.0])']
+
+
 def _snippet(info: CardInfo, source: str, adapter_name: str, prompt: str) -> str:
     from sd35hub.models.info import SAMPLING_DEFAULTS  # stdlib-only module: cheap
 
@@ -334,8 +347,7 @@ def _snippet(info: CardInfo, source: str, adapter_name: str, prompt: str) -> str
             "from diffusers import StableDiffusion3Pipeline",
             *load,
             *_text_encoder_comment(info.lora),
-            f'pipe.load_lora_weights("{source}", weight_name="{ADAPTER_FILE_IN_REPO}", adapter_name="{adapter_name}")',
-            f'pipe.set_adapters(["{adapter_name}"], [1.0])',
+            *_load_lines(info, source, adapter_name),
             *(embeddings[1] if embeddings else []),
             f"image = pipe({json.dumps(prompt, ensure_ascii=False)}, num_inference_steps={steps}, guidance_scale={guidance}).images[0]",
             'image.save("sample.png")',

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -184,70 +185,179 @@ def _lycoris_module(stem: str, names: set[str]) -> str:
     raise KeyError(stem)
 
 
-def delta_weights(path: str | Path, base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """{module: delta W [out, in]} of an adapter file we write (any variant). ``base``: {module: W} of
-    the base's Linear weights (DoRA's delta depends on W; the module names of LyCORIS keys come from it)."""
-    from safetensors.torch import load_file
+@dataclass
+class VariantAdapter:
+    """A DoRA / LoKr / LoHa file we write, read back as per-module factors (diffusers module names)."""
+
+    kind: str  # dora | lokr | loha
+    factors: dict[str, dict[str, torch.Tensor]]  # module -> {leaf: fp32 tensor}
+    scales: dict[str, float]  # module -> the trained scale (LoKr/LoHa: alpha / rank, 1 when folded; DoRA: s)
+    metadata: Any = None  # sd35hub.adapters.files.AdapterMetadata from the header, when present
+    path: Path | None = None
+
+    def delta(self, module: str, base: torch.Tensor) -> torch.Tensor:
+        """delta W [out, in] of ``module`` at full strength (fp32); DoRA's depends on the base weight."""
+        return module_delta(self.kind, self.factors[module], self.scales[module], base)
+
+
+VARIANT_KINDS = {"dora": "DoRA", "lokr": "LoKr", "loha": "LoHa"}
+
+
+def variant_kind(keys: Any) -> str | None:
+    """dora | lokr | loha for the keys of a variant file we write (LyCORIS stems or DoRA magnitudes), else None."""
+    keys = list(keys)
+    if any(k.startswith(LYCORIS_PREFIX) and k.rpartition(".")[2] in _LOKR for k in keys):
+        return "lokr"
+    if any(k.startswith(LYCORIS_PREFIX) and k.rpartition(".")[2] in _LOHA for k in keys):
+        return "loha"
+    if any(k.endswith(".lora_magnitude_vector") for k in keys) and all(k.startswith("transformer.") for k in keys):
+        return "dora"
+    return None
+
+
+def file_variant_kind(path: str | Path) -> str | None:
+    """variant_kind of a safetensors file (reads the key names only)."""
+    from safetensors import SafetensorError, safe_open
 
     from sd35hub.adapters.files import adapter_file
 
-    tensors = load_file(str(adapter_file(path)))
-    if any(k.startswith(LYCORIS_PREFIX) for k in tensors):
-        return _lycoris_deltas(tensors, base)
-    if any(k.endswith(".lora_magnitude_vector") for k in tensors):
-        return _dora_deltas(path, tensors, base)
+    try:
+        with safe_open(str(adapter_file(path)), framework="pt") as handle:
+            return variant_kind(handle.keys())
+    except (SafetensorError, OSError, ValueError, TypeError):  # unreadable: read_adapter reports it
+        return None
+
+
+def read_variant(path: str | Path, module_names: Any) -> VariantAdapter:
+    """Read a DoRA / LoKr / LoHa file (see the module docstring for the layouts), value- and shape-checked.
+    ``module_names``: {name: weight shape (out, in)} of the base's Linears (LyCORIS stems are matched against them)."""
+    from safetensors import safe_open
+
+    from sd35hub.adapters.files import HEADER_KEY, AdapterMetadata, adapter_file
+    from sd35hub.adapters.formats import unprefixed_config
+    from sd35hub.adapters.formats_values import check_alpha, check_tensor
+    from sd35hub.errors import AdapterError, AdapterIncompatibleError
+
+    file = adapter_file(path)
+    with safe_open(str(file), framework="pt") as handle:
+        header = handle.metadata() or {}
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+    kind = variant_kind(tensors)
+    if kind is None:
+        raise AdapterError(f"{file.name} is not a DoRA, LoKr or LoHa file written by sd35hub")
+    try:
+        metadata = AdapterMetadata.from_json(header[HEADER_KEY]) if header.get(HEADER_KEY) else None
+        config = (unprefixed_config(header.get("lora_adapter_metadata")) or {}) if kind == "dora" else {}
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise AdapterError(f"{file} has a malformed metadata header ({exc}); re-export the adapter.") from exc
+    names = {n: tuple(shape) for n, shape in module_names.items()}
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        if kind == "dora":
+            stem, _, leaf = key.removeprefix("transformer.").rpartition(".")
+            if leaf == "weight":  # lora_A.weight / lora_B.weight
+                stem, _, leaf = stem.rpartition(".")
+        else:
+            stem, _, leaf = key.rpartition(".")
+        if leaf == "alpha":
+            grouped.setdefault(stem, {})[leaf] = torch.tensor(check_alpha(key, tensor))
+            continue
+        check_tensor(key, tensor, "diff")
+        grouped.setdefault(stem, {})[leaf] = tensor.float()
+    factors, scales = {}, {}
+    for stem, parts in grouped.items():
+        if kind == "dora":
+            name = stem
+        else:
+            name = next((n for n in names if n.replace(".", "_") == stem.removeprefix(LYCORIS_PREFIX)), stem)
+        if name not in names:
+            raise AdapterIncompatibleError(f"The {VARIANT_KINDS[kind]} adapter {file.name} targets {name!r}, which "
+                                           "this base model does not have: it was trained on another model")
+        shape = delta_shape(kind, parts)
+        if shape is None:
+            raise AdapterError(f"The {VARIANT_KINDS[kind]} module {stem} of {file.name} lacks a factor or its factors' "
+                               f"shapes do not fit together ({sorted(parts)}): the file is damaged")
+        if shape != tuple(names[name]):
+            raise AdapterIncompatibleError(f"The {VARIANT_KINDS[kind]} adapter {file.name} makes a {shape} change for "
+                                           f"{name}, whose weight is {tuple(names[name])}: it was trained on another model")
+        factors[name] = parts
+        scales[name] = _variant_scale(kind, parts, config)
+    return VariantAdapter(kind=kind, factors=factors, scales=scales, metadata=metadata, path=file)
+
+
+def _variant_scale(kind: str, p: dict[str, torch.Tensor], config: dict[str, Any]) -> float:
+    if kind == "dora":
+        return _scale(config, p["lora_A"].shape[0])
+    rank = None  # the loader's rule (ComfyUI weight_adapter lokr/loha): alpha / rank of the low-rank factor
+    if kind == "loha":
+        rank = p["hada_w1_b"].shape[0]
+    else:
+        if "lokr_w1" not in p:
+            rank = p["lokr_w1_b"].shape[0]
+        if "lokr_w2" not in p:
+            rank = p["lokr_w2_b"].shape[0]
+    return float(p["alpha"]) / rank if "alpha" in p and rank is not None else 1.0
+
+
+def module_delta(kind: str, p: dict[str, torch.Tensor], scale: float, base: torch.Tensor) -> torch.Tensor:
+    """delta W of one module (fp32, the base's shape, on the base's device)."""
+    w = base.float()
+    p = {k: v.to(w.device) for k, v in p.items()}
+    if kind == "loha":
+        delta = (p["hada_w1_a"] @ p["hada_w1_b"]) * (p["hada_w2_a"] @ p["hada_w2_b"]) * scale
+    elif kind == "lokr":
+        w1 = p["lokr_w1"] if "lokr_w1" in p else p["lokr_w1_a"] @ p["lokr_w1_b"]
+        w2 = p["lokr_w2"] if "lokr_w2" in p else p["lokr_w2_a"] @ p["lokr_w2_b"]
+        delta = torch.kron(w1, w2) * scale
+    else:  # peft DoRA: m * (W + sBA) / ||W + sBA|| per output row, minus W
+        adapted = w + scale * (p["lora_B"] @ p["lora_A"])
+        return (p["lora_magnitude_vector"] / adapted.norm(p=2, dim=1)).unsqueeze(1) * adapted - w
+    return delta.reshape(w.shape)
+
+
+def delta_shape(kind: str, p: dict[str, torch.Tensor]) -> tuple[int, int] | None:
+    """(out, in) of the delta the factors make, or None when they do not fit together."""
+    def dims(*names: str) -> tuple[int, ...] | None:
+        return tuple(x for n in names for x in p[n].shape) if all(n in p and p[n].ndim == 2 for n in names) else None
+
+    try:
+        if kind == "loha":
+            a1, b1, a2, b2 = (p[n].shape for n in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"))
+            ok = a1[1] == b1[0] and a2[1] == b2[0] and a1[0] == a2[0] and b1[1] == b2[1]
+            return (a1[0], b1[1]) if ok else None
+        if kind == "lokr":
+            w1 = dims("lokr_w1") or (lambda a, b: (a[0], b[1]) if a[1] == b[0] else None)(
+                p["lokr_w1_a"].shape, p["lokr_w1_b"].shape)
+            w2 = dims("lokr_w2") or (lambda a, b: (a[0], b[1]) if a[1] == b[0] else None)(
+                p["lokr_w2_a"].shape, p["lokr_w2_b"].shape)
+            return (w1[0] * w2[0], w1[1] * w2[1]) if w1 and w2 else None
+        up, down, magnitude = p["lora_B"].shape, p["lora_A"].shape, p["lora_magnitude_vector"].shape
+        return (up[0], down[1]) if up[1] == down[0] and tuple(magnitude) == (up[0],) else None
+    except (KeyError, IndexError):
+        return None
+
+
+def delta_weights(path: str | Path, base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """{module: delta W [out, in]} of an adapter file we write (any variant). ``base``: {module: W} of
+    the base's Linear weights (DoRA's delta depends on W; the module names of LyCORIS keys come from it)."""
+    from safetensors import safe_open
+
+    from sd35hub.adapters.files import adapter_file
+
+    with safe_open(str(adapter_file(path)), framework="pt") as handle:
+        kind = variant_kind(handle.keys())
+    if kind is not None:
+        variant = read_variant(path, {n: tuple(w.shape) for n, w in base.items()})
+        return {name: variant.delta(name, base[name]) for name in variant.factors}
     from sd35hub.adapters.files import read_adapter
 
     return {name: m.up.float() @ m.down.float() * (m.alpha / m.rank) for name, m in read_adapter(path).modules.items()}
 
 
-def _lycoris_deltas(tensors: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    grouped: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in tensors.items():
-        stem, _, leaf = key.rpartition(".")
-        grouped.setdefault(stem, {})[leaf] = tensor.float()
-    names = set(base)
-    out = {}
-    for stem, p in grouped.items():  # the loader's formula (ComfyUI weight_adapter lokr/loha)
-        rank = None
-        if "hada_w1_a" in p:
-            delta = (p["hada_w1_a"] @ p["hada_w1_b"]) * (p["hada_w2_a"] @ p["hada_w2_b"])
-            rank = p["hada_w1_b"].shape[0]
-        else:
-            w1 = p.get("lokr_w1")
-            if w1 is None:
-                w1, rank = p["lokr_w1_a"] @ p["lokr_w1_b"], p["lokr_w1_b"].shape[0]
-            w2 = p.get("lokr_w2")
-            if w2 is None:
-                w2, rank = p["lokr_w2_a"] @ p["lokr_w2_b"], p["lokr_w2_b"].shape[0]
-            delta = torch.kron(w1, w2)
-        scale = float(p["alpha"]) / rank if "alpha" in p and rank is not None else 1.0
-        name = _lycoris_module(stem, names)
-        out[name] = (delta * scale).reshape(base[name].shape)
-    return out
-
-
-def _dora_deltas(path: str | Path, tensors: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    from safetensors import safe_open
-
-    from sd35hub.adapters.files import adapter_file
-    from sd35hub.adapters.formats import unprefixed_config
-
-    with safe_open(str(adapter_file(path)), framework="pt") as handle:
-        config = unprefixed_config((handle.metadata() or {}).get("lora_adapter_metadata")) or {}
-    state = {k.removeprefix("transformer."): v.float() for k, v in tensors.items()}
-    out = {}
-    for name, (down, up) in _pairs(state).items():  # peft DoRA: m * (W + sBA) / ||W + sBA||_row
-        w = base[name].float()
-        adapted = w + _scale(config, down.shape[0]) * (up @ down)
-        magnitude = state[f"{name}.lora_magnitude_vector"]
-        out[name] = (magnitude / adapted.norm(p=2, dim=1)).unsqueeze(1) * adapted - w
-    return out
-
-
 def linear_weights(transformer: Any) -> dict[str, torch.Tensor]:
-    """{module path: weight} of every nn.Linear of a (non-peft) transformer."""
-    return {n: m.weight for n, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)}
+    """{module path: weight} of every nn.Linear of a transformer (under a peft LoRA layer: its base layer's)."""
+    return {n.removesuffix(".base_layer"): m.weight for n, m in transformer.named_modules()
+            if isinstance(m, torch.nn.Linear) and ".lora_" not in n}
 
 
 def merge_into(transformer: Any, items: list[tuple[str | Path, float]]) -> int:
@@ -263,3 +373,55 @@ def merge_into(transformer: Any, items: list[tuple[str | Path, float]]) -> int:
         for name, delta in total.items():
             weights[name].add_(delta.to(weights[name].dtype))
     return len(total)
+
+
+# --- convert: the layouts that carry each variant ----------------------------------------------------
+
+CARRIERS = {
+    "lokr": ("comfyui", "the LyCORIS layout (lycoris_<module> keys) that ComfyUI's LoraLoader maps for SD3"),
+    "loha": ("comfyui", "the LyCORIS layout (lycoris_<module> keys) that ComfyUI's LoraLoader maps for SD3"),
+    "dora": ("diffusers", "the diffusers/peft layout (lora_A/lora_B + lora_magnitude_vector, use_dora in "
+                          "lora_adapter_metadata) that stock diffusers' load_lora_weights reads"),
+}
+_WHY_NOT = {
+    "lokr": "a Kronecker product is not a low-rank pair, so the diffusers and kohya LoRA layouts cannot hold it "
+            "(exactly, only at a rank near full)",
+    "loha": "a Hadamard product is not a low-rank pair, so the diffusers and kohya LoRA layouts cannot hold it "
+            "(exactly, only at rank r^2)",
+    "dora": "peft's DoRA normalises each output row of W + sBA; ComfyUI's dora_scale normalises input columns "
+            "(or, in some versions, divides by the unadapted weight's norms) and kohya's lora_sd3 has no DoRA, "
+            "so neither file would reproduce it",
+}
+
+
+def convert_variant(path: str | Path, out: str | Path, to: str) -> tuple[str, Path, int]:
+    """Write a DoRA / LoKr / LoHa file in the one layout that carries it, exactly (the same tensors and
+    header), or raise AdapterError naming that layout. Returns (kind, written file, modules)."""
+    from safetensors import safe_open
+
+    from sd35hub.adapters.files import adapter_file
+    from sd35hub.adapters.formats_values import check_alpha, check_tensor
+    from sd35hub.errors import AdapterError
+
+    file = adapter_file(path)
+    with safe_open(str(file), framework="pt") as handle:
+        header = handle.metadata() or {}
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+    kind = variant_kind(tensors)
+    if kind is None:
+        raise AdapterError(f"{file.name} is not a DoRA, LoKr or LoHa file written by sd35hub")
+    layout, description = CARRIERS[kind]
+    if to != layout:
+        raise AdapterError(
+            f"{file.name} is a {VARIANT_KINDS[kind]} adapter: {_WHY_NOT[kind]}. The layout that carries it is "
+            f"{description}: convert with --to {layout}. sd35hub generate, the Space and merge_into read the file as is."
+        )
+    for key, tensor in tensors.items():
+        if key.endswith(".alpha"):
+            check_alpha(key, tensor)
+        else:
+            check_tensor(key, tensor, "diff")
+    header = {k: v for k, v in header.items() if k != "format"}
+    modules = len({k.rpartition(".")[0].removesuffix(".lora_A").removesuffix(".lora_B") for k in tensors
+                   if not k.endswith(".alpha")})
+    return kind, _write(tensors, Path(out), header), modules

@@ -138,7 +138,14 @@ def register(app: typer.Typer) -> None:
 
         if to not in FORMATS:
             raise ConfigError(f"--to {to!r} is not one of {', '.join(FORMATS)}")
-        adapter = read_adapter(fetch_adapter_source(source)[0])
+        from sd35hub.train.variants import VARIANT_KINDS, convert_variant, file_variant_kind
+
+        local = fetch_adapter_source(source)[0]
+        if file_variant_kind(local) is not None:  # DoRA / LoKr / LoHa: only the layout that carries it, as is
+            kind, file, count = convert_variant(local, out, to)
+            typer.echo(f"{VARIANT_KINDS[kind]} -> {to}: {count} modules written to {file} (the same tensors)")
+            return
+        adapter = read_adapter(local)
         file = write_adapter(
             adapter.modules, out, metadata=adapter.metadata, fmt=to, text_encoders=adapter.text_encoders
         )
