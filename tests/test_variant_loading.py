@@ -164,3 +164,19 @@ def test_each_trained_variant_loads_in_generate_and_reproduces_the_trained_model
     engine = BlendEngine("tiny", dtype="fp32", device="cpu")
     got = _engine_output(engine, {str(tmp_path / "run" / "adapter"): 1.0})
     torch.testing.assert_close(got, expected, atol=5e-5, rtol=1e-4)
+
+
+def test_adapter_info_describes_and_merge_refuses_a_variant_by_name(tmp_path, capsys):
+    from sd35hub.frontends.cli import main
+
+    file, _ = _variant_file(tmp_path, "lokr")
+    assert main(["adapter-info", str(file)]) in (0, None)
+    shown = capsys.readouterr().out
+    assert "variant: LoKr" in shown and "LyCORIS" in shown and "rank: 4" in shown
+    plain_spec = dataclasses.replace(SPEC, rslora=True)
+    plain = _save(_trained(plain_spec)[0], plain_spec, None, tmp_path / "p")
+    from sd35hub.blend.merge import write_merged
+
+    with pytest.raises(AdapterError, match=r"LoKr adapter: `sd35hub merge` joins low-rank LoRAs.*sd35hub generate"):
+        write_merged([(str(plain), 1.0), (str(file), 0.5)], tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()

@@ -92,8 +92,12 @@ def write_merged(items: list[tuple[str, float]], out_dir: str | Path, *, base_mo
     from sd35hub.adapters.files import AdapterMetadata, metadata_for, read_adapter, write_adapter
     from sd35hub.blend.engine import fetch_adapter_source
     from sd35hub.hub.card import is_hub_id
+    from sd35hub.train.variants import refuse_in_lora_merge
 
-    adapters = [(read_adapter(fetch_adapter_source(source)[0]), weight) for source, weight in items]
+    files = [(source, fetch_adapter_source(source)[0], weight) for source, weight in items]
+    for source, file, _ in files:
+        refuse_in_lora_merge(source, file)
+    adapters = [(read_adapter(file), weight) for _, file, weight in files]
     metas: list[AdapterMetadata] = [a.metadata for a, _ in adapters if a.metadata is not None]
     bases = sorted({m.base_model for m in metas if is_hub_id(m.base_model) or m.base_model == "tiny"})  # never a path
     if base_model and not is_hub_id(base_model):

@@ -425,3 +425,38 @@ def convert_variant(path: str | Path, out: str | Path, to: str) -> tuple[str, Pa
     modules = len({k.rpartition(".")[0].removesuffix(".lora_A").removesuffix(".lora_B") for k in tensors
                    if not k.endswith(".alpha")})
     return kind, _write(tensors, Path(out), header), modules
+
+
+def variant_summary(path: str | Path) -> dict[str, Any]:
+    """What `adapter-info` shows for a DoRA / LoKr / LoHa file: kind, layout, module count, metadata."""
+    from safetensors import safe_open
+
+    from sd35hub.adapters.files import HEADER_KEY, AdapterMetadata, adapter_file
+
+    file = adapter_file(path)
+    with safe_open(str(file), framework="pt") as handle:
+        header = handle.metadata() or {}
+        keys = list(handle.keys())
+    kind = variant_kind(keys)
+    stems = {k.removeprefix("transformer.").rpartition(".")[0].removesuffix(".lora_A").removesuffix(".lora_B")
+             for k in keys}
+    try:
+        metadata = AdapterMetadata.from_json(header[HEADER_KEY]) if header.get(HEADER_KEY) else None
+    except (ValueError, TypeError):
+        metadata = None
+    layout = "diffusers/peft (DoRA)" if kind == "dora" else "LyCORIS (lycoris_* keys)"
+    return {"file": file, "kind": VARIANT_KINDS.get(kind or "", "?"), "layout": layout, "modules": len(stems),
+            "metadata": metadata, "loads_in": CARRIERS[kind][1] if kind else ""}
+
+
+def refuse_in_lora_merge(source: str, path: str | Path) -> None:
+    """`sd35hub merge` joins low-rank LoRAs: name what to do with a DoRA / LoKr / LoHa file instead."""
+    from sd35hub.errors import AdapterError
+
+    kind = file_variant_kind(path)
+    if kind is not None:
+        raise AdapterError(
+            f"{source} is a {VARIANT_KINDS[kind]} adapter: `sd35hub merge` joins low-rank LoRAs into one LoRA (ranks "
+            f"concatenated) and a {VARIANT_KINDS[kind]} is not one. Blend it by weight with `sd35hub generate --lora "
+            f"{source}:W` (or the Space), or merge it into a base's weights with sd35hub.train.variants.merge_into."
+        )

@@ -184,8 +184,22 @@ def register(app: typer.Typer) -> None:
         """Show an adapter's layout, ranks, alpha, targets and metadata."""
         from sd35hub.adapters.files import metadata_for, read_adapter
         from sd35hub.blend.engine import fetch_adapter_source
+        from sd35hub.train.variants import file_variant_kind, variant_summary
 
-        adapter = read_adapter(fetch_adapter_source(source)[0])
+        local = fetch_adapter_source(source)[0]
+        if file_variant_kind(local) is not None:  # DoRA / LoKr / LoHa: not a low-rank pair
+            info = variant_summary(local)
+            typer.echo(f"file: {info['file']}")
+            typer.echo(f"format: {info['layout']}  variant: {info['kind']}  modules: {info['modules']}")
+            typer.echo(f"loads in: {info['loads_in']}; sd35hub generate and the Space (exact)")
+            meta = info["metadata"]
+            if meta is not None:
+                typer.echo(f"rank: {meta.rank}  alpha: {meta.alpha:g}")
+                typer.echo(f"base model: {meta.base_model or '?'} ({meta.variant or '?'})  sd35hub {meta.sd35hub_version}")
+                if meta.trigger_words:
+                    typer.echo(f"trigger words: {', '.join(meta.trigger_words)}")
+            return
+        adapter = read_adapter(local)
         measured = metadata_for(adapter.modules)
         typer.echo(f"file: {adapter.path}")
         typer.echo(f"format: {adapter.format}")
