@@ -5,6 +5,11 @@ under a GPU allocator cap, recording peak GPU memory per phase and the peak host
     python benchmarks/memory_journey.py run    --root /tmp/mj --model large --cap 14.7 --resolution 1024 \\
                                                --profile t4 --out benchmarks/results/memory_journey
     python benchmarks/memory_journey.py matrix --root /tmp/mj --out benchmarks/results/memory_journey
+    python benchmarks/memory_journey.py matrix --root /tmp/mj --out OUT --loader mmap   # the libraries' mmap loading
+
+The trainer loads every component with sd35hub.models.stream (tensor by tensor, one reusable host
+buffer, no mmap) unless --loader mmap (SD35HUB_LOADER=mmap) asks for from_pretrained; each row records
+which, and its plan's inputs carry the loader the plan predicted for.
 
 build: CLIP-L 12x768, CLIP-G 32x1280 (with projections), T5-XXL encoder (24 x 4096, d_ff 10240, 64 heads,
 gated-gelu) and the real VAE config, random-initialised in bf16 on the GPU and saved once as safetensors
@@ -179,10 +184,12 @@ def _sample(pid: int, peaks: dict, stop: threading.Event) -> None:
 
 def run_one(root: Path, out: Path, *, name: str, profile: str, model: str, resolution: int, cap: float,
             steps: int = 20, target_gpu: float | None = None, target_host: float | None = None,
-            timeout: int = 420, extra: list[str] | None = None, model_dir: Path | None = None) -> dict:
+            timeout: int = 420, extra: list[str] | None = None, model_dir: Path | None = None,
+            loader: str = "stream") -> dict:
     out.mkdir(parents=True, exist_ok=True)
     report: dict = {"name": name, "profile": profile, "model": model, "resolution": resolution, "cap_gib": cap,
-                    "steps": steps, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "ok": False}  # fmt: skip
+                    "steps": steps, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "ok": False,
+                    "loader": loader}  # fmt: skip
     run_dir = out / "runs" / name
     try:
         folder = model_dir or build_model(root, model)
@@ -190,6 +197,7 @@ def run_one(root: Path, out: Path, *, name: str, profile: str, model: str, resol
         shutil.rmtree(run_dir, ignore_errors=True)
         target_host = target_host if target_host is not None else TARGET_HOST.get(profile, 16.0)
         env = dict(os.environ, SD35HUB_GPU_MEMORY_CAP_GIB=str(cap), SD35HUB_HOST_MEMORY_GIB=str(target_host + 0.6),
+                   SD35HUB_LOADER=loader,  # stream: sd35hub.models.stream (default); mmap: the libraries' from_pretrained
                    PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), TOKENIZERS_PARALLELISM="false")
         command = [sys.executable, "-m", "sd35hub", "train", "--model", str(folder), "--dataset", str(data),
                    "--profile", profile, "--steps", str(steps), "--resolution", str(resolution), "-o", str(run_dir),
@@ -263,6 +271,8 @@ def main() -> None:
     ap.add_argument("--timeout", type=int, default=420, help="seconds per run")
     ap.add_argument("--only", default="", help="matrix: comma-separated row names")
     ap.add_argument("--model-dir", type=Path, default=None, help="run: use this model folder instead of building one")
+    ap.add_argument("--loader", choices=("stream", "mmap"), default="stream",
+                    help="weights loader of the trainer (SD35HUB_LOADER): stream (default) or mmap (from_pretrained)")
     ap.add_argument("overrides", nargs="*", help="extra dotted overrides for sd35hub train")
     args = ap.parse_args()
     if args.action == "build":
@@ -273,20 +283,22 @@ def main() -> None:
     if args.action == "run":
         name = f"{args.profile}-{args.model}-{args.resolution}-cap{args.cap:g}"
         run_one(args.root, args.out, name=name, profile=args.profile, model=args.model, resolution=args.resolution,
-                cap=args.cap, steps=args.steps, timeout=args.timeout, extra=args.overrides, model_dir=args.model_dir)
+                cap=args.cap, steps=args.steps, timeout=args.timeout, extra=args.overrides, model_dir=args.model_dir,
+                loader=args.loader)  # fmt: skip
         return
-    rows = [r for r in MATRIX if not args.only or r[0] in args.only.split(",")]
-    results = []
-    for name, profile, model, resolution, cap, gpu, host in rows:
-        results.append(run_one(args.root, args.out, name=name, profile=profile, model=model, resolution=resolution,
-                               cap=cap, steps=args.steps, target_gpu=gpu, target_host=host, timeout=args.timeout,
-                               extra=args.overrides))  # fmt: skip
+    wanted = args.only.split(",") if args.only else [r[0] for r in MATRIX]
+    rows = sorted((r for r in MATRIX if r[0] in wanted), key=lambda r: wanted.index(r[0]))  # in --only's order
     matrix = args.out / "matrix.json"  # one line per row, merged over invocations (rows may run in several commands)
-    table = json.loads(matrix.read_text()) if matrix.is_file() else {}
-    for r in results:
-        table[r["name"]] = {k: r.get(k) for k in ("ok", "wall_s", "gpu_peak_reserved_gib", "host_peak_gib", "targets",
-                                                  "date", "error")}  # fmt: skip
-    matrix.write_text(json.dumps(table, indent=2))
+    for name, profile, model, resolution, cap, gpu, host in rows:
+        r = run_one(args.root, args.out, name=name, profile=profile, model=model, resolution=resolution, cap=cap,
+                    steps=args.steps, target_gpu=gpu, target_host=host, timeout=args.timeout, extra=args.overrides,
+                    loader=args.loader)  # fmt: skip
+        table = json.loads(matrix.read_text()) if matrix.is_file() else {}
+        predicted = max((p["host_gib"] for p in (r.get("plan") or {}).get("phases", [])), default=None)
+        table[r["name"]] = {**{k: r.get(k) for k in ("ok", "wall_s", "gpu_peak_reserved_gib", "host_peak_gib", "targets",
+                                                     "date", "error", "loader")},
+                            "host_sampled": r.get("host_sampled"), "predicted_host_gib": predicted}  # fmt: skip
+        matrix.write_text(json.dumps(table, indent=2))  # after every row: a cut-off call keeps the rows it ran
 
 
 if __name__ == "__main__":

@@ -44,6 +44,9 @@ def test_round_trip_equals_the_mmap_load(library, cls, name, dtype) -> None:
     streamed = load_streamed(library, cls.__name__, folder / name, dtype=dtype, device=None)
     assert type(streamed) is cls and not streamed.training
     _assert_same_state(reference, streamed)
+    if library == "transformers":
+        assert streamed.config.dtype == reference.config.dtype
+        assert streamed.config._attn_implementation == reference.config._attn_implementation
     if name == "text_encoder_3":  # tied input embedding, and T5's wo in fp32 for an fp16 load as transformers does
         assert streamed.encoder.embed_tokens.weight is streamed.shared.weight
         wo = streamed.encoder.block[0].layer[1].DenseReluDense.wo.weight

@@ -217,8 +217,9 @@ def load_streamed(library: str, class_name: str, folder: Path, *, dtype: torch.d
     model = _meta_module(library, class_name, folder)
     quantizer = _quantizer(quantize, dtype)
     keep = _keep_fp32(model, library, dtype)
-    if quantizer is not None:
-        quantizer.preprocess_model(model=model, device_map={"": str(target)}, keep_in_fp32_modules=list(keep))
+    if quantizer is not None:  # _keep_in_fp32_modules (T5's wo) are never quantized, whatever the dtype
+        skip = list(getattr(model, "_keep_in_fp32_modules", None) or [])
+        quantizer.preprocess_model(model=model, device_map={"": str(target)}, keep_in_fp32_modules=skip)
     expected = dict(model.state_dict(keep_vars=True))
     stream = TensorStream(weight_files(folder))
     loaded: set[str] = set()
@@ -241,13 +242,14 @@ def load_streamed(library: str, class_name: str, folder: Path, *, dtype: torch.d
             else:
                 from accelerate.utils import set_module_tensor_to_device
 
-                set_module_tensor_to_device(model, name, target, value=value, dtype=want)
+                set_module_tensor_to_device(model, name, target, value=value, dtype=want, clear_cache=False)
             del value
             loaded.add(name)
     finally:
         stream.release()
     if library == "transformers":
         model.tie_weights()  # T5's encoder.embed_tokens is shared.weight
+        model.config.dtype = dtype  # as from_pretrained records it
     missing = [n for n, t in model.state_dict(keep_vars=True).items() if t.device.type == "meta"]
     if missing:
         raise ModelLoadError(f"{folder}: {len(missing)} weight(s) are missing from the safetensors files (e.g. "
@@ -256,7 +258,7 @@ def load_streamed(library: str, class_name: str, folder: Path, *, dtype: torch.d
         if buf.device != target:
             from accelerate.utils import set_module_tensor_to_device
 
-            set_module_tensor_to_device(model, buffer_name, target, value=buf)
+            set_module_tensor_to_device(model, buffer_name, target, value=buf, clear_cache=False)
     if quantizer is not None:
         quantizer.postprocess_model(model)
         if library == "diffusers":
