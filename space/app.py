@@ -2,7 +2,7 @@
 
 UI only: every decision (bases, adapter sources, limits, requests, error wording) lives in
 sd35hub.frontends.space.support and sd35hub.frontends.space.text; generation in sd35hub.blend.engine.BlendEngine. One engine per
-base is shared by all sessions (st.cache_resource; its lock serialises "set adapters + generate"); each
+base is shared by all sessions (sd35hub.frontends.space.start.engine; its lock serialises "set adapters + generate"); each
 visitor's choices live in st.session_state. Run locally with `make space` (the tiny model without a GPU).
 
 Everything a visitor did not type themselves (card fields, repo ids, trigger words, URL parameters,
@@ -16,8 +16,8 @@ import time
 import streamlit as st
 
 from sd35hub.blend.schedulers import SCHEDULERS
+from sd35hub.frontends.space import start, view
 from sd35hub.frontends.space import support as space
-from sd35hub.frontends.space import view
 from sd35hub.frontends.space.text import md_text, plain
 
 st.set_page_config(page_title="SD3.5 LoRA blender", page_icon="🎨", layout="wide")
@@ -34,13 +34,22 @@ PAGE_SIZE = 6
 IMAGE_WIDTH = 384  # result images, base and blend alike
 
 
-@st.cache_resource(show_spinner="Loading the base model (once for all visitors)…", max_entries=2)
 def shared_engine(model: str):  # noqa: ANN201 - BlendEngine
-    return space.load_engine(model)
+    """One engine per base for the whole process (sd35hub.frontends.space.start.engine), often already loaded by
+    the container's warm-up thread before the first visit."""
+    if start.is_loaded(model):
+        return start.engine(model)
+    with st.spinner("Loading the base model (once for all visitors)…"):
+        return start.engine(model)
 
 
 def user_token() -> str | None:
     return (state.get("user_token") or "").strip() or None
+
+
+def visitor_address() -> str | None:
+    """The visitor's IP address (sd35hub.frontends.space.view.visitor_address says which header is trusted)."""
+    return view.visitor_address(st.context.headers, st.context.ip_address, view.proxy_hops())
 
 
 def report(exc: BaseException) -> None:
@@ -320,20 +329,26 @@ if clicked:
     try:
         view.check_rate(state.generated_at, time.monotonic())
         request = space.build_request(form, list(state.adapters), base=base, token=user_token())
-        ahead = engine.queue_length
-        bar = st.progress(
-            0.0, text=f"Waiting for {ahead} other image(s) to finish…" if ahead else "Starting…"
-        )
+        view.ADDRESS_LIMITER.take(visitor_address(), time.monotonic())  # all sessions of one address
+        bar = st.progress(0.0, text="Starting…")
+
+        def waiting(ahead: int) -> None:  # refreshed while others are ahead (Cancel works here too)
+            bar.progress(0.0, text=f"Waiting: {ahead} image(s) ahead of yours…")
+
         # Any click while generating reruns the script, which stops this run at its next progress update.
         st.button("Cancel", key="cancel")
-        started = time.monotonic()
+        first_step: list[float] = []  # when step 1 ended: the time per step counts from there (not the wait)
 
         def progress(done: int, total: int) -> None:
-            elapsed = time.monotonic() - started
-            left_s = elapsed / done * (total - done)
+            now = time.monotonic()
+            first_step[:] = first_step or [now]
+            if done == 1:
+                bar.progress(done / total, text=f"Step 1/{total} · measuring the time left…")
+                return
+            left_s = (now - first_step[0]) / (done - 1) * (total - done)
             bar.progress(done / total, text=f"Step {done}/{total} · about {left_s:.0f} s left")
 
-        result = space.generate(engine, request, progress=progress)
+        result = space.generate(engine, request, progress=progress, waiting=waiting)
         bar.empty()
         state.generated_at.append(time.monotonic())
         state.history.append(view.history_entry(result))

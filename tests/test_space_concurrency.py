@@ -1,5 +1,5 @@
 """Several users at once on one shared engine: parallel sessions of a real `streamlit run` server (driven
-over HTTP by Streamlit's agent API, no browser: each its own st.session_state, one st.cache_resource
+over HTTP by Streamlit's agent API, no browser: each its own st.session_state, one shared
 engine) and parallel requests through the app's code path (build_request + generate) render different
 blends at the same time; each gets exactly its own image, no errors.
 

@@ -151,13 +151,31 @@ class BlendEngine:
         self._files_lock = threading.Lock()  # the source -> file cache (downloads happen outside _lock)
         self._files: dict[tuple[str, str | None], tuple[Path, dict[str, Any]]] = {}
         self._loaded: OrderedDict[str, LoadedAdapter] = OrderedDict()  # source -> adapter, LRU order
-        self._queue_lock = threading.Lock()
-        self._queued = 0  # requests waiting for or holding the pipeline
+        self._queue = threading.Condition()
+        self._waiting: list[object] = []  # requests in arrival order: the first holds the pipeline
 
     @property
     def queue_length(self) -> int:
         """Requests now waiting for the pipeline or running on it (a server shows it as "N ahead")."""
-        return self._queued
+        with self._queue:
+            return len(self._waiting)
+
+    def _wait_turn(self, ticket: object, waiting: Callable[[int], bool | None] | None) -> None:
+        """Wait until `ticket` is first in line (first come, first served). `waiting(ahead)` is called when
+        the number of requests ahead changes, and at least every second (a server refreshes its "N ahead"
+        and notices a cancel there); returning False cancels (GenerationCancelled)."""
+        last = None
+        while True:
+            with self._queue:
+                ahead = self._waiting.index(ticket)
+                if ahead and ahead == last:  # reported already: wait for a change (or a second)
+                    self._queue.wait(timeout=1.0 if waiting is not None else None)
+                    ahead = self._waiting.index(ticket)
+            if ahead == 0:
+                return
+            if waiting is not None and waiting(ahead) is False:  # outside the lock: it may be slow
+                raise GenerationCancelled("Cancelled: no image was made.")
+            last = ahead
 
     # --- adapters --------------------------------------------------------------------------------
 
@@ -311,11 +329,15 @@ class BlendEngine:
         return clean, [AdapterRef(source, weight, tokens[source]) for source, weight in weights.items()]
 
     def generate(
-        self, request: GenerationRequest, progress: Callable[[int, int], bool | None] | None = None
+        self,
+        request: GenerationRequest,
+        progress: Callable[[int, int], bool | None] | None = None,
+        waiting: Callable[[int], bool | None] | None = None,
     ) -> GenerationResult:
         """Render a request. `progress(done, total)` is called after every denoising step (total counts
-        both passes of compare_base); returning False cancels (GenerationCancelled). Non-finite latents
-        stop the run with NonFiniteError naming the adapters."""
+        both passes of compare_base); returning False cancels (GenerationCancelled). Requests take the
+        pipeline in arrival order; while others are ahead, `waiting(ahead)` reports how many (see
+        _wait_turn). Non-finite latents stop the run with NonFiniteError naming the adapters."""
         import torch
 
         from sd35hub.blend.schedulers import make_scheduler
@@ -368,15 +390,18 @@ class BlendEngine:
                 **_skip_layer_kwargs(request, guidance),
             ).images
 
-        with self._queue_lock:
-            self._queued += 1
+        ticket = object()
+        with self._queue:
+            self._waiting.append(ticket)
         try:
+            self._wait_turn(ticket, waiting)
             return self._generate_locked(
                 request, prompt, refs, fetched, run, scheduler, (steps, guidance, width, height, seeds)
             )
         finally:
-            with self._queue_lock:
-                self._queued -= 1
+            with self._queue:
+                self._waiting.remove(ticket)
+                self._queue.notify_all()
 
     def _generate_locked(
         self, request: GenerationRequest, prompt: str, refs: list[AdapterRef], fetched: list[Any], run: Any,

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sd35hub.errors import (
+    HubRequestError,
     ModelLoadError,
     OutOfMemoryError,
     RepoNotFoundError,
@@ -153,6 +154,17 @@ def model_dir(
     try:
         if not constants.HF_HUB_OFFLINE:
             check_read_access(ref.name, revision=ref.revision)
+    except HubRequestError:  # the Hub is down or unreachable (5xx, 429, refused, timeout): a complete
+        cached = cached_model_dir(ref, components)  # cached copy still loads (the Space restarting)
+        if cached is None:
+            raise
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "The Hub did not answer while checking access to %s; loading the cached snapshot %s instead",
+            ref.name, cached.name,
+        )  # fmt: skip
+        return cached
     except RepoNotFoundError as exc:
         if ref.revision is not None:  # keep the "revision does not exist" explanation
             raise
@@ -165,6 +177,21 @@ def model_dir(
     with hub_errors(ref.name, what=f"downloading {ref.name}"):
         folder = snapshot_download(ref.name, revision=ref.revision, allow_patterns=patterns)
     return Path(folder)
+
+
+def cached_model_dir(ref: ModelRef, components: Iterable[str] = ALL_COMPONENTS) -> Path | None:
+    """The cached snapshot of a Hub model's `components` (huggingface_hub's local-files-only resolution of
+    the revision, which also checks the cached files are complete); None when absent or incomplete."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        folder = snapshot_download(
+            ref.name, revision=ref.revision, allow_patterns=_allow_patterns(components), local_files_only=True
+        )
+    except (LocalEntryNotFoundError, OSError, ValueError):  # not cached / incomplete (IncompleteSnapshotError)
+        return None
+    return Path(folder) if (Path(folder) / "model_index.json").is_file() else None
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

@@ -1,13 +1,18 @@
-"""The Space container's entry point: put the caches on the persistent disk when one is mounted, start
-downloading the base models at once (not when the first visitor arrives), then run Streamlit.
+"""The Space container's entry point: put the caches on the persistent disk when one is mounted, load the
+first base into memory and download the others at once (not when the first visitor arrives), then run
+Streamlit in this same process.
 
     python -m sd35hub.frontends.space.start streamlit run space/app.py --server.port 8501 ...   (space/Dockerfile)
 
 * Persistent storage: Hugging Face Spaces mount it at /data (`SD35HUB_SPACE_DATA` moves it; an empty
   value turns this off). When that folder exists and is writable, HF_HOME and SD35HUB_CACHE point into it,
   so a restart does not download the bases again.
-* Warm-up: a background process downloads every offered base into the cache (with the Space's own
-  HF_TOKEN: the bases are gated) while Streamlit starts; a failure is logged, never fatal.
+* Warm-up in memory: a thread of the Streamlit process loads the first offered base into the engine
+  registry (`engine(model)`, what space/app.py uses), so the first visitor finds the pipeline loaded.
+  Every base is also downloaded by a background process (with the Space's own HF_TOKEN: the bases are
+  gated). Failures are logged, never fatal: the app shows visitors its own message.
+* A Hub outage at start: with the base in the cache, the loader uses the cached snapshot and logs
+  that it did (sd35hub.models.load.model_dir).
 """
 
 from __future__ import annotations
@@ -16,12 +21,24 @@ import logging
 import os
 import subprocess
 import sys
+import threading
+import time
+from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from sd35hub.blend.engine import BlendEngine
 
 log = logging.getLogger("sd35hub.space")
 DATA_ENV = "SD35HUB_SPACE_DATA"
 DEFAULT_DATA = "/data"
+MAX_ENGINES = 2  # bases held in memory at once (a third evicts the least recently used)
+
+_engines: OrderedDict[str, BlendEngine] = OrderedDict()  # model -> its shared engine, LRU order
+_engine_locks: dict[str, threading.Lock] = {}  # one load at a time per model; others wait for it
+_registry_lock = threading.Lock()
 
 
 def storage_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -49,16 +66,74 @@ def warm_up() -> int:
     return status
 
 
+def engine(model: str) -> BlendEngine:
+    """The one engine of `model` for the whole process (every visitor's session and the warm-up thread);
+    loaded on first use, by one caller while the others wait for it."""
+    from sd35hub.frontends.space.support import load_engine
+
+    with _registry_lock:
+        lock = _engine_locks.setdefault(model, threading.Lock())
+    with lock:
+        with _registry_lock:
+            if model in _engines:
+                _engines.move_to_end(model)
+                return _engines[model]
+        started = time.monotonic()
+        loaded = load_engine(model)
+        log.warning("engine of %s loaded in %.1f s (process %d)", model, time.monotonic() - started, os.getpid())
+        with _registry_lock:
+            _engines[model] = loaded
+            while len(_engines) > MAX_ENGINES:
+                evicted, _ = _engines.popitem(last=False)
+                log.warning("engine of %s released (at most %d bases in memory)", evicted, MAX_ENGINES)
+        return loaded
+
+
+def is_loaded(model: str) -> bool:
+    with _registry_lock:
+        return model in _engines
+
+
+def warm_in_memory(models: list[str]) -> threading.Thread:
+    """Load `models` into the engine registry on a background thread (logged; a failure is not fatal)."""
+
+    def run() -> None:
+        for model in models:
+            try:
+                engine(model)
+                log.warning("warm-up: %s is in memory (process %d)", model, os.getpid())
+            except Exception as exc:  # noqa: BLE001 - the first visitor gets the app's message
+                log.error("warm-up: %s could not be loaded: %s", model, exc)
+
+    thread = threading.Thread(target=run, name="sd35hub-warm-up", daemon=True)
+    thread.start()
+    return thread
+
+
 def main(argv: list[str]) -> None:
     os.environ.update(storage_env())
+    logging.basicConfig(level=logging.INFO)
     if argv and argv[0] == "--warm-up":
-        logging.basicConfig(level=logging.INFO)
         raise SystemExit(warm_up())
     if not argv:
         raise SystemExit("usage: python -m sd35hub.frontends.space.start [--warm-up | COMMAND ...]")
+    # The blend widgets pass `value=` and are also set through st.session_state (space/app.py says why).
+    os.environ.setdefault("STREAMLIT_GLOBAL_DISABLE_WIDGET_STATE_DUPLICATION_WARNING", "true")
     subprocess.Popen([sys.executable, "-m", "sd35hub.frontends.space.start", "--warm-up"])  # noqa: S603
-    os.execvp(argv[0], argv)  # noqa: S606 - Streamlit replaces this process (signals reach it)
+    if argv[:2] != ["streamlit", "run"]:
+        os.execvp(argv[0], argv)  # noqa: S606 - another command replaces this process
+    from sd35hub.frontends.space.support import available_bases
+
+    warm_in_memory([available_bases()[0].model])  # the first base: loaded in this, the server's, process
+    from streamlit.web import cli
+
+    sys.argv = argv
+    cli.main()  # Streamlit runs in this process (its signal handlers in the main thread)
 
 
 if __name__ == "__main__":  # pragma: no cover
-    main(sys.argv[1:])
+    # Through the importable module, not this `__main__` copy: the engine registry must be the one that
+    # space/app.py imports (`sd35hub.frontends.space.start`), or the warm-up would load a second engine.
+    from sd35hub.frontends.space.start import main as _main
+
+    _main(sys.argv[1:])

@@ -107,7 +107,7 @@ def sample_file(source: str) -> Path | None:
 
 
 def load_engine(model: str) -> BlendEngine:
-    """The shared engine of one base (space/app.py caches it with st.cache_resource). The gated base is
+    """The shared engine of one base (space/app.py holds it through sd35hub.frontends.space.start.engine). The gated base is
     read with the Space's own token (the HF_TOKEN secret, resolved by huggingface_hub in the loader);
     adapters are downloaded anonymously (token=False), since they are fetched for visitors."""
     from sd35hub.blend.engine import BlendEngine
@@ -409,13 +409,16 @@ def build_request(
     )
 
 
-def generate(engine: BlendEngine, request: GenerationRequest, progress: Any = None) -> GenerationResult:
-    """engine.generate with out-of-memory turned into a typed error (and the GPU cache released), and
-    the parameters made public: no server folder (the snippet names the Hub id)."""
+def generate(
+    engine: BlendEngine, request: GenerationRequest, progress: Any = None, waiting: Any = None
+) -> GenerationResult:
+    """engine.generate (progress per step, `waiting(ahead)` while others are ahead) with out-of-memory
+    turned into a typed error (and the GPU cache released), and the parameters made public: no server
+    folder (the snippet names the Hub id)."""
     import torch
 
     try:
-        result = engine.generate(request, progress=progress)
+        result = engine.generate(request, progress=progress, waiting=waiting)
         result.params.pop("model_path", None)
         return result
     except torch.OutOfMemoryError as exc:

@@ -5,6 +5,8 @@ labels, the share link, history entries and the per-visitor rate limit. All text
 from __future__ import annotations
 
 import os
+import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode, urlsplit, urlunsplit
@@ -18,7 +20,9 @@ if TYPE_CHECKING:  # pragma: no cover
 
 SEARCH_LIMIT = 48  # adapters fetched per search; the page shows them 6 at a time
 MAX_IMAGES_PER_WINDOW = int(os.environ.get("SD35HUB_SPACE_IMAGES_PER_10MIN", "30"))  # per visitor session
+MAX_IMAGES_PER_IP = int(os.environ.get("SD35HUB_SPACE_IMAGES_PER_10MIN_PER_IP", "60"))  # all sessions of an address
 RATE_WINDOW_S = 600
+PROXY_HOPS_ENV = "SD35HUB_SPACE_PROXY_HOPS"  # proxies in front of the app that append to X-Forwarded-For
 
 
 @dataclass(frozen=True)
@@ -88,3 +92,55 @@ def check_rate(times: list[float], now: float) -> None:
             f"you made {len(times)} images in the last {RATE_WINDOW_S // 60} minutes, this Space's limit per "
             f"visitor: try again in {wait / 60:.0f} minute(s)"
         )
+
+
+def proxy_hops(environ: Mapping[str, str] | None = None) -> int:
+    """How many proxies in front of the app to trust: $SD35HUB_SPACE_PROXY_HOPS, else 1 on Hugging Face
+    Spaces (SPACE_ID is set there: the Spaces proxy appends the visitor's address) and 0 elsewhere."""
+    environ = os.environ if environ is None else environ
+    value = environ.get(PROXY_HOPS_ENV, "").strip()
+    if value.isdigit():
+        return int(value)
+    return 1 if environ.get("SPACE_ID") else 0
+
+
+def visitor_address(headers: Mapping[str, str], peer: str | None, hops: int) -> str | None:
+    """The visitor's IP address for the per-address limit. Each proxy appends the address it received the
+    request from to X-Forwarded-For, and anything to the left of that was written by the client, who can
+    forge it: so with `hops` trusted proxies the address is the hops-th entry from the right, never the
+    first one. With 0 hops (no proxy) the header is ignored and the connection's peer is used. None when
+    unknown (then only the per-session limit applies)."""
+    if hops <= 0:
+        return peer or None
+    forwarded = [part.strip() for part in (headers.get("X-Forwarded-For") or "").split(",") if part.strip()]
+    return forwarded[-hops] if len(forwarded) >= hops else (peer or None)
+
+
+class AddressLimiter:
+    """At most `limit` images per `window` seconds for each visitor address, across all its sessions (one
+    per process: every session shares it). `take` counts an image when it is requested."""
+
+    def __init__(self, limit: int = MAX_IMAGES_PER_IP, window: float = RATE_WINDOW_S) -> None:
+        self.limit, self.window = limit, window
+        self._times: dict[str, list[float]] = {}
+        self._lock = threading.Lock()
+
+    def take(self, address: str | None, now: float) -> None:
+        if address is None:
+            return
+        with self._lock:
+            for key in [k for k, times in self._times.items() if now - times[-1] >= self.window]:
+                del self._times[key]  # forget addresses idle for a whole window (bounded memory)
+            times = [t for t in self._times.get(address, []) if now - t < self.window]
+            if len(times) >= self.limit:
+                wait = self.window - (now - times[0])
+                raise ConfigError(
+                    f"{len(times)} images were made from your network address in the last "
+                    f"{self.window // 60:.0f} minutes, this Space's limit per address: try again in "
+                    f"{max(wait, 60) / 60:.0f} minute(s)"
+                )
+            times.append(now)
+            self._times[address] = times
+
+
+ADDRESS_LIMITER = AddressLimiter()  # process-wide, like the engines
