@@ -6,6 +6,7 @@ under a GPU allocator cap, recording peak GPU memory per phase and the peak host
                                                --profile t4 --out benchmarks/results/memory_journey
     python benchmarks/memory_journey.py matrix --root /tmp/mj --out benchmarks/results/memory_journey
     python benchmarks/memory_journey.py matrix --root /tmp/mj --out OUT --loader mmap   # the libraries' mmap loading
+    python benchmarks/memory_journey.py check  --out OUT      # GPU: streamed NF4/int8/bf16 == from_pretrained, tiny
 
 The trainer loads every component with sd35hub.models.stream (tensor by tensor, one reusable host
 buffer, no mmap) unless --loader mmap (SD35HUB_LOADER=mmap) asks for from_pretrained; each row records
@@ -258,9 +259,48 @@ def run_one(root: Path, out: Path, *, name: str, profile: str, model: str, resol
     return report
 
 
+def check_quantized(out: Path, device: str = "cuda", quantizations: tuple[str, ...] = ("none", "nf4", "int8")) -> dict:
+    """On the GPU: the streaming loader's NF4 / int8 / bf16 loads of the tiny model's transformer and T5 against
+    the libraries' from_pretrained (SD35HUB_LOADER=mmap), tensor by tensor (exact), into OUT/loader_check.json."""
+    import torch
+
+    from sd35hub.models.components import load_component
+    from sd35hub.models.load import load_transformer
+
+    report: dict = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rows": []}
+    for what in ("transformer", "text_encoder_3"):
+        for quantize in quantizations:
+            row: dict = {"component": what, "quantize": quantize}
+            try:
+                loaded = {}
+                for loader in ("mmap", "stream"):
+                    os.environ["SD35HUB_LOADER"] = loader
+                    if what == "transformer":
+                        module = load_transformer("tiny", dtype="bf16", quantize=quantize, device=device)
+                    else:
+                        module = load_component("tiny", what, dtype="bf16", quantize=quantize, device=device)
+                    loaded[loader] = {k: v.detach().cpu() for k, v in module.state_dict().items()}
+                    row[f"{loader}_linear_types"] = sorted({type(m).__name__ for m in module.modules()
+                                                            if "Linear" in type(m).__name__})  # fmt: skip
+                    del module
+                a, b = loaded["mmap"], loaded["stream"]
+                row["same_keys"] = a.keys() == b.keys()
+                row["unequal"] = [k for k in a if k in b and (a[k].dtype != b[k].dtype or not torch.equal(a[k], b[k]))][:10]
+                row["ok"] = row["same_keys"] and not row["unequal"]
+            except Exception as exc:  # noqa: BLE001 - recorded, the matrix still runs
+                row.update(ok=False, error=f"{type(exc).__name__}: {exc}")
+            finally:
+                os.environ.pop("SD35HUB_LOADER", None)
+            report["rows"].append(row)
+            print(json.dumps(row), flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "loader_check.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("action", choices=("build", "run", "matrix"))
+    ap.add_argument("action", choices=("build", "run", "matrix", "check"))
     ap.add_argument("--root", type=Path, default=Path("/tmp/memory_journey"), help="random models + data (reused)")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "memory_journey")
     ap.add_argument("--model", choices=("medium", "large"), default="large")
@@ -275,6 +315,9 @@ def main() -> None:
                     help="weights loader of the trainer (SD35HUB_LOADER): stream (default) or mmap (from_pretrained)")
     ap.add_argument("overrides", nargs="*", help="extra dotted overrides for sd35hub train")
     args = ap.parse_args()
+    if args.action == "check":
+        check_quantized(args.out)
+        return
     if args.action == "build":
         for variant in ("large", "medium"):
             print(build_model(args.root, variant), flush=True)
