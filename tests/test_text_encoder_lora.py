@@ -456,3 +456,21 @@ def test_interrupted_then_resumed_equals_uninterrupted_with_the_text_encoder_lor
     a, b = (load_file(str(tmp_path / n / "adapter" / "pytorch_lora_weights.safetensors")) for n in ("straight", "broken"))
     assert a.keys() == b.keys() and any(k.startswith("text_encoder.") for k in a)
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+
+
+def test_card_row_and_snippet_note_the_text_encoder_keys():
+    from sd35hub.hub.card import CardInfo, build_model_card
+
+    def card(lora: dict) -> str:
+        info = CardInfo.from_summary({"base_model": "stabilityai/stable-diffusion-3.5-medium", "variant": "sd3.5-medium",
+                                      "steps": 10, "lora": {"rank": 16, "alpha": 16, **lora}})
+        return str(build_model_card(info, repo_id="alice/subject"))
+
+    text = card({"text_encoders": ["clip_l", "clip_g"], "text_encoder_rank": 8, "text_encoder_alpha": 8,
+                 "text_encoder_lr": 5e-5})
+    assert "| text-encoder LoRA | CLIP-L (`text_encoder.*` keys), CLIP-G (`text_encoder_2.*` keys), rank 8" in text
+    assert "# the file also holds text_encoder.* and text_encoder_2.* (text-encoder LoRA) keys" in text
+    t5 = card({"text_encoders": ["t5"], "text_encoder_rank": 8, "text_encoder_alpha": 8, "text_encoder_lr": 5e-5})
+    assert "not by diffusers' `load_lora_weights`" in t5 and "# the file also holds" not in t5
+    plain = card({})
+    assert "text-encoder LoRA" not in plain and "# the file also holds" not in plain
