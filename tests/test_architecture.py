@@ -36,8 +36,6 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
 KNOWN_CIRCLES = [["sd35hub.models.components", "sd35hub.models.load"]]
 # Upward imports not yet removed (docs/architecture.md, "Not yet"); listed so that no new one goes unnoticed.
 KNOWN_UPWARD = [
-    # train.evaluate scores the final validation images with workflows.evaluate's scorer (#18 part 7)
-    "sd35hub.train.outputs (train) -> sd35hub.workflows.evaluate (workflows)",
 ]
 # sd35hub/__init__.py is the lazy public API: its imports sit inside functions and may reach any layer.
 PUBLIC_API = "sd35hub"

@@ -11,7 +11,7 @@ import torch
 from fidelity_helpers import build_tiny_encoders
 from PIL import Image
 
-from sd35hub.workflows.fidelity import clip_text_for, load_encoders, score
+from sd35hub.models.fidelity import clip_text_for, load_encoders, score
 
 
 @pytest.fixture(scope="module")

@@ -143,7 +143,7 @@ class CardInfo:
     held_out: int | None = None
     prior_preservation: dict[str, Any] | None = None  # class_prompt, class_images, generated, prior_loss_weight
     mask_t5_padding: bool = False  # trained on zeroed T5 padding embeddings
-    fidelity: dict[str, Any] | None = None  # train.evaluate: CLIP-T / CLIP-I / DINO (sd35hub.workflows.fidelity)
+    fidelity: dict[str, Any] | None = None  # train.evaluate: CLIP-T / CLIP-I / DINO (sd35hub.models.fidelity)
     embeddings: dict[str, Any] | None = None  # pivotal tuning: file, tokens, encoders, keys (sd35hub.train.pivotal_live)
 
     @property

@@ -157,11 +157,12 @@ def peak_memory_gib(device: Any) -> float | None:
 
 def _fidelity(trainer: Any, out: Path) -> dict[str, Any]:
     """Score the final validation images against the instance images; eval/eval.json + eval/grid.png."""
-    from sd35hub.workflows.evaluate import EVAL_DIR, evaluate_images, instance_images, write_results
+    from sd35hub.data.sources import open_samples
+    from sd35hub.models.fidelity import EVAL_DIR, evaluate_images, take_images, write_results
 
-    t = trainer.config.train
+    t, data = trainer.config.train, trainer.config.data
     generated = [(p, [image]) for p, image in zip(trainer.prompts.prompts, trainer.lora_images, strict=True)]
-    instance = instance_images(trainer.config.data)
+    instance = take_images(open_samples(data), source=data.source)
     report = evaluate_images(generated, instance, clip_model=t.eval_clip_model, dino_model=t.eval_dino_model,
                              device=trainer.device)
     written = write_results(report, out / EVAL_DIR, generated, instance,

@@ -15,6 +15,7 @@ encoders, which the report names. Higher is better for all three; the mean of ea
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,11 @@ from sd35hub.errors import ModelLoadError, Sd35HubError
 DEFAULT_CLIP_MODEL = TrainSpec.eval_clip_model  # openai/clip-vit-base-patch32
 DEFAULT_DINO_MODEL = TrainSpec.eval_dino_model  # facebook/dino-vits16
 METRICS = ("clip_t", "clip_i", "dino")
+EVAL_DIR = "eval"
+MAX_INSTANCE_IMAGES = 64  # CLIP-I / DINO compare every generated image with each of these
+GRID_CELL = 256  # pixels per grid cell (images are fitted into it)
+
+
 
 
 @dataclass
@@ -182,3 +188,104 @@ def score(encoders: Encoders, generated: list[tuple[str, list[Image.Image]]], in
         report.prompts.append(PromptScore(prompt=prompt, clip_text=text, images=len(images), clip_t=clip_t,
                                           clip_i=clip_i, dino=dino))
     return report
+
+
+# --- results on disk: eval.json, grid.png, the images ----------------------------------------------
+
+
+@dataclass
+class EvalResult:
+    report: FidelityReport
+    json_path: Path
+    grid_path: Path
+    images: list[Path]
+
+
+def take_images(samples: Any, *, limit: int = MAX_INSTANCE_IMAGES, source: str = "") -> list[Image.Image]:
+    """The first ``limit`` images of a sample stream (sd35hub.data.sources.open_samples)."""
+    from sd35hub.errors import DatasetError
+
+    images = []
+    for sample in samples:
+        images.append(sample.image)
+        if len(images) >= limit:
+            break
+    if not images:
+        raise DatasetError(f"data.source={source!r} gave no usable image to compare with: CLIP-I and DINO need "
+                           "the instance images; check the source, or score CLIP-T only with --no-instance")
+    return images
+
+
+def evaluate_images(generated: list[tuple[str, list[Image.Image]]], instance: list[Image.Image], *,
+                    clip_model: str = DEFAULT_CLIP_MODEL, dino_model: str = DEFAULT_DINO_MODEL, device: Any = "cpu",
+                    trigger_word: str | None = None, trigger_replacement: str | None = None,
+                    token: str | bool | None = None) -> FidelityReport:
+    encoders = load_encoders(clip_model, dino_model, device=device, token=token)
+    try:
+        return score(encoders, generated, instance, trigger_word=trigger_word, trigger_replacement=trigger_replacement)
+    finally:
+        del encoders
+
+
+def write_results(report: FidelityReport, out_dir: Path, generated: list[tuple[str, list[Image.Image]]],
+                  instance: list[Image.Image], settings: dict[str, Any]) -> EvalResult:
+    """eval.json, grid.png and one PNG per generated image, in ``out_dir``."""
+    from sd35hub.paths import atomic_write, atomic_write_text
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths: list[Path] = []
+    files: list[list[str]] = []
+    for p, (_, images) in enumerate(generated):
+        row = []
+        for j, image in enumerate(images):
+            path = out_dir / f"prompt{p:02d}_{j:02d}.png"
+            atomic_write(path, lambda temp, image=image: image.save(temp, format="PNG"))
+            paths.append(path)
+            row.append(path.name)
+        files.append(row)
+    data = {**report.to_dict(), "settings": settings}
+    for entry, row in zip(data["prompts"], files, strict=False):
+        entry["files"] = row
+    json_path = atomic_write_text(out_dir / "eval.json", json.dumps(data, indent=2, sort_keys=True) + "\n")
+    grid = _grid(report, generated, instance)
+    grid_path = out_dir / "grid.png"
+    atomic_write(grid_path, lambda temp: grid.save(temp, format="PNG"))
+    return EvalResult(report=report, json_path=json_path, grid_path=grid_path, images=paths)
+
+
+def _fit(image: Image.Image) -> Image.Image:
+    cell = Image.new("RGB", (GRID_CELL, GRID_CELL), "white")
+    image = image.convert("RGB")
+    image.thumbnail((GRID_CELL, GRID_CELL))
+    cell.paste(image, ((GRID_CELL - image.width) // 2, (GRID_CELL - image.height) // 2))
+    return cell
+
+
+def _grid(report: FidelityReport, generated: list[tuple[str, list[Image.Image]]], instance: list[Image.Image]) -> Image.Image:
+    """Row 0: instance images; then one row per prompt, its scores under the first image."""
+    from sd35hub.pngmeta import make_grid
+
+    columns = max([len(images) for _, images in generated] + [1])
+    cells, labels = [], []
+    shown = instance[:columns]
+    for i in range(columns):
+        cells.append(_fit(shown[i]) if i < len(shown) else Image.new("RGB", (GRID_CELL, GRID_CELL), "white"))
+        labels.append(f"instance {i}" if i < len(shown) else "")
+    scores = {s.prompt: s for s in report.prompts}
+    for prompt, images in generated:
+        s = scores.get(prompt)
+        for j in range(columns):
+            cells.append(_fit(images[j]) if j < len(images) else Image.new("RGB", (GRID_CELL, GRID_CELL), "white"))
+            text = prompt[:40] if j else _score_label(s, prompt)
+            labels.append(text if j < len(images) else "")
+    return make_grid(cells, labels, columns, title=report.line())
+
+
+def _score_label(s: Any, prompt: str) -> str:
+    if s is None:
+        return prompt[:40]
+    parts = [f"T {s.clip_t:.3f}"] + ([f"I {s.clip_i:.3f}"] if s.clip_i is not None else []) + (
+        [f"DINO {s.dino:.3f}"] if s.dino is not None else [])
+    return " ".join(parts)
+
+
