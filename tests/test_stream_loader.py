@@ -162,3 +162,33 @@ def test_missing_weights_are_named(tmp_path) -> None:
     with pytest.raises(ModelLoadError, match="missing") as info:
         load_streamed("diffusers", "AutoencoderKL", folder, dtype=torch.float32, device=None)
     assert dropped in str(info.value)
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc")
+def test_load_streamed_maps_no_file_and_reads_through_one_buffer(monkeypatch) -> None:
+    """The whole loading path (meta module, accelerate / diffusers setters, tying) reads every tensor through
+    the one buffer and never maps a weights file; each tensor is copied out before the next is read."""
+    from sd35hub.models import stream
+
+    streams: list[stream.TensorStream] = []
+
+    class Watched(stream.TensorStream):
+        def __iter__(self):  # noqa: ANN204
+            streams.append(self)
+            previous = None
+            for name, view in super().__iter__():
+                assert not any(_mapped(f) for f in self.files), name
+                if previous is not None:  # the buffer was overwritten: nothing may still alias the last tensor
+                    assert previous.untyped_storage().data_ptr() == view.untyped_storage().data_ptr()
+                previous = view
+                self.pointer = view.untyped_storage().data_ptr()
+                yield name, view
+
+    monkeypatch.setattr(stream, "TensorStream", Watched)
+    folder = tiny_model_path()
+    module = load_streamed("diffusers", "SD3Transformer2DModel", folder / "transformer", dtype=torch.float32, device=None)
+    assert len(streams) == 1 and streams[0].allocations == 1
+    assert streams[0]._buffer is None  # released after the load
+    pointers = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    assert len(pointers) == len(list(module.parameters()))  # every weight is its own copy...
+    assert streams[0].pointer not in pointers  # ...and none aliases the buffer
