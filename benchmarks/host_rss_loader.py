@@ -18,7 +18,8 @@ that samples its own /proc/self/status (VmRSS, RssAnon, RssFile) every 10 ms and
   --mode sink     what a GPU load does to host memory, without a GPU: every tensor read once and folded
                   into a checksum, nothing kept. mmap: safetensors.safe_open of every shard, get_tensor of
                   every tensor, the shards kept open until the end, as from_pretrained does; stream: the
-                  TensorStream (one reusable buffer, plain reads).
+                  TensorStream (one reusable buffer, plain reads); whole: each shard read into memory at
+                  once and parsed (what diffusers' from_pretrained(disable_mmap=True) does).
 
 These are CPU host-RSS numbers of the loading mechanism; the GPU journey (benchmarks/memory_journey.py)
 measures the whole run.
@@ -168,6 +169,15 @@ def measure(root: Path, component: str, loader: str, mode: str) -> dict:
             if loader == "stream":
                 for _, view in TensorStream(files):
                     checksum += _fold(view)
+            elif loader == "whole":  # diffusers' from_pretrained(disable_mmap=True): each shard read whole
+                from safetensors.torch import load as load_bytes
+
+                for f in files:
+                    data = f.read_bytes()
+                    tensors = load_bytes(data)
+                    for view in tensors.values():
+                        checksum += _fold(view)
+                    del data, tensors
             else:
                 from safetensors import safe_open
 
@@ -203,7 +213,7 @@ def _meminfo_available_gib() -> float:
 
 
 def run_child(root: Path, component: str, loader: str, mode: str) -> dict:
-    env = dict(os.environ, SD35HUB_LOADER=loader, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, SD35HUB_LOADER="mmap" if loader == "whole" else loader, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     command = [sys.executable, __file__, "child", "--root", str(root), "--component", component, "--loader", loader,
                "--mode", mode]  # fmt: skip
     done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
@@ -218,7 +228,8 @@ def main() -> None:
     ap.add_argument("action", choices=("build", "measure", "matrix", "clean", "child"))
     ap.add_argument("--root", type=Path, default=Path("/tmp/host_rss"))
     ap.add_argument("--component", choices=("t5", "clip-g"), default="t5")
-    ap.add_argument("--loader", choices=("mmap", "stream"), default="stream")
+    ap.add_argument("--loader", choices=("mmap", "stream", "whole"), default="stream")
+    ap.add_argument("--loaders", default="mmap,stream", help="matrix: loaders to run (whole: sink mode only)")
     ap.add_argument("--mode", choices=("sink", "module"), default="sink")
     ap.add_argument("--modes", default="sink,module", help="matrix: modes to run")
     ap.add_argument("--min-free", type=float, default=0.0, help="matrix: skip a module run unless this much RAM is available")
@@ -236,7 +247,9 @@ def main() -> None:
         build(args.root, args.component)
         rows = []
         for mode in args.modes.split(","):
-            for loader in ("mmap", "stream"):
+            for loader in args.loaders.split(","):
+                if loader == "whole" and mode != "sink":
+                    continue
                 if mode == "module" and _meminfo_available_gib() < args.min_free:
                     rows.append({"component": args.component, "loader": loader, "mode": mode,
                                  "skipped": f"less than {args.min_free} GiB of RAM available"})
