@@ -16,7 +16,7 @@ import time
 import streamlit as st
 
 from sd35hub.blend.schedulers import SCHEDULERS
-from sd35hub.frontends.space import start, view
+from sd35hub.frontends.space import oauth, start, view
 from sd35hub.frontends.space import support as space
 from sd35hub.frontends.space.text import md_text, plain
 
@@ -43,8 +43,22 @@ def shared_engine(model: str):  # noqa: ANN201 - BlendEngine
         return start.engine(model)
 
 
-def user_token() -> str | None:
+def sign_in_available() -> bool:
+    """True when the Space has an OAuth app (the [auth] secrets sd35hub.frontends.space.start writes)."""
+    try:
+        return "auth" in st.secrets
+    except Exception:  # noqa: BLE001 - no secrets file at all
+        return False
+
+
+def pasted_token() -> str | None:
     return (state.get("user_token") or "").strip() or None
+
+
+def user_token() -> str | None:
+    """This visitor's token for their Hub calls: signed in with Hugging Face, else the pasted one, else None
+    (anonymous: the calls pass token=False, never the Space's own HF_TOKEN)."""
+    return (oauth.session_token(st.user) if sign_in_available() else None) or pasted_token()
 
 
 def visitor_address() -> str | None:
@@ -138,6 +152,14 @@ with st.sidebar:
     if any(choice.base_model and choice.base_model != base.hub_base for choice in state.adapters):
         state.adapters = [c for c in state.adapters if not c.base_model or c.base_model == base.hub_base]
         st.info("Adapters made for another base were removed from your blend.")
+    if sign_in_available():
+        if oauth.session_token(st.user):
+            st.caption(md_text(f"Signed in as {oauth.display_name(st.user)}: your private and gated adapters "
+                               "load with your own token, in this session only."))
+            if st.button("Sign out", key="sign_out"):
+                st.logout()
+        elif st.button("Sign in with Hugging Face", key="sign_in", type="primary"):
+            st.login()
     st.text_input(
         "Your Hugging Face token (optional, for private adapters)",
         type="password",
@@ -410,4 +432,4 @@ if state.history:
 # --- training on Hugging Face Jobs (space/train_page.py; nothing trains on this Space's hardware) ---------
 import train_page  # noqa: E402
 
-train_page.render(user_token())
+train_page.render(pasted_token())  # training needs write access: the sign-in asks only to read

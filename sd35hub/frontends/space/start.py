@@ -110,6 +110,23 @@ def warm_in_memory(models: list[str]) -> threading.Thread:
     return thread
 
 
+def sign_in_options(environ: Mapping[str, str] | None = None) -> list[str]:
+    """Streamlit options for "Sign in with Hugging Face" when the Space has an OAuth app (hf_oauth: true):
+    the [auth] secrets written to a private file (sd35hub.frontends.space.oauth); [] without one."""
+    import tempfile
+
+    from sd35hub.frontends.space import oauth
+
+    section = oauth.auth_section(environ)
+    if section is None:
+        log.warning("sign-in with Hugging Face: off (no OAuth app: hf_oauth is not set, or not on Spaces)")
+        return []
+    path = oauth.write_secrets(section, Path(tempfile.mkdtemp(prefix="sd35hub-space-auth-")) / "secrets.toml")
+    log.warning("sign-in with Hugging Face: on (redirect %s, scopes %s)", section["redirect_uri"],
+                section["client_kwargs"]["scope"])  # fmt: skip
+    return ["--secrets.files", str(path)]
+
+
 def main(argv: list[str]) -> None:
     os.environ.update(storage_env())
     logging.basicConfig(level=logging.INFO)
@@ -122,6 +139,7 @@ def main(argv: list[str]) -> None:
     subprocess.Popen([sys.executable, "-m", "sd35hub.frontends.space.start", "--warm-up"])  # noqa: S603
     if argv[:2] != ["streamlit", "run"]:
         os.execvp(argv[0], argv)  # noqa: S606 - another command replaces this process
+    argv = [*argv, *sign_in_options()]
     from sd35hub.frontends.space.support import available_bases
 
     warm_in_memory([available_bases()[0].model])  # the first base: loaded in this, the server's, process
