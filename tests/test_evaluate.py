@@ -136,3 +136,25 @@ def test_train_evaluate_then_sd35hub_eval_run(tmp_path, encoder_dirs):
     for p in data["prompts"]:
         for name in p["files"]:
             assert Image.open(tmp_path / "ev" / name).size == (64, 64)
+
+
+@pytest.mark.slow
+def test_a_failing_evaluation_never_loses_the_trained_run(tmp_path, encoder_dirs):
+    """An encoder that cannot be loaded: the adapter, summary.json and card are still written; the summary
+    says why there are no numbers."""
+    import dataclasses
+
+    from test_train_recipe import tiny_config
+
+    from sd35hub.train import recipe
+
+    (tmp_path / "not-a-model").mkdir()
+    cfg = tiny_config(tmp_path / "run", tmp_path / "cache", max_steps=2)
+    cfg = cfg.replace(train=dataclasses.replace(cfg.train, evaluate=True, eval_clip_model=str(tmp_path / "not-a-model"),
+                                                eval_dino_model=str(encoder_dirs[1])))
+    logs: list[str] = []
+    result = recipe.train(cfg, log=logs.append, progress=False)
+    assert "CLIP model" in result.summary["fidelity"]["error"]
+    assert (tmp_path / "run" / "adapter" / "pytorch_lora_weights.safetensors").is_file()
+    assert (tmp_path / "run" / "README.md").is_file() and "subject fidelity" not in (tmp_path / "run" / "README.md").read_text()
+    assert any("subject fidelity not measured" in line for line in logs)

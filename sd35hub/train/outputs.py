@@ -219,7 +219,13 @@ def finish(trainer: Any) -> TrainResult:
         if getattr(trainer, "prior", None) is not None:  # DreamBooth class images: counts and weight
             summary["prior_preservation"] = trainer.prior.summary(state.epoch * trainer.batches_per_epoch + state.batch_in_epoch)
         if cfg.train.evaluate:  # CLIP-T / CLIP-I / DINO of the final validation images (sd35hub eval for more)
-            summary["fidelity"] = _fidelity(trainer, out)
+            from sd35hub.errors import Sd35HubError
+
+            try:
+                summary["fidelity"] = _fidelity(trainer, out)
+            except Sd35HubError as exc:  # the trained adapter, summary and card are still written
+                trainer.log(f"subject fidelity not measured: {exc} (run `sd35hub eval {out}` once it is fixed)")
+                summary["fidelity"] = {"error": str(exc)}
         if getattr(trainer, "phases", None) is not None:  # measured peak GPU / host memory per phase (+ the plan)
             summary["memory"] = trainer.phases.report()
         write_summary(out, summary)

@@ -74,7 +74,7 @@ def evaluate_run(run_dir: str | Path, *, prompts: list[str] | tuple[str, ...] = 
         raise ConfigError(f"{run} names no validation prompt to evaluate: pass --prompt (repeatable)")
     steps = steps if steps is not None else t.validation_steps
     guidance = guidance if guidance is not None else t.validation_guidance
-    engine = BlendEngine(model or cfg.model.name, dtype=dtype, device=device, revision=cfg.model.revision,
+    engine = BlendEngine(model or cfg.model.name, dtype=dtype, device=device, revision=None if model else cfg.model.revision,
                          mask_t5_padding=cfg.data.mask_t5_padding)
     generated: list[tuple[str, list[Image.Image]]] = []
     for i, prompt in enumerate(prompts):
