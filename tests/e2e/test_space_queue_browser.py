@@ -13,6 +13,7 @@ import os
 import socket
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
@@ -110,6 +111,14 @@ def test_queue_position_cancel_and_the_per_address_limit(chromium_browser, limit
     expect(first.get_by_test_id("stProgress")).to_contain_text("s left")  # the first one renders ...
     _generate(second, 1)
     expect(second.get_by_test_id("stProgress")).to_contain_text("Waiting: 1 image(s) ahead of yours")  # ... live
+    if os.environ.get("SD35HUB_UPDATE_SCREENSHOT") == "1":  # docs/images/space-queue.png (docs/space.md)
+        from PIL import Image
+
+        target = Path(__file__).resolve().parents[2] / "docs" / "images" / "space-queue.png"
+        second.get_by_test_id("stProgress").locator("xpath=../..").screenshot(path=str(target))
+        with Image.open(target) as image:
+            quantized = image.convert("RGB").quantize(colors=256)
+        quantized.save(target, optimize=True)
     first.get_by_role("button", name="Cancel").click()
     expect(first.get_by_text("Cancelled: no image was made.")).to_be_visible()
     expect(second.get_by_test_id("stImage").filter(has_text="seed")).to_have_count(1)  # its turn came
