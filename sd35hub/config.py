@@ -88,7 +88,7 @@ class ModelSpec:
     name: str = DEFAULT_MODEL  # Hub id, local diffusers folder, or "tiny" (embedded offline model)
     revision: str | None = None  # Hub revision (branch, tag or commit)
     dtype: str = "auto"  # weights dtype of the frozen base: auto (from the hardware profile)|bf16|fp16|fp32
-    quantize: str = "none"  # frozen transformer: none|nf4|int8 (bitsandbytes, QLoRA)
+    quantize: str = "auto"  # frozen transformer: auto (the hardware profile) | none | nf4 | int8 (bitsandbytes, QLoRA)
     # T5-XXL while caching embeddings: auto (the memory plan picks none, int8, nf4 or the CPU to fit) | none | nf4 | int8
     text_encoder_quantize: str = "auto"
     attention: str = "sdpa"  # sdpa (PyTorch, default) | xformers (needs sd35hub[xformers])
@@ -105,10 +105,10 @@ class ModelSpec:
         if not self.name:
             out.append("model.name is empty; pass --model stabilityai/stable-diffusion-3.5-large (or tiny)")
         out += _choice("model", "dtype", self.dtype, DTYPES)
-        out += _choice("model", "quantize", self.quantize, QUANTIZATION)
+        out += _choice("model", "quantize", self.quantize, ("auto", *QUANTIZATION))
         out += _choice("model", "text_encoder_quantize", self.text_encoder_quantize, ("auto", *QUANTIZATION))
         out += _choice("model", "attention", self.attention, ATTENTION)
-        if self.float8 and self.quantize != "none":
+        if self.float8 and self.quantize not in ("none", "auto"):
             out.append(f"model.float8 and model.quantize={self.quantize} both replace the base layers; choose one "
                        "(float8 for speed on L4/H100, nf4/int8 for memory)")
         return out
@@ -122,7 +122,9 @@ class DataSpec:
     split: str = "train"  # dataset split to stream
     image_column: str | None = None  # override column auto-detection (image/img/png/jpg)
     caption_column: str | None = None  # override column auto-detection (text/caption/prompt/txt)
-    resolution: int = 1024  # target side of the bucket set (512, 768, 1024 ...): buckets keep ~resolution² pixels
+    # target side of the bucket set (512, 768, 1024 ...): buckets keep ~resolution² pixels; None: the hardware
+    # profile (1024; 768 on a T4)
+    resolution: int | None = None
     crop: str = "center"  # center|random crop after resizing to cover the bucket
     trigger_word: str = ""  # prepended to every caption, e.g. "nrt style"
     caption_dropout: float = 0.0  # probability of training on an empty caption (helps CFG)
@@ -153,7 +155,7 @@ class DataSpec:
         out: list[str] = []
         if not self.source:
             out.append("data.source is empty; pass --dataset with a Hub dataset id, a folder, or 'sample'")
-        if self.resolution < 64 or self.resolution % 64:
+        if self.resolution is not None and (self.resolution < 64 or self.resolution % 64):
             out.append(f"data.resolution={self.resolution} must be a multiple of 64 (e.g. 512, 768, 1024)")
         out += _choice("data", "crop", self.crop, CROPS)
         out += _fraction("data", "caption_dropout", self.caption_dropout)
@@ -193,7 +195,7 @@ class DataSpec:
 class LoraSpec:
     """The LoRA adapter attached to the SD3 transformer."""
 
-    rank: int = 16  # r: adapter rank
+    rank: int | None = None  # r: adapter rank; None: the hardware profile (16 on every profile today)
     alpha: float | None = None  # scaling numerator; None = rank (scale 1.0)
     dropout: float = 0.0  # dropout on the LoRA branch
     # peft init_lora_weights: gaussian | default (kaiming) | pissa | olora (these two move the top singular
@@ -211,7 +213,7 @@ class LoraSpec:
     text_encoder_alpha: float | None = None  # None = text_encoder_rank (scale 1.0)
 
     def problems(self) -> list[str]:
-        out = _positive("lora", "rank", self.rank)
+        out = _positive("lora", "rank", self.rank, allow_none=True)
         out += _positive("lora", "text_encoder_rank", self.text_encoder_rank, allow_none=True)
         out += _positive("lora", "text_encoder_alpha", self.text_encoder_alpha, allow_none=True)
         unknown = [name for name in self.text_encoders if name not in TEXT_ENCODER_LORA]
@@ -272,7 +274,9 @@ class TrainSpec:
     batch_size: int | None = None  # per device; None = from the hardware profile
     gradient_accumulation: int | None = None  # None = from the hardware profile
     learning_rate: float = 1e-4
-    optimizer: str = "adamw"  # adamw | adamw8bit (bitsandbytes) | prodigy (use learning_rate=1.0)
+    # auto (the hardware profile: adamw, adamw8bit on small cards) | adamw | adamw8bit (bitsandbytes) | prodigy
+    # (use learning_rate=1.0)
+    optimizer: str = "auto"
     weight_decay: float = 1e-4
     adam_betas: tuple[float, float] = (0.9, 0.999)
     lr_scheduler: str = "constant"  # constant | constant_with_warmup | linear | cosine
@@ -301,14 +305,14 @@ class TrainSpec:
     resume: str | None = None  # "latest" or a checkpoint path
     validation_every: int = 0  # optimizer steps between validation grids; 0 = start and end only
     validation_prompts: tuple[str, ...] = ()  # default: the first held-out captions
-    validation_steps: int = 28  # sampler steps for validation images
-    validation_guidance: float = 4.5
+    validation_steps: int | None = None  # sampler steps for validation images; None: 28 (4 for Large Turbo)
+    validation_guidance: float | None = None  # None: 4.5 (0, no guidance, for Large Turbo)
     validation_seed: int = 0
     log_every: int = 10  # steps between metric lines
     report_to: tuple[str, ...] = ("jsonl",)  # jsonl | tensorboard | wandb
     prior_loss_weight: float = 1.0  # DreamBooth: loss = instance + weight * class (with data.class_prompt)
     # skip-layer guidance in the validation grids (SD3.5 Medium preset: 7,8,9); needs validation_guidance > 1
-    validation_skip_layers: tuple[int, ...] = ()
+    validation_skip_layers: tuple[int, ...] | None = None  # None: () ((7, 8, 9) for Medium)
     validation_skip_layer_scale: float = 2.8
     # CLIP-T / CLIP-I / DINO of the final validation images against the instance images (sd35hub eval)
     evaluate: bool = False
@@ -336,7 +340,7 @@ class TrainSpec:
         out += _positive(s, "gradient_accumulation", self.gradient_accumulation, allow_none=True)
         out += _positive(s, "learning_rate", self.learning_rate)
         out += _positive(s, "text_encoder_lr", self.text_encoder_lr, allow_none=True)
-        out += _choice(s, "optimizer", self.optimizer, OPTIMIZERS)
+        out += _choice(s, "optimizer", self.optimizer, ("auto", *OPTIMIZERS))
         out += _positive(s, "weight_decay", self.weight_decay, zero_ok=True)
         if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
             out.append(f"train.adam_betas={self.adam_betas!r} must be two numbers in [0, 1), e.g. [0.9, 0.999]")
@@ -355,13 +359,13 @@ class TrainSpec:
         out += _positive(s, "checkpoint_every", self.checkpoint_every, zero_ok=True)
         out += _positive(s, "keep_checkpoints", self.keep_checkpoints)
         out += _positive(s, "validation_every", self.validation_every, zero_ok=True)
-        out += _positive(s, "validation_steps", self.validation_steps)
+        out += _positive(s, "validation_steps", self.validation_steps, allow_none=True)
         out += _positive(s, "log_every", self.log_every)
         out += _positive(s, "prior_loss_weight", self.prior_loss_weight, zero_ok=True)
         for name in ("eval_clip_model", "eval_dino_model"):
             if not str(getattr(self, name)).strip():
                 out.append(f"train.{name} is empty; give a Hub id or a folder of a transformers model")
-        if any(not isinstance(i, int) or i < 0 for i in self.validation_skip_layers):
+        if any(not isinstance(i, int) or i < 0 for i in self.validation_skip_layers or ()):
             out.append(f"train.validation_skip_layers={list(self.validation_skip_layers)!r} must be transformer block "
                        "indices >= 0, e.g. [7, 8, 9] (SD3.5 Medium)")
         out += _positive(s, "validation_skip_layer_scale", self.validation_skip_layer_scale)
@@ -434,7 +438,7 @@ class Config:
             # a value of the wrong type (a Config built in Python) would crash the section's own checks
             out += generic if wrong_type else merge_problems(section.problems(), generic)
         out += _pivotal_problems(self)
-        if self.lora.init in ("pissa", "olora") and (self.model.quantize != "none" or self.model.float8):
+        if self.lora.init in ("pissa", "olora") and (self.model.quantize not in ("none", "auto") or self.model.float8):
             out.append(f"lora.init={self.lora.init} rewrites the frozen base weights, which model.quantize / "
                        "model.float8 keep in a packed form; use lora.init=gaussian or model.quantize=none")
         out += _text_encoder_problems(self)

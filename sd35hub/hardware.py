@@ -4,11 +4,10 @@
     config, notes = apply_profile(config, profile)   # fills only what the user did not choose
     print(profile.describe()); print(*notes, sep="\\n")
 
-Every value here is a default: anything set in the config (YAML, dotted override or flag) wins.
-Fields that are ``None``/``"auto"`` in the config are always taken from the profile; fields with a
-plain default (data.resolution, lora.rank, model.quantize, train.optimizer) are taken from the
-profile unless the user set them explicitly (``explicit`` keys; the Python API counts a value equal
-to the dataclass default as "not set"). Profiles are resolved from device properties and model
+The profile is the lowest layer of the config: profile < YAML < flags and dotted overrides. Every field
+a profile may fill defaults to ``None`` or ``"auto"`` in the config dataclasses, so a value anyone set
+(in YAML, a flag, or ``DataSpec(resolution=1024)`` in Python) is never replaced, and no record of "which
+keys did the user set" is needed. Profiles are resolved from device properties and model
 configs only, before any weights load. The t4 and h100 rows are measured on an H100 (speed and
 peak memory, docs/performance.md), the h200 batches on an H200; l4 and a100 rows are derived from them,
 not measured on those cards.
@@ -21,7 +20,7 @@ import importlib.util
 from dataclasses import dataclass, field
 from typing import Any
 
-from sd35hub.config import Config, DataSpec, LoraSpec, ModelSpec, TrainSpec
+from sd35hub.config import Config
 
 GIB = 1024**3
 
@@ -166,42 +165,36 @@ def detect_profile(override: str = "auto", device_props: Any = None, *, variant:
     return HardwareProfile(name=name, device_name=device_name, vram_gib=vram_gib, reasons=reasons, **values)
 
 
-# Config fields a profile may fill: (section, field, profile attribute, "unset" test).
-_UNSET_NONE = "none-or-auto"
-_UNSET_DEFAULT = "default"
+# Config fields a profile fills when they are None / "auto": (section, field, profile attribute).
 _FILLS = (
-    ("train", "batch_size", "batch_size", _UNSET_NONE),
-    ("train", "gradient_accumulation", "gradient_accumulation", _UNSET_NONE),
-    ("train", "gradient_checkpointing", "gradient_checkpointing", _UNSET_NONE),
-    ("train", "compile", "compile", _UNSET_NONE),
-    ("train", "mixed_precision", "mixed_precision", _UNSET_NONE),
-    ("model", "dtype", "weight_dtype", _UNSET_NONE),
-    ("data", "resolution", "resolution", _UNSET_DEFAULT),
-    ("lora", "rank", "rank", _UNSET_DEFAULT),
-    ("model", "quantize", "quantize", _UNSET_DEFAULT),
-    ("train", "optimizer", "optimizer", _UNSET_DEFAULT),
+    ("train", "batch_size", "batch_size"),
+    ("train", "gradient_accumulation", "gradient_accumulation"),
+    ("train", "gradient_checkpointing", "gradient_checkpointing"),
+    ("train", "compile", "compile"),
+    ("train", "mixed_precision", "mixed_precision"),
+    ("model", "dtype", "weight_dtype"),
+    ("data", "resolution", "resolution"),
+    ("lora", "rank", "rank"),
+    ("model", "quantize", "quantize"),
+    ("train", "optimizer", "optimizer"),
 )
-_DEFAULTS = {"model": ModelSpec(), "data": DataSpec(), "lora": LoraSpec(), "train": TrainSpec()}
+_SECTIONS = ("model", "data", "lora", "train")
 
 
-def apply_profile(config: Config, profile: HardwareProfile, explicit: set[str] | None = None) -> tuple[Config, list[str]]:
-    """Fill the settings the user left open from ``profile``; returns (resolved config, one note per
-    field saying where its value came from). ``explicit``: dotted keys the user set ("data.resolution")."""
-    sections = {name: getattr(config, name) for name in _DEFAULTS}
-    changes: dict[str, dict[str, Any]] = {name: {} for name in _DEFAULTS}
+def apply_profile(config: Config, profile: HardwareProfile) -> tuple[Config, list[str]]:
+    """Fill the settings the config left open (None / "auto") from ``profile``; returns (resolved config,
+    one note per field saying where its value came from)."""
+    sections = {name: getattr(config, name) for name in _SECTIONS}
+    changes: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
     notes: list[str] = []
-    for section, name, attr, rule in _FILLS:
+    for section, name, attr in _FILLS:
         current = getattr(sections[section], name)
         key = f"{section}.{name}"
-        if rule == _UNSET_NONE:
-            unset = current is None or current == "auto"
-        else:
-            unset = key not in explicit if explicit is not None else current == getattr(_DEFAULTS[section], name)
-        if unset:
+        if current is None or current == "auto":
             value = getattr(profile, attr)
             changes[section][name] = value
             notes.append(f"{key} = {value!r} (profile {profile.name})")
         else:
             notes.append(f"{key} = {current!r} (your setting)")
-    resolved = {name: dataclasses.replace(sections[name], **changes[name]) for name in _DEFAULTS}
+    resolved = {name: dataclasses.replace(sections[name], **changes[name]) for name in _SECTIONS}
     return config.replace(**resolved).validate(), notes

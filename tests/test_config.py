@@ -13,7 +13,13 @@ from sd35hub.errors import ConfigError
 def test_defaults_follow_the_product_seed() -> None:
     cfg = load_config()
     assert cfg.model.name == "stabilityai/stable-diffusion-3.5-large"
-    assert (cfg.lora.rank, cfg.data.resolution, cfg.train.epochs) == (16, 1024, 10)
+    assert cfg.train.epochs == 10
+    # rank and resolution are the hardware profile's (the lowest config layer): 16 and 1024 on a GPU that fits
+    assert (cfg.lora.rank, cfg.data.resolution, cfg.model.quantize, cfg.train.optimizer) == (None, None, "auto", "auto")
+    from sd35hub.hardware import apply_profile, detect_profile
+
+    resolved, _ = apply_profile(cfg, detect_profile("h100", variant="sd3.5-large"))
+    assert (resolved.lora.rank, resolved.data.resolution) == (16, 1024)
     assert cfg.data.source == "lambdalabs/naruto-blip-captions"
 
 

@@ -93,14 +93,20 @@ def test_profile_fills_only_what_the_user_left_open(with_bnb):
     assert (resolved.train.mixed_precision, resolved.model.dtype, resolved.model.quantize) == ("fp16", "fp16", "nf4")
     assert resolved.train.optimizer == "adamw8bit" and resolved.train.gradient_checkpointing is True
     assert "train.batch_size = 3 (your setting)" in notes and "data.resolution = 768 (profile t4)" in notes
-    # an explicit key keeps its value even when it equals the default
-    explicit, _ = hardware.apply_profile(Config(data=DataSpec(resolution=1024)), profile, explicit={"data.resolution"})
-    assert explicit.data.resolution == 1024
+    # a value set in Python is the user's even when it equals what a bigger card's profile would pick (#17: it
+    # used to count as unset and trained at 768 on a T4 unless marked "explicit")
+    mine, notes = hardware.apply_profile(Config(data=DataSpec(resolution=1024), lora=LoraSpec(rank=16)), profile)
+    assert mine.data.resolution == 1024 and mine.lora.rank == 16
+    assert "data.resolution = 1024 (your setting)" in notes and "lora.rank = 16 (your setting)" in notes
+    # the same for the fields whose default is "auto": the T4's choices, set by hand, survive the H100 profile
+    kept, _ = hardware.apply_profile(load_config(None, ["model.quantize=nf4", "train.optimizer=adamw8bit"]),
+                                     hardware.detect_profile("auto", H100))
+    assert (kept.model.quantize, kept.train.optimizer) == ("nf4", "adamw8bit")
 
 
 def test_profile_applies_to_a_loaded_config(with_bnb):
     config = load_config(None, ["train.mixed_precision=bf16", "model.quantize=none"])
-    resolved, _ = hardware.apply_profile(config, hardware.detect_profile("auto", T4), explicit={"model.quantize"})
+    resolved, _ = hardware.apply_profile(config, hardware.detect_profile("auto", T4))
     assert resolved.train.mixed_precision == "bf16" and resolved.model.quantize == "none"
 
 
@@ -109,9 +115,8 @@ def test_float8_with_a_profile_that_quantizes_is_refused_before_loading(with_bnb
     config fails validation (before any weights load) and says which setting to change."""
     profile = hardware.detect_profile("auto", L4, variant="sd3.5-large")
     with pytest.raises(ConfigError, match=r"model.float8 and model.quantize=nf4.*choose one"):
-        hardware.apply_profile(load_config(None, ["model.float8=true"]), profile, explicit={"model.float8"})
-    resolved, _ = hardware.apply_profile(load_config(None, ["model.float8=true", "model.quantize=none"]), profile,
-                                         explicit={"model.float8", "model.quantize"})
+        hardware.apply_profile(load_config(None, ["model.float8=true"]), profile)
+    resolved, _ = hardware.apply_profile(load_config(None, ["model.float8=true", "model.quantize=none"]), profile)
     assert resolved.model.float8 and resolved.model.quantize == "none"
 
 

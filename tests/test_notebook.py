@@ -226,9 +226,9 @@ def test_plan_leaves_open_settings_to_the_profile_and_keeps_the_users() -> None:
     # the trainer gets the open settings and decides them exactly as the resolved plan shows
     assert plan.config.train.profile == "t4" and plan.config.train.batch_size is None
     assert plan.resolved.data.resolution == 768 and plan.resolved.train.mixed_precision == "fp16"
-    assert plan.resolved.train.learning_rate == 5e-5 and "train.learning_rate" in plan.explicit
+    assert plan.resolved.train.learning_rate == 5e-5 and plan.config.data.resolution is None
     mine = _plan(model="stabilityai/stable-diffusion-3.5-large", profile=t4, resolution=1024, rank=16)
-    assert mine.resolved.data.resolution == 1024 and {"data.resolution", "lora.rank"} <= mine.explicit
+    assert mine.resolved.data.resolution == 1024 and mine.config.data.resolution == 1024
     assert "data.resolution = 1024 (your setting)" in mine.describe()
 
 

@@ -12,7 +12,7 @@ from PIL import Image
 
 from sd35hub.config import Config, TrainSpec, load_config
 from sd35hub.errors import ConfigError
-from sd35hub.train.presets import apply_variant_preset, skip_layer_kwargs
+from sd35hub.models.presets import apply_variant_preset, skip_layer_kwargs
 
 
 def test_turbo_preset_fills_few_step_unguided_validation_unless_set():
@@ -21,9 +21,12 @@ def test_turbo_preset_fills_few_step_unguided_validation_unless_set():
     mine = Config(train=TrainSpec(validation_steps=8))
     cfg, _ = apply_variant_preset(mine, "sd3.5-large-turbo")
     assert (cfg.train.validation_steps, cfg.train.validation_guidance) == (8, 0.0)
-    cfg, notes = apply_variant_preset(Config(), "sd3.5-large-turbo", explicit={"train.validation_guidance"})
-    assert (cfg.train.validation_steps, cfg.train.validation_guidance) == (4, 4.5)
-    assert apply_variant_preset(Config(), "sd3.5-large") == (Config(), [])
+    # a value set to what the plain default is still the user's (it used to need an "explicit" key)
+    cfg, notes = apply_variant_preset(Config(train=TrainSpec(validation_guidance=4.5)), "sd3.5-large-turbo")
+    assert (cfg.train.validation_steps, cfg.train.validation_guidance) == (4, 4.5) and len(notes) == 1
+    cfg, notes = apply_variant_preset(Config(), "sd3.5-large")  # no preset: the plain defaults, no notes
+    assert (cfg.train.validation_steps, cfg.train.validation_guidance, cfg.train.validation_skip_layers) == (28, 4.5, ())
+    assert notes == []
 
 
 def test_medium_preset_turns_on_skip_layer_guidance():

@@ -369,7 +369,6 @@ def test_two_processes_train_the_text_encoder_lora_like_one_with_accumulation(tm
     import yaml
     from test_train_ddp import CONFIG, _adapter, _launch, _max_diff
 
-    from sd35hub.frontends.commands.train import explicit_keys
     from sd35hub.train import recipe
 
     config = {**CONFIG, "data": {**CONFIG["data"], "cache_dir": str(tmp_path / "cache")},
@@ -381,8 +380,7 @@ def test_two_processes_train_the_text_encoder_lora_like_one_with_accumulation(tm
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        recipe.train(load_config(config_file, overrides), explicit=explicit_keys(config_file, overrides),
-                     log=lambda s: None, progress=False)  # fmt: skip
+        recipe.train(load_config(config_file, overrides), log=lambda s: None, progress=False)
     finally:
         torch.set_num_threads(threads)
     two = _launch(["-m", "sd35hub", "train", "--config", str(config_file), "--output", str(tmp_path / "two")])

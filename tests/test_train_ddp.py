@@ -21,7 +21,6 @@ import yaml
 from safetensors.torch import load_file
 
 from sd35hub.config import load_config
-from sd35hub.frontends.commands.train import explicit_keys
 from sd35hub.train import recipe
 
 pytestmark = pytest.mark.slow  # ~70 s in all (see above)
@@ -39,8 +38,6 @@ CONFIG = {
 # different times); the trainer must stop both processes after the same step.
 SIGNAL_WORKER = """
 import os, signal, sys
-from pathlib import Path
-from sd35hub.frontends.commands.train import explicit_keys
 from sd35hub.config import load_config
 from sd35hub.train import recipe
 
@@ -49,7 +46,7 @@ def term_rank1_at_step_2(trainer):
         os.kill(os.getpid(), signal.SIGTERM)
 
 cfg = load_config(sys.argv[1], sys.argv[2:])
-recipe.train(cfg, explicit=explicit_keys(Path(sys.argv[1]), sys.argv[2:]), on_step=term_rank1_at_step_2, progress=False)
+recipe.train(cfg, on_step=term_rank1_at_step_2, progress=False)
 """
 
 
@@ -100,8 +97,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the launched processes (OMP_NUM_THREADS=1); 2 threads on 2 busy cores crawl
     try:
-        recipe.train(load_config(config_file, overrides), explicit=explicit_keys(config_file, overrides),
-                     log=lambda s: None, progress=False)  # fmt: skip
+        recipe.train(load_config(config_file, overrides), log=lambda s: None, progress=False)
     finally:
         torch.set_num_threads(threads)
 

@@ -260,12 +260,14 @@ def test_cli_rejects_a_bad_config_with_exit_2(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
-def test_cli_flags_are_explicit_keys():
-    from sd35hub.frontends.commands.train import build_overrides, explicit_keys
+def test_cli_flags_become_overrides_that_the_positional_ones_beat():
+    from sd35hub.config import load_config
+    from sd35hub.frontends.commands.train import build_overrides
 
-    overrides = build_overrides({"resolution": 1024, "trigger_word": "sks, dog", "rank": None}, ["lora.rank=8"])
-    assert overrides == ['data.resolution=1024', 'data.trigger_word="sks, dog"', "lora.rank=8"]
-    assert explicit_keys(None, overrides) == {"data.resolution", "data.trigger_word", "lora.rank"}
+    overrides = build_overrides({"resolution": 1024, "trigger_word": "sks, dog", "rank": 4}, ["lora.rank=8"])
+    assert overrides == ['data.resolution=1024', 'data.trigger_word="sks, dog"', "lora.rank=4", "lora.rank=8"]
+    cfg = load_config(None, overrides)
+    assert (cfg.data.resolution, cfg.data.trigger_word, cfg.lora.rank) == (1024, "sks, dog", 8)
 
 
 def test_compiled_blocks_compile_training_shapes_only(tmp_path, cache_dir, monkeypatch):

@@ -42,7 +42,7 @@ class PreviewSummary:
 def preview_grid(spec: DataSpec, n: int = 16, out: Path = Path("preview.png"), resolution: int | None = None,
                  *, scan: int | None = 200, seed: int = 0, token: str | bool | None = None) -> PreviewSummary:
     """Write a grid of the first ``n`` usable samples; scan up to ``scan`` records (None: all)."""
-    resolution = resolution or spec.resolution
+    resolution = resolution or spec.resolution or 1024  # data.resolution unset: the GPU profiles' usual side
     buckets = bucket_set(resolution)
     stream = SampleStream(spec, seed=seed, token=token, max_records=scan)
     tiles: list[Image.Image] = []

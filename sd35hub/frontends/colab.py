@@ -135,9 +135,8 @@ def environment(model: str, profile: str = "auto") -> Any:
 class RunPlan:
     """The validated config, resolved against the hardware profile, and what the user chose."""
 
-    config: Config  # what the trainer gets: the profile's choices are left open, the trainer makes them
+    config: Config  # what the trainer gets: the profile's choices are left open (None), the trainer makes them
     resolved: Config  # the same config with the profile applied (what will actually run; shown to the user)
-    explicit: set[str]  # dotted keys the user set: they win over the profile
     notes: list[str] = field(default_factory=list)  # where each resolved setting came from
 
     @property
@@ -213,16 +212,15 @@ def build_plan(
     }  # fmt: skip
     raw = {s: {k: v for k, v in values.items() if v is not None} for s, values in chosen.items()}
     overrides = parse_overrides(list(extra or []))
-    explicit = {f"{s}.{k}" for s, values in merge(raw, overrides).items() for k in values}
-    if profile is not None and "train.profile" not in explicit:
+    if profile is not None and "profile" not in overrides.get("train", {}):
         raw["train"]["profile"] = profile.name  # the trainer uses the profile shown here, not a new guess
     config = from_dict(merge(raw, overrides))  # validates every field at once
     resolved, notes = config, []
     if profile is not None:
         from sd35hub.hardware import apply_profile
 
-        resolved, notes = apply_profile(config, profile, explicit)  # the trainer repeats this, same result
-    return RunPlan(config=config, resolved=resolved, explicit=explicit, notes=notes)
+        resolved, notes = apply_profile(config, profile)  # the trainer repeats this, same result
+    return RunPlan(config=config, resolved=resolved, notes=notes)
 
 
 def memory_plan(plan: RunPlan, profile: Any) -> Any:
@@ -344,7 +342,7 @@ def run_training(plan: RunPlan, *, show_validation: bool = True) -> NotebookRun:
             shown.add(str(grid))
             show(Path(grid))
 
-    trainer = Trainer(cfg, explicit=plan.explicit, on_step=on_step)
+    trainer = Trainer(cfg, on_step=on_step)
     started = time.time()
     try:
         trainer.setup()

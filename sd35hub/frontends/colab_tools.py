@@ -37,7 +37,8 @@ def make_engine(config: Config, *, vram_gib: float | None = None) -> Any:
     if vram_gib is None and torch.cuda.is_available():
         vram_gib = torch.cuda.get_device_properties(0).total_memory / 1024**3
     offload = vram_gib is not None and vram_gib < 40 and config.model.name != "tiny"
-    return BlendEngine(config.model.name, revision=config.model.revision, quantize=config.model.quantize,
+    quantize = "none" if config.model.quantize == "auto" else config.model.quantize  # auto: a config no profile resolved
+    return BlendEngine(config.model.name, revision=config.model.revision, quantize=quantize,
                        cpu_offload=offload, drop_t5=config.model.drop_t5)  # fmt: skip
 
 

@@ -97,7 +97,7 @@ def checkpoint_lora_shape(checkpoint: Path) -> tuple[str, tuple[int, ...]] | Non
 
 
 def check_resume(config: Config) -> None:
-    if not config.train.resume:
+    if not config.train.resume or config.lora.rank is None:  # rank None: the trainer checks after the profile chose it
         return
     from sd35hub.train.checkpoint import resolve_resume
 

@@ -38,7 +38,7 @@ from sd35hub.train.distributed import any_process, check_same_resume_step, launc
 from sd35hub.train.flow import draw_noise_and_sigmas, flow_loss
 from sd35hub.train.metrics import PendingLog
 from sd35hub.train.outputs import TrainResult
-from sd35hub.train.preflight import preflight
+from sd35hub.train.preflight import check_resume, preflight
 from sd35hub.train.speed import eager, to_device
 from sd35hub.train.step import optimize_micro_batch
 
@@ -46,10 +46,9 @@ StepCallback = Callable[["Trainer"], None]
 
 
 class Trainer:
-    def __init__(self, config: Config, *, explicit: set[str] | None = None, log: Callable[[str], None] | None = None,
+    def __init__(self, config: Config, *, log: Callable[[str], None] | None = None,
                  on_step: StepCallback | None = None, progress: bool = True) -> None:
         self.config = config
-        self.explicit = explicit  # dotted keys the user set (CLI); None: values equal to defaults count as unset
         self.log = log or print
         self.on_step = on_step  # called after every optimizer step (tests interrupt through it)
         self.progress = progress
@@ -84,13 +83,14 @@ class Trainer:
         self.info = model_info(cfg.model.name, cfg.model.revision)  # configs only
         self.base_model_id = outputs.resolve_base(cfg.model, self.log)  # the Hub id to publish; never a path
         self.profile = detect_profile(cfg.train.profile, variant=self.info.variant)  # 4. before weights load
-        cfg, notes = apply_profile(cfg, self.profile, self.explicit)
+        cfg, notes = apply_profile(cfg, self.profile)  # fills only what the config left None / "auto"
         cfg, bucket_notes = _bound_resolution(cfg, self.info.max_resolution)  # the base's positional grid
         notes += bucket_notes
-        from sd35hub.train.presets import apply_variant_preset
+        from sd35hub.models.presets import apply_variant_preset
 
-        cfg, preset_notes = apply_variant_preset(cfg, self.info.variant, self.explicit)  # Turbo, Medium
+        cfg, preset_notes = apply_variant_preset(cfg, self.info.variant)  # Turbo, Medium
         notes = [*notes, *preset_notes]
+        check_resume(cfg)  # again: the profile may have chosen lora.rank
         self.config = cfg
         train = cfg.train
         # 5. the memory plan (configs only): refuse before any weights download when no plan fits
@@ -496,7 +496,7 @@ class Trainer:
         return loss
 
     def _render_kwargs(self) -> dict[str, Any]:
-        from sd35hub.train.presets import skip_layer_kwargs
+        from sd35hub.models.presets import skip_layer_kwargs
 
         t = self.config.train
         return dict(size=self.config.data.resolution, steps=t.validation_steps, guidance=t.validation_guidance,
@@ -659,10 +659,10 @@ def _seed(*parts: object) -> int:
     return stable_seed(*parts) % (2**63)
 
 
-def train(config: Config, *, explicit: set[str] | None = None, log: Callable[[str], None] | None = None,
+def train(config: Config, *, log: Callable[[str], None] | None = None,
           on_step: StepCallback | None = None, progress: bool = True) -> TrainResult:
     """Train a LoRA adapter as ``config`` says; returns what it wrote (see the module docstring)."""
-    trainer = Trainer(config, explicit=explicit, log=log, on_step=on_step, progress=progress)
+    trainer = Trainer(config, log=log, on_step=on_step, progress=progress)
     try:
         trainer.setup()
         trainer.train()

@@ -47,7 +47,7 @@ def encode_prompts(pipe: Any, prompts: list[str], *, guidance: float, max_sequen
 def render(pipe: Any, encoded: EncodedPrompts, *, size: int, steps: int, guidance: float, seed: int,
            device: str | torch.device, dtype: torch.dtype, pipe_kwargs: dict[str, Any] | None = None) -> list[Image.Image]:
     """One image per prompt (seed + row index), with whatever adapter state the transformer has.
-    ``pipe_kwargs``: more pipeline arguments (skip-layer guidance: sd35hub.train.presets)."""
+    ``pipe_kwargs``: more pipeline arguments (skip-layer guidance: sd35hub.models.presets)."""
     images = []
     for row in range(len(encoded.prompts)):
         kwargs = {k: v[row : row + 1].to(device, dtype) for k, v in encoded.embeds.items()}

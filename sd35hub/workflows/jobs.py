@@ -230,14 +230,13 @@ def plan_job(
     if problems:
         raise ConfigError(problems)
     cfg = from_dict(job_raw)
-    explicit = {f"{section}.{key}" for section, values in job_raw.items() for key in values}
     token = token or get_token()
     if token is None:
         raise NotLoggedInError("submitting a job on the Hub")
     if check_access:
         _check_access(cfg, token)
     price, ram_gib = _hardware(f.name, token)
-    notes += memory_plan(cfg, f, explicit, ram_gib)
+    notes += memory_plan(cfg, f, ram_gib)
     env = {"SD35HUB_CONFIG": dump_sparse(job_raw), IN_JOB_ENV: "1", "PYTHONUNBUFFERED": "1"}
     install = install or f"sd35hub[quant]=={__version__}"  # bitsandbytes: the nf4 / 8-bit profiles of small cards
     return JobPlan(
@@ -264,7 +263,7 @@ def _check_access(cfg: Config, token: str) -> None:
     check_write_access(str(cfg.hub.repo_id), token=token)
 
 
-def memory_plan(cfg: Config, flavor: Flavor, explicit: set[str] | None, ram_gib: float | None) -> list[str]:
+def memory_plan(cfg: Config, flavor: Flavor, ram_gib: float | None) -> list[str]:
     """The memory plan of the run on the flavor's GPU and RAM (sd35hub.workflows.plan, from model configs
     only): the profile the job's GPU gets, the settings it fills, each phase's predicted peak. Raises
     MemoryPlanError (exit 11) before anything is submitted when a phase would not fit."""
@@ -275,7 +274,7 @@ def memory_plan(cfg: Config, flavor: Flavor, explicit: set[str] | None, ram_gib:
     from sd35hub.workflows.sizes import component_sizes
 
     props = SimpleNamespace(name=flavor.gpu, total_memory=int(flavor.vram_gib * 2**30), major=9 if "H" in flavor.gpu else 8)
-    planned = memplan.plan_run(cfg, explicit, device_props=props)
+    planned = memplan.plan_run(cfg, device_props=props)
     inputs = dataclasses.replace(memplan.inputs_from_config(planned.config, planned.profile), has_bitsandbytes=True,
                                  host_budget_gib=round(max((ram_gib or flavor.ram_gib) - memplan.OS_HOST_GIB, 0.5), 2))
     plan = memplan.plan_memory(component_sizes(cfg.model.name, cfg.model.revision), inputs)

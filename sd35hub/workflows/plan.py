@@ -470,7 +470,7 @@ def inputs_from_config(cfg: Config, profile: HardwareProfile, *, validation_prom
         optimizer=t.optimizer, gradient_checkpointing=bool(t.gradient_checkpointing if t.gradient_checkpointing is not None
                                                            else profile.gradient_checkpointing),
         validation_prompts=validation_prompts if validation_prompts is not None else (len(t.validation_prompts) or 2),
-        guidance=t.validation_guidance, holdout=cfg.data.holdout if cfg.data.holdout is not None else 4, buffer_size=cfg.data.buffer_size,
+        guidance=t.validation_guidance if t.validation_guidance is not None else 4.5, holdout=cfg.data.holdout if cfg.data.holdout is not None else 4, buffer_size=cfg.data.buffer_size,
         has_bitsandbytes=importlib.util.find_spec("bitsandbytes") is not None, loader=_loader(),
         class_images=_class_images(cfg),
         gpu_name=profile.device_name if profile.vram_gib else f"a {profile.name} card: none here",
@@ -502,14 +502,17 @@ class PlannedRun:
         return "\n".join([self.profile.describe(), *(f"  {n}" for n in self.notes), self.plan.table()])
 
 
-def plan_run(cfg: Config, explicit: set[str] | None = None, *, device_props: Any = None) -> PlannedRun:
-    """Validate ``cfg``, pick the hardware profile from the model's configs, apply it, plan the memory.
-    Fetches only JSON files; raises nothing about memory (call ``.plan.check()``)."""
+def plan_run(cfg: Config, *, device_props: Any = None) -> PlannedRun:
+    """Validate ``cfg``, pick the hardware profile from the model's configs, apply it (and the variant's
+    preset), plan the memory. Fetches only JSON files; raises nothing about memory (call ``.plan.check()``)."""
     from sd35hub.hardware import apply_profile, detect_profile
     from sd35hub.models.load import model_info
+    from sd35hub.models.presets import apply_variant_preset
 
     cfg = cfg.validate()
     info = model_info(cfg.model.name, cfg.model.revision)
     profile = detect_profile(cfg.train.profile, device_props, variant=info.variant)
-    resolved, notes = apply_profile(cfg, profile, explicit)
+    resolved, notes = apply_profile(cfg, profile)
+    resolved, preset_notes = apply_variant_preset(resolved, info.variant)
+    notes += preset_notes
     return PlannedRun(resolved, profile, notes, info.variant, plan_for_config(resolved, profile))

@@ -25,20 +25,6 @@ def build_overrides(flags: dict[str, object], overrides: list[str]) -> list[str]
     return out + list(overrides)
 
 
-def explicit_keys(config_file: Path | None, overrides: list[str]) -> set[str]:
-    """Dotted keys the user set (YAML file + overrides): the hardware profile never replaces these."""
-    from sd35hub.config import parse_overrides
-    from sd35hub.config_checks import parse_yaml, read_config_text
-
-    keys: set[str] = set()
-    if config_file is not None and config_file.is_file():
-        raw = parse_yaml(read_config_text(config_file), "config file") or {}
-        if isinstance(raw, dict):
-            keys |= {f"{s}.{k}" for s, values in raw.items() if isinstance(values, dict) for k in values}
-    keys |= {f"{s}.{k}" for s, values in parse_overrides(overrides).items() for k in values}
-    return keys
-
-
 def register(app: typer.Typer) -> None:
     @app.command(context_settings={"allow_interspersed_args": True})
     def train(
@@ -97,7 +83,7 @@ def register(app: typer.Typer) -> None:
         if dry_run:
             from sd35hub.workflows.plan import plan_run
 
-            planned = plan_run(cfg, explicit_keys(config, all_overrides))
+            planned = plan_run(cfg)
             typer.echo(planned.describe())
             planned.plan.check()  # MemoryPlanError (exit 11): the phase that does not fit and what would
             return
@@ -107,8 +93,7 @@ def register(app: typer.Typer) -> None:
             from sd35hub.workflows.jobs import metrics_printer
 
             on_step = metrics_printer()
-        result = run_training(cfg, explicit=explicit_keys(config, all_overrides), log=typer.echo, on_step=on_step,
-                              progress=not in_job)
+        result = run_training(cfg, log=typer.echo, on_step=on_step, progress=not in_job)
         if os.environ.get("RANK", "0") != "0":  # under `accelerate launch` only rank 0 reports
             return
         if in_job:  # the final held-out loss, for `sd35hub sweep --on hf-jobs`

@@ -5,8 +5,9 @@
     sd3.5-medium        skip-layer guidance on layers 7, 8, 9 at scale 2.8 in the validation grids (the
                         layers StableDiffusion3Pipeline's docs give as Stability's recommendation for Medium)
 
-Anything set in the config (YAML, override or flag) wins; with the Python API a value equal to the
-dataclass default counts as unset (like the hardware profiles).
+Like the hardware profile, a preset is a layer below the config: it fills only the fields left ``None``
+(anything set in YAML, a flag, an override or ``TrainSpec(...)`` wins), and the fields no preset names get
+their plain defaults (VALIDATION_DEFAULTS).
 """
 
 from __future__ import annotations
@@ -21,19 +22,21 @@ PRESETS: dict[str, dict[str, Any]] = {
     "sd3.5-large-turbo": {"validation_steps": 4, "validation_guidance": 0.0},
     "sd3.5-medium": {"validation_skip_layers": MEDIUM_SKIP_LAYERS},
 }
-_DEFAULTS = TrainSpec()
+# what an unset (None) field becomes when the variant has no preset for it
+VALIDATION_DEFAULTS: dict[str, Any] = {"validation_steps": 28, "validation_guidance": 4.5, "validation_skip_layers": ()}
 
 
-def apply_variant_preset(config: Config, variant: str, explicit: set[str] | None = None) -> tuple[Config, list[str]]:
-    """(config with the variant's preset filled in where unset, one note per filled value)."""
+def apply_variant_preset(config: Config, variant: str) -> tuple[Config, list[str]]:
+    """(config with every unset preset field filled: the variant's value, else the plain default; one note
+    per value a preset chose)."""
     preset = PRESETS.get(variant, {})
     changes, notes = {}, []
-    for name, value in preset.items():
-        current = getattr(config.train, name)
-        unset = f"train.{name}" not in explicit if explicit is not None else current == getattr(_DEFAULTS, name)
-        if unset and current != value:
-            changes[name] = value
-            notes.append(f"train.{name}={value!r} ({variant} preset)")
+    for name, default in VALIDATION_DEFAULTS.items():
+        if getattr(config.train, name) is not None:
+            continue
+        changes[name] = preset.get(name, default)
+        if name in preset:
+            notes.append(f"train.{name}={preset[name]!r} ({variant} preset)")
     if not changes:
         return config, []
     return config.replace(train=dataclasses.replace(config.train, **changes)), notes
