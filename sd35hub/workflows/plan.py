@@ -453,7 +453,11 @@ def _loader() -> str:
 
 
 def inputs_from_config(cfg: Config, profile: HardwareProfile, *, validation_prompts: int | None = None) -> PlanInputs:
-    """PlanInputs of a profile-resolved config (see sd35hub.hardware.apply_profile)."""
+    """PlanInputs of a config on this profile; what the config left open (None / "auto") is the profile's
+    (sd35hub.hardware.apply_profile: a no-op on a config the profile already resolved)."""
+    from sd35hub.hardware import apply_profile
+
+    cfg, _ = apply_profile(cfg, profile)
     cuda = profile.name != "cpu"
     card = profile.vram_gib or NOMINAL_CARD_GIB.get(profile.name, 0.0)  # planning for a card not present here
     cap = gpu_cap_gib()
