@@ -42,24 +42,6 @@ def _rows(encoded: Any, rows: list[int]) -> Any:
     return EncodedPrompts([encoded.prompts[r] for r in rows], {k: v[rows] for k, v in encoded.embeds.items()})
 
 
-def validation_pipeline(model: str, transformer: Any, vae: Any, *, revision: str | None, tiling: bool) -> Any:
-    """StableDiffusion3Pipeline(transformer, vae, scheduler) with no text encoders (embeddings are cached)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
-
-    from sd35hub.models.load import model_dir, resolve_model
-
-    folder = model_dir(resolve_model(model, revision), ("scheduler",))
-    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(folder, subfolder="scheduler")
-    if tiling:  # decode 512 px tiles (the SD3.5 VAE's own tile size is its 1024 px sample size)
-        vae.enable_tiling()
-        vae.tile_sample_min_size, vae.tile_latent_min_size = 512, 64
-    pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=None,
-                                    tokenizer=None, text_encoder_2=None, tokenizer_2=None, text_encoder_3=None,
-                                    tokenizer_3=None)  # fmt: skip
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def load_base(trainer: Any) -> Any:
     """The plan's phase 'load transformer': the base (quantized while loading) straight onto the device."""
     from sd35hub.models.load import load_transformer
@@ -116,5 +98,7 @@ def encode_and_load(trainer: Any, cache_dir: Path, prompts: list[str]) -> Any:
     vae = encoders.load_vae()  # on the CPU (it was loaded for the images, or now when everything was cached)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+    from sd35hub.train.validation import validation_pipeline
+
     return validation_pipeline(cfg.model.name, transformer, vae, revision=cfg.model.revision,
                                tiling=bool(plan is not None and plan.vae_tiling))

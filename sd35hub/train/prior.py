@@ -183,7 +183,7 @@ def _generate_phased(trainer: Any, encoders: Any, folder: Path, class_embeds: An
     gone, the VAE on the device for the decodes, the class prompt's cached embeddings; then the base is
     freed again so that the class images' cache is built with the encoders one at a time."""
     from sd35hub.models.load import empty_cache, release
-    from sd35hub.train.phased import validation_pipeline
+    from sd35hub.train.validation import validation_pipeline
 
     cfg = trainer.config
     missing = cfg.data.num_class_images - count_images(folder)

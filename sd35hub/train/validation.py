@@ -190,3 +190,21 @@ def heldout_loss(transformer: Any, heldout: HeldOut, *, device: str | torch.devi
             total += float(losses.sum())
             count += losses.shape[0]
     return total / max(count, 1)
+
+
+def validation_pipeline(model: str, transformer: Any, vae: Any, *, revision: str | None, tiling: bool) -> Any:
+    """StableDiffusion3Pipeline(transformer, vae, scheduler) with no text encoders (embeddings are cached)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    from sd35hub.models.load import model_dir, resolve_model
+
+    folder = model_dir(resolve_model(model, revision), ("scheduler",))
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(folder, subfolder="scheduler")
+    if tiling:  # decode 512 px tiles (the SD3.5 VAE's own tile size is its 1024 px sample size)
+        vae.enable_tiling()
+        vae.tile_sample_min_size, vae.tile_latent_min_size = 512, 64
+    pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=None,
+                                    tokenizer=None, text_encoder_2=None, tokenizer_2=None, text_encoder_3=None,
+                                    tokenizer_3=None)  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
