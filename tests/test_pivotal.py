@@ -375,3 +375,77 @@ def test_publication_uploads_the_embeddings_and_refuses_a_bad_one(trained, tmp_p
     )
     with pytest.raises(AdapterError, match="NaN or infinite"):
         plan_publication(broken, "alice/subject")
+
+
+# ------------------------------------------------------------------ generate / the blend engine / the Space
+def _engine_request(**kwargs):
+    from sd35hub.blend.request import GenerationRequest
+
+    base = {"prompt": PROMPT, "steps": 2, "width": 64, "height": 64, "guidance_scale": 4.5, "seed": 4}
+    return GenerationRequest(**{**base, **kwargs})
+
+
+def _pixels(images: list):
+    import numpy as np
+
+    return np.stack([np.asarray(image, dtype=np.int16) for image in images])
+
+
+@pytest.mark.slow
+def test_the_engine_loads_the_embeddings_with_the_adapter_and_its_snippet_reproduces_the_image(trained, hub):
+    import numpy as np
+
+    from sd35hub.blend.engine import BlendEngine
+    from sd35hub.blend.request import AdapterRef
+
+    folder = trained["out"] / "adapter"
+    engine = BlendEngine("tiny")
+    result = engine.generate(
+        _engine_request(adapters=[AdapterRef(str(folder), 1.0)], insert_trigger_words=False)
+    )
+    assert result.params["adapters"][0]["embeddings"]["tokens"] == TOKENS
+    snippet = result.diffusers_snippet()
+    assert "load_textual_inversion" in snippet
+    scope: dict = {}
+    exec(compile(snippet, "<snippet>", "exec"), scope)  # noqa: S102 - only diffusers + torch, as a user runs it
+    assert np.array_equal(_pixels(scope["images"]), _pixels(result.images))
+    # without the embeddings the same adapter draws another image: the rows are in use
+    bare = trained["root"] / "bare"
+    bare.mkdir()
+    (bare / "pytorch_lora_weights.safetensors").write_bytes(
+        (folder / "pytorch_lora_weights.safetensors").read_bytes()
+    )
+    plain = engine.generate(
+        _engine_request(adapters=[AdapterRef(str(bare), 1.0)], insert_trigger_words=False)
+    )
+    assert np.abs(_pixels(plain.images) - _pixels(result.images)).max() > 0
+    # from the Hub (generate and the Space: owner/repo), embeddings.safetensors beside the adapter
+    hub.seed_repo("alice/subject-pivotal", {
+        "pytorch_lora_weights.safetensors": (folder / "pytorch_lora_weights.safetensors").read_bytes(),
+        EMBEDDINGS_FILE: (folder / EMBEDDINGS_FILE).read_bytes(),
+    })  # fmt: skip
+    remote = engine.generate(
+        _engine_request(adapters=[AdapterRef("alice/subject-pivotal", 1.0)], insert_trigger_words=False)
+    )
+    assert np.array_equal(_pixels(remote.images), _pixels(result.images))
+    # two adapters that both define <s0><s1> cannot share a prompt
+    with pytest.raises(ConfigError, match="both define the token <s0>"):
+        engine.generate(_engine_request(adapters=[AdapterRef(str(folder), 0.5),
+                                                  AdapterRef("alice/subject-pivotal", 0.5)]))  # fmt: skip
+
+
+@pytest.mark.slow
+def test_the_engine_refuses_a_hostile_embeddings_file_beside_an_adapter(trained, tmp_path):
+    from sd35hub.blend.engine import BlendEngine
+    from sd35hub.blend.request import AdapterRef
+
+    folder = tmp_path / "evil"
+    folder.mkdir()
+    lora = trained["out"] / "adapter" / "pytorch_lora_weights.safetensors"
+    (folder / "pytorch_lora_weights.safetensors").write_bytes(lora.read_bytes())
+    save_file({"clip_l": torch.randn(2, CLIP_HIDDEN)}, str(folder / EMBEDDINGS_FILE),
+              metadata={"tokens": json.dumps(["<lora:alice/other:2>", "<s1>"])})  # fmt: skip
+    engine = BlendEngine("tiny")
+    with pytest.raises(AdapterError, match=r"The embeddings of adapter .*evil.*not a plain token"):
+        engine.generate(_engine_request(adapters=[AdapterRef(str(folder), 1.0)]))
+    assert engine.loaded_adapters == []  # refused before the LoRA went in

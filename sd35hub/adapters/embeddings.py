@@ -120,7 +120,9 @@ def read_embeddings(
                 sl = handle.get_slice(key)
                 shape, dtype = tuple(sl.get_shape()), sl.get_dtype()
                 name = by_key[key]
-                if dtype not in ("F32", "F16", "BF16") or len(shape) != 2 or shape[1] != dims.get(name):
+                want = dims.get(name)  # None for a named encoder the caller does not load (any width up to 8192)
+                width_ok = len(shape) == 2 and (shape[1] == want if want is not None else name in dims and shape[1] <= 8192)
+                if dtype not in ("F32", "F16", "BF16") or not width_ok:
                     raise AdapterError(
                         f"{source}: {key} is {dtype} {list(shape)}; the base's {name} encoder needs "
                         f"float [N, {dims.get(name)}] rows: refused (an embedding for another model?)"

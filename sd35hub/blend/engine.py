@@ -68,6 +68,7 @@ class LoadedAdapter:
     filename: str | None = None
     revision: str | None = None
     named: bool = False  # provided by the server under its source name (BlendEngine(named_sources=...))
+    embeddings: Any = None  # pivotal-tuning embeddings loaded with it (sd35hub.blend.embeddings.LoadedEmbeddings)
 
 
 def adapter_name_for(source: str) -> str:
@@ -210,6 +211,9 @@ class BlendEngine:
             file, hub = fetch_adapter_source(
                 source, token=token, max_bytes=self.max_adapter_bytes, local_roots=self.local_roots
             )
+        from sd35hub.blend.embeddings import find_embeddings
+
+        hub = {**hub, "embeddings": find_embeddings(file, hub, token=token)}  # embeddings.safetensors beside it
         with self._files_lock:
             self._files[key] = (file, hub)
         return file, hub
@@ -234,6 +238,11 @@ class BlendEngine:
         while len(self._loaded) >= self.max_cached_adapters:
             self._evict_one(keep)
         name = adapter_name_for(source)
+        embeddings = None
+        if hub.get("embeddings") is not None:  # checked (untrusted) and its rows in under engine tokens, first
+            from sd35hub.blend.embeddings import load_embeddings
+
+            embeddings = load_embeddings(self.pipe, hub["embeddings"], source)
         try:
             load_into_pipeline(self.pipe, adapter, name)  # transformer + text-encoder LoRAs
         except AdapterError as exc:  # say the source, not the internal peft name
@@ -255,6 +264,7 @@ class BlendEngine:
             filename=hub.get("filename"),
             revision=hub.get("revision"),
             named=bool(hub.get("named")),
+            embeddings=embeddings,
         )
         self._loaded[source] = loaded
         return loaded
@@ -366,7 +376,7 @@ class BlendEngine:
         passes = 2 if refs and request.compare_base else 1
         done = [0]
 
-        def run(final_prompt: str, blend: str | None) -> list[Any]:
+        def run(final_prompt: str, blend: str | None, prompts: dict[str, Any] | None = None) -> list[Any]:
             def on_step(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
                 latents = tensors.get("latents")
                 if latents is not None and not bool(torch.isfinite(latents).all()):
@@ -376,9 +386,9 @@ class BlendEngine:
                     raise GenerationCancelled("Cancelled: no image was made.")
                 return tensors
 
+            texts = prompts or {"prompt": final_prompt, "negative_prompt": request.negative_prompt or None}
             return self.pipe(
-                prompt=final_prompt,
-                negative_prompt=request.negative_prompt or None,
+                **texts,  # pivotal-tuning adapters: per-encoder prompts with their tokens (sd35hub.blend.embeddings)
                 num_inference_steps=steps,
                 guidance_scale=guidance,
                 width=width,
@@ -433,7 +443,13 @@ class BlendEngine:
                     set_pipeline_adapters(self.pipe, [a.name for a in loaded], [ref.weight for ref in refs])
                     weight_deltas.set_weights(self.pipe.transformer, {a.name: ref.weight for ref, a in zip(refs, loaded, strict=True)})
                     blend = ", ".join(f"{ref.source} × {ref.weight:g}" for ref in refs)
-                    images = run(final_prompt, blend)
+                    active = [a.embeddings for a in loaded if a.embeddings is not None]
+                    if active:
+                        from sd35hub.blend.embeddings import substitute
+
+                        images = run(final_prompt, blend, substitute(final_prompt, request.negative_prompt or None, active))
+                    else:
+                        images = run(final_prompt, blend)
                 else:
                     images = base_images
         params = self._params(request, final_prompt, refs, loaded, steps, guidance, width, height, seeds)
@@ -494,11 +510,20 @@ class BlendEngine:
                     "repo_id": a.repo_id,
                     "filename": a.filename,
                     "revision": a.revision,
+                    **({"embeddings": {"tokens": a.embeddings.tokens, "keys": _embedding_keys(a.embeddings),
+                                       "file": None if a.repo_id or a.named else str(a.embeddings.file)}}
+                       if a.embeddings is not None else {}),
                 }
                 for ref, a in zip(refs, loaded, strict=True)
             ],
             "sd35hub_version": __version__,
         }
+
+
+def _embedding_keys(embeddings: Any) -> list[str]:
+    from sd35hub.adapters.embeddings import FILE_KEYS
+
+    return [FILE_KEYS[name] for name in embeddings.encoders]
 
 
 def fetch_adapter_source(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from pathlib import PurePosixPath
 from typing import Any
 
 from sd35hub.errors import PromptSyntaxError
@@ -184,6 +185,7 @@ def diffusers_snippet(params: dict[str, Any]) -> str:
         if any(a.get("format") == "dora" and a["weight"] != 1 for a in loras):
             lines.append("# DoRA at a weight other than 1: diffusers scales the low-rank part inside the norm; sd35hub "
                          "(and ComfyUI) scale the whole change, so images differ slightly")
+    lines += _embedding_lines(adapters)
     lines += [
         f"seeds = {params['seeds']!r}",
         "images = pipe(",
@@ -201,3 +203,36 @@ def diffusers_snippet(params: dict[str, Any]) -> str:
         ").images",
     ]
     return "\n".join(lines) + "\n"
+
+
+_TI_ENCODERS = {"clip_l": ("text_encoder", "tokenizer"), "clip_g": ("text_encoder_2", "tokenizer_2"),
+                "t5xxl": ("text_encoder_3", "tokenizer_3")}
+
+
+def _embedding_lines(adapters: list[dict[str, Any]]) -> list[str]:
+    """Pivotal-tuning embeddings of the adapters, through diffusers' stock load_textual_inversion
+    (StableDiffusion3Pipeline lacks TextualInversionLoaderMixin: the pipeline is rebuilt with it)."""
+    with_embeddings = [a for a in adapters if a.get("embeddings")]
+    if not with_embeddings:
+        return []
+    lines = ["from diffusers.loaders import TextualInversionLoaderMixin",
+             "from safetensors.torch import load_file",
+             "pipe = type('SD3WithEmbeddings', (TextualInversionLoaderMixin, type(pipe)), {})(**pipe.components)"]
+    for adapter in with_embeddings:
+        emb = adapter["embeddings"]
+        if adapter.get("repo_id"):
+            folder = str(PurePosixPath(adapter.get("filename") or "x").parent)
+            name = "embeddings.safetensors" if folder in ("", ".") else f"{folder}/embeddings.safetensors"
+            revision = f", revision={adapter['revision']!r}" if adapter.get("revision") else ""
+            lines += ["from huggingface_hub import hf_hub_download",
+                      f"embeddings = load_file(hf_hub_download({adapter['repo_id']!r}, {name!r}{revision}))"]
+        elif emb.get("file"):
+            lines.append(f"embeddings = load_file({emb['file']!r})")
+        else:
+            lines.append(f"embeddings = load_file('<{adapter['source']}/embeddings.safetensors>')  # served by the app")
+        for key in emb.get("keys") or []:
+            if key in _TI_ENCODERS:
+                encoder, tokenizer = _TI_ENCODERS[key]
+                lines.append(f"pipe.load_textual_inversion(embeddings[{key!r}], token={list(emb['tokens'])!r}, "
+                             f"text_encoder=pipe.{encoder}, tokenizer=pipe.{tokenizer})")
+    return lines
