@@ -2,8 +2,8 @@
 st.login needs, built from the variables Spaces set for `hf_oauth: true`; a signed-in visitor's access token
 is used for their own Hub calls, in their session only; an anonymous visitor never gets the Space's token.
 
-Not tested here: the OpenID Connect round trip with the real Hub (login page, consent, code exchange);
-AppTest seeds st.user the way Streamlit fills it after that round trip (tokens["access"] via expose_tokens)."""
+Here AppTest seeds st.user the way Streamlit fills it after a sign-in (tokens["access"] via expose_tokens); the
+round trip itself, in a browser against a stand-in provider, is tests/e2e/test_space_signin_browser.py."""
 
 from __future__ import annotations
 
