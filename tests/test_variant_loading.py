@@ -180,3 +180,19 @@ def test_adapter_info_describes_and_merge_refuses_a_variant_by_name(tmp_path, ca
     with pytest.raises(AdapterError, match=r"LoKr adapter: `sd35hub merge` joins low-rank LoRAs.*sd35hub generate"):
         write_merged([(str(plain), 1.0), (str(file), 0.5)], tmp_path / "merged")
     assert not (tmp_path / "merged").exists()
+
+
+def test_a_variant_with_pivotal_embeddings_loads_them_too(tmp_path, engine):
+    from sd35hub.adapters.embeddings import EMBEDDINGS_FILE, save_embeddings
+    from sd35hub.models.tiny import CLIP_HIDDEN
+
+    file, _ = _variant_file(tmp_path, "loha")
+    g = torch.Generator().manual_seed(5)
+    rows = {"clip_l": torch.randn(2, CLIP_HIDDEN, generator=g), "clip_g": torch.randn(2, CLIP_HIDDEN, generator=g)}
+    save_embeddings(rows, file.parent / EMBEDDINGS_FILE, tokens=["<s0>", "<s1>"])
+    request = GenerationRequest(prompt="<s0><s1> a dog", adapters=[AdapterRef(str(file.parent), 1.0)], steps=1,
+                                guidance_scale=1.0, width=64, height=64, seed=0, insert_trigger_words=False)
+    result = engine.generate(request)
+    assert engine._loaded[str(file.parent)].embeddings.tokens == ["<s0>", "<s1>"]
+    assert result.params["adapters"][0]["format"] == "loha" and "embeddings" in result.params["adapters"][0]
+    engine.unload(str(file.parent))

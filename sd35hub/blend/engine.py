@@ -284,13 +284,19 @@ class BlendEngine:
         while len(self._loaded) >= self.max_cached_adapters:
             self._evict_one(keep)
         name = adapter_name_for(source)
+        embeddings = None
+        if hub.get("embeddings") is not None:  # pivotal tuning with a variant: as for a LoRA (_ensure_loaded)
+            from sd35hub.blend.embeddings import load_embeddings
+
+            embeddings = load_embeddings(self.pipe, hub["embeddings"], source)
         weight_deltas.apply(self.pipe.transformer, name, variant)
         metadata = variant.metadata
         words = list(metadata.trigger_words) if metadata else []
         words += [w for w in hub.get("card_trigger_words", []) if w not in words]
         loaded = LoadedAdapter(name=name, source=source, file=variant.path or file, format=variant.kind,
                                metadata=metadata, trigger_words=words, repo_id=hub.get("repo_id"),
-                               filename=hub.get("filename"), revision=hub.get("revision"), named=bool(hub.get("named")))
+                               filename=hub.get("filename"), revision=hub.get("revision"), named=bool(hub.get("named")),
+                               embeddings=embeddings)
         self._loaded[source] = loaded
         return loaded
 
