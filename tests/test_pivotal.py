@@ -449,3 +449,22 @@ def test_the_engine_refuses_a_hostile_embeddings_file_beside_an_adapter(trained,
     with pytest.raises(AdapterError, match=r"The embeddings of adapter .*evil.*not a plain token"):
         engine.generate(_engine_request(adapters=[AdapterRef(str(folder), 1.0)]))
     assert engine.loaded_adapters == []  # refused before the LoRA went in
+
+
+@pytest.mark.slow
+def test_a_run_resumed_before_the_pivot_ends_where_the_uninterrupted_one_does(trained):
+    """Resumed at step 2 (rows still training): the rows, their optimizer state and the freeze at step 3 carry over."""
+    from sd35hub.train import recipe
+
+    root = trained["root"]
+    first = pivotal_config(root / "part", root / "cache", max_steps=2, checkpoint_every=2)
+    recipe.train(first, log=lambda s: None, progress=False)
+    checkpoint = root / "part" / "checkpoints" / "checkpoint-000002"
+    resumed = pivotal_config(root / "resumed", root / "cache", resume=str(checkpoint))
+    recipe.train(resumed, log=lambda s: None, progress=False)
+    ours = load_file(str(root / "resumed" / "adapter" / EMBEDDINGS_FILE))
+    theirs = load_file(str(trained["out"] / "adapter" / EMBEDDINGS_FILE))
+    assert set(ours) == set(theirs) and all(torch.allclose(ours[k], theirs[k], atol=1e-6) for k in ours)
+    lora = load_file(str(root / "resumed" / "adapter" / "pytorch_lora_weights.safetensors"))
+    reference = load_file(str(trained["out"] / "adapter" / "pytorch_lora_weights.safetensors"))
+    assert all(torch.allclose(lora[k], reference[k], atol=1e-6) for k in reference)

@@ -115,9 +115,7 @@ class Pivotal:
                 f"the checkpoint {folder} has no {EMBEDDINGS_FILE}: it was not written by a run with "
                 "train.new_tokens; resume with the config it was trained with"
             )
-        from sd35hub.adapters.embeddings import pipeline_dims
-
-        saved = read_embeddings(path, dims=pipeline_dims(self.text_pipe))
+        saved = read_embeddings(path, dims={name: int(r.rows.shape[1]) for name, r in self.tokens.rows.items()})
         if saved.tokens != self.tokens.tokens:
             raise ConfigError(
                 f"the checkpoint's tokens {saved.tokens} differ from this run's {self.tokens.tokens}; "
