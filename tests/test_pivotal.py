@@ -468,3 +468,20 @@ def test_a_run_resumed_before_the_pivot_ends_where_the_uninterrupted_one_does(tr
     lora = load_file(str(root / "resumed" / "adapter" / "pytorch_lora_weights.safetensors"))
     reference = load_file(str(trained["out"] / "adapter" / "pytorch_lora_weights.safetensors"))
     assert all(torch.allclose(lora[k], reference[k], atol=1e-6) for k in reference)
+
+
+@pytest.mark.slow
+def test_cli_flags_reach_the_config_and_the_plan_counts_the_live_encoders(tmp_path, capsys):
+    from cli_helpers import run_cli
+
+    from sd35hub.frontends.commands.train import build_overrides
+
+    cfg = load_config(None, build_overrides({"new_tokens": 2, "embedding_lr": 1e-3}, []))
+    assert (cfg.train.new_tokens, cfg.train.embedding_lr) == (2, 1e-3)
+    code, out, err = run_cli(["train", "--dry-run", "--model", "tiny", "--dataset", "sample", "--profile", "cpu",
+                              "--new-tokens", "2", "-o", str(tmp_path / "out")], capsys)  # fmt: skip
+    assert code == 0, err
+    assert "CLIP-L, CLIP-G" in out and "kept, run every step" in out  # the memory plan keeps the encoders
+    code, out, err = run_cli(["train", "--dry-run", "--model", "tiny", "--dataset", "sample", "--new-tokens", "2",
+                              "--trigger-word", "sks dog"], capsys)  # fmt: skip
+    assert code == 2 and "does not contain the new tokens <s0><s1>" in out + err

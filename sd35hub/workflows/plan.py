@@ -478,8 +478,10 @@ def inputs_from_config(cfg: Config, profile: HardwareProfile, *, validation_prom
         has_bitsandbytes=importlib.util.find_spec("bitsandbytes") is not None, loader=_loader(),
         class_images=_class_images(cfg),
         gpu_name=profile.device_name if profile.vram_gib else f"a {profile.name} card: none here",
-        text_encoder_lora=tuple({"clip_l": "text_encoder", "clip_g": "text_encoder_2", "t5": "text_encoder_3"}[n]
-                                for n in cfg.lora.text_encoders),
+        # pivotal tuning (train.new_tokens) keeps its train.token_encoders live too: counted like a TE LoRA's
+        text_encoder_lora=tuple(dict.fromkeys({"clip_l": "text_encoder", "clip_g": "text_encoder_2", "t5": "text_encoder_3"}[n]
+                                              for n in (*cfg.lora.text_encoders,
+                                                        *(cfg.train.token_encoders if cfg.train.new_tokens else ())))),
         text_encoder_rank=cfg.lora.text_encoder_rank or cfg.lora.rank,
     )  # fmt: skip
 

@@ -15,7 +15,7 @@ FLAG_KEYS = {
     "resume": "train.resume", "profile": "train.profile", "trigger_word": "data.trigger_word",
     "repo_id": "hub.repo_id", "image_column": "data.image_column", "caption_column": "data.caption_column",
     "split": "data.split", "base_model_id": "model.base_model_id", "text_encoders": "lora.text_encoders",
-    "text_encoder_lr": "train.text_encoder_lr",
+    "text_encoder_lr": "train.text_encoder_lr", "new_tokens": "train.new_tokens", "embedding_lr": "train.embedding_lr",
 }  # fmt: skip
 
 
@@ -52,6 +52,10 @@ def register(app: typer.Typer) -> None:
                                                  help="Also train a LoRA on these text encoders: clip_l, clip_g, t5 (comma list)."),
         text_encoder_lr: float | None = typer.Option(None, "--text-encoder-lr", help="Learning rate of the text-encoder LoRA "
                                                      "(default: the learning rate)."),
+        new_tokens: int | None = typer.Option(None, "--new-tokens", metavar="N", help="Pivotal tuning: N new tokens "
+                                              "<s0>..<sN-1> in the CLIP tokenizers, their embeddings trained too."),
+        embedding_lr: float | None = typer.Option(None, "--embedding-lr", help="Learning rate of the new-token "
+                                                  "embeddings (default 5e-4)."),
         dry_run: bool = typer.Option(False, "--dry-run", help="Print the memory plan (each phase's predicted peak "
                                      "GPU and host memory, and how it fits) and exit; only config files are fetched."),
         on: str = typer.Option("local", "--on", help="local | hf-jobs (the Hub's GPUs; docs/jobs.md)."),
@@ -69,6 +73,7 @@ def register(app: typer.Typer) -> None:
                      seed=seed, output=output, resume=resume, profile=profile, trigger_word=trigger_word,
                      repo_id=repo_id, image_column=image_column, caption_column=caption_column,
                      split=split, base_model_id=base_model_id, text_encoder_lr=text_encoder_lr,
+                     new_tokens=new_tokens, embedding_lr=embedding_lr,
                      text_encoders=None if text_encoders is None else [n.strip() for n in text_encoders.split(",") if n.strip()])  # fmt: skip
         all_overrides = build_overrides(flags, overrides or [])
         if push_to_hub:
