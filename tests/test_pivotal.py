@@ -485,3 +485,32 @@ def test_cli_flags_reach_the_config_and_the_plan_counts_the_live_encoders(tmp_pa
     code, out, err = run_cli(["train", "--dry-run", "--model", "tiny", "--dataset", "sample", "--new-tokens", "2",
                               "--trigger-word", "sks dog"], capsys)  # fmt: skip
     assert code == 2 and "does not contain the new tokens <s0><s1>" in out + err
+
+
+@pytest.mark.slow
+def test_t5_rows_train_when_asked_and_load_into_t5_through_stock_diffusers(tmp_path):
+    from sd35hub.models.tiny import tiny_model_path
+    from sd35hub.train.recipe import Trainer
+
+    cfg = pivotal_config(tmp_path / "run", tmp_path / "cache", max_steps=2, checkpoint_every=0,
+                         token_encoders=("clip_l", "clip_g", "t5"))  # fmt: skip
+    trainer = Trainer(cfg, log=lambda s: None, progress=False)
+    try:
+        trainer.setup()
+        start = trainer.pivotal.tokens.state()
+        trainer.train()
+        trainer.save()
+        with torch.no_grad():
+            live_t5 = trainer.text.t5([PROMPT])
+    finally:
+        trainer.cleanup()
+    state = load_file(str(tmp_path / "run" / "adapter" / EMBEDDINGS_FILE))
+    assert set(state) == {"clip_l", "clip_g", "t5xxl"} and state["t5xxl"].shape == (2, T5_D_MODEL)
+    assert not torch.equal(state["t5xxl"], start["t5"])  # T5's rows trained
+    stock = _stock_pipeline_class().from_pretrained(str(tiny_model_path()))
+    stock.load_textual_inversion(
+        state["t5xxl"], token=TOKENS, text_encoder=stock.text_encoder_3, tokenizer=stock.tokenizer_3
+    )
+    with torch.no_grad():
+        theirs = stock._get_t5_prompt_embeds([PROMPT], max_sequence_length=cfg.data.max_sequence_length)
+    assert torch.allclose(theirs, live_t5.to(theirs.dtype), atol=1e-5)
