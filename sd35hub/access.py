@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 from sd35hub.errors import (
@@ -30,6 +31,32 @@ from sd35hub.errors import (
 
 # Fine-grained token permissions that allow pushing commits to a repo.
 _WRITE_PERMISSIONS = {"repo.write", "repo.content.write"}
+
+# Read checks that passed inside the current checks_once() block; None outside one. A ContextVar, so each
+# thread / task (each Space visitor) has its own: nothing is shared between users.
+_PASSED: ContextVar[set[tuple[str, str | None, str, str]] | None] = ContextVar("sd35hub_access_passed", default=None)
+
+
+@contextmanager
+def checks_once() -> Iterator[None]:
+    """Inside the block, a read check that passed (same repo, revision, type and token) is not asked again:
+    a run checks its base once, although its own access check, the config fetch and every component
+    download each ask before they touch the Hub. Nested blocks share the outermost one."""
+    if _PASSED.get() is not None:
+        yield
+        return
+    reset = _PASSED.set(set())
+    try:
+        yield
+    finally:
+        _PASSED.reset(reset)
+
+
+def _check_key(repo_id: str, revision: str | None, repo_type: str, token: str | bool | None) -> tuple[str, str | None, str, str]:
+    import hashlib
+
+    who = hashlib.sha256(token.encode()).hexdigest() if isinstance(token, str) else repr(token)  # never the token
+    return (repo_id, revision, repo_type, who)
 
 
 def hub_endpoint() -> str:
@@ -270,6 +297,10 @@ def check_read_access(
     """
     from huggingface_hub import HfApi, get_token
 
+    passed = _PASSED.get()
+    key = _check_key(repo_id, revision, repo_type, token)
+    if passed is not None and key in passed:
+        return
     api = HfApi(token=token)
     with hub_errors(repo_id, repo_type=repo_type, token=token, what=f"reading {repo_id}", revision=revision):
         try:
@@ -289,6 +320,8 @@ def check_read_access(
         if revision is not None:
             # auth-check knows nothing about revisions; repo_info at the revision is still metadata only.
             api.repo_info(repo_id, repo_type=repo_type, revision=revision, token=token)
+    if passed is not None:
+        passed.add(key)
 
 
 def _token_namespaces(whoami: dict[str, Any]) -> tuple[str | None, set[str], set[str]]:

@@ -124,3 +124,41 @@ def test_403_means_write_only_when_writing(hub, public_repo) -> None:
     with pytest.raises(WritePermissionError, match="cannot write"):
         with hub_errors(public_repo, what="publishing", write=True):
             HfApi().model_info(public_repo)
+
+
+def test_a_run_checks_its_base_once(hub, public_repo) -> None:
+    """#17: the trainer's own check, the config fetch and each component download all ask; inside
+    checks_once() the Hub is asked once per (repo, revision, token). A failed check is asked again."""
+    from sd35hub.access import checks_once
+
+    hub.clear_requests()
+    with checks_once():
+        for _ in range(3):
+            check_read_access(public_repo)
+        with checks_once():  # nested: the same run
+            check_read_access(public_repo)
+        check_read_access(public_repo, token="hf_test_carol_write_00000000000000000")  # another token: asked
+        for _ in range(2):
+            with pytest.raises(RepoNotFoundError):
+                check_read_access("nobody/no-such-model")
+    assert len(hub.api_calls(f"/{public_repo}/auth-check")) == 2
+    assert len(hub.api_calls("/nobody/no-such-model/auth-check")) >= 2
+    hub.clear_requests()
+    check_read_access(public_repo)  # outside a block: asked every time
+    check_read_access(public_repo)
+    assert len(hub.api_calls(f"/{public_repo}/auth-check")) == 2
+
+
+def test_check_run_access_is_the_one_check_of_a_run(hub, gated_repo, public_repo) -> None:
+    from sd35hub.config import load_config
+    from sd35hub.workflows.checks import check_run_access
+
+    local = load_config(None, ["model.name=tiny", "data.source=sample"])
+    assert check_run_access(local) == ["tiny: local model, no license check needed"]
+    publishing = load_config(None, [f"model.name={public_repo}", "hub.push_to_hub=true", "hub.repo_id=alice/run-out"])
+    assert check_run_access(publishing) == [f"read access to {public_repo}: ok (license accepted)",
+                                            "write access to alice/run-out: ok (as alice)"]
+    with pytest.raises(LicenseNotAcceptedError):
+        check_run_access(load_config(None, [f"model.name={gated_repo}"]), token="hf_test_carol_write_00000000000000000")
+    with pytest.raises(WritePermissionError):
+        check_run_access(publishing.replace(hub=publishing.hub.__class__(push_to_hub=True, repo_id="bob/x")))

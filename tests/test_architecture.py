@@ -25,7 +25,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("data", ("sd35hub.data",)),
     ("adapters", ("sd35hub.adapters",)),
     ("hub", ("sd35hub.hub",)),
-    ("plan", ("sd35hub.workflows.plan", "sd35hub.workflows.sizes")),
+    ("plan", ("sd35hub.workflows.plan", "sd35hub.workflows.sizes", "sd35hub.workflows.checks")),
     ("train", ("sd35hub.train",)),
     ("blend", ("sd35hub.blend",)),
     ("workflows", ("sd35hub.workflows", "sd35hub.bench")),

@@ -264,19 +264,13 @@ def target_repo(repo_id: str | None, user: str, dataset: str) -> str:
 def check_access(plan: RunPlan, user: str, *, publish: bool = True) -> RunPlan:
     """License of the base (LicenseNotAcceptedError carries the exact link) and, when publishing,
     write access to the target repo; returns the plan with the target repo filled in."""
-    from sd35hub.access import check_read_access, check_write_access
-    from sd35hub.models.load import resolve_model
+    from sd35hub.workflows.checks import check_run_access
 
     config = plan.config
-    if resolve_model(config.model.name, config.model.revision).is_hub:
-        check_read_access(config.model.name, revision=config.model.revision)
-        print(f"read access to {config.model.name}: ok (license accepted)")
-    else:
-        print(f"{config.model.name}: local model, no license check needed")
     repo_id = target_repo(config.hub.repo_id, user, config.data.source)
-    if publish:
-        check_write_access(repo_id)
-        print(f"write access to {repo_id}: ok (as {user})")
+    checked = config.replace(hub=dataclasses.replace(config.hub, repo_id=repo_id))
+    for line in check_run_access(checked, publish=publish):  # the same check the trainer makes
+        print(line)
     return plan.replace(hub={"repo_id": repo_id})
 
 
@@ -342,17 +336,20 @@ def run_training(plan: RunPlan, *, show_validation: bool = True) -> NotebookRun:
             shown.add(str(grid))
             show(Path(grid))
 
+    from sd35hub.access import checks_once
+
     trainer = Trainer(cfg, on_step=on_step)
     started = time.time()
-    try:
-        trainer.setup()
-        start_step = trainer.state.step
-        trainer.train()
-        on_step(trainer)  # the final grid
-        result = trainer.save()
-    finally:
-        trainer.cleanup()
-        _free_accelerator_memory()
+    with checks_once():  # the base is asked once per run, as in sd35hub.train.recipe.train
+        try:
+            trainer.setup()
+            start_step = trainer.state.step
+            trainer.train()
+            on_step(trainer)  # the final grid
+            result = trainer.save()
+        finally:
+            trainer.cleanup()
+            _free_accelerator_memory()
     record = {"start_step": start_step, "resumed_from": str(resumed_from) if resumed_from else None,
               "end_step": result.steps, "duration_s": round(time.time() - started, 2),
               "adapter": str(result.adapter_path)}  # fmt: skip

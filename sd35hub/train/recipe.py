@@ -230,13 +230,9 @@ class Trainer:
     def _check_access(self, cfg: Config) -> None:
         if not cfg.hub.check_access:
             return
-        from sd35hub.access import check_read_access, check_write_access
-        from sd35hub.models.load import resolve_model
+        from sd35hub.workflows.checks import check_run_access
 
-        if resolve_model(cfg.model.name, cfg.model.revision).is_hub:
-            check_read_access(cfg.model.name, revision=cfg.model.revision)
-        if cfg.hub.push_to_hub and cfg.hub.repo_id:
-            check_write_access(cfg.hub.repo_id)
+        check_run_access(cfg)  # the one access check of a run (CLI, notebook, jobs use it too)
 
     def _default_prompts(self, stream: Any, count: int = 2) -> list[str]:
         prompts: list[str] = []
@@ -662,10 +658,13 @@ def _seed(*parts: object) -> int:
 def train(config: Config, *, log: Callable[[str], None] | None = None,
           on_step: StepCallback | None = None, progress: bool = True) -> TrainResult:
     """Train a LoRA adapter as ``config`` says; returns what it wrote (see the module docstring)."""
+    from sd35hub.access import checks_once
+
     trainer = Trainer(config, log=log, on_step=on_step, progress=progress)
-    try:
-        trainer.setup()
-        trainer.train()
-        return trainer.save()
-    finally:
-        trainer.cleanup()
+    with checks_once():  # the base is asked once: by the access check, not again by each download
+        try:
+            trainer.setup()
+            trainer.train()
+            return trainer.save()
+        finally:
+            trainer.cleanup()

@@ -253,14 +253,10 @@ def dump_sparse(raw: dict[str, Any]) -> str:
 
 
 def _check_access(cfg: Config, token: str) -> None:
-    from sd35hub.access import check_read_access, check_write_access
-    from sd35hub.data.sources import resolve_source
+    from sd35hub.workflows.checks import check_run_access
 
-    if cfg.model.name != "tiny":
-        check_read_access(cfg.model.name, revision=cfg.model.revision, token=token)
-    if cfg.data.source != "sample" and resolve_source(cfg.data.source).kind == "hub":
-        check_read_access(cfg.data.source, repo_type="dataset", token=token)
-    check_write_access(str(cfg.hub.repo_id), token=token)
+    # the job reads the dataset on the Hub's machine with this token, and always publishes
+    check_run_access(cfg, token=token, publish=True, dataset=True)
 
 
 def memory_plan(cfg: Config, flavor: Flavor, ram_gib: float | None) -> list[str]:
