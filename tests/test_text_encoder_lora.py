@@ -472,3 +472,31 @@ def test_card_row_and_snippet_note_the_text_encoder_keys():
     assert "not by diffusers' `load_lora_weights`" in t5 and "# the file also holds" not in t5
     plain = card({})
     assert "text-encoder LoRA" not in plain and "# the file also holds" not in plain
+
+
+@pytest.mark.slow
+def test_compiled_blocks_pass_gradients_to_the_text_encoder_lora(tmp_path: Path, monkeypatch):
+    """train.compile: the blocks' text inputs now need gradients (they come from the live encoders); through
+    aot_autograd (aot_eager) the CLIP LoRA still trains."""
+    import torch._dynamo
+    from test_train_recipe import tiny_config
+
+    from sd35hub.train import recipe, speed
+
+    torch._dynamo.reset()
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    monkeypatch.setattr(speed, "COMPILE_BACKEND", "aot_eager")
+    cfg = tiny_config(tmp_path / "run", tmp_path / "cache", max_steps=3, compile=True, learning_rate=5e-3)
+    cfg = cfg.replace(lora=dataclasses.replace(cfg.lora, text_encoders=("clip_l",)))
+    trainer = recipe.Trainer(cfg, log=lambda s: None, progress=False)
+    try:
+        with torch._dynamo.config.patch(recompile_limit=8, accumulated_recompile_limit=256):
+            trainer.setup()
+            trainer.train()
+        blocks = trainer.acc.unwrap_model(trainer.transformer).transformer_blocks
+        assert all(getattr(b, "_compiled_call_impl", None) is not None for b in blocks)  # the blocks were compiled
+        ups = {k: v for k, v in trainer.text.lora_state().items() if ".lora_B." in k}
+        assert ups and all(v.abs().max() > 0 for v in ups.values())
+    finally:
+        trainer.cleanup()
+        torch._dynamo.reset()
