@@ -514,3 +514,17 @@ def test_t5_rows_train_when_asked_and_load_into_t5_through_stock_diffusers(tmp_p
     with torch.no_grad():
         theirs = stock._get_t5_prompt_embeds([PROMPT], max_sequence_length=cfg.data.max_sequence_length)
     assert torch.allclose(theirs, live_t5.to(theirs.dtype), atol=1e-5)
+
+
+def test_the_notebooks_subject_path_takes_new_tokens():
+    import json as _json
+
+    from sd35hub.frontends import colab as nb
+
+    plan = nb.build_plan(model="tiny", dataset="sample", trigger_word="<s0><s1> shape", new_tokens=2)
+    assert plan.config.train.new_tokens == 2 and plan.config.data.trigger_word == "<s0><s1> shape"
+    with pytest.raises(ConfigError, match="does not contain the new tokens"):
+        nb.build_plan(model="tiny", dataset="sample", trigger_word="sks shape", new_tokens=2)
+    notebook = _json.loads((Path(__file__).parents[1] / "colab" / "SD35_Training.ipynb").read_text())
+    code = "".join(line for cell in notebook["cells"] for line in cell.get("source", []))
+    assert "NEW_TOKENS = 0" in code and "new_tokens=NEW_TOKENS" in code  # the config cell passes it on

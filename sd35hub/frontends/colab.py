@@ -194,12 +194,15 @@ def build_plan(
     num_class_images: int | None = None,
     text_encoders: list[str] | None = None,
     text_encoder_lr: float | None = None,
+    new_tokens: int = 0,
 ) -> RunPlan:
     """The notebook's config cell -> a validated, profile-resolved plan. Every problem in one ConfigError.
     ``None`` values are left to the hardware profile; ``extra`` takes ``section.key=value`` strings.
     The subject path: instance images as ``dataset``, the new subject's ``trigger_word`` and a ``class_prompt``
     (e.g. "a photo of a dog") turn on prior preservation with class images the base model renders;
-    ``text_encoders`` (e.g. ["clip_l", "clip_g"]) also trains a LoRA on those text encoders at ``text_encoder_lr``."""
+    ``text_encoders`` (e.g. ["clip_l", "clip_g"]) also trains a LoRA on those text encoders at ``text_encoder_lr``;
+    ``new_tokens`` (e.g. 2) trains new tokens <s0><s1> for the subject (pivotal tuning; the trigger word must hold
+    them, e.g. "<s0><s1> dog")."""
     chosen = {
         "model": {"name": model},
         "data": {"source": dataset, "trigger_word": trigger_word, "resolution": resolution,
@@ -207,7 +210,8 @@ def build_plan(
         "lora": {"rank": rank, "text_encoders": list(text_encoders) if text_encoders else None},
         "train": {"epochs": epochs, "max_steps": max_steps, "output_dir": output_dir, "checkpoint_dir": checkpoint_dir,
                   "checkpoint_every": checkpoint_every, "validation_every": validation_every,
-                  "validation_prompts": list(validation_prompts or []), "text_encoder_lr": text_encoder_lr},
+                  "validation_prompts": list(validation_prompts or []), "text_encoder_lr": text_encoder_lr,
+                  "new_tokens": new_tokens or None},
         "hub": {"repo_id": repo_id or None, "private": private},
     }  # fmt: skip
     raw = {s: {k: v for k, v in values.items() if v is not None} for s, values in chosen.items()}
