@@ -62,10 +62,15 @@ def _peer_min_version_fails(text: str) -> bool:
     return bool(match) and Version(importlib.metadata.version("diffusers")) < Version(match.group(1))
 
 
+_CACHE_CAST = r'(batch\["pixel_values"\]\.to\(\s*accelerator\.device, non_blocking=True, )dtype=weight_dtype(\s*\)\s*latents_cache\.append\(vae\.encode)'
+
 # (why, pattern, replacement, needed(text)): applied to the copy only where needed; the report lists them
 FIXES = [
     ("check_min_version relaxed: the script asks for a newer diffusers (dev) build than the installed release",
      r'^check_min_version\("[^"]+"\)', "pass  # sd35hub peer_e2e: check_min_version relaxed", _peer_min_version_fails),
+    ("--cache_latents: the images are cast to the mixed-precision dtype while the script keeps the VAE in fp32 "
+     "(RuntimeError: Input type (c10::BFloat16) and bias type (float)); cast them to the VAE's dtype instead",
+     _CACHE_CAST, "\\1dtype=vae.dtype\\2", lambda text: re.search(_CACHE_CAST, text, re.S) is not None),
 ]
 
 
@@ -249,7 +254,7 @@ def child_ours(args: argparse.Namespace) -> None:
             os._exit(0)  # the window is measured: skip saving the adapter (the peer is stopped here too)
 
     cfg = load_config(None, args.overrides)
-    train(cfg, explicit={o.split("=")[0] for o in args.overrides}, on_step=on_step, progress=False)
+    train(cfg, on_step=on_step, progress=False)
 
 
 def build_inputs(models: list[str], root: Path, smoke: bool) -> tuple[Path, Path, dict[str, Path], dict[str, float]]:
