@@ -528,3 +528,35 @@ def test_the_notebooks_subject_path_takes_new_tokens():
     notebook = _json.loads((Path(__file__).parents[1] / "colab" / "SD35_Training.ipynb").read_text())
     code = "".join(line for cell in notebook["cells"] for line in cell.get("source", []))
     assert "NEW_TOKENS = 0" in code and "new_tokens=NEW_TOKENS" in code  # the config cell passes it on
+
+
+@pytest.mark.slow
+def test_two_processes_train_and_freeze_the_rows_like_one_with_accumulation(tmp_path):
+    """The encoders are outside DDP: the rows' gradients are averaged with the unsynced tensors while they
+    train, and once frozen (embedding_steps=2 of 4) they get no zero-gradient update from the averaging."""
+    import yaml
+    from test_train_ddp import CONFIG, _adapter, _launch, _max_diff
+
+    from sd35hub.train import recipe
+
+    config = {**CONFIG, "data": {**CONFIG["data"], "cache_dir": str(tmp_path / "cache"), "trigger_word": ""},
+              "train": {**CONFIG["train"], "max_steps": 4, "checkpoint_every": 2, "new_tokens": 2,
+                        "embedding_lr": 2e-2, "embedding_steps": 2}}  # fmt: skip
+    config_file = tmp_path / "tiny.yaml"
+    config_file.write_text(yaml.safe_dump(config))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        recipe.train(load_config(config_file, ["train.gradient_accumulation=2", f"train.output_dir={tmp_path / 'one'}"]),
+                     log=lambda s: None, progress=False)  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    two = _launch(["-m", "sd35hub", "train", "--config", str(config_file), "--output", str(tmp_path / "two")])
+    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
+    rows = {n: load_file(str(tmp_path / n / "adapter" / EMBEDDINGS_FILE)) for n in ("one", "two")}
+    assert _max_diff(rows["one"], rows["two"]) <= 1e-5
+    pivot = load_file(
+        str(tmp_path / "two" / "checkpoints" / "checkpoint-000002" / "adapter" / EMBEDDINGS_FILE)
+    )
+    assert _max_diff(pivot, rows["two"]) == 0  # frozen after step 2 on both processes
+    assert _max_diff(_adapter(tmp_path / "one"), _adapter(tmp_path / "two")) <= 1e-5

@@ -79,9 +79,7 @@ class NewTokenRows(torch.nn.Module):
 
     def _replace(self, module: Any, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
         ids = args[0]  # [b, S] token ids
-        hits = ids.unsqueeze(-1) == self.id_tensor.to(ids.device)  # [b, S, N]
-        if not bool(hits.any()):
-            return output
+        hits = ids.unsqueeze(-1) == self.id_tensor.to(ids.device)  # [b, S, N]; no .any() check: no host sync
         new = hits.to(self.rows.dtype) @ self.rows.to(ids.device)  # [b, S, D]: the row of each new token
         return torch.where(hits.any(-1, keepdim=True), new.to(output.dtype), output)
 

@@ -418,7 +418,7 @@ class Trainer:
 
             losses.append(optimize_micro_batch(acc, self.transformer, self.params, self.optimizer, compute_loss,
                                                attention=self.attention_kernel, max_grad_norm=t.max_grad_norm,
-                                               unsynced=self.text_params + self.pivotal_params))
+                                               unsynced=self.text_params + [p for p in self.pivotal_params if p.requires_grad]))
         self.scheduler.step()
         if self.ema is not None:
             self.ema.update()
