@@ -12,7 +12,7 @@ TORCH_INDEX ?=
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
 
-.PHONY: demo test lint format space venv dev clean bench
+.PHONY: demo test test-all lint format space venv dev clean bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,8 +39,14 @@ dev: $(VENV)/.dev
 demo: $(VENV)/.runtime
 	$(BIN)/sd35hub demo --output demo-output
 
+# `make test`: the fast set (everything not marked slow; a few minutes on 2 cores), the 15 slowest printed.
+# `make test-all`: everything, slow tests included (DDP launches, the notebook, the Space's browser sessions):
+# what CI runs (.ci/run).
 test: $(VENV)/.dev
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not slow" --durations=15 $(PYTEST_ARGS)
+
+test-all: $(VENV)/.dev
+	$(BIN)/python -m pytest --durations=15 $(PYTEST_ARGS)
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check sd35hub tests space benchmarks

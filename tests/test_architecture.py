@@ -8,6 +8,7 @@ lazy import that would close a circle at run time is caught too.
 from __future__ import annotations
 
 import ast
+import functools
 import re
 import subprocess
 import sys
@@ -79,9 +80,10 @@ def imports_of(name: str, path: Path, known: set[str]) -> set[str]:
     return found
 
 
-def import_graph() -> dict[str, set[str]]:
+@functools.cache  # one parse of the package for all the tests here
+def import_graph() -> dict[str, frozenset[str]]:
     files = module_files()
-    return {name: imports_of(name, path, set(files)) for name, path in files.items()}
+    return {name: frozenset(imports_of(name, path, set(files))) for name, path in files.items()}
 
 
 def layer_of(name: str) -> int:
@@ -157,7 +159,7 @@ def strongly_connected(graph: dict[str, set[str]]) -> list[list[str]]:
 
 
 def test_no_import_circles() -> None:
-    graph = {name: deps - {PUBLIC_API} for name, deps in import_graph().items()}
+    graph = {name: set(deps) - {PUBLIC_API} for name, deps in import_graph().items()}
     assert strongly_connected(graph) == KNOWN_CIRCLES
 
 

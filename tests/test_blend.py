@@ -206,6 +206,7 @@ def test_each_scheduler_generates(engine: BlendEngine, name: str) -> None:
     assert result.images[0].size == (64, 64) and _pixels(result.images).std() > 0
 
 
+@pytest.mark.slow
 def test_ode_schedulers_agree_with_euler() -> None:
     """Deterministic samplers integrate the same flow ODE: at 30 steps they land near Euler's latents."""
     from sd35hub.blend.schedulers import make_scheduler

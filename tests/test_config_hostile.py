@@ -73,6 +73,7 @@ documents = st.dictionaries(st.one_of(st.sampled_from(list(SECTIONS)), st.text(m
                             section, max_size=5)
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(documents)
 def test_any_yaml_document_is_a_config_or_a_config_error(doc) -> None:

@@ -203,6 +203,7 @@ def test_partial_batches_are_filled_kept_or_dropped(tmp_path: Path, pipe) -> Non
         CachedBatches(index, batch_size=2, partial="pad")
 
 
+@pytest.mark.slow
 def test_cache_buckets_fit_the_tiny_transformers_position_grid(tmp_path: Path, pipe) -> None:
     """#15.7: at 512 px the sample set's 640x384 images made a 640 px bucket, which the tiny
     transformer (pos_embed_max_size 32 x patch 2 x 8 = 512 px) refuses after caching."""

@@ -69,6 +69,7 @@ def test_float8_converts_the_frozen_block_linears_only_and_stays_close_to_bf16()
     assert float(b) == pytest.approx(float(a), rel=0.05) and float(b) != float(a)
 
 
+@pytest.mark.slow
 def test_float8_trains_the_lora_and_nothing_else() -> None:
     fp8, step = _tiny_with_lora(True)
     def snapshot(p):  # a Float8TrainingTensor's FP8 values and scale; a plain tensor itself
@@ -92,6 +93,7 @@ def test_float8_is_refused_up_front_where_it_cannot_run() -> None:
     assert any("model.float8" in p and "choose one" in p for p in problems)
 
 
+@pytest.mark.slow
 def test_training_with_float8_base_layers_end_to_end(tmp_path, monkeypatch) -> None:
     """`model.float8` through the trainer (emulated casts: the device check, which refuses a CPU, is
     bypassed): the loss falls, validation and checkpoints run with FP8 layers, and the adapter has

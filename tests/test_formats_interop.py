@@ -395,6 +395,7 @@ def test_merge_keeps_text_encoder_parts_and_bias_deltas(tmp_path: Path) -> None:
     assert torch.allclose(_delta(merged.text_encoders["text_encoder"][te_name]), want_te, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_blend_engine_applies_a_text_encoder_only_adapter(tmp_path: Path) -> None:
     """generate / the Space (BlendEngine): a CLIP-only LoRA changes the image; weight 0 and eviction undo it."""
     import numpy as np

@@ -26,6 +26,7 @@ def adapter(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ).parent
 
 
+@pytest.mark.slow
 def test_generate_writes_pngs_with_parameters(adapter: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     main(["generate", "--prompt", "a fox", "--lora", f"{adapter}:0.8", "--seed", "7", "--n", "2",
@@ -40,6 +41,7 @@ def test_generate_writes_pngs_with_parameters(adapter: Path, tmp_path: Path) -> 
     assert params["sd35hub"]["seeds"] == [7, 8]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("mode", "cells"), [("base", 2), ("cfg", 6)])
 def test_compare_grid(adapter: Path, tmp_path: Path, mode: str, cells: int) -> None:
     main(

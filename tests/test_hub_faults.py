@@ -133,6 +133,7 @@ TRANSIENT = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fault_name", list(TRANSIENT))
 @pytest.mark.parametrize("op_name", list(OPERATIONS))
 def test_a_single_transient_fault_is_retried(fast: HubServer, repos, op_name: str, fault_name: str) -> None:
@@ -177,6 +178,7 @@ NEVER_ANSWERING = {
 
 @pytest.mark.parametrize("op_name", [
     pytest.param(name, marks=pytest.mark.slow) if name == "list-adapters" else name for name in NEVER_ANSWERING])
+@pytest.mark.slow
 def test_a_hub_that_never_answers_is_a_timeout_naming_the_request(short_timeouts: HubServer, repos,
                                                                   op_name: str) -> None:
     """Every endpoint accepts the request and never answers (like hubserver.faults.SilentListener)."""

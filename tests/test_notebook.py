@@ -116,6 +116,7 @@ def runs(hub, kernel_name, tmp_path_factory):
             "repo": params["REPO_ID"], "blend": blend_repo}  # fmt: skip
 
 
+@pytest.mark.slow
 def test_first_execution_writes_adapter_card_preview_and_validation_images(runs, hub) -> None:
     out, files = runs["out"], runs["first_files"]
     for name in (
@@ -148,6 +149,7 @@ def test_first_execution_writes_adapter_card_preview_and_validation_images(runs,
     assert [c["scheduler"] for c in schedulers] == ["euler", "heun", "dpmpp-2m", "unipc"]
 
 
+@pytest.mark.slow
 def test_adapter_is_really_published_to_the_local_hub(runs, hub) -> None:
     remote = hub.files(runs["repo"])
     assert "README.md" in remote and any(p.endswith(".safetensors") for p in remote)
@@ -156,6 +158,7 @@ def test_adapter_is_really_published_to_the_local_hub(runs, hub) -> None:
     assert not any("checkpoint" in p for p in remote)
 
 
+@pytest.mark.slow
 def test_second_execution_resumes_from_the_checkpoint(runs) -> None:
     from sd35hub.frontends.colab import read_runs
 

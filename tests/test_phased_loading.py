@@ -76,6 +76,7 @@ def test_a_second_run_on_the_same_cache_loads_no_encoder(tmp_path: Path) -> None
     assert loaded.count("transformer") == 1
 
 
+@pytest.mark.slow
 def test_the_plans_weight_sizes_are_the_tiny_modules_loaded_bytes() -> None:
     cfg = load_config(None, ["model.name=tiny", "train.profile=cpu", "data.source=sample"])
     plan = plan_for_config(cfg.replace(model=cfg.model.__class__(name="tiny", dtype="fp32")), detect_profile("cpu"))

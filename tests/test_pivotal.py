@@ -47,6 +47,7 @@ def _encode(pipe, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
     return pe, pooled
 
 
+@pytest.mark.slow
 def test_only_the_new_rows_train_and_the_base_rows_stay_exactly_unchanged():
     pipe = _text_pipe()
     before = {

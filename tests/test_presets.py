@@ -38,6 +38,7 @@ def test_medium_preset_turns_on_skip_layer_guidance():
         load_config(None, ["train.validation_skip_layers=[-1]"])
 
 
+@pytest.mark.slow
 def test_validation_render_applies_skip_layer_guidance():
     from sd35hub.train import validation
 
@@ -52,6 +53,7 @@ def test_validation_render_applies_skip_layer_guidance():
     assert np.array_equal(plain, again) and np.abs(plain - slg).max() > 0
 
 
+@pytest.mark.slow
 def test_generate_skip_layers_flag_reaches_the_pipeline_and_the_snippet(tmp_path: Path):
     from sd35hub.frontends.cli import main
     from sd35hub.pngmeta import read_png_params

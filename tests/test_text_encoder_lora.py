@@ -55,6 +55,7 @@ def _randomize_lora(model: torch.nn.Module, seed: int, std: float = 0.3) -> None
 
 @pytest.mark.parametrize("live", [["text_encoder_2"], ["text_encoder", "text_encoder_2"], ["text_encoder", "text_encoder_3"]],
                          ids=["clip_g", "both", "clip_l+t5"])
+@pytest.mark.slow
 def test_live_encoding_equals_encode_prompt_of_the_adapted_pipeline(live):
     """Cached (base) embeddings with the live encoders' parts replaced == diffusers' encode_prompt of a pipeline
     that holds the adapted encoders: bit for bit, with gradients reaching every LoRA tensor."""

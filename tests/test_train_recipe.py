@@ -96,6 +96,7 @@ def _final_state(out: Path) -> tuple[dict[str, torch.Tensor], dict]:
     return load_file(str(out / "adapter" / "pytorch_lora_weights.safetensors")), json.loads((last / "state.json").read_text())
 
 
+@pytest.mark.slow
 def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, cache_dir):
     extra = dict(max_steps=7, gradient_accumulation=2, ema_decay=0.9, lr_scheduler="cosine", warmup_steps=2,
                  validation_every=0)
@@ -121,6 +122,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, cache_dir):
     assert state_a["seen_keys_digest"] == state_b["seen_keys_digest"]
 
 
+@pytest.mark.slow
 def test_ctrl_c_mid_step_finishes_the_step_then_checkpoints(tmp_path, cache_dir):
     import os
     import signal
@@ -141,6 +143,7 @@ def test_ctrl_c_mid_step_finishes_the_step_then_checkpoints(tmp_path, cache_dir)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
 
 
+@pytest.mark.slow
 def test_resume_with_another_lora_rank_is_a_config_error_and_changes_nothing(tmp_path, cache_dir):
     config = tiny_config(tmp_path / "run", cache_dir, max_steps=2, validation_every=0, checkpoint_every=1)
     recipe.train(config, log=lambda s: None, progress=False)
@@ -154,6 +157,7 @@ def test_resume_with_another_lora_rank_is_a_config_error_and_changes_nothing(tmp
     assert after == before  # no checkpoint written, changed or removed
 
 
+@pytest.mark.slow
 def test_final_checkpoint_is_written_once(tmp_path, cache_dir):
     trainer = recipe.Trainer(tiny_config(tmp_path / "run", cache_dir, max_steps=4, validation_every=0, checkpoint_every=2),
                              log=lambda s: None, progress=False)
@@ -175,6 +179,7 @@ def test_final_checkpoint_is_written_once(tmp_path, cache_dir):
         "checkpoint-000002", "checkpoint-000004"]
 
 
+@pytest.mark.slow
 def test_step_0_grid_reuses_the_base_images(tmp_path, cache_dir, monkeypatch):
     from sd35hub.train import validation
 
@@ -199,6 +204,7 @@ def _adapters_disabled(transformer) -> bool:
     return any(m.disable_adapters for m in transformer.modules() if isinstance(m, BaseTunerLayer))
 
 
+@pytest.mark.slow
 def test_checkpoint_adapter_has_the_ema_weights_like_the_final_adapter(tmp_path, cache_dir):
     from safetensors.torch import load_file
 
@@ -212,6 +218,7 @@ def test_checkpoint_adapter_has_the_ema_weights_like_the_final_adapter(tmp_path,
     assert any(not torch.equal(final[k], earlier[k]) for k in final)
 
 
+@pytest.mark.slow
 def test_resume_without_ema_state_starts_the_ema_from_the_resumed_weights(tmp_path, cache_dir):
     config = tiny_config(tmp_path / "run", cache_dir, max_steps=2, validation_every=0)
     recipe.train(config, log=lambda s: None, progress=False)  # no EMA in this run's checkpoints
@@ -270,6 +277,7 @@ def test_cli_flags_become_overrides_that_the_positional_ones_beat():
     assert (cfg.data.resolution, cfg.data.trigger_word, cfg.lora.rank) == (1024, "sks, dog", 8)
 
 
+@pytest.mark.slow
 def test_compiled_blocks_compile_training_shapes_only(tmp_path, cache_dir, monkeypatch):
     """train.compile: the blocks compile for the training step; held-out loss and validation sampling
     (other shapes, no_grad) run them eagerly, so they add no graphs; the recompile limit covers every
@@ -302,6 +310,7 @@ def test_compiled_blocks_compile_training_shapes_only(tmp_path, cache_dir, monke
     assert json.loads((result.output_dir / "summary.json").read_text())["validation_loss"] is not None
 
 
+@pytest.mark.slow
 def test_log_points_are_written_one_step_late_in_order_with_the_exact_loss(tmp_path, cache_dir):
     """A log point's loss is read after the next step is queued (no GPU drain for logging); records
     still come in step order, once each, with that step's loss, and validation / checkpoint / the last
@@ -356,6 +365,7 @@ def test_compile_cache_lives_in_the_sd35hub_cache_unless_set(tmp_path, monkeypat
     assert speed.keep_compile_cache() == tmp_path / "c" / "inductor"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batch_shapes", [1, 7])
 def test_compile_blocks_is_static_for_few_shapes_and_dynamic_for_many(batch_shapes, monkeypatch, tmp_path):
     """Few input shapes: one static graph each. Many (several aspect buckets): automatic dynamic shapes,
@@ -407,6 +417,7 @@ def test_tiny_model_at_512_px_trains_with_buckets_bounded_by_its_position_grid(t
     assert all(max(b) <= 512 for b in summary["resolution_buckets"]), summary["resolution_buckets"]
 
 
+@pytest.mark.slow
 def test_resuming_a_finished_run_rewrites_none_of_its_facts(tmp_path, cache_dir):
     """#15.9: `--resume latest` on a finished run with a new learning rate trained 0 steps but rewrote
     summary.json, the card and the config (new lr, no final loss, the resume session's duration)."""
