@@ -37,6 +37,7 @@ def _tiny_base_on_hub(hub) -> str:  # noqa: ANN001
     return repo
 
 
+@pytest.mark.slow  # the client's retries (3.5 s) and a tiny engine load
 @pytest.mark.parametrize("fault", ["status", "drop"])
 def test_a_cached_base_loads_while_the_hub_is_down(
     hub_faults, fault: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch, empty_registry
@@ -55,6 +56,7 @@ def test_a_cached_base_loads_while_the_hub_is_down(
     assert (engine.model_id, engine.model_revision) == (repo, online.name)  # snippets: the Hub id, pinned
 
 
+@pytest.mark.slow  # the client's retries
 def test_a_base_not_in_the_cache_still_reports_the_outage(hub_faults) -> None:  # noqa: ANN001
     repo = _tiny_base_on_hub(hub_faults)  # never downloaded
     hub_faults.inject("", "*", status=503, times=None)
@@ -62,6 +64,7 @@ def test_a_base_not_in_the_cache_still_reports_the_outage(hub_faults) -> None:  
         model_dir(resolve_model(repo))
 
 
+@pytest.mark.slow  # a tiny engine load
 def test_one_engine_per_base_for_the_whole_process(empty_registry) -> None:  # noqa: ANN001
     warm = space_start.warm_in_memory(["tiny"])  # the container's warm-up thread ...
     visitors: list[object] = []
