@@ -183,13 +183,13 @@ def finish(trainer: Any) -> TrainResult:
     published = None
     peak = peak_memory_gib(trainer.device)
     if trainer.main:
-        trainer._write_adapter(out / "adapter")  # EMA weights when on (swapped in and out by the trainer)
+        trainer.write_adapter_to(out / "adapter")  # EMA weights when on (swapped in and out by the trainer)
         images = []
         for i, (prompt, image) in enumerate(zip(trainer.prompts.prompts, trainer.lora_images, strict=True)):
             validation.save_png(image, out / "samples" / f"final_{i}.png",
                                 trainer.image_params([prompt], step=state.step, seed=cfg.train.validation_seed + i))
             images.append({"path": f"samples/final_{i}.png", "prompt": prompt})
-        plot = plot_loss(trainer._read_metrics(), out / "loss.png")
+        plot = plot_loss(trainer.read_metrics(), out / "loss.png")
         train_samples = max(len(trainer.batches.train_entries), 1)
         summary = build_summary(
             config=cfg, base_model=public_base_model(trainer), variant=trainer.info.variant, steps=state.step, epochs=state.samples_seen / train_samples,

@@ -312,7 +312,7 @@ class Trainer:
         if state.step == 0:
             self.initial_validation_loss = self.validate(0)
         else:
-            first = next((r for r in self._read_metrics() if r.get("validation_loss") is not None), None)
+            first = next((r for r in self.read_metrics() if r.get("validation_loss") is not None), None)
             self.initial_validation_loss = first["validation_loss"] if first else None
         sigterm = ckpt.SigtermFlag().install()
         bar = tqdm(total=self.total_steps, initial=state.step, disable=not (self.progress and self.main),
@@ -458,7 +458,7 @@ class Trainer:
         if self.acc.trackers:
             self.acc.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
 
-    def _read_metrics(self) -> list[dict[str, Any]]:
+    def read_metrics(self) -> list[dict[str, Any]]:
         return self.metrics.read() if getattr(self, "metrics", None) is not None else self.records
 
     # ------------------------------------------------------------------------ validation + ckpt
@@ -551,7 +551,7 @@ class Trainer:
             path = ckpt.save_checkpoint(
                 self.checkpoint_dir, self.state, lora=lora, optimizer=self.optimizer.state_dict(),
                 scheduler=self.scheduler.state_dict(), scaler=self.acc.scaler.state_dict() if self.acc.scaler else None,
-                ema=self.ema.state_dict() if self.ema is not None else None, write_adapter=self._write_adapter,
+                ema=self.ema.state_dict() if self.ema is not None else None, write_adapter=self.write_adapter_to,
                 keep=self.config.train.keep_checkpoints,
             )  # fmt: skip
             if self.config.hub.push_checkpoints and self.config.hub.repo_id:
@@ -566,7 +566,7 @@ class Trainer:
         self.acc.wait_for_everyone()
         return path
 
-    def _write_adapter(self, folder: Path) -> Path:
+    def write_adapter_to(self, folder: Path) -> Path:
         """The adapter as published, with the EMA weights when train.ema_decay is set (checkpoints and
         the final adapter alike); the trained weights are back in place afterwards, even on an error."""
         from sd35hub.adapters.files import AdapterMetadata
