@@ -12,7 +12,7 @@ TORCH_INDEX ?=
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
 
-.PHONY: demo test test-all lint format space venv dev clean bench
+.PHONY: demo test test-slow test-all lint format space venv dev clean bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,10 +40,13 @@ demo: $(VENV)/.runtime
 	$(BIN)/sd35hub demo --output demo-output
 
 # `make test`: the fast set (everything not marked slow; a few minutes on 2 cores), the 15 slowest printed.
-# `make test-all`: everything, slow tests included (DDP launches, the notebook, the Space's browser sessions):
-# what CI runs (.ci/run).
+# `make test-slow`: only the tests marked slow (DDP launches, the notebook, the Space's browser sessions).
+# `make test-all`: both in one pytest run. CI (.ci/run) runs `make test` and then `make test-slow`.
 test: $(VENV)/.dev
 	$(BIN)/python -m pytest -m "not slow" --durations=15 $(PYTEST_ARGS)
+
+test-slow: $(VENV)/.dev
+	$(BIN)/python -m pytest -m slow --durations=15 $(PYTEST_ARGS)
 
 test-all: $(VENV)/.dev
 	$(BIN)/python -m pytest --durations=15 $(PYTEST_ARGS)
