@@ -328,32 +328,27 @@ def run_training(plan: RunPlan, *, show_validation: bool = True) -> NotebookRun:
     """Train with a live progress bar, showing each validation grid as it is written. Appends
     {start_step, resumed_from, end_step, ...} to CHECKPOINT_DIR/notebook_runs.jsonl."""
     from sd35hub.train.checkpoint import resolve_resume
-    from sd35hub.train.recipe import Trainer
+    from sd35hub.train.recipe import Trainer, train
 
     cfg = plan.config
     resumed_from = resolve_resume(cfg.train.resume, plan.checkpoint_dir) if cfg.train.resume else None
     shown: set[str] = set()
 
-    def on_step(trainer: Trainer) -> None:
-        grid = getattr(trainer, "validation_grid", None)
+    def show_grid(grid: Any) -> None:
         if show_validation and grid is not None and str(grid) not in shown:
             shown.add(str(grid))
             show(Path(grid))
 
-    from sd35hub.access import checks_once
+    def on_step(trainer: Trainer) -> None:
+        show_grid(getattr(trainer, "validation_grid", None))
 
-    trainer = Trainer(cfg, on_step=on_step)
     started = time.time()
-    with checks_once():  # the base is asked once per run, as in sd35hub.train.recipe.train
-        try:
-            trainer.setup()
-            start_step = trainer.state.step
-            trainer.train()
-            on_step(trainer)  # the final grid
-            result = trainer.save()
-        finally:
-            trainer.cleanup()
-            _free_accelerator_memory()
+    try:  # the library's own run: one access check, setup -> train -> save -> cleanup (sd35hub.train.recipe)
+        result = train(cfg, on_step=on_step)
+    finally:
+        _free_accelerator_memory()
+    show_grid(result.validation_grid)  # the final grid
+    start_step = result.start_step
     record = {"start_step": start_step, "resumed_from": str(resumed_from) if resumed_from else None,
               "end_step": result.steps, "duration_s": round(time.time() - started, 2),
               "adapter": str(result.adapter_path)}  # fmt: skip

@@ -41,6 +41,8 @@ class TrainResult:
     peak_memory_gib: float | None
     summary: dict[str, Any] = field(default_factory=dict)
     published: Any = None  # sd35hub.hub.publish.PublishResult when hub.push_to_hub
+    start_step: int = 0  # where this session started: 0, or the checkpoint step it resumed from
+    validation_grid: Path | None = None  # the last validation grid written (the final one)
 
 
 def config_digest(config: Config) -> str:
@@ -245,6 +247,7 @@ def finish(trainer: Any) -> TrainResult:
         output_dir=out, adapter_path=out / ADAPTER_FILE, steps=state.step, samples_seen=state.samples_seen,
         final_loss=trainer.final_loss, validation_loss=trainer.final_validation_loss,
         initial_validation_loss=trainer.initial_validation_loss, duration_s=trainer.duration_s, peak_memory_gib=peak,
+        start_step=trainer.start_step, validation_grid=getattr(trainer, "validation_grid", None),
         summary=summary, published=published,
     )  # fmt: skip
 

@@ -53,6 +53,7 @@ class Trainer:
         self.on_step = on_step  # called after every optimizer step (tests interrupt through it)
         self.progress = progress
         self.state = ckpt.TrainState()
+        self.start_step = 0  # the step this session started at (a resumed run's checkpoint step)
         self.records: list[dict[str, Any]] = []
         self.prior_duration_s = 0.0  # training time of earlier sessions of a resumed run
         self.finished = False  # resumed at or past the last step of a run that wrote its outputs
@@ -211,6 +212,7 @@ class Trainer:
             self._resume(train.resume)
             check_same_resume_step(acc, self.state.step, self.checkpoint_dir)
             self.finished = self.state.step >= self.total_steps and outputs.has_outputs(self.output_dir)
+            self.start_step = self.state.step
         if self.pivotal is not None:  # the rows train for the first embedding_steps steps (then they freeze)
             self.pivotal.schedule(self.total_steps, self.state.step)
         self.metrics = MetricsLog(self.output_dir / "logs" / "metrics.jsonl",
