@@ -165,9 +165,11 @@ def test_missing_weights_are_named(tmp_path) -> None:
 
 
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc")
-def test_load_streamed_maps_no_file_and_reads_through_one_buffer(monkeypatch) -> None:
+def test_load_streamed_maps_no_file_and_reads_through_one_buffer(monkeypatch, tmp_path) -> None:
     """The whole loading path (meta module, accelerate / diffusers setters, tying) reads every tensor through
-    the one buffer and never maps a weights file; each tensor is copied out before the next is read."""
+    the one buffer and never maps a weights file; each tensor is copied out before the next is read.
+    It loads a private copy of the folder: earlier tests in the same process may keep the shared tiny
+    model's file mapped through from_pretrained, which says nothing about this loader."""
     from sd35hub.models import stream
 
     streams: list[stream.TensorStream] = []
@@ -185,8 +187,9 @@ def test_load_streamed_maps_no_file_and_reads_through_one_buffer(monkeypatch) ->
                 yield name, view
 
     monkeypatch.setattr(stream, "TensorStream", Watched)
-    folder = tiny_model_path()
-    module = load_streamed("diffusers", "SD3Transformer2DModel", folder / "transformer", dtype=torch.float32, device=None)
+    folder = _copy(tmp_path, "transformer")
+    assert not _mapped(weight_files(folder)[0])
+    module = load_streamed("diffusers", "SD3Transformer2DModel", folder, dtype=torch.float32, device=None)
     assert len(streams) == 1 and streams[0].allocations == 1
     assert streams[0]._buffer is None  # released after the load
     pointers = {p.untyped_storage().data_ptr() for p in module.parameters()}
