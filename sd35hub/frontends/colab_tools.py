@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from sd35hub.blend.grids import GUIDANCE_SWEEP
 from sd35hub.blend.request import AdapterRef, GenerationRequest
 from sd35hub.config import Config
 
@@ -25,7 +26,7 @@ from sd35hub.config import Config
 # preselects those adapters: https://huggingface.co/spaces/sd35hub/lora-blend?adapter=me/my-lora:0.8
 DEFAULT_SPACE = "sd35hub/lora-blend"
 DEFAULT_SCHEDULERS = ("euler", "heun", "dpmpp-2m", "unipc")
-DEFAULT_GUIDANCE = (1.0, 3.5, 5.0, 7.0)
+DEFAULT_GUIDANCE = GUIDANCE_SWEEP  # the CLI's `generate --compare cfg` sweep: one sweep for both
 
 
 def make_engine(config: Config, *, vram_gib: float | None = None) -> Any:
@@ -42,25 +43,11 @@ def make_engine(config: Config, *, vram_gib: float | None = None) -> Any:
                        cpu_offload=offload, drop_t5=config.model.drop_t5)  # fmt: skip
 
 
-def _grid(
-    engine: Any,
-    requests: list[GenerationRequest],
-    labels: list[str],
-    out: Path,
-    title: str,
-    columns: int | None = None,
-) -> Path:
-    from sd35hub.pngmeta import make_grid, save_png
+def _grid(engine: Any, requests: list[GenerationRequest], labels: list[str], out: Path, title: str,
+          columns: int | None = None) -> Path:
+    from sd35hub.blend.grids import render_grid
 
-    results = [engine.generate(r) for r in requests]
-    images = [result.images[0] for result in results]
-    grid = make_grid(images, labels, columns=columns or len(images), title=title)
-    first = results[0].params
-    params = {
-        **first,
-        "grid": [{"label": label, **r.params} for label, r in zip(labels, results, strict=True)],
-    }
-    return save_png(grid, Path(out), params)
+    return render_grid(engine, requests, labels, out=Path(out), title=title, columns=columns)
 
 
 def _request(prompt: str, adapters: Sequence[AdapterRef], **kwargs: Any) -> GenerationRequest:
@@ -98,9 +85,11 @@ def scheduler_grid(
     seed: int = 0,
 ) -> Path:
     """The same prompt, seed and adapter under each sampler (sd35hub.blend.schedulers names)."""
-    requests = [_request(prompt, [AdapterRef(adapter)], scheduler=name, steps=steps, width=size, height=size,
-                         seed=seed) for name in schedulers]  # fmt: skip
-    return _grid(engine, requests, list(schedulers), out, f"samplers, seed {seed}")
+    from sd35hub.blend.grids import sweep
+
+    one = _request(prompt, [AdapterRef(adapter)], steps=steps, width=size, height=size, seed=seed)
+    requests, labels = sweep(one, "schedulers", schedulers)
+    return _grid(engine, requests, labels, out, f"samplers, seed {seed}")
 
 
 def cfg_sweep(
@@ -115,9 +104,11 @@ def cfg_sweep(
     seed: int = 0,
 ) -> Path:
     """The same prompt and seed at each classifier-free guidance scale."""
-    requests = [_request(prompt, [AdapterRef(adapter)], guidance_scale=float(s), steps=steps, width=size,
-                         height=size, seed=seed) for s in scales]  # fmt: skip
-    return _grid(engine, requests, [f"cfg {s:g}" for s in scales], out, f"guidance sweep, seed {seed}")
+    from sd35hub.blend.grids import sweep
+
+    one = _request(prompt, [AdapterRef(adapter)], steps=steps, width=size, height=size, seed=seed)
+    requests, labels = sweep(one, "cfg", scales)
+    return _grid(engine, requests, labels, out, f"guidance sweep, seed {seed}")
 
 
 def blend_grid(
