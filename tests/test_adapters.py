@@ -37,6 +37,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return {"base": base, "with_lora": with_lora, "folder": folder, "file": file}
 
 
+@pytest.mark.slow
 def test_saved_adapter_loads_in_stock_diffusers_identically(trained: dict) -> None:
     assert trained["file"].name == "pytorch_lora_weights.safetensors"
     assert (trained["with_lora"] - trained["base"]).abs().max() > 1e-2  # the LoRA does something
@@ -58,6 +59,7 @@ def test_header_metadata(trained: dict) -> None:
     assert fmt == "diffusers" and meta is not None and meta.trigger_words == ["zxq style"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["kohya", "comfyui"])
 def test_foreign_layout_file_matches_diffusers_output(trained: dict, tmp_path: Path, fmt: str) -> None:
     adapter = read_adapter(trained["file"])

@@ -16,6 +16,7 @@ from sd35hub.frontends.cli import main
 from sd35hub.train import speed
 
 
+@pytest.mark.slow
 def test_bench_tiny_runs_reference_and_ours_in_one_process() -> None:
     results = B.bench("tiny", steps=2, warmup=1)
     assert [r.variant for r in results] == ["reference eager", "sd35hub cpu"]
@@ -29,6 +30,7 @@ def test_bench_tiny_runs_reference_and_ours_in_one_process() -> None:
     assert len(json.loads(B.results_json(results))) == 2
 
 
+@pytest.mark.slow
 def test_bench_float8_adds_our_step_with_fp8_base_layers(capsys) -> None:
     pytest.importorskip("torchao")
     results = B.bench("tiny", steps=1, warmup=1, float8=True)

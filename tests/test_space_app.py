@@ -62,6 +62,7 @@ def _pixels(png: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.int16)
 
 
+@pytest.mark.slow
 def test_search_blend_two_adapters_and_generate(app: AppTest, repos: SpaceRepos, tmp_path) -> None:
     app.text_input(key="search_query").input(repos.tag)
     app.button(key="search").click().run()

@@ -48,6 +48,7 @@ def _choices(blend: list[tuple[str, float]]) -> list[space.AdapterChoice]:
     return [space.AdapterChoice(source, weight=weight, use_trigger_words=False) for source, weight in blend]
 
 
+@pytest.mark.slow
 def test_parallel_requests_on_one_engine_match_sequential(repos: SpaceRepos) -> None:
     engine = space.load_engine("tiny")
     blends = _blends(repos)
@@ -107,6 +108,7 @@ def _elements(tree: object, kind: str) -> list[dict]:
     return found
 
 
+@pytest.mark.slow
 def test_parallel_server_sessions_get_their_own_results(agent_url: str, repos: SpaceRepos) -> None:
     blends = _blends(repos)
     sessions = []

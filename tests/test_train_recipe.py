@@ -45,6 +45,7 @@ def trained(tmp_path_factory, cache_dir):
     trainer.cleanup()
 
 
+@pytest.mark.slow
 def test_heldout_loss_falls_and_outputs_are_written(trained):
     _, result = trained
     assert result.steps == 30 and result.samples_seen == 60
@@ -63,6 +64,7 @@ def test_heldout_loss_falls_and_outputs_are_written(trained):
     assert [r["step"] for r in lines if "loss" in r] == list(range(1, 31))
 
 
+@pytest.mark.slow
 def test_adapter_loads_in_stock_diffusers_and_reproduces_the_trained_transformer(trained):
     from diffusers import StableDiffusion3Pipeline
 

@@ -60,6 +60,7 @@ SPEC = LoraSpec(rank=4, alpha=8.0, targets="attention+ff")
 @pytest.mark.parametrize("changes", [dict(rslora=True), dict(init="pissa"), dict(init="olora"),
                                      dict(init="pissa", rslora=True), dict(variant="dora")],
                          ids=["rslora", "pissa", "olora", "pissa+rslora", "dora"])
+@pytest.mark.slow
 def test_stock_diffusers_loads_the_file_and_reproduces_the_trained_model(tmp_path, changes):
     from diffusers import StableDiffusion3Pipeline
 
