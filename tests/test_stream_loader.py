@@ -195,3 +195,31 @@ def test_load_streamed_maps_no_file_and_reads_through_one_buffer(monkeypatch, tm
     pointers = {p.untyped_storage().data_ptr() for p in module.parameters()}
     assert len(pointers) == len(list(module.parameters()))  # every weight is its own copy...
     assert streams[0].pointer not in pointers  # ...and none aliases the buffer
+
+
+def test_diffusers_buffers_are_not_built_on_the_host() -> None:
+    """Regression (run 17's host gap): SD3's PatchEmbed builds pos_embed (1 x max_size^2 x hidden) in float64 on
+    the CPU in its constructor, 1.3 GiB transient for Large, 3.4 GiB for Medium; the meta module has it on meta
+    (read from the file like a weight), and the load still equals from_pretrained's."""
+    from sd35hub.models.stream import _meta_module
+
+    folder = tiny_model_path() / "transformer"
+    module = _meta_module("diffusers", "SD3Transformer2DModel", folder)
+    buffers = dict(module.named_buffers())
+    assert "pos_embed.pos_embed" in buffers
+    assert {b.device.type for b in buffers.values()} == {"meta"}
+    assert "pos_embed.pos_embed" in module.state_dict()  # persistent: the file has it
+
+
+def test_a_buffer_absent_from_the_file_is_built_as_the_constructor_builds_it(tmp_path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    folder = _copy(tmp_path, "transformer")
+    path = folder / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(str(path))
+    del tensors["pos_embed.pos_embed"]
+    save_file(tensors, str(path))
+    streamed = load_streamed("diffusers", "SD3Transformer2DModel", folder, dtype=torch.float32, device=None)
+    fresh = SD3Transformer2DModel.from_config(SD3Transformer2DModel.load_config(folder))
+    assert streamed.pos_embed.pos_embed.device.type == "cpu"
+    assert torch.equal(streamed.pos_embed.pos_embed, fresh.pos_embed.pos_embed)

@@ -174,13 +174,20 @@ class TensorStream:
 
 
 # ------------------------------------------------------------------------------------------ modules
-def _meta_module(library: str, class_name: str, folder: Path) -> Any:
+def _meta_module(library: str, class_name: str, folder: Path, *, buffers_on_meta: bool | None = None) -> Any:
+    """The module built on the meta device from its config. A diffusers model's buffers go to meta too
+    (``buffers_on_meta``, default for diffusers): SD3's ``PatchEmbed`` computes its persistent ``pos_embed``
+    (1 × pos_embed_max_size² × hidden) in float64 on the CPU in the constructor, a transient of ~16 bytes per
+    element: 1.3 GiB for Large, 3.4 GiB for Medium (run 17's host gap, docs/performance.md); the file has the
+    buffer, so it is streamed like a weight. transformers' buffers (CLIP's position ids) stay real and small."""
     import importlib
 
     from accelerate import init_empty_weights
 
+    if buffers_on_meta is None:
+        buffers_on_meta = library == "diffusers"
     cls = getattr(importlib.import_module(library), class_name)
-    with init_empty_weights():  # parameters on meta; buffers (CLIP's position ids) real and small
+    with init_empty_weights(include_buffers=buffers_on_meta):
         if library == "transformers":
             config = cls.config_class.from_pretrained(folder)
             return cls(config)
@@ -206,6 +213,19 @@ def _keep_fp32(model: Any, library: str, dtype: torch.dtype) -> list[str]:
     if library == "transformers" and dtype != torch.float16:
         return []  # transformers keeps them in fp32 for fp16 loads only (sd35hub.workflows.sizes counts the same)
     return keep
+
+
+def _build_absent_buffers(model: Any, library: str, class_name: str, folder: Path, target: torch.device) -> None:
+    """Buffers left on meta (not in the files: a non-persistent one, or a checkpoint without ``pos_embed``) are
+    built as the constructor builds them (only then is the host transient paid), as the libraries keep them."""
+    absent = [n for n, b in model.named_buffers() if b.device.type == "meta"]
+    if not absent:
+        return
+    from accelerate.utils import set_module_tensor_to_device
+
+    built = dict(_meta_module(library, class_name, folder, buffers_on_meta=False).named_buffers())
+    for name in absent:
+        set_module_tensor_to_device(model, name, target, value=built[name], clear_cache=False)
 
 
 def load_streamed(library: str, class_name: str, folder: Path, *, dtype: torch.dtype, device: str | None,
@@ -250,6 +270,7 @@ def load_streamed(library: str, class_name: str, folder: Path, *, dtype: torch.d
     if library == "transformers":
         model.tie_weights()  # T5's encoder.embed_tokens is shared.weight
         model.config.dtype = dtype  # as from_pretrained records it
+    _build_absent_buffers(model, library, class_name, folder, target)
     missing = [n for n, t in model.state_dict(keep_vars=True).items() if t.device.type == "meta"]
     if missing:
         raise ModelLoadError(f"{folder}: {len(missing)} weight(s) are missing from the safetensors files (e.g. "

@@ -34,6 +34,16 @@ than once training has imported and allocated its own), plus what a load adds, w
 
 plus what a phase holds in anonymous memory. The constants below are fitted to run 16's measurements
 (benchmarks/results/run16_memory_journey/, mmap loader); the weight sizes are exact counts from the configs.
+
+Loading the transformer also builds the model from its config: diffusers' SD3 ``PatchEmbed`` computes its
+``pos_embed`` buffer (pos_embed_max_size² x width: 90 M elements for Large, 226 M for Medium) in float64 on
+the CPU, ~``CONSTRUCT_BYTES_PER_ELEMENT`` (16, measured on the CPU) bytes per element at its peak, 1.4 GiB
+for Large and 3.4 GiB for Medium. The libraries' from_pretrained (mmap) pays it; the streaming loader builds
+buffers on the meta device and reads pos_embed from the file (``PlanInputs.constructor_buffers`` None: as the
+loader does; True: as the streaming loader did in run 17, before that fix). The transformer's load starts
+from ``HOST_BASE_LOAD_GIB``: what the process holds once the encoders are freed (run 17: 1.6 GiB anonymous
+at the end of the phase + ~0.6 GiB of mapped CUDA/bitsandbytes libraries), an empirical constant calibrated
+on run 17 (benchmarks/results/run17_memory_journey/).
 """
 
 from __future__ import annotations
@@ -58,6 +68,8 @@ CONTEXT_GIB = 0.6  # CUDA context + libraries outside the allocator (no cap set)
 RESERVE_FACTOR, RESERVE_GIB = 1.08, 0.25  # reserved ~ allocated x 1.08 + workspaces
 HOST_BASE_GIB = {"cuda": 2.5, "cpu": 1.0}  # python + torch + diffusers/transformers (+ CUDA libraries), training
 HOST_BASE_ENCODE_GIB = {"cuda": 1.5, "cpu": 1.0}  # the same while caching (run 16: 1.6-1.9 with small files)
+HOST_BASE_LOAD_GIB = {"cuda": 2.1, "cpu": 1.0}  # when the transformer loads, the encoders freed (run 17)
+CONSTRUCT_BYTES_PER_ELEMENT = 16  # host peak of building SD3's pos_embed on the CPU (float64 intermediates)
 OS_HOST_GIB = 0.6  # left to the OS and the notebook kernel
 ACT_PER_BLOCK = 27  # activations of one MMDiT block, in units of tokens x width (measured: FACTS.md step table)
 ACT_DUAL = 12  # extra for a block with a second attention (Medium)
@@ -96,6 +108,7 @@ class PlanInputs:
     text_encoder_rank: int = 0
     loader: str = "stream"  # stream | mmap (sd35hub.models.stream.use_streaming)
     class_images: int = 0  # prior preservation: class images the base renders before training (at most)
+    constructor_buffers: bool | None = None  # the model's buffers built on the host (None: mmap yes, stream no)
 
 
 @dataclass(frozen=True)
@@ -213,10 +226,13 @@ def plan_memory(sizes: dict[str, ComponentSize], i: PlanInputs) -> MemoryPlan:
 
 def _load_host(size: ComponentSize, i: PlanInputs, library: str) -> tuple[float, float]:
     """(anonymous, file-backed) host bytes a load of ``size`` adds while it runs, for the plan's loader."""
-    if i.loader == "mmap":
-        return 0.0, float(size.file_bytes or size.largest_file) if library == "transformers" else float(size.largest_file)
+    built = i.loader == "mmap" if i.constructor_buffers is None else i.constructor_buffers
+    construct = float(size.buffers * CONSTRUCT_BYTES_PER_ELEMENT) if built and library == "diffusers" else 0.0
+    if i.loader == "mmap":  # the constructor runs before the files are mapped: the larger of the two
+        mapped = float(size.file_bytes or size.largest_file) if library == "transformers" else float(size.largest_file)
+        return (construct, 0.0) if construct > mapped else (0.0, mapped)
     out_bytes = 4 if i.dtype == "fp32" else 2
-    return size.largest_tensor * (1 + out_bytes / 2), 0.0  # the buffer + one converted copy of one tensor
+    return max(construct, size.largest_tensor * (1 + out_bytes / 2)), 0.0  # the buffer + one converted copy
 
 
 def _plan(sizes: dict[str, ComponentSize], i: PlanInputs) -> MemoryPlan:
@@ -228,8 +244,9 @@ def _plan(sizes: dict[str, ComponentSize], i: PlanInputs) -> MemoryPlan:
             host_weights: float = 0.0, load: tuple[float, float] = (0.0, 0.0)) -> Phase:
         gpu = _reserved(gpu_alloc) if cuda and gpu_alloc else 0.0
         file_gib = _gib(file_bytes + load[1])
-        caching = name.startswith(("encode ", "load transformer"))
-        base = (HOST_BASE_ENCODE_GIB if caching else HOST_BASE_GIB)["cuda" if cuda else "cpu"]
+        caching = name.startswith("encode ")
+        bases = HOST_BASE_ENCODE_GIB if caching else HOST_BASE_LOAD_GIB if name == "load transformer" else HOST_BASE_GIB
+        base = bases["cuda" if cuda else "cpu"]
         host = base + _gib(host_anon + host_weights + load[0]) + file_gib
         problems = []
         if cuda and gpu > i.gpu_budget_gib:

@@ -42,6 +42,7 @@ class ComponentSize:
     ffn: int = 0  # MLP width
     layers: int = 0
     dual_layers: int = 0  # MMDiT blocks with a second attention (SD3.5 Medium)
+    buffers: int = 0  # elements of floating-point buffers (SD3's pos_embed: pos_embed_max_size² x width)
 
     @property
     def label(self) -> str:
@@ -147,11 +148,12 @@ def sizes_from_folder(folder: Path, name: str = "model") -> dict[str, ComponentS
             ) from exc
         total, quantizable, fp32 = _count(model)
         largest_tensor = 2 * max((t.numel() for t in model.state_dict().values()), default=0)
+        buffers = sum(b.numel() for b in model.buffers() if b.is_floating_point())
         del model
         largest, all_files = _files(folder / component, total)
         out[component] = ComponentSize(name=component, params=total, quantizable=quantizable, fp32_params=fp32,
                                        largest_file=largest, file_bytes=all_files, largest_tensor=largest_tensor,
-                                       **_shape(component, config))  # fmt: skip
+                                       buffers=buffers, **_shape(component, config))  # fmt: skip
     if "transformer" not in out:
         raise ModelLoadError(f"{name} has no transformer/config.json: it is not a complete SD3/SD3.5 model.")
     return out
