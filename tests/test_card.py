@@ -227,3 +227,22 @@ def test_card_labels_peak_memory_by_what_was_measured(tmp_path: Path, of: str, l
     assert f"| {label} | 12.5 GiB |" in card
     if of == "host":
         assert "peak GPU memory" not in card
+
+
+def test_the_merged_card_is_written_by_the_card_module_atomically(tmp_path: Path) -> None:
+    """#17: one card writer. merge's card comes from hub.card (atomic write; local paths shown by file name only),
+    and blend/merge.py builds no card of its own."""
+    from sd35hub.hub.card import write_merged_card
+
+    (tmp_path / "README.md").write_text("old card")
+    local = str(tmp_path / "secret_folder" / "a.safetensors")
+    path = write_merged_card(tmp_path, [(local, 0.7), ("owner/b", -0.3)], "stabilityai/stable-diffusion-3.5-medium",
+                             ["sks"], "pytorch_lora_weights.safetensors")
+    card = ModelCard.load(path)
+    assert card.data.base_model == "stabilityai/stable-diffusion-3.5-medium"
+    assert card.data.base_model_relation == "adapter" and card.data.instance_prompt == "sks"
+    assert "| `a.safetensors` | 0.7 |" in card.text and "| `owner/b` | -0.3 |" in card.text
+    assert "secret_folder" not in path.read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md"]  # no temp file left behind
+    merge_source = (Path(__file__).resolve().parents[1] / "sd35hub" / "blend" / "merge.py").read_text()
+    assert "ModelCardData" not in merge_source and "atomic_write_text" not in merge_source

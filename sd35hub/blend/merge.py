@@ -23,20 +23,9 @@ from sd35hub.adapters.formats import (
     to_state_dict,
 )
 from sd35hub.errors import AdapterError
-from sd35hub.paths import atomic_write_text
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
-
-
-def _public_source(source: str) -> str:
-    """A source as the card may show it: a Hub id as given, a local path by its file name only."""
-    from sd35hub.hub.card import is_hub_id
-
-    head = source.split("@", 1)[0]
-    if is_hub_id(head) or (head.count("/") == 2 and not Path(head).exists() and not head.startswith((".", "/", "~"))):
-        return source
-    return Path(source).name or source
 
 
 def _modules_of(item: Any) -> Modules:
@@ -91,7 +80,7 @@ def write_merged(items: list[tuple[str, float]], out_dir: str | Path, *, base_mo
     """Merge local/Hub sources into `out_dir` (adapter + README listing sources and weights)."""
     from sd35hub.adapters.files import AdapterMetadata, metadata_for, read_adapter, write_adapter
     from sd35hub.blend.engine import fetch_adapter_source
-    from sd35hub.hub.card import is_hub_id
+    from sd35hub.hub.card import is_hub_id, write_merged_card
     from sd35hub.train.variants import refuse_in_lora_merge
 
     files = [(source, fetch_adapter_source(source)[0], weight) for source, weight in items]
@@ -118,7 +107,7 @@ def write_merged(items: list[tuple[str, float]], out_dir: str | Path, *, base_mo
     )
     out = Path(out_dir)
     file = write_adapter(modules, out, metadata=meta, text_encoders=text_encoders)
-    atomic_write_text(out / "README.md", merge_card(items, base, words, file.name))
+    write_merged_card(out, items, base, words, file.name)
     return file
 
 
@@ -134,40 +123,3 @@ def merged_trigger_words(items: list[tuple[Any, float]]) -> list[str]:
             if word and word.lower() not in {w.lower() for w in words}:
                 words.append(word)
     return words
-
-
-def merge_card(
-    items: list[tuple[str, float]], base_model: str, trigger_words: list[str], filename: str
-) -> str:
-    """A small model card: Hub metadata (SD3.5 community license), the sources and their weights."""
-    from huggingface_hub import ModelCardData
-
-    from sd35hub.hub.card import LICENSE_NAME, is_hub_id, license_link_for
-
-    license_link = license_link_for(base_model or None)
-    base_model = base_model if is_hub_id(base_model) else ""  # "tiny" (or unknown): no Hub relation claimed  # the base repo's LICENSE.md, else the license itself
-    data = ModelCardData(
-        license="other",
-        license_name=LICENSE_NAME,
-        license_link=license_link,
-        base_model=base_model or None,
-        base_model_relation="adapter" if base_model else None,
-        library_name="diffusers",
-        tags=["lora", "sd3.5", "stable-diffusion-3.5", "text-to-image", "sd35hub", "merged-lora"],
-        instance_prompt=", ".join(trigger_words) or None,
-    )
-    rows = "\n".join(f"| `{_public_source(source)}` | {weight:g} |" for source, weight in items)
-    load = (f"pipe = StableDiffusion3Pipeline.from_pretrained({base_model!r}, dtype=torch.bfloat16)\n" if base_model else
-            'base = "PATH/TO/BASE"  # the SD3.5 model the sources were trained on\n'
-            "pipe = StableDiffusion3Pipeline.from_pretrained(base, dtype=torch.bfloat16)\n")
-    return (
-        f"---\n{data.to_yaml()}\n---\n\n# Merged LoRA\n\n"
-        "This adapter is an exact merge (concatenated ranks, no SVD) of a weighted blend: loading it at weight 1.0 "
-        "gives the same result as loading the sources and calling `set_adapters` with these weights.\n\n"
-        f"| source | weight |\n|---|---|\n{rows}\n\n"
-        "## Use\n\n```python\nimport torch\nfrom diffusers import StableDiffusion3Pipeline\n\n"
-        f"{load}"
-        f"pipe.load_lora_weights('.', weight_name={filename!r})\n```\n\n"
-        "## License\n\nThe base model's weights are under the Stability AI Community License "
-        f"({license_link}); the sources' own licenses also apply.\n"
-    )

@@ -523,3 +523,56 @@ def write_model_card(output_dir: str | Path, repo_id: str | None = None) -> Path
     from sd35hub.paths import atomic_write_text
 
     return atomic_write_text(output_dir / "README.md", str(card))
+
+
+# The merged adapter's card (`sd35hub merge`, blend/merge.write_merged): the same writer, its own small body.
+def _public_source(source: str) -> str:
+    """A source as the card may show it: a Hub id as given, a local path by its file name only."""
+    head = source.split("@", 1)[0]
+    if is_hub_id(head) or (head.count("/") == 2 and not Path(head).exists() and not head.startswith((".", "/", "~"))):
+        return source
+    return Path(source).name or source
+
+
+def merged_card_text(
+    items: list[tuple[str, float]], base_model: str, trigger_words: list[str], filename: str
+) -> str:
+    """The card of a merged adapter (`sd35hub merge`): Hub metadata (SD3.5 community license), the sources and their weights."""
+    from huggingface_hub import ModelCardData
+
+    license_link = license_link_for(base_model or None)
+    base_model = base_model if is_hub_id(base_model) else ""  # "tiny" (or unknown): no Hub relation claimed  # the base repo's LICENSE.md, else the license itself
+    data = ModelCardData(
+        license="other",
+        license_name=LICENSE_NAME,
+        license_link=license_link,
+        base_model=base_model or None,
+        base_model_relation="adapter" if base_model else None,
+        library_name="diffusers",
+        tags=["lora", "sd3.5", "stable-diffusion-3.5", "text-to-image", "sd35hub", "merged-lora"],
+        instance_prompt=", ".join(trigger_words) or None,
+    )
+    rows = "\n".join(f"| `{_public_source(source)}` | {weight:g} |" for source, weight in items)
+    load = (f"pipe = StableDiffusion3Pipeline.from_pretrained({base_model!r}, dtype=torch.bfloat16)\n" if base_model else
+            'base = "PATH/TO/BASE"  # the SD3.5 model the sources were trained on\n'
+            "pipe = StableDiffusion3Pipeline.from_pretrained(base, dtype=torch.bfloat16)\n")
+    return (
+        f"---\n{data.to_yaml()}\n---\n\n# Merged LoRA\n\n"
+        "This adapter is an exact merge (concatenated ranks, no SVD) of a weighted blend: loading it at weight 1.0 "
+        "gives the same result as loading the sources and calling `set_adapters` with these weights.\n\n"
+        f"| source | weight |\n|---|---|\n{rows}\n\n"
+        "## Use\n\n```python\nimport torch\nfrom diffusers import StableDiffusion3Pipeline\n\n"
+        f"{load}"
+        f"pipe.load_lora_weights('.', weight_name={filename!r})\n```\n\n"
+        "## License\n\nThe base model's weights are under the Stability AI Community License "
+        f"({license_link}); the sources' own licenses also apply.\n"
+    )
+
+
+def write_merged_card(
+    out_dir: str | Path, items: list[tuple[str, float]], base_model: str, trigger_words: list[str], filename: str
+) -> Path:
+    """Write OUT/README.md of a merged adapter (atomically) and return its path."""
+    from sd35hub.paths import atomic_write_text
+
+    return atomic_write_text(Path(out_dir) / "README.md", merged_card_text(items, base_model, trigger_words, filename))
