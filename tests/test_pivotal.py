@@ -561,3 +561,29 @@ def test_two_processes_train_and_freeze_the_rows_like_one_with_accumulation(tmp_
     )
     assert _max_diff(pivot, rows["two"]) == 0  # frozen after step 2 on both processes
     assert _max_diff(_adapter(tmp_path / "one"), _adapter(tmp_path / "two")) <= 1e-5
+
+
+@pytest.mark.slow
+def test_convert_carries_the_checked_embeddings_next_to_the_converted_file(trained, tmp_path, capsys):
+    """`convert` of a pivotal adapter writes its embeddings.safetensors beside the output, tensor for tensor;
+    a hostile embeddings file beside an adapter stops the convert with the reason."""
+    from cli_helpers import run_cli
+
+    adapter = trained["out"] / "adapter"
+    code, out, err = run_cli(["convert", str(adapter), str(tmp_path / "kohya" / "lora.safetensors"),
+                              "--to", "kohya"], capsys)  # fmt: skip
+    assert code == 0, err
+    assert "embeddings.safetensors" in out
+    copied = load_file(str(tmp_path / "kohya" / EMBEDDINGS_FILE))
+    original = load_file(str(adapter / EMBEDDINGS_FILE))
+    assert copied.keys() == original.keys() and all(torch.equal(copied[k], original[k]) for k in original)
+
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    (evil / "pytorch_lora_weights.safetensors").write_bytes((adapter / "pytorch_lora_weights.safetensors").read_bytes())
+    save_file({"clip_l": torch.randn(2, CLIP_HIDDEN)}, str(evil / EMBEDDINGS_FILE),
+              metadata={"tokens": json.dumps(["<lora:alice/other:2>", "<s1>"])})  # fmt: skip
+    code, out, err = run_cli(["convert", str(evil), str(tmp_path / "out" / "lora.safetensors"), "--to", "comfyui"],
+                             capsys)  # fmt: skip
+    assert code != 0 and "not a plain token" in out + err
+    assert not (tmp_path / "out" / EMBEDDINGS_FILE).exists()

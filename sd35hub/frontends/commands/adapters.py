@@ -125,10 +125,11 @@ def convert(
         raise ConfigError(f"--to {to!r} is not one of {', '.join(FORMATS)}")
     from sd35hub.train.variants import VARIANT_KINDS, convert_variant, file_variant_kind
 
-    local = fetch_adapter_source(source)[0]
+    local, hub = fetch_adapter_source(source)
     if file_variant_kind(local) is not None:  # DoRA / LoKr / LoHa: only the layout that carries it, as is
         kind, file, count = convert_variant(local, out, to)
         typer.echo(f"{VARIANT_KINDS[kind]} -> {to}: {count} modules written to {file} (the same tensors)")
+        _carry_embeddings(local, hub, Path(file))
         return
     adapter = read_adapter(local)
     file = write_adapter(
@@ -146,6 +147,32 @@ def convert(
         from sd35hub.adapters.formats_mmdit import kohya_training_note
 
         typer.echo(kohya_training_note(adapter.modules))
+    _carry_embeddings(local, hub, Path(file))
+
+
+def _carry_embeddings(local: Path, hub: dict, file: Path) -> None:
+    """A pivotal adapter's ``embeddings.safetensors`` (beside it, or in its Hub repo at the same revision)
+    goes next to the converted file, checked first: its clip_l / clip_g / t5xxl keys are already the layout
+    diffusers, kohya and ComfyUI read, so it is copied as is (atomically)."""
+    import os
+    import shutil
+
+    from sd35hub.adapters.embeddings import EMBEDDINGS_FILE, FILE_KEYS, read_embeddings
+    from sd35hub.blend.embeddings import find_embeddings
+
+    found = find_embeddings(local, hub, token=None)
+    if found is None:
+        return
+    # untrusted: keys, row counts, values, token strings (the widths are checked against a base when it loads)
+    saved = read_embeddings(found, dims=dict.fromkeys(FILE_KEYS))
+    target = file.parent / EMBEDDINGS_FILE
+    if target.exists() and target.resolve() == found.resolve():
+        return
+    partial = target.with_name(target.name + ".partial")
+    shutil.copyfile(found, partial)
+    os.replace(partial, target)
+    typer.echo(f"{EMBEDDINGS_FILE} ({', '.join(saved.tensors)}; tokens {' '.join(saved.tokens)}) copied to {target}: "
+               "load it with the LoRA (its keys are the layout diffusers, kohya and ComfyUI read)")
 
 
 def merge(
