@@ -1,5 +1,5 @@
 """Logic behind the Streamlit Space (space/app.py is UI only): which bases it offers, which adapter
-sources it accepts, how a user's selections become a GenerationRequest, and how errors read.
+sources it accepts (the policy itself is sd35hub.hub.sources, for any front end), how a user's selections become a GenerationRequest, and how errors read.
 
 Safety rules enforced here (the Space serves strangers):
 * adapters come from the Hub only (validated `owner/repo` ids or huggingface.co URLs) or from the
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import secrets
 import tempfile
 from dataclasses import dataclass, field
@@ -37,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 from sd35hub.errors import AdapterError, AdapterIncompatibleError, ConfigError, OutOfMemoryError, Sd35HubError
 from sd35hub.frontends.space.samples import SAMPLE_PREFIX, SAMPLES, ensure_sample_adapters, sample_name
 from sd35hub.frontends.space.text import clean_trigger_words, hub_image_url, visitor_message
+from sd35hub.hub.sources import check_hub_adapter, parse_hub_source, visitor_token
 
 if TYPE_CHECKING:  # pragma: no cover
     from sd35hub.blend.engine import BlendEngine
@@ -55,10 +55,6 @@ MAX_QUERY_CHARS = 200  # search box and each ?adapter= value
 MAX_STEPS = 80
 WEIGHT_RANGE = (-1.0, 2.0)
 HISTORY_SIZE = 12  # results kept per session
-_URL = re.compile(
-    r"^https?://[^/]+/(?:models/)?(?P<repo>[^/?#]+/[^/?#]+)(?:/(?:blob|resolve)/[^/]+/(?P<file>[^?#]+))?"
-)
-
 
 @dataclass(frozen=True)
 class BaseChoice:
@@ -92,12 +88,6 @@ def available_bases(setting: str | None = None, *, has_gpu: bool | None = None) 
             has_gpu = torch.cuda.is_available()
         names = ["large", "medium", "turbo"] if has_gpu else ["tiny"]
     return [BASES.get(name) or BaseChoice(name, name, name, name) for name in names]
-
-
-def visitor_token(token: str | None) -> str | bool:
-    """The token for Hub calls made on a visitor's behalf: theirs, or False (anonymous), never None
-    (None would make huggingface_hub use the Space owner's HF_TOKEN)."""
-    return (token or "").strip() or False
 
 
 def sample_file(source: str) -> Path | None:
@@ -163,33 +153,10 @@ class AdapterChoice:
 
 
 def parse_adapter_source(text: str) -> str:
-    """A pasted repo id or URL -> 'owner/repo' or 'owner/repo/file.safetensors'. Local paths, other file
-    types and malformed ids raise AdapterError with what to type instead."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
+    """`sample:<name>`, or a pasted Hub id / URL -> 'owner/repo' or 'owner/repo/file.safetensors'
+    (sd35hub.hub.sources.parse_hub_source: local paths, other file types and malformed ids are refused)."""
     text = (text or "").strip()
-    if sample_name(text):
-        return text
-    hint = "Paste a Hub id like 'owner/my-sd35-lora' or its https://huggingface.co/owner/my-sd35-lora URL."
-    file = None
-    if text.startswith(("http://", "https://")):
-        match = _URL.match(text)
-        if match is None:
-            raise AdapterError(f"{text[:80]!r} is not a Hub model URL. {hint}")
-        text, file = match.group("repo"), match.group("file")
-    if not text or text.startswith((".", "/", "~", "\\")) or ".." in text or text.count("/") != 1:
-        raise AdapterError(f"{text[:80]!r} is not a Hub repo id (local paths are not accepted here). {hint}")
-    try:
-        validate_repo_id(text)
-    except HFValidationError as exc:
-        raise AdapterError(f"{text[:80]!r} is not a valid Hub repo id. {hint}") from exc
-    if file is not None:
-        if not file.lower().endswith(".safetensors"):
-            raise AdapterError(
-                f"{file} is not a .safetensors file; the Space only loads safetensors adapters."
-            )
-        return f"{text}/{file}"
-    return text
+    return text if sample_name(text) else parse_hub_source(text)
 
 
 def search_adapters(
@@ -231,44 +198,14 @@ def choice_from_info(info: AdapterInfo) -> AdapterChoice:
     )
 
 
-def adapter_file_size(repo_id: str, filename: str, *, token: str | None = None) -> int | None:
-    """Size in bytes of one file of a Hub repo, from its metadata (no download)."""
-    from huggingface_hub import HfApi
-
-    from sd35hub.access import hub_errors
-
-    with hub_errors(repo_id, token=visitor_token(token), what=f"reading the adapter {repo_id}"):
-        infos = HfApi().get_paths_info(repo_id, [filename], token=visitor_token(token))
-    return next((getattr(i, "size", None) for i in infos if i.path == filename), None)
-
-
 def lookup_adapter(source: str, base: BaseChoice, *, token: str | None = None) -> AdapterChoice:
     """Check a pasted adapter before it joins a blend: it exists, has a .safetensors adapter file, and
     its card does not name another base. Reads metadata only (no weights)."""
-    from sd35hub.hub.discovery import adapter_info
-
     source = parse_adapter_source(source)
     name = sample_name(source)
     if name is not None:
         return sample_choice(name, base)
-    repo_id = "/".join(source.split("/")[:2])
-    explicit = source[len(repo_id) + 1 :] or None
-    info = adapter_info(repo_id, token=visitor_token(token))  # refuses pickle-only or weightless repos
-    if explicit is not None and explicit not in info.files:
-        raise AdapterError(f"{repo_id} has no file {explicit!r}. Check the name, or paste the repo id alone.")
-    declared = info.base_model
-    if declared and declared != base.hub_base:
-        raise AdapterIncompatibleError(
-            f"{repo_id} is an adapter for {declared}, but this Space is running {base.label} "
-            f"({base.hub_base}). Pick an adapter made for {base.label} (the search lists only those), "
-            "or switch the base model in the sidebar."
-        )
-    size = adapter_file_size(repo_id, explicit or info.adapter_file, token=token)
-    if size is not None and size > MAX_ADAPTER_BYTES:
-        raise AdapterError(
-            f"{repo_id} is {size / 1024**2:,.1f} MB, over this Space's limit of {MAX_ADAPTER_BYTES / 1024**2:,.1f} "
-            "MB for one adapter: it is probably a full model, not a LoRA. Pick another adapter."
-        )
+    info = check_hub_adapter(source, base.hub_base, base.label, max_bytes=MAX_ADAPTER_BYTES, token=token)
     choice = choice_from_info(info)
     choice.source = source
     return choice
