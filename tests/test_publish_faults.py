@@ -141,6 +141,32 @@ def test_push_checkpoint_warns_and_returns_none_when_the_hub_keeps_failing(fast:
     assert fast.commits(repo_id, revision="checkpoints")[0]["title"] == "Checkpoint adapter at step 4"
 
 
+def test_a_checkpoint_push_carries_its_pivotal_embeddings_and_refuses_a_bad_one(fast: HubServer, tmp_path: Path,
+                                                                                out: Path) -> None:
+    import torch
+    from safetensors.torch import load, save_file
+
+    from sd35hub.adapters.embeddings import EMBEDDINGS_FILE, save_embeddings
+
+    folder = tmp_path / "checkpoint-3"
+    folder.mkdir()
+    adapter = folder / "pytorch_lora_weights.safetensors"
+    adapter.write_bytes((out / "adapter" / "pytorch_lora_weights.safetensors").read_bytes())
+    rows = {"clip_l": torch.randn(2, 32), "clip_g": torch.randn(2, 32)}
+    save_embeddings(rows, folder / EMBEDDINGS_FILE, tokens=["<s0>", "<s1>"])
+    repo_id = unique("ckptemb")
+    assert push_checkpoint(adapter, repo_id, step=3)
+    pushed = fast.files(repo_id, revision="checkpoints")
+    assert set(pushed) >= {"pytorch_lora_weights.safetensors", EMBEDDINGS_FILE}
+    got = load(pushed[EMBEDDINGS_FILE])
+    assert all(torch.equal(got[k], rows[k]) for k in rows)
+
+    save_file({"clip_l": torch.full((2, 32), float("nan"))}, str(folder / EMBEDDINGS_FILE))
+    with pytest.raises(AdapterError, match="NaN"):
+        publish_checkpoint_adapter(adapter, repo_id, step=4)
+    assert fast.commits(repo_id, revision="checkpoints")[0]["title"] == "Checkpoint adapter at step 3"
+
+
 # ------------------------------------------------------------------ only files inside the run folder
 @pytest.fixture
 def run(tmp_path: Path) -> Path:

@@ -350,20 +350,28 @@ def publish_checkpoint_adapter(
     token: str | bool | None = None,
 ) -> str:
     """Push one checkpoint's adapter to ``branch`` (root ``pytorch_lora_weights.safetensors``, one commit
-    per step, so ``load_lora_weights(repo, revision=<commit>)`` gets any step). Returns the commit URL."""
+    per step, so ``load_lora_weights(repo, revision=<commit>)`` gets any step), with the pivotal
+    ``embeddings.safetensors`` beside it when there is one (checked first). Returns the commit URL."""
     from huggingface_hub import CommitOperationAdd, HfApi
+
+    from sd35hub.adapters.embeddings import EMBEDDINGS_FILE, FILE_KEYS, read_embeddings
 
     check_write_access(repo_id, token=token)
     adapter_path = Path(adapter_path)
     _check_safetensors(adapter_path)
+    embeddings = adapter_path.parent / EMBEDDINGS_FILE
+    extra: list[PlannedFile] = []
+    if embeddings.is_file():
+        read_embeddings(embeddings, dims=dict.fromkeys(FILE_KEYS))  # a bad file is refused, not uploaded
+        extra.append(PlannedFile(EMBEDDINGS_FILE, embeddings.read_bytes(), str(embeddings)))
     api = HfApi(token=token)
     with hub_errors(repo_id, token=token, what=f"publishing to {repo_id}", write=True):
         with_retries(lambda: api.create_repo(repo_id, private=private, exist_ok=True, token=token), "create_repo")
         with_retries(lambda: api.create_branch(repo_id, branch=branch, exist_ok=True, token=token), "create_branch")
         content = adapter_path.read_bytes()
-        operation = CommitOperationAdd(path_in_repo=ADAPTER_FILE_IN_REPO, path_or_fileobj=content)
-        planned = PlannedFile(ADAPTER_FILE_IN_REPO, content, str(adapter_path))
-        info = commit_once(api, repo_id, [operation], f"Checkpoint adapter at step {step}", branch, [planned], token)
+        planned = [PlannedFile(ADAPTER_FILE_IN_REPO, content, str(adapter_path)), *extra]
+        operations = [CommitOperationAdd(path_in_repo=f.path_in_repo, path_or_fileobj=f.content) for f in planned]
+        info = commit_once(api, repo_id, operations, f"Checkpoint adapter at step {step}", branch, planned, token)
     return str(info.commit_url)
 
 
