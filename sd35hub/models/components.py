@@ -97,7 +97,7 @@ def load_component(
     Free it with :func:`release` before the next component of a phased run loads."""
     import importlib
 
-    from sd35hub.models.load import _loading, model_dir, resolve_model
+    from sd35hub.models.locate import _loading, model_dir, resolve_model
 
     check_options(quantize)
     if name not in _COMPONENT_CLASSES:
@@ -130,7 +130,7 @@ def load_tokenizer(model: str, name: str, *, revision: str | None = None) -> Any
     """tokenizer (CLIP-L), tokenizer_2 (CLIP-G) or tokenizer_3 (T5)."""
     from transformers import AutoTokenizer
 
-    from sd35hub.models.load import _loading, model_dir, resolve_model
+    from sd35hub.models.locate import _loading, model_dir, resolve_model
 
     ref = resolve_model(model, revision)
     folder = model_dir(ref, (name,))
