@@ -22,14 +22,15 @@ import os
 import re
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sd35hub.config import Config, from_dict, merge, parse_overrides
+from sd35hub.config import from_dict, merge, parse_overrides
 from sd35hub.errors import ConfigError, NotLoggedInError, Sd35HubError
+from sd35hub.workflows import run as run_plan
+from sd35hub.workflows.run import DRIVE_ROOT, RunPlan, resolve_plan
 
-DRIVE_ROOT = "/content/drive"
 RUNS_LOG = "notebook_runs.jsonl"  # in the checkpoint folder (on Drive it outlives the runtime)
 
 
@@ -131,47 +132,6 @@ def environment(model: str, profile: str = "auto") -> Any:
 
 
 # ---------------------------------------------------------------------------------------- plan
-@dataclass
-class RunPlan:
-    """The validated config, resolved against the hardware profile, and what the user chose."""
-
-    config: Config  # what the trainer gets: the profile's choices are left open (None), the trainer makes them
-    resolved: Config  # the same config with the profile applied (what will actually run; shown to the user)
-    notes: list[str] = field(default_factory=list)  # where each resolved setting came from
-
-    @property
-    def output_dir(self) -> Path:
-        return Path(self.config.train.output_dir)
-
-    @property
-    def checkpoint_dir(self) -> Path:
-        return Path(self.config.train.checkpoint_dir or self.output_dir / "checkpoints")
-
-    def replace(self, **sections: Any) -> RunPlan:
-        """Replace fields of sections in both configs: ``plan.replace(train={"resume": "latest"})``."""
-
-        def apply(config: Config) -> Config:
-            changed = {
-                name: dataclasses.replace(getattr(config, name), **values)
-                for name, values in sections.items()
-            }
-            return config.replace(**changed).validate()
-
-        return dataclasses.replace(self, config=apply(self.config), resolved=apply(self.resolved))
-
-    def describe(self) -> str:
-        c = self.resolved
-        lines = [
-            f"model {c.model.name} | data {c.data.source} @ {c.data.resolution} px, trigger {c.data.trigger_word!r}",
-            f"LoRA rank {c.lora.rank} on {c.lora.targets} | "
-            + (f"{c.train.max_steps} steps" if c.train.max_steps else f"{c.train.epochs} epochs")
-            + f", lr {c.train.learning_rate}, batch {c.train.batch_size} x {c.train.gradient_accumulation}",
-            f"output {c.train.output_dir} | checkpoints {self.checkpoint_dir} every {c.train.checkpoint_every} steps"
-            f" | validation every {c.train.validation_every or 'start/end'} | repo {c.hub.repo_id or '(after login)'}",
-        ]
-        return "\n".join(lines + [f"  {n}" for n in self.notes])
-
-
 def build_plan(
     *,
     model: str,
@@ -219,12 +179,7 @@ def build_plan(
     if profile is not None and "profile" not in overrides.get("train", {}):
         raw["train"]["profile"] = profile.name  # the trainer uses the profile shown here, not a new guess
     config = from_dict(merge(raw, overrides))  # validates every field at once
-    resolved, notes = config, []
-    if profile is not None:
-        from sd35hub.hardware import apply_profile
-
-        resolved, notes = apply_profile(config, profile)  # the trainer repeats this, same result
-    return RunPlan(config=config, resolved=resolved, notes=notes)
+    return resolve_plan(config, profile)  # the trainer repeats the profile's resolution, same result
 
 
 def memory_plan(plan: RunPlan, profile: Any) -> Any:
@@ -292,25 +247,12 @@ def mount_drive(mountpoint: str = DRIVE_ROOT) -> Path | None:
 
 
 def prepare_run(plan: RunPlan) -> RunPlan:
-    """Checkpoints on Google Drive when asked for and available; ``resume="latest"`` when a checkpoint
-    exists there already (a re-run after a disconnect continues instead of starting over)."""
-    from sd35hub.train.checkpoint import list_checkpoints
-
-    requested = plan.config.train.checkpoint_dir
-    if requested and requested.startswith(DRIVE_ROOT):
-        if mount_drive() is None:
-            print(
-                f"Google Drive is only available in Colab: checkpoints go to {plan.output_dir / 'checkpoints'}"
-            )
-            plan = plan.replace(train={"checkpoint_dir": None})
-        else:
-            print(f"checkpoints on Google Drive: {requested} (they survive a disconnect)")
-    found = list_checkpoints(plan.checkpoint_dir)
-    if found:
-        print(f"found {len(found)} checkpoint(s) in {plan.checkpoint_dir}: resuming from {found[-1].name}")
-        return plan.replace(train={"resume": "latest"})
-    print(f"no checkpoint in {plan.checkpoint_dir}: starting from step 0")
-    return plan.replace(train={"resume": None})
+    """sd35hub.workflows.run.prepare_run with Colab's Drive: checkpoints on Drive when asked for and available,
+    ``resume="latest"`` when a checkpoint exists there already; prints what it decided."""
+    plan, lines = run_plan.prepare_run(plan, mount_drive=mount_drive, drive_root=DRIVE_ROOT)
+    for line in lines:
+        print(line)
+    return plan
 
 
 @dataclass
