@@ -62,16 +62,19 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------ setup
     def setup(self) -> None:
-        from accelerate import Accelerator
-        from accelerate.utils import ProjectConfiguration
+        """Everything before the first step, in order; each step is one method below."""
+        notes, prompts = self._setup_config()  # config, access, data check, profile, memory plan: nothing loaded
+        self._setup_run_folder(notes)  # run lock, fresh-folder check, Accelerator, device
+        pipe = self._setup_models(prompts)  # encoders one at a time into the cache, then the transformer
+        transformer = self._setup_adapters(pipe)  # LoRA, text-encoder LoRA, pivotal rows, checkpointing, FP8
+        self._setup_batches(transformer)  # cached batches, compiled blocks
+        self._setup_optimizer(transformer)  # optimizer, schedule, EMA, held-out batches
+        self._setup_resume_and_logs()  # resume, metrics, trackers, the run's config
 
-        from sd35hub.data.cache import CachedBatches
+    def _setup_config(self) -> tuple[list[str], list[str]]:
         from sd35hub.data.sources import check_dataset, open_samples
         from sd35hub.hardware import apply_profile, detect_profile
-        from sd35hub.models.load import model_info, torch_dtype
-        from sd35hub.train.lora import attach_lora, lora_state, target_modules
-        from sd35hub.train.metrics import MetricsLog
-        from sd35hub.train.optim import LoraEMA, build_optimizer, build_scheduler
+        from sd35hub.models.load import model_info
 
         cfg = self.config.validate()  # 1. every config problem at once, before anything loads
         if cfg.train.new_tokens:  # pivotal tuning: data.trigger_word carries the new tokens (sd35hub.train.pivotal)
@@ -101,6 +104,16 @@ class Trainer:
         prompts = list(train.validation_prompts) or self._default_prompts(open_samples(cfg.data, seed=train.seed))
         self.plan = plan_for_config(cfg, self.profile, validation_prompts=len(prompts)).check()
         check_options(cfg.model.quantize, cfg.model.attention)  # bitsandbytes / xformers present, also before
+        return notes, prompts
+
+    def _setup_run_folder(self, notes: list[str]) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import ProjectConfiguration
+
+        from sd35hub.models.load import torch_dtype
+
+        cfg = self.config
+        train = cfg.train
         self.output_dir = Path(train.output_dir)
         self.checkpoint_dir = Path(train.checkpoint_dir or self.output_dir / "checkpoints")
         from sd35hub.train.runfolder import RunLock, check_fresh_folder
@@ -132,6 +145,9 @@ class Trainer:
 
             enable_tf32()
 
+
+    def _setup_models(self, prompts: list[str]) -> Any:
+        cfg = self.config
         # 6. encoders one at a time (latents, captions, validation prompts cached), then the transformer
         from sd35hub.train.phased import encode_and_load
         from sd35hub.train.phases import PhaseRecorder
@@ -144,6 +160,13 @@ class Trainer:
         cache_dir = Path(cfg.data.cache_dir or self.output_dir / "cache")
         pipe = self.pipe = encode_and_load(self, cache_dir, prompts)
 
+        return pipe
+
+    def _setup_adapters(self, pipe: Any) -> Any:
+        from sd35hub.train.lora import attach_lora, lora_state, target_modules
+
+        cfg = self.config
+        train = cfg.train
         # 7. LoRA (fp32 adapter weights), memory/speed knobs, optimizer, schedule
         transformer = pipe.transformer
         if cfg.model.quantize == "none":
@@ -181,6 +204,13 @@ class Trainer:
             layers = float8_base(transformer, emulate=self.device.type != "cuda")  # CPU: tests only (refused above)
             if self.main:
                 self.log(f"FP8 matmuls on {layers} frozen base layers (torchao float8)")
+        return transformer
+
+    def _setup_batches(self, transformer: Any) -> None:
+        from sd35hub.data.cache import CachedBatches
+
+        cfg = self.config
+        train = cfg.train
         self.batches = CachedBatches(self.index, batch_size=train.batch_size, seed=train.seed,
                                      holdout=cfg.data.holdout, caption_dropout=cfg.data.caption_dropout,
                                      partial=cfg.data.partial_batches, repeats=cfg.data.repeats)
@@ -198,6 +228,13 @@ class Trainer:
             if self.main:
                 self.log(f"compiling the transformer blocks for {len(shapes)} input shape(s) (bucket area x batch size)"
                          + ("; shapes that change become dynamic" if dynamic else ", one static graph each"))
+
+    def _setup_optimizer(self, transformer: Any) -> None:
+        from sd35hub.train.optim import LoraEMA, build_optimizer, build_scheduler
+
+        cfg = self.config
+        train = cfg.train
+        acc = self.acc
         optimizer = build_optimizer(self.params, train, text_encoder_params=self.text_params,
                                     extra_groups=[self.pivotal.param_group()] if self.pivotal is not None else ())
         self.transformer, self.optimizer = acc.prepare(transformer, optimizer)
@@ -208,6 +245,14 @@ class Trainer:
         self.heldout = validation.make_heldout(self.batches, train.seed, unmasked_weight=cfg.data.unmasked_weight)
         self.digest = outputs.config_digest(cfg)
         self.state.config_digest = self.digest
+
+    def _setup_resume_and_logs(self) -> None:
+        from sd35hub.train.metrics import MetricsLog
+
+        cfg = self.config
+        train = cfg.train
+        acc = self.acc
+        trackers = [r for r in train.report_to if r in ("tensorboard", "wandb")]
         if train.resume:
             self._resume(train.resume)
             check_same_resume_step(acc, self.state.step, self.checkpoint_dir)
