@@ -231,20 +231,13 @@ def file_variant_kind(path: str | Path) -> str | None:
 def read_variant(path: str | Path, module_names: Any) -> VariantAdapter:
     """Read a DoRA / LoKr / LoHa file (see the module docstring for the layouts), value- and shape-checked.
     ``module_names``: {name: weight shape (out, in)} of the base's Linears (LyCORIS stems are matched against them)."""
-    from safetensors import safe_open
 
-    from sd35hub.adapters.files import HEADER_KEY, AdapterMetadata, adapter_file
+    from sd35hub.adapters.files import HEADER_KEY, AdapterMetadata
     from sd35hub.adapters.formats import unprefixed_config
     from sd35hub.adapters.formats_values import check_alpha, check_tensor
     from sd35hub.errors import AdapterError, AdapterIncompatibleError
 
-    file = adapter_file(path)
-    with safe_open(str(file), framework="pt") as handle:
-        header = handle.metadata() or {}
-        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
-    kind = variant_kind(tensors)
-    if kind is None:
-        raise AdapterError(f"{file.name} is not a DoRA, LoKr or LoHa file written by sd35hub")
+    file, header, tensors, kind = _open_variant(path)
     try:
         metadata = AdapterMetadata.from_json(header[HEADER_KEY]) if header.get(HEADER_KEY) else None
         config = (unprefixed_config(header.get("lora_adapter_metadata")) or {}) if kind == "dora" else {}
@@ -397,19 +390,11 @@ _WHY_NOT = {
 def convert_variant(path: str | Path, out: str | Path, to: str) -> tuple[str, Path, int]:
     """Write a DoRA / LoKr / LoHa file in the one layout that carries it, exactly (the same tensors and
     header), or raise AdapterError naming that layout. Returns (kind, written file, modules)."""
-    from safetensors import safe_open
 
-    from sd35hub.adapters.files import adapter_file
     from sd35hub.adapters.formats_values import check_alpha, check_tensor
     from sd35hub.errors import AdapterError
 
-    file = adapter_file(path)
-    with safe_open(str(file), framework="pt") as handle:
-        header = handle.metadata() or {}
-        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
-    kind = variant_kind(tensors)
-    if kind is None:
-        raise AdapterError(f"{file.name} is not a DoRA, LoKr or LoHa file written by sd35hub")
+    file, header, tensors, kind = _open_variant(path)
     layout, description = CARRIERS[kind]
     if to != layout:
         raise AdapterError(
@@ -460,3 +445,21 @@ def refuse_in_lora_merge(source: str, path: str | Path) -> None:
             f"concatenated) and a {VARIANT_KINDS[kind]} is not one. Blend it by weight with `sd35hub generate --lora "
             f"{source}:W` (or the Space), or merge it into a base's weights with sd35hub.train.variants.merge_into."
         )
+
+
+def _open_variant(path: Any) -> tuple[Any, dict[str, str], dict[str, Any], str]:
+    """The adapter file of ``path``, its header, its tensors and its variant kind (AdapterError when it is
+    not a DoRA / LoKr / LoHa file)."""
+    from safetensors import safe_open
+
+    from sd35hub.adapters.files import adapter_file
+    from sd35hub.errors import AdapterError
+
+    file = adapter_file(path)
+    with safe_open(str(file), framework="pt") as handle:
+        header = handle.metadata() or {}
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+    kind = variant_kind(tensors)
+    if kind is None:
+        raise AdapterError(f"{file.name} is not a DoRA, LoKr or LoHa file written by sd35hub")
+    return file, header, tensors, kind
