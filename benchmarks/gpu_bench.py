@@ -262,7 +262,30 @@ def trace(model: str, variant: B.StepVariant, args: argparse.Namespace) -> str:
              f"({100*kernel_us/1e3/(wall*1e3):.0f}% busy)"]
     for e in top:
         lines.append(f"  {e.self_device_time_total/3/1e3:8.2f} ms  {e.count//3:5d}x  {e.key[:110]}")
+    kinds: dict[str, list[float]] = {}
+    for e in events:
+        kind = kernel_kind(e.key)
+        kinds.setdefault(kind, [0.0, 0])
+        kinds[kind][0] += e.self_device_time_total / 3 / 1e3
+        kinds[kind][1] += e.count // 3
+    lines.append("  by kind: " + ", ".join(f"{k} {ms:.1f} ms ({n} kernels)" for k, (ms, n) in
+                                          sorted(kinds.items(), key=lambda kv: -kv[1][0])))
     return "\n".join(lines)
+
+
+def kernel_kind(name: str) -> str:
+    """A kernel's kind for the trace's totals: attention, GEMM (cuBLAS/nvjet/CUTLASS), Triton (inductor's fused
+    pointwise/reduction kernels), copies, or other."""
+    low = name.lower()
+    if any(t in low for t in ("sdpa", "flash", "fmha", "attention", "dot_do_o")):
+        return "attention"
+    if any(t in low for t in ("nvjet", "gemm", "cutlass", "xmma", "cublas", "_mm_", "splitk")):
+        return "gemm"
+    if low.startswith("triton_"):
+        return "triton"
+    if "memcpy" in low or "memset" in low or "copy" in low or "fill" in low:
+        return "copy/fill"
+    return "other"
 
 
 if __name__ == "__main__":
