@@ -3,6 +3,8 @@
 # (torchvision 0.26.0 for the peer, torchao 0.18.0 for the FP8 rows) and, for `peer`, .peer (the diffusers script).
 #   bash benchmarks/issue19_device.sh levers   one H200: the levers, Large then Medium, in one process (~9 min)
 #   bash benchmarks/issue19_device.sh peer     one H200: the peer vs `sd35hub train`, Medium + Large, cold/warm (~9 min)
+#   bash benchmarks/issue19_device.sh floor    one H200: the kernel floor (kernel_floor.py) and the traces by kernel kind
+#                                              at the h200 batches (Medium 8, Large 4) (~4 min)
 #   bash benchmarks/issue19_device.sh both     kind nvidia-h200-x2: levers on GPU 1 while peer runs on GPU 0 (the
 #                                              bench's compile threads share the host with the eager peer: caveat)
 # Results: $OUT/levers/bench.{json,md}, $OUT/e2e/peer_e2e.{json,md} and $OUT/e2e/logs/*.log.
@@ -20,8 +22,14 @@ levers() {
 peer() {
   timeout 515 python3 benchmarks/peer_e2e.py --out "$OUT/e2e" --root /tmp/pe --deadline-s "${1:-500}" ${PEER_ARGS:-}
 }
+floor() {
+  timeout 330 python3 benchmarks/kernel_floor.py --out "$OUT/kf" --batches "${FLOOR_BATCHES:-medium=8,large=4}" --reps 15
+  timeout 230 python3 benchmarks/gpu_bench.py --out "$OUT/tr8" --models "" --batch 8 --trace medium:h100
+  timeout 150 python3 benchmarks/gpu_bench.py --out "$OUT/tr4" --models "" --batch 4 --trace large:h100
+}
 case "${1:-}" in
   levers) levers 2>&1 | quiet | tail -80 ;;
+  floor) floor 2>&1 | quiet | tail -80 ;;
   peer) peer 2>&1 | quiet | tail -50 ;;
   both)
     mkdir -p "$OUT"
@@ -30,5 +38,5 @@ case "${1:-}" in
     wait
     quiet < "$OUT/levers.log" | tail -60
     ;;
-  *) echo "usage: bash benchmarks/issue19_device.sh levers|peer|both" >&2; exit 2 ;;
+  *) echo "usage: bash benchmarks/issue19_device.sh levers|peer|floor|both" >&2; exit 2 ;;
 esac

@@ -6,7 +6,7 @@ the trainer's LoRA, bf16 autocast) by one forward under a TorchFunctionMode that
 ``F.scaled_dot_product_attention`` call: shapes, and which operands need gradients. The backward work follows
 from that: a frozen base layer costs its forward product and, where its input needs a gradient, the input
 gradient (dx = g W); a LoRA product also its weight gradient; attention its backward. Each distinct shape is
-then timed alone (CUDA events, median of ``--reps``), attention with each SDPA backend (cuDNN, flash,
+then timed alone (``--reps`` calls back to back, as one CUDA graph for the products; best of 3), attention with each SDPA backend (cuDNN, flash,
 efficient) and the best kept, the base products also as FP8 (``torch._scaled_mm``, e4m3, row-wise scales,
 without the casts). The sums are the floor a step could reach if everything else (norms, modulation, GELU,
 casts, the optimizer, launches) took no time and each kernel ran as fast as it does alone.
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from collections import Counter
@@ -130,21 +129,32 @@ def check(calls: Counter, counted: dict[str, float]) -> dict[str, float]:
             "counted_other": sum(counted.values()) - products - attention}
 
 
-def _time(fn, reps: int) -> float:  # noqa: ANN001
-    """Median seconds of ``fn`` on the GPU (CUDA events), after 3 warm-up calls."""
+def _time(fn, reps: int, graph: bool = False) -> float:  # noqa: ANN001
+    """Seconds per call of ``fn`` on the GPU: ``reps`` calls back to back between two CUDA events, as in a
+    step (no launch gap before each kernel); ``graph``: the calls captured as one CUDA graph first, so that
+    products of a few microseconds are not timed as Python's launch rate."""
     import torch
 
     for _ in range(3):
         fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    run = lambda: [fn() for _ in range(reps)]  # noqa: E731
+    if graph:
+        captured = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(captured):
+            run()
+        run = captured.replay
+        run()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    best = float("inf")
+    for _ in range(3):
+        torch.cuda.synchronize()
         start.record()
-        fn()
+        run()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end) / 1000.0)
-    return statistics.median(times)
+        best = min(best, start.elapsed_time(end) / 1000.0 / reps)
+    return best
 
 
 def time_linear(op: Linear, reps: int) -> dict[str, float]:
@@ -154,9 +164,9 @@ def time_linear(op: Linear, reps: int) -> dict[str, float]:
     x = torch.randn(op.m, op.k, device=dev, dtype=bf16)
     w = torch.randn(op.n, op.k, device=dev, dtype=bf16)
     g = torch.randn(op.m, op.n, device=dev, dtype=bf16)
-    out = {"fwd": _time(lambda: torch.mm(x, w.t()), reps)}
-    out["dx"] = _time(lambda: torch.mm(g, w), reps) if op.dx else 0.0
-    out["dw"] = _time(lambda: torch.mm(g.t(), x), reps) if op.lora else 0.0
+    out = {"fwd": _time(lambda: torch.mm(x, w.t()), reps, graph=True)}
+    out["dx"] = _time(lambda: torch.mm(g, w), reps, graph=True) if op.dx else 0.0
+    out["dw"] = _time(lambda: torch.mm(g.t(), x), reps, graph=True) if op.lora else 0.0
     if not op.lora and op.m % 16 == 0 and op.k % 16 == 0 and op.n % 16 == 0:  # FP8 needs multiples of 16
         f8 = torch.float8_e4m3fn
         x8, w8, g8 = x.to(f8), w.to(f8), g.to(f8)
@@ -164,8 +174,9 @@ def time_linear(op: Linear, reps: int) -> dict[str, float]:
         sx = torch.ones(op.m, 1, device=dev)
         sw = torch.ones(1, op.n, device=dev)
         sk = torch.ones(1, op.k, device=dev)
-        out["fwd_fp8"] = _time(lambda: torch._scaled_mm(x8, w8.t(), scale_a=sx, scale_b=sw, out_dtype=bf16), reps)
-        out["dx_fp8"] = (_time(lambda: torch._scaled_mm(g8, wt8.t(), scale_a=sx, scale_b=sk, out_dtype=bf16), reps)
+        out["fwd_fp8"] = _time(lambda: torch._scaled_mm(x8, w8.t(), scale_a=sx, scale_b=sw, out_dtype=bf16), reps,
+                               graph=True)
+        out["dx_fp8"] = (_time(lambda: torch._scaled_mm(g8, wt8.t(), scale_a=sx, scale_b=sk, out_dtype=bf16), reps, graph=True)
                          if op.dx else 0.0)
     return out
 
@@ -238,7 +249,7 @@ def floor(model: str, batch: int, resolution: int, reps: int) -> dict[str, Any]:
 
 def report(results: list[dict[str, Any]], device: str) -> str:
     lines = [f"# kernel floor: {device}, torch {__import__('torch').__version__}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
-             "", "Each product / attention call of the step timed alone at its shape (median of reps), summed; "
+             "", "Each product / attention call of the step timed alone at its shape (reps back to back; best of 3), summed; "
              "everything else taken as free.", "",
              "| model | batch | TFLOP/step | attention ms (best; cuDNN / flash / efficient) | attention TFLOP/s | "
              "base GEMMs ms (TFLOP/s) | LoRA products ms | floor bf16 s/sample | base GEMMs as FP8 ms | floor FP8 s/sample |",
