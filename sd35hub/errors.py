@@ -141,6 +141,52 @@ class UnsafeFileError(AdapterError):
     """A pickled file (.bin/.pt/.ckpt/.pth) was offered: sd35hub only loads safetensors."""
 
 
+class AdapterSourceError(AdapterError):
+    """An adapter source that the safe source policy (sd35hub.hub.sources) refuses: not a Hub id or
+    huggingface.co URL, a local path, another file type, or a file the repo does not have. ``source`` is
+    the text refused (at most 80 characters), ``reason`` one of SOURCE_REASONS; ``repo_id`` and ``filename``
+    are set where the source named them. The message says the fix in the library's terms; a front end may
+    word ``reason`` for its own audience."""
+
+    def __init__(
+        self, message: str, *, source: str, reason: str, repo_id: str | None = None, filename: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.source, self.reason, self.repo_id, self.filename = source, reason, repo_id, filename
+
+
+# AdapterSourceError.reason values
+SOURCE_REASONS = (
+    "not_hub_url",  # an http(s) URL that is not a Hub model page or file
+    "not_repo_id",  # not OWNER/REPO: a local path (./x, /x, ~, ..) or the wrong number of parts
+    "invalid_repo_id",  # OWNER/REPO shaped, but not a valid Hub repo id
+    "not_safetensors",  # names a file that is not .safetensors
+    "no_such_file",  # names a file the repo does not have
+)
+
+
+class AdapterBaseMismatchError(AdapterIncompatibleError):
+    """An adapter's card names another base model than the one it is checked against (before any download)."""
+
+    def __init__(self, repo_id: str, declared_base: str, expected_base: str) -> None:
+        self.repo_id, self.declared_base, self.expected_base = repo_id, declared_base, expected_base
+        super().__init__(
+            f"{repo_id} is an adapter for {declared_base} (the base_model of its card), not for {expected_base}. "
+            f"Use an adapter made for {expected_base}, or load {repo_id} on {declared_base}."
+        )
+
+
+class AdapterTooLargeError(AdapterError):
+    """An adapter file is larger than the size limit it was checked against (``max_bytes``), before it is read."""
+
+    def __init__(self, name: str, size_bytes: int, max_bytes: int) -> None:
+        self.name, self.size_bytes, self.max_bytes = name, size_bytes, max_bytes
+        super().__init__(
+            f"{name} is {format_size(size_bytes)}, over the limit of {format_size(max_bytes)} (max_bytes): this is "
+            "probably a full model, not a LoRA adapter. Pick another file or raise the limit."
+        )
+
+
 class HubRequestError(Sd35HubError):
     exit_code = 10
 
@@ -224,6 +270,16 @@ class InvalidTokenError(NotLoggedInError):
             "Create a new token at https://huggingface.co/settings/tokens, then set HF_TOKEN or run "
             "`hf auth login` again.",
         )
+
+
+def format_size(n: int) -> str:
+    """Bytes as people read them in a message: '512 B', '3.2 MiB', '4.1 GiB'."""
+    size = float(n)
+    for unit in ("B", "KiB", "MiB"):
+        if size < 1024:
+            return f"{n} B" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GiB"
 
 
 def _mb(n: int | None) -> str:

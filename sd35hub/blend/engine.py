@@ -48,7 +48,13 @@ from sd35hub.blend.request import (
     parse_prompt,
     with_trigger_words,
 )
-from sd35hub.errors import AdapterError, ConfigError, GenerationCancelled, NonFiniteError
+from sd35hub.errors import (
+    AdapterError,
+    AdapterTooLargeError,
+    ConfigError,
+    GenerationCancelled,
+    NonFiniteError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -553,10 +559,7 @@ def fetch_adapter_source(
         file = adapter_file(local)  # a folder -> its adapter file; pickles refused unopened
         size = file.stat().st_size
         if max_bytes is not None and size > max_bytes:
-            raise AdapterError(
-                f"{file} is {size / 1024**2:.0f} MB, over the limit of {max_bytes / 1024**2:.0f} MB: this is "
-                "probably a full model, not a LoRA adapter. Pick another file or raise the limit."
-            )
+            raise AdapterTooLargeError(str(file), size, max_bytes)
         return file, {}
     match = _HUB_SOURCE.match(source)
     if match is None:

@@ -13,7 +13,7 @@ from typing import Any
 
 from sd35hub.access import hub_endpoint, hub_errors
 from sd35hub.adapters.files import PICKLE_SUFFIXES, is_checkpoint_path, pick_adapter_file
-from sd35hub.errors import AdapterError, UnsafeFileError
+from sd35hub.errors import AdapterError, AdapterTooLargeError, UnsafeFileError
 
 logger = logging.getLogger(__name__)
 
@@ -24,15 +24,6 @@ SD35_BASE_MODELS = (
     "stabilityai/stable-diffusion-3.5-medium",
     "stabilityai/stable-diffusion-3.5-large-turbo",
 )
-
-
-def _format_bytes(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.1f} {unit}" if unit != "B" else f"{n} B"
-        size /= 1024
-    return f"{n} B"  # pragma: no cover
 
 
 def download_adapter(
@@ -71,10 +62,7 @@ def download_adapter(
             )
         size = sizes[0]
         if max_bytes is not None and size is not None and size > max_bytes:
-            raise AdapterError(
-                f"{repo_id}/{filename} is {_format_bytes(size)}, over the limit of {_format_bytes(max_bytes)}: "
-                "this is probably a full model, not a LoRA adapter. Pick another file or raise the limit."
-            )
+            raise AdapterTooLargeError(f"{repo_id}/{filename}", size, max_bytes)
         path = hf_hub_download(repo_id, filename, revision=revision, token=token)
     return Path(path)
 

@@ -5,7 +5,10 @@ validated Hub id `owner/repo`, `owner/repo/file.safetensors` or a huggingface.co
 (`./x`, `/x`, `~`, `..`) and never another file type; `check_hub_adapter` then reads metadata only (no
 weights) to refuse a repo without a safetensors adapter, a missing file, an adapter for another base and a
 file over the size limit. Hub calls made for a visitor use the visitor's token or none (`visitor_token`).
-Every refusal is a typed error whose message says what to type instead; the front end words it.
+
+Every refusal is a typed error (sd35hub.errors) whose message states the problem and the fix in the library's
+terms: AdapterSourceError (``reason`` says which rule), AdapterBaseMismatchError, AdapterTooLargeError. A
+front end words them for its audience from their fields (the Space: sd35hub.frontends.space.text).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING
 
-from sd35hub.errors import AdapterError, AdapterIncompatibleError
+from sd35hub.errors import AdapterBaseMismatchError, AdapterSourceError, AdapterTooLargeError
 
 if TYPE_CHECKING:  # pragma: no cover
     from sd35hub.hub.discovery import AdapterInfo
@@ -21,7 +24,7 @@ if TYPE_CHECKING:  # pragma: no cover
 _URL = re.compile(
     r"^https?://[^/]+/(?:models/)?(?P<repo>[^/?#]+/[^/?#]+)(?:/(?:blob|resolve)/[^/]+/(?P<file>[^?#]+))?"
 )
-HINT = "Paste a Hub id like 'owner/my-sd35-lora' or its https://huggingface.co/owner/my-sd35-lora URL."
+FORMS = "OWNER/REPO, OWNER/REPO/FILE.safetensors or https://huggingface.co/OWNER/REPO"
 
 
 def visitor_token(token: str | None) -> str | bool:
@@ -32,7 +35,7 @@ def visitor_token(token: str | None) -> str | bool:
 
 def parse_hub_source(text: str) -> str:
     """A pasted repo id or URL -> 'owner/repo' or 'owner/repo/file.safetensors'. Local paths, other file
-    types and malformed ids raise AdapterError with what to type instead."""
+    types and malformed ids raise AdapterSourceError (``reason``: SOURCE_REASONS) with what to pass instead."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     text = (text or "").strip()
@@ -40,17 +43,32 @@ def parse_hub_source(text: str) -> str:
     if text.startswith(("http://", "https://")):
         match = _URL.match(text)
         if match is None:
-            raise AdapterError(f"{text[:80]!r} is not a Hub model URL. {HINT}")
+            raise AdapterSourceError(
+                f"{text[:80]!r} is not a Hub model URL (https://huggingface.co/OWNER/REPO, or a file's "
+                f".../blob/REVISION/FILE.safetensors). Pass {FORMS}.",
+                source=text[:80], reason="not_hub_url",
+            )  # fmt: skip
         text, file = match.group("repo"), match.group("file")
     if not text or text.startswith((".", "/", "~", "\\")) or ".." in text or text.count("/") != 1:
-        raise AdapterError(f"{text[:80]!r} is not a Hub repo id (local paths are not accepted here). {HINT}")
+        raise AdapterSourceError(
+            f"{text[:80]!r} is not a Hub repo id OWNER/REPO (a safe adapter source is never a local path). "
+            f"Pass {FORMS}.",
+            source=text[:80], reason="not_repo_id",
+        )  # fmt: skip
     try:
         validate_repo_id(text)
     except HFValidationError as exc:
-        raise AdapterError(f"{text[:80]!r} is not a valid Hub repo id. {HINT}") from exc
+        raise AdapterSourceError(
+            f"{text[:80]!r} is not a valid Hub repo id ({str(exc).splitlines()[0][:200]}). Pass {FORMS}.",
+            source=text[:80], reason="invalid_repo_id",
+        ) from exc  # fmt: skip
     if file is not None:
         if not file.lower().endswith(".safetensors"):
-            raise AdapterError(f"{file} is not a .safetensors file; only safetensors adapters are loaded here.")
+            raise AdapterSourceError(
+                f"{file} is not a .safetensors file: a safe adapter source names a .safetensors file or none "
+                f"(then the repo's adapter file is used). Pass {text} or {text}/FILE.safetensors.",
+                source=f"{text}/{file}"[:80], reason="not_safetensors", repo_id=text, filename=file,
+            )  # fmt: skip
         return f"{text}/{file}"
     return text
 
@@ -66,30 +84,26 @@ def adapter_file_size(repo_id: str, filename: str, *, token: str | None = None) 
     return next((getattr(i, "size", None) for i in infos if i.path == filename), None)
 
 
-def check_hub_adapter(
-    source: str, hub_base: str, base_label: str, *, max_bytes: int, token: str | None = None
-) -> AdapterInfo:
+def check_hub_adapter(source: str, hub_base: str, *, max_bytes: int, token: str | None = None) -> AdapterInfo:
     """Check a parsed Hub source (parse_hub_source) before it joins a blend: it exists, has a .safetensors
-    adapter file (the named one, if named), its card does not name another base than ``hub_base``, and the
-    file is at most ``max_bytes``. Reads metadata only (no weights); the visitor's token or none."""
+    adapter file (the named one, if named; else AdapterSourceError ``no_such_file``), its card does not name
+    another base than ``hub_base`` (AdapterBaseMismatchError), and the file is at most ``max_bytes``
+    (AdapterTooLargeError). Reads metadata only (no weights); the visitor's token or none."""
     from sd35hub.hub.discovery import adapter_info
 
     repo_id = "/".join(source.split("/")[:2])
     explicit = source[len(repo_id) + 1 :] or None
     info = adapter_info(repo_id, token=visitor_token(token))  # refuses pickle-only or weightless repos
     if explicit is not None and explicit not in info.files:
-        raise AdapterError(f"{repo_id} has no file {explicit!r}. Check the name, or paste the repo id alone.")
+        raise AdapterSourceError(
+            f"{repo_id} has no file {explicit!r}. Check the file name (the repo's file list), or pass {repo_id} "
+            "alone to use its adapter file.",
+            source=source[:80], reason="no_such_file", repo_id=repo_id, filename=explicit,
+        )  # fmt: skip
     declared = info.base_model
     if declared and declared != hub_base:
-        raise AdapterIncompatibleError(
-            f"{repo_id} is an adapter for {declared}, but this Space is running {base_label} "
-            f"({hub_base}). Pick an adapter made for {base_label} (the search lists only those), "
-            "or switch the base model in the sidebar."
-        )
+        raise AdapterBaseMismatchError(repo_id, declared, hub_base)
     size = adapter_file_size(repo_id, explicit or info.adapter_file, token=token)
     if size is not None and size > max_bytes:
-        raise AdapterError(
-            f"{repo_id} is {size / 1024**2:,.1f} MB, over this Space's limit of {max_bytes / 1024**2:,.1f} "
-            "MB for one adapter: it is probably a full model, not a LoRA. Pick another adapter."
-        )
+        raise AdapterTooLargeError(repo_id, size, max_bytes)
     return info

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from sd35hub.errors import AdapterError, AdapterIncompatibleError, ConfigError, OutOfMemoryError, Sd35HubError
 from sd35hub.frontends.space.samples import SAMPLE_PREFIX, SAMPLES, ensure_sample_adapters, sample_name
-from sd35hub.frontends.space.text import clean_trigger_words, hub_image_url, visitor_message
+from sd35hub.frontends.space.text import OUT_OF_MEMORY, clean_trigger_words, hub_image_url, visitor_message
 from sd35hub.hub.sources import check_hub_adapter, parse_hub_source, visitor_token
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -199,13 +199,14 @@ def choice_from_info(info: AdapterInfo) -> AdapterChoice:
 
 
 def lookup_adapter(source: str, base: BaseChoice, *, token: str | None = None) -> AdapterChoice:
-    """Check a pasted adapter before it joins a blend: it exists, has a .safetensors adapter file, and
-    its card does not name another base. Reads metadata only (no weights)."""
+    """Check a pasted adapter before it joins a blend: it exists, has a .safetensors adapter file, its
+    card does not name another base, and it is at most MAX_ADAPTER_BYTES (sd35hub.hub.sources.check_hub_adapter;
+    its typed errors are worded for visitors by friendly_error). Reads metadata only (no weights)."""
     source = parse_adapter_source(source)
     name = sample_name(source)
     if name is not None:
         return sample_choice(name, base)
-    info = check_hub_adapter(source, base.hub_base, base.label, max_bytes=MAX_ADAPTER_BYTES, token=token)
+    info = check_hub_adapter(source, base.hub_base, max_bytes=MAX_ADAPTER_BYTES, token=token)
     choice = choice_from_info(info)
     choice.source = source
     return choice
@@ -303,7 +304,7 @@ def build_request(
         try:
             choice = lookup_adapter(ref.source, base, token=token)  # refuses local and cache paths
         except Sd35HubError as exc:
-            problems.append(f"{where}: {visitor_message(exc, token)}")
+            problems.append(f"{where}: {friendly_error(exc, token)}")
             continue
         choice.weight, choice.use_trigger_words = ref.weight, False
         blend.append(choice)
@@ -365,15 +366,14 @@ def generate(
 
 
 def out_of_memory_error() -> OutOfMemoryError:
-    return OutOfMemoryError(
-        "Out of GPU memory for this image. Try a smaller size, fewer adapters or fewer steps, then generate "
-        "again."
-    )
+    return OutOfMemoryError(OUT_OF_MEMORY)
 
 
 def friendly_error(exc: BaseException, token: str | None = None, *, loading_base: bool = False) -> str:
-    """One plain-text message for a visitor (sd35hub.frontends.space.text.visitor_message); render with md_text."""
-    return visitor_message(exc, token, loading_base=loading_base)
+    """One plain-text message for a visitor (sd35hub.frontends.space.text.visitor_message, which words the
+    library's adapter-source refusals with this Space's base names and limits); render with md_text."""
+    labels = {choice.hub_base: choice.label for choice in BASES.values()}
+    return visitor_message(exc, token, loading_base=loading_base, base_labels=labels)
 
 
 def png_bytes(image: Any, params: dict[str, Any]) -> bytes:

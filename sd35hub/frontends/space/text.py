@@ -9,7 +9,9 @@ messages worded for a visitor rather than for the person running the server.
 * `hub_image_url(url)` keeps a card's preview image only when it is served by the Hub the Space uses;
 * `clean_trigger_words(words)` bounds a card's trigger words (length, count, control characters);
 * `visitor_message(exc)` is friendly_error's wording: no tracebacks, tokens or server paths, no
-  operator instructions (those go to the server log).
+  operator instructions (those go to the server log). The library's adapter-source refusals
+  (sd35hub.hub.sources: AdapterSourceError, AdapterBaseMismatchError, AdapterTooLargeError) are worded
+  here for a visitor, from the errors' fields: what to paste, which base this Space runs, its size limit.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import logging
 import re
 import string
 import unicodedata
+from collections.abc import Mapping
 from urllib.parse import urlsplit
 
 log = logging.getLogger("sd35hub.space")
@@ -95,11 +98,57 @@ def scrub_paths(text: str) -> str:
     return _PATH.sub(last, text)
 
 
-def visitor_message(exc: BaseException, token: str | None = None, *, loading_base: bool = False) -> str:
+PASTE_HINT = "Paste a Hub id like 'owner/my-sd35-lora' or its https://huggingface.co/owner/my-sd35-lora URL."
+OUT_OF_MEMORY = (
+    "Out of GPU memory for this image. Try a smaller size, fewer adapters or fewer steps, then generate again."
+)
+
+
+def adapter_source_message(exc: BaseException, base_labels: Mapping[str, str] | None = None) -> str | None:
+    """A library adapter-source refusal (sd35hub.hub.sources) as a visitor reads it, or None for any other
+    error. ``base_labels``: the Space's base ids -> their names ("SD3.5 Large")."""
+    from sd35hub.errors import AdapterBaseMismatchError, AdapterSourceError, AdapterTooLargeError
+
+    if isinstance(exc, AdapterSourceError):
+        if exc.reason == "not_hub_url":
+            return f"{exc.source!r} is not a Hub model URL. {PASTE_HINT}"
+        if exc.reason == "not_repo_id":
+            return f"{exc.source!r} is not a Hub repo id (local paths are not accepted here). {PASTE_HINT}"
+        if exc.reason == "invalid_repo_id":
+            return f"{exc.source!r} is not a valid Hub repo id. {PASTE_HINT}"
+        if exc.reason == "not_safetensors":
+            return f"{exc.filename} is not a .safetensors file; only safetensors adapters are loaded here."
+        if exc.reason == "no_such_file":
+            return f"{exc.repo_id} has no file {exc.filename!r}. Check the name, or paste the repo id alone."
+        return None
+    if isinstance(exc, AdapterBaseMismatchError):
+        label = (base_labels or {}).get(exc.expected_base, exc.expected_base)
+        return (
+            f"{exc.repo_id} is an adapter for {exc.declared_base}, but this Space is running {label} "
+            f"({exc.expected_base}). Pick an adapter made for {label} (the search lists only those), "
+            "or switch the base model in the sidebar."
+        )
+    if isinstance(exc, AdapterTooLargeError):
+        return (
+            f"{exc.name} is {exc.size_bytes / 1024**2:,.1f} MB, over this Space's limit of "
+            f"{exc.max_bytes / 1024**2:,.1f} MB for one adapter: it is probably a full model, not a LoRA. "
+            "Pick another adapter."
+        )
+    return None
+
+
+def visitor_message(
+    exc: BaseException,
+    token: str | None = None,
+    *,
+    loading_base: bool = False,
+    base_labels: Mapping[str, str] | None = None,
+) -> str:
     """One message for a visitor, as plain text (render it with md_text). sd35hub errors say their fix;
-    configuration problems are listed without developer wording; a base the Space cannot load is the
-    operator's problem (logged with the operator's instructions); anything else is reported without a
-    traceback. Tokens and server paths are removed. Every message also goes to the server log."""
+    the adapter-source refusals are worded for a visitor (adapter_source_message); configuration problems
+    are listed without developer wording; a base the Space cannot load is the operator's problem (logged
+    with the operator's instructions); anything else is reported without a traceback. Tokens and server
+    paths are removed. Every message also goes to the server log."""
     from sd35hub.errors import (
         ConfigError,
         LicenseNotAcceptedError,
@@ -109,7 +158,10 @@ def visitor_message(exc: BaseException, token: str | None = None, *, loading_bas
     )
     from sd35hub.redact import redact_text
 
-    if isinstance(exc, ConfigError):
+    worded = adapter_source_message(exc, base_labels)
+    if worded is not None:
+        text = worded
+    elif isinstance(exc, ConfigError):
         problems = [p[:1].upper() + p[1:] for p in exc.problems]
         text = problems[0] if len(problems) == 1 else "Please fix:\n" + "\n".join(f"- {p}" for p in problems)
     elif loading_base and isinstance(exc, LicenseNotAcceptedError | NotLoggedInError | RepoNotFoundError):
@@ -121,10 +173,7 @@ def visitor_message(exc: BaseException, token: str | None = None, *, loading_bas
     elif isinstance(exc, Sd35HubError):
         text = exc.message
     elif type(exc).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError (CUDA / MPS)
-        text = (
-            "Out of GPU memory for this image. Try a smaller size, fewer adapters or fewer steps, "
-            "then generate again."
-        )
+        text = OUT_OF_MEMORY
     else:
         log.exception("unexpected error in the Space", exc_info=exc)
         text = (
