@@ -236,17 +236,24 @@ def test_plan_leaves_open_settings_to_the_profile_and_keeps_the_users() -> None:
 
 
 def test_prepare_run_falls_back_from_drive_outside_colab_and_resumes_when_a_checkpoint_exists(
-    tmp_path,
+    tmp_path, capsys
 ) -> None:
     from sd35hub.frontends.colab import prepare_run
 
     plan = prepare_run(_plan(output_dir=str(tmp_path), checkpoint_dir="/content/drive/MyDrive/sd35hub/ckpt"))
     assert plan.config.train.checkpoint_dir is None and plan.config.train.resume is None
     assert plan.checkpoint_dir == tmp_path / "checkpoints"
+    assert capsys.readouterr().out.splitlines() == [
+        f"Google Drive is only available in Colab: checkpoints go to {tmp_path / 'checkpoints'}",
+        f"no checkpoint in {tmp_path / 'checkpoints'}: starting from step 0",
+    ]
     (tmp_path / "checkpoints" / "checkpoint-000012").mkdir(parents=True)
     (tmp_path / "checkpoints" / "checkpoint-000012" / "state.json").write_text('{"step": 12}')
     (tmp_path / "checkpoints" / ".tmp-checkpoint-000014-x").mkdir()  # a crash mid-write is no checkpoint
     assert prepare_run(plan).config.train.resume == "latest"
+    assert capsys.readouterr().out.splitlines() == [
+        f"found 1 checkpoint(s) in {tmp_path / 'checkpoints'}: resuming from checkpoint-000012"
+    ]
 
 
 def test_login_and_access_checks_against_the_local_hub(hub, monkeypatch) -> None:

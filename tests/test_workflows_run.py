@@ -14,22 +14,27 @@ def _plan(tmp_path: Path, checkpoint_dir: str | None) -> object:
     return resolve_plan(config)
 
 
-def test_checkpoints_stay_on_drive_when_it_mounts_and_the_run_resumes_from_the_last_complete_one(tmp_path: Path) -> None:
+def test_checkpoints_stay_on_the_mount_when_it_mounts_and_the_run_resumes_from_the_last_complete_one(
+    tmp_path: Path,
+) -> None:
     drive = tmp_path / "drive"
     wanted = str(drive / "MyDrive" / "ckpt")
     mounted: list[bool] = []
-    plan, lines = prepare_run(_plan(tmp_path, wanted), mount_drive=lambda: mounted.append(True) or drive,
-                              drive_root=str(drive))
+    start = prepare_run(_plan(tmp_path, wanted), mount=lambda: mounted.append(True) or drive, mount_root=str(drive))
+    plan = start.plan
     assert mounted == [True] and plan.config.train.checkpoint_dir == wanted and plan.config.train.resume is None
-    assert lines[0].startswith("checkpoints on Google Drive") and "step 0" in lines[-1]
+    assert (start.requested_dir, start.mounted, start.found, start.resume_from) == (wanted, True, 0, None)
     (Path(wanted) / "checkpoint-000007").mkdir(parents=True)
     (Path(wanted) / "checkpoint-000007" / "state.json").write_text('{"step": 7}')
-    plan, lines = prepare_run(plan, mount_drive=lambda: drive, drive_root=str(drive))
-    assert plan.config.train.resume == "latest" and plan.resolved.train.resume == "latest"
-    assert "resuming from checkpoint-000007" in lines[-1]
+    start = prepare_run(plan, mount=lambda: drive, mount_root=str(drive))
+    assert start.plan.config.train.resume == "latest" and start.plan.resolved.train.resume == "latest"
+    assert (start.found, start.resume_from) == (1, "checkpoint-000007")
 
 
-def test_without_drive_checkpoints_go_next_to_the_output(tmp_path: Path) -> None:
-    plan, lines = prepare_run(_plan(tmp_path, "/content/drive/MyDrive/x"))  # default: no Drive here
-    assert plan.config.train.checkpoint_dir is None and plan.checkpoint_dir == tmp_path / "out" / "checkpoints"
-    assert "only available in Colab" in lines[0]
+def test_an_unavailable_mount_puts_checkpoints_next_to_the_output_and_other_folders_stay(tmp_path: Path) -> None:
+    start = prepare_run(_plan(tmp_path, "/content/drive/MyDrive/x"), mount=lambda: None, mount_root="/content/drive")
+    assert start.plan.config.train.checkpoint_dir is None and start.plan.checkpoint_dir == tmp_path / "out" / "checkpoints"
+    assert (start.requested_dir, start.mounted) == ("/content/drive/MyDrive/x", False)
+    # The library names no front end's storage: without a mount_root a checkpoint_dir is used as given.
+    start = prepare_run(_plan(tmp_path, str(tmp_path / "ckpt")))
+    assert start.plan.checkpoint_dir == tmp_path / "ckpt" and (start.requested_dir, start.mounted) == (None, False)

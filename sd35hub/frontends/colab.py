@@ -29,8 +29,9 @@ from typing import Any
 from sd35hub.config import from_dict, merge, parse_overrides
 from sd35hub.errors import ConfigError, NotLoggedInError, Sd35HubError
 from sd35hub.workflows import run as run_plan
-from sd35hub.workflows.run import DRIVE_ROOT, RunPlan, resolve_plan
+from sd35hub.workflows.run import RunPlan, RunStart, resolve_plan
 
+DRIVE_ROOT = "/content/drive"  # where Colab mounts Google Drive
 RUNS_LOG = "notebook_runs.jsonl"  # in the checkpoint folder (on Drive it outlives the runtime)
 
 
@@ -247,12 +248,26 @@ def mount_drive(mountpoint: str = DRIVE_ROOT) -> Path | None:
 
 
 def prepare_run(plan: RunPlan) -> RunPlan:
-    """sd35hub.workflows.run.prepare_run with Colab's Drive: checkpoints on Drive when asked for and available,
-    ``resume="latest"`` when a checkpoint exists there already; prints what it decided."""
-    plan, lines = run_plan.prepare_run(plan, mount_drive=mount_drive, drive_root=DRIVE_ROOT)
-    for line in lines:
+    """sd35hub.workflows.run.prepare_run (which decides) with Colab's Drive as the mountable storage, and its
+    decision printed for the notebook's reader. Only Colab I/O here: the mount and the wording."""
+    start = run_plan.prepare_run(plan, mount=mount_drive, mount_root=DRIVE_ROOT)
+    for line in start_lines(start):
         print(line)
-    return plan
+    return start.plan
+
+
+def start_lines(start: RunStart) -> list[str]:
+    """prepare_run's decision in the notebook's words (Drive, resume)."""
+    lines = []
+    if start.requested_dir and not start.mounted:
+        lines.append(f"Google Drive is only available in Colab: checkpoints go to {start.plan.checkpoint_dir}")
+    elif start.requested_dir:
+        lines.append(f"checkpoints on Google Drive: {start.requested_dir} (they survive a disconnect)")
+    if start.resume_from:
+        lines.append(f"found {start.found} checkpoint(s) in {start.plan.checkpoint_dir}: resuming from {start.resume_from}")
+    else:
+        lines.append(f"no checkpoint in {start.plan.checkpoint_dir}: starting from step 0")
+    return lines
 
 
 @dataclass

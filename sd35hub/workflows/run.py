@@ -1,8 +1,9 @@
 """What a run will train, ready for any front end: the RunPlan (the config the trainer gets and the same config
 with the hardware profile applied, for showing) and prepare_run (where checkpoints go, and whether the run resumes).
 
-The notebook's cells call these through sd35hub.frontends.colab, which adds only what is Colab's own: mounting
-Google Drive and printing the lines returned here.
+prepare_run decides and returns the decision (RunStart); it prints nothing and names no front end's storage:
+a front end that can mount persistent storage passes its root and its mount function (the notebook: Google
+Drive at /content/drive, sd35hub.frontends.colab.prepare_run, which also words the decision for its reader).
 """
 
 from __future__ import annotations
@@ -14,8 +15,6 @@ from pathlib import Path
 from typing import Any
 
 from sd35hub.config import Config
-
-DRIVE_ROOT = "/content/drive"
 
 
 @dataclass
@@ -70,27 +69,33 @@ def resolve_plan(config: Config, profile: Any = None) -> RunPlan:
     return RunPlan(config=config, resolved=resolved, notes=notes)
 
 
+@dataclass(frozen=True)
+class RunStart:
+    """What prepare_run decided: the plan to train, and why (for a front end to tell its user)."""
+
+    plan: RunPlan  # checkpoint_dir and resume as decided
+    requested_dir: str | None  # the checkpoint_dir asked for when it lies under ``mount_root``, else None
+    mounted: bool  # that storage was mounted; False with a requested_dir: the checkpoints go next to the output
+    found: int  # complete checkpoints in plan.checkpoint_dir
+    resume_from: str | None  # the newest one's folder name: the run resumes from it (None: from step 0)
+
+
 def prepare_run(
-    plan: RunPlan, *, mount_drive: Callable[[], Path | None] = lambda: None, drive_root: str = DRIVE_ROOT
-) -> tuple[RunPlan, list[str]]:
-    """Checkpoints on Google Drive when asked for and ``mount_drive()`` gives it (None: not available, so
-    they go next to the output); ``resume="latest"`` when a complete checkpoint exists there already (a
-    re-run after a disconnect continues instead of starting over). Returns the plan and what to tell the user."""
+    plan: RunPlan, *, mount: Callable[[], Path | None] | None = None, mount_root: str | None = None
+) -> RunStart:
+    """Where checkpoints go and whether the run resumes. A checkpoint_dir under ``mount_root`` (persistent
+    storage a front end can mount) is kept when ``mount()`` returns the mounted root, and dropped when it
+    returns None (not available here: the checkpoints go next to the output); any other checkpoint_dir is
+    kept as it is. ``resume="latest"`` when a complete checkpoint exists there already (a re-run after a
+    disconnect continues instead of starting over), else ``resume=None``."""
     from sd35hub.train.checkpoint import list_checkpoints
 
-    lines: list[str] = []
     requested = plan.config.train.checkpoint_dir
-    if requested and requested.startswith(drive_root):
-        if mount_drive() is None:
-            lines.append(
-                f"Google Drive is only available in Colab: checkpoints go to {plan.output_dir / 'checkpoints'}"
-            )
-            plan = plan.replace(train={"checkpoint_dir": None})
-        else:
-            lines.append(f"checkpoints on Google Drive: {requested} (they survive a disconnect)")
+    on_mount = bool(requested and mount_root and requested.startswith(mount_root))
+    mounted = on_mount and mount is not None and mount() is not None
+    if on_mount and not mounted:
+        plan = plan.replace(train={"checkpoint_dir": None})
     found = list_checkpoints(plan.checkpoint_dir)
-    if found:
-        lines.append(f"found {len(found)} checkpoint(s) in {plan.checkpoint_dir}: resuming from {found[-1].name}")
-        return plan.replace(train={"resume": "latest"}), lines
-    lines.append(f"no checkpoint in {plan.checkpoint_dir}: starting from step 0")
-    return plan.replace(train={"resume": None}), lines
+    plan = plan.replace(train={"resume": "latest" if found else None})
+    return RunStart(plan=plan, requested_dir=requested if on_mount else None, mounted=mounted, found=len(found),
+                    resume_from=found[-1].name if found else None)  # fmt: skip
