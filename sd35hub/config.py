@@ -591,6 +591,15 @@ def from_dict(raw: dict[str, Any]) -> Config:
     return Config(**sections)
 
 
+def as_overrides(values: dict[str, Any]) -> list[str]:
+    """``{"lora.rank": 32, "data.trigger_word": "nrt style"}`` -> ``["lora.rank=32", 'data.trigger_word="nrt style"']``:
+    dotted overrides whose values keep their type through parse_overrides (JSON is YAML). Every front end that
+    turns its own fields into a config (CLI flags, the Space's training form, a sweep's trial) goes through here."""
+    import json
+
+    return [f"{key}={json.dumps(value)}" for key, value in values.items()]
+
+
 def parse_overrides(overrides: list[str]) -> dict[str, dict[str, Any]]:
     """``["train.learning_rate=5e-5", "lora.rank=32"]`` -> nested dict (values parsed as YAML)."""
     import yaml

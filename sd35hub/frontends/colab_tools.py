@@ -21,6 +21,7 @@ from urllib.parse import quote
 from sd35hub.blend.grids import GUIDANCE_SWEEP
 from sd35hub.blend.request import AdapterRef, GenerationRequest
 from sd35hub.config import Config
+from sd35hub.errors import Sd35HubError
 
 # The Space that blends published adapters. It reads `?adapter=owner/repo[:weight]` (repeatable) and
 # preselects those adapters: https://huggingface.co/spaces/sd35hub/lora-blend?adapter=me/my-lora:0.8
@@ -134,26 +135,11 @@ def blend_grid(
 def clip_score(
     images: Sequence[Any], prompts: Sequence[str], model_id: str, *, device: str | None = None
 ) -> float:
-    """Mean CLIP score, 100 * max(cos(image_embeds, text_embeds), 0) (the torchmetrics definition), of each
-    image with its prompt; ``model_id`` is a CLIPModel on the Hub or a local folder with its processor."""
-    import torch
-    from transformers import CLIPModel, CLIPProcessor
+    """Mean CLIP score (0-100) of each image with its prompt: sd35hub.models.fidelity.clip_score, the CLIP
+    embeddings `sd35hub eval` and the trainer use; ``model_id`` is a CLIPModel on the Hub or a local folder."""
+    from sd35hub.models.fidelity import clip_score as score
 
-    if len(images) != len(prompts) or not images:
-        raise ValueError(
-            f"clip_score needs one prompt per image, got {len(images)} images and {len(prompts)} prompts"
-        )
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = CLIPModel.from_pretrained(model_id).to(device).eval()
-    processor = CLIPProcessor.from_pretrained(model_id)
-    inputs = processor(text=list(prompts), images=[i.convert("RGB") for i in images], return_tensors="pt",
-                       padding=True, truncation=True).to(device)  # fmt: skip
-    with torch.no_grad():
-        out = model(**inputs)
-    image_embeds = torch.nn.functional.normalize(out.image_embeds, dim=-1)  # [n, projection_dim]
-    text_embeds = torch.nn.functional.normalize(out.text_embeds, dim=-1)  # [n, projection_dim]
-    cosine = (image_embeds * text_embeds).sum(-1)
-    return float((100 * cosine.clamp(min=0)).mean())
+    return score(list(images), list(prompts), model_id, device=device)
 
 
 @dataclass
@@ -198,7 +184,7 @@ def evaluate(output_dir: str | Path, clip_model: str | None) -> Evaluation:
                     images.append(image.convert("RGB"))
             score = clip_score(images, [prompt for _, prompt in pairs], clip_model)
             message = f"CLIP score {score:.2f} over {len(pairs)} validation image(s) with {clip_model}"
-        except OSError as exc:  # transformers' answer to: not on the Hub, offline, not a CLIP checkpoint
+        except (OSError, Sd35HubError) as exc:  # not on the Hub, offline, not a CLIP checkpoint (typed by fidelity)
             message = (
                 f"CLIP score skipped: {clip_model} could not be loaded ({str(exc).splitlines()[0][:160]})"
             )

@@ -104,21 +104,51 @@ def _from_pretrained(loader: Any, source: str, what: str, token: str | bool | No
                                  "of a transformers model or a local folder.") from exc
 
 
+def _dtype(device: Any) -> Any:
+    import torch
+
+    return torch.float16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def load_clip(clip_model: str = DEFAULT_CLIP_MODEL, *, device: Any = "cpu", token: str | bool | None = None) -> Any:
+    """(CLIPModel in eval mode on ``device``, its processor) by Hub id or local folder (fp32 on CPU; fp16 on CUDA)."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    clip = _from_pretrained(CLIPModel, clip_model, "CLIP model (eval.clip_model)", token, dtype=_dtype(device))
+    processor = _from_pretrained(CLIPProcessor, clip_model, "CLIP processor (eval.clip_model)", token)
+    return clip.to(device).eval(), processor
+
+
 def load_encoders(clip_model: str = DEFAULT_CLIP_MODEL, dino_model: str = DEFAULT_DINO_MODEL, *,
                   device: Any = "cpu", token: str | bool | None = None) -> Encoders:
     """Load both encoders (fp32 on CPU; fp16 on CUDA) by Hub id or local folder."""
-    import torch
-    from transformers import AutoImageProcessor, CLIPModel, CLIPProcessor, ViTModel
+    from transformers import AutoImageProcessor, ViTModel
 
-    dtype = torch.float16 if torch.device(device).type == "cuda" else torch.float32
-    clip = _from_pretrained(CLIPModel, clip_model, "CLIP model (eval.clip_model)", token, dtype=dtype)
-    clip_processor = _from_pretrained(CLIPProcessor, clip_model, "CLIP processor (eval.clip_model)", token)
-    dino = _from_pretrained(ViTModel, dino_model, "DINO model (eval.dino_model)", token, dtype=dtype,
+    clip, clip_processor = load_clip(clip_model, device=device, token=token)
+    dino = _from_pretrained(ViTModel, dino_model, "DINO model (eval.dino_model)", token, dtype=_dtype(device),
                             add_pooling_layer=False)
     dino_processor = _from_pretrained(AutoImageProcessor, dino_model, "DINO image processor (eval.dino_model)", token)
-    return Encoders(clip_model=clip_model, dino_model=dino_model, clip=clip.to(device).eval(),
-                    clip_processor=clip_processor, dino=dino.to(device).eval(), dino_processor=dino_processor,
-                    device=device)
+    return Encoders(clip_model=clip_model, dino_model=dino_model, clip=clip, clip_processor=clip_processor,
+                    dino=dino.to(device).eval(), dino_processor=dino_processor, device=device)
+
+
+def clip_score(images: list[Image.Image], prompts: list[str], clip_model: str = DEFAULT_CLIP_MODEL, *,
+               device: Any = None, token: str | bool | None = None) -> float:
+    """Mean CLIP score, 100 * max(cos(image, text), 0) (the torchmetrics definition), of image i with prompt i:
+    the CLIP-T embeddings above on a 0-100 scale (the notebook's evaluation cell). Loading failures are typed
+    errors (ModelLoadError, the Hub's errors)."""
+    import torch
+
+    if len(images) != len(prompts) or not images:
+        raise ValueError(
+            f"clip_score needs one prompt per image, got {len(images)} images and {len(prompts)} prompts"
+        )
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    clip, processor = load_clip(clip_model, device=device, token=token)
+    encoders = Encoders(clip_model=clip_model, dino_model="", clip=clip, clip_processor=processor, dino=None,
+                        dino_processor=None, device=device)
+    cosine = (encoders.clip_images(list(images)) * encoders.clip_texts(list(prompts))).sum(-1)
+    return float((100 * cosine.clamp(min=0)).mean())
 
 
 @dataclass

@@ -79,7 +79,9 @@ def parse_param(text: str) -> Param:
 
 
 def overrides_for(values: dict[str, Any]) -> list[str]:
-    return [f"{key}={json.dumps(value)}" for key, value in values.items()]
+    from sd35hub.config import as_overrides
+
+    return as_overrides(values)
 
 
 @dataclass
@@ -299,11 +301,11 @@ def write_best_config(path: Path, config: str | Path | None, overrides: list[str
     """The user's config (only what they set) with the sweep's overrides and the best values."""
     import yaml
 
-    from sd35hub.config import load_config
+    from sd35hub.config import as_overrides, load_config
     from sd35hub.workflows.jobs import _raw_config
 
     raw = _raw_config(config, [*overrides, *overrides_for(values)])
-    load_config(None, [f"{s}.{k}={json.dumps(v)}" for s, section in raw.items() for k, v in section.items()])  # valid
+    load_config(None, as_overrides({f"{s}.{k}": v for s, section in raw.items() for k, v in section.items()}))  # valid
     path.write_text("# the best trial of `sd35hub sweep` (held-out loss); train it: sd35hub train --config "
                     f"{path.name}\n" + yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
     return path

@@ -21,8 +21,9 @@ FLAG_KEYS = {
 
 def build_overrides(flags: dict[str, object], overrides: list[str]) -> list[str]:
     """Flags become dotted overrides placed before the positional ones (which therefore win)."""
-    out = [f"{FLAG_KEYS[name]}={json.dumps(value)}" for name, value in flags.items() if value is not None]
-    return out + list(overrides)
+    from sd35hub.config import as_overrides
+
+    return as_overrides({FLAG_KEYS[name]: value for name, value in flags.items() if value is not None}) + list(overrides)
 
 
 def register(app: typer.Typer) -> None:

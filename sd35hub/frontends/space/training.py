@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from sd35hub.config import as_overrides
 from sd35hub.errors import ConfigError
 
 # Starting points by use case (docs: PRODUCT presets): rank, epochs, learning rate.
@@ -61,7 +62,7 @@ def overrides(request: TrainingRequest) -> list[str]:
         values["data.trigger_word"] = request.trigger_word.strip()
     if request.steps:
         values["train.max_steps"] = int(request.steps)
-    return [f"{key}={json.dumps(value)}" for key, value in values.items()] + extra
+    return as_overrides(values) + extra
 
 
 def plan(request: TrainingRequest, token: str | None) -> Any:
