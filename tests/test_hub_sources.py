@@ -71,6 +71,10 @@ def test_library_messages_say_the_fix_without_front_end_words_and_the_space_word
     assert adapter_source_message(large) == ("bob/x is 3.0 MB, over this Space's limit of 1.0 MB for one adapter: it is "
                                              "probably a full model, not a LoRA. Pick another adapter.")
     assert adapter_source_message(AdapterError("other")) is None  # shown as the library wrote it
+    from sd35hub.frontends.cli import format_error
+
+    for error in (refusals[0], mismatch, large):  # the CLI shows the library's message, exit 9
+        assert format_error(error) == (f"Error: {error.message}", 9)
 
 
 def test_check_hub_adapter_refuses_with_typed_errors_before_any_download(hub) -> None:  # noqa: ANN001
