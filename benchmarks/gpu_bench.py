@@ -23,7 +23,9 @@ starts later than that many seconds after the start minus ``--min-left-s``; each
   fused-nocast, graph (whole step = one CUDA graph, blocks compiled without their own graphs), graph-nocast,
   graph-fused-nocast, h100-eff (efficient SDPA), cdt (inductor coordinate-descent tuning), ma (max-autotune
   GEMM templates + CUDA graphs), cdt-nocast, bf16lora (LoRA weights in bf16: no master casts; not exact on a
-  GPU), fp8-nocast, fp8-graph-nocast
+  GPU), fp8-nocast, fp8-graph-nocast,
+  qkv (each attention's q/k/v and add_q/k/v as one base product + one LoRA down-projection, each layer's own
+  LoRA: train/fused_qkv.py), qkv-nocast, graph-qkv-nocast
 """
 
 from __future__ import annotations
@@ -72,11 +74,15 @@ VARIANTS.update({
     "cdt-nocast": replace(_H, name="ours + cdt + no cast", inductor=_CDT, lora_input_cast=False),
     "ma": replace(_H, name="ours compile max-autotune (+graphs)", compile_mode="max-autotune"),
     "bf16lora": replace(_H, name="ours, bf16 LoRA weights", fp32_lora=False),
+    "qkv": replace(_H, name="ours + fused q/k/v products", fused_qkv=True),
+    "qkv-nocast": replace(_H, name="ours + fused q/k/v + no cast", fused_qkv=True, lora_input_cast=False),
+    "graph-qkv-nocast": replace(_H, name="ours, 1 graph + fused q/k/v + no cast", graph_step=True, fused_qkv=True,
+                                lora_input_cast=False),
     "fp8-nocast": replace(_H, name="ours FP8 base + no cast", float8=True, lora_input_cast=False),
     "fp8-graph-nocast": replace(_H, name="ours FP8 + 1 graph + no cast", float8=True, graph_step=True,
                                 lora_input_cast=False),
 })
-SMOKE_VARIANTS = "ref,h100,nocast,fused,fused-nocast,graph,graph-fused-nocast,h100-eff,cdt,bf16lora"
+SMOKE_VARIANTS = "ref,h100,nocast,fused,fused-nocast,graph,graph-fused-nocast,h100-eff,cdt,bf16lora,qkv-nocast,graph-qkv-nocast"
 
 
 class VariantTimeout(Exception):

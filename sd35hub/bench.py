@@ -52,6 +52,7 @@ class StepVariant:
     lora_input_cast: bool = True  # False: peft does not copy a LoRA layer's input to fp32 (autocast casts it back)
     graph_step: bool = False  # the whole step as one CUDA graph (sd35hub.train.graphed); blocks compiled graph-less
     inductor: tuple[tuple[str, Any], ...] = ()  # extra torch._inductor options for the compiled blocks
+    fused_qkv: bool = False  # q/k/v (and add_q/k/v) of each attention as one product, own LoRAs (train.fused_qkv)
 
 
 REFERENCE_STEPS = {
@@ -299,14 +300,20 @@ def prepare(transformer: Any, variant: StepVariant, rank: int) -> tuple[Any, Cal
 
 def _apply_lora_levers(transformer: Any, variant: StepVariant) -> Callable[..., None] | None:
     """The LoRA-layer levers of ``variant``; returns the fused layers' refresh hook (None when not fused)."""
-    from sd35hub.train import fused_lora
+    from sd35hub.train import fused_lora, fused_qkv
 
-    if variant.reference and (variant.fused_lora or not variant.lora_input_cast):
+    if variant.reference and (variant.fused_lora or variant.fused_qkv or not variant.lora_input_cast):
         from sd35hub.errors import ConfigError
 
-        raise ConfigError("fused_lora / lora_input_cast are levers of our step, not of the reference step")
+        raise ConfigError("fused_lora / fused_qkv / lora_input_cast are levers of our step, not of the reference step")
+    if variant.fused_lora and variant.fused_qkv:
+        from sd35hub.errors import ConfigError
+
+        raise ConfigError("fused_lora and fused_qkv both rewrite the q/k/v layers' products; choose one")
     if not variant.lora_input_cast:
         fused_lora.skip_lora_input_cast(transformer)
+    if variant.fused_qkv:
+        fused_qkv.fuse_qkv(transformer)
     return fused_lora.fuse_lora_down(transformer) if variant.fused_lora else None
 
 

@@ -28,7 +28,8 @@ def plain_losses() -> list[float]:
 @pytest.mark.slow
 @pytest.mark.parametrize("lever", [
     dict(fused_lora=True), dict(lora_input_cast=False), dict(graph_step=True),
-    dict(fused_lora=True, lora_input_cast=False, graph_step=True),
+    dict(fused_lora=True, lora_input_cast=False, graph_step=True), dict(fused_qkv=True, lora_input_cast=False),
+    dict(fused_qkv=True, lora_input_cast=False, graph_step=True),
 ])  # fmt: skip
 def test_each_lever_keeps_the_plain_steps_loss_trajectory(lever: dict, plain_losses: list[float]) -> None:
     losses = _trajectory(replace(PLAIN, name=str(lever), **lever))
@@ -177,3 +178,110 @@ def test_gpu_bench_script_writes_json_and_markdown_and_skips_past_its_deadline(t
     late = subprocess.run([sys.executable, str(root / "benchmarks" / "gpu_bench.py"), "--smoke", "--out", str(tmp_path / "late"),
                            "--plan", "tiny=ref", "--deadline-s", "0"], capture_output=True, text=True, cwd=root, timeout=300)
     assert late.returncode == 0 and json.loads((tmp_path / "late" / "bench.json").read_text())["skipped"][0]["variant"] == "ref"
+
+
+def _large_like_tiny():  # noqa: ANN202
+    """The tiny model's sizes with Large's block layout: no dual-attention blocks (no attn2), qk-norm."""
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(0)
+    transformer = SD3Transformer2DModel(**{**B.transformer_config("tiny"), "dual_attention_layers": ()})
+    transformer.requires_grad_(False)
+    B.prepare(transformer, PLAIN, rank=4)
+    torch.manual_seed(3)
+    for p in (p for p in transformer.parameters() if p.requires_grad):
+        torch.nn.init.normal_(p, std=0.05)
+    return transformer
+
+
+@pytest.mark.parametrize("layout", ["medium", "large"])
+def test_fused_qkv_gives_the_plain_loss_and_lora_gradients_and_unfuses_back(layout: str) -> None:
+    from peft import get_peft_model_state_dict
+
+    from sd35hub.train import fused_qkv
+
+    transformer = _tiny_lora() if layout == "medium" else _large_like_tiny()
+    inputs = B.make_inputs(B.transformer_config("tiny"), 64, 2, "cpu", torch.float32)
+    loss, grads = _loss_and_grads(transformer, inputs)
+    adapter = {k: v.clone() for k, v in get_peft_model_state_dict(transformer).items()}
+    state_keys = set(transformer.state_dict())
+    layers = len(transformer.transformer_blocks)
+    dual = sum(b.attn2 is not None for b in transformer.transformer_blocks)
+    assert dual == (2 if layout == "medium" else 0)
+    # every block: the image group and the context group (the last block keeps add_q/k/v), + attn2's image group
+    assert fused_qkv.fuse_qkv(transformer) == 2 * layers + dual
+    attn = transformer.transformer_blocks[0].attn
+    assert attn.to_k.base_layer.weight.data_ptr() == attn._sd35hub_sample_w[attn.to_q.out_features:].data_ptr()
+    fused_loss, fused_grads = _loss_and_grads(transformer, inputs)
+    assert fused_grads.keys() == grads.keys() and sum("lora_A" in n for n in grads) == sum("lora_B" in n for n in grads)
+    assert any(".attn.to_v.lora_A" in n for n in grads) and any(".attn.add_k_proj.lora_B" in n for n in grads)
+    torch.testing.assert_close(fused_loss, loss, rtol=1e-6, atol=0)
+    worst = max(((fused_grads[n] - g).abs().max() / g.abs().max().clamp_min(1e-30)).item() for n, g in grads.items())
+    for name in grads:
+        torch.testing.assert_close(fused_grads[name], grads[name], rtol=1e-5, atol=1e-7)
+    print(f"{layout}: loss {loss.item():.8f} fused {fused_loss.item():.8f}; worst gradient difference / max {worst:.1e}")
+    # the trained tensors are peft's own: the saved adapter and the model's state dict keys are unchanged
+    assert set(transformer.state_dict()) == state_keys
+    saved = get_peft_model_state_dict(transformer)
+    assert saved.keys() == adapter.keys() and all(torch.equal(saved[k], adapter[k]) for k in adapter)
+    assert fused_qkv.unfuse_qkv(transformer) == 2 * layers + dual
+    assert type(attn.processor).__name__ == "JointAttnProcessor2_0" and not hasattr(attn, "_sd35hub_sample_w")
+    torch.testing.assert_close(_loss_and_grads(transformer, inputs)[0], loss, rtol=0, atol=0)
+
+
+def test_fused_qkv_under_bf16_autocast_and_with_disabled_adapters() -> None:
+    """The GPU configuration (bf16 base, fp32 LoRA masters, bf16 autocast) on the CPU's autocast; and the
+    processor falls back to the layers' own forwards when the adapters are off (``disable_adapters``)."""
+    from sd35hub.train import fused_qkv
+
+    transformer = _tiny_lora(torch.bfloat16)
+    inputs = B.make_inputs(B.transformer_config("tiny"), 64, 2, "cpu", torch.bfloat16)
+    loss, grads = _loss_and_grads(transformer, inputs, autocast=True)
+    transformer.disable_adapters()  # diffusers' PeftAdapterMixin: every LoRA layer off
+    with torch.no_grad():
+        base_loss = B._loss(transformer, inputs)
+    transformer.enable_adapters()
+    fused_qkv.fuse_qkv(transformer)
+    fused_loss, fused_grads = _loss_and_grads(transformer, inputs, autocast=True)
+    torch.testing.assert_close(fused_loss, loss, rtol=2e-2, atol=0)  # bf16 products summed in another order
+    for name, g in grads.items():
+        assert fused_grads[name].dtype == g.dtype == torch.float32  # masters keep fp32 gradients
+        if not g.any():
+            assert not fused_grads[name].any(), name
+            continue
+        assert torch.nn.functional.cosine_similarity(fused_grads[name].flatten(), g.flatten(), dim=0) > 0.99, name
+    transformer.disable_adapters()
+    with torch.no_grad():
+        assert B._loss(transformer, inputs).item() == base_loss.item()  # the layers' own (base-only) forwards
+
+
+def test_fused_qkv_leaves_groups_with_dropout_or_fp8_layers_alone() -> None:
+    from peft import LoraConfig
+
+    from sd35hub.train import fused_qkv
+
+    transformer = B.build_transformer("tiny", PLAIN, "cpu", torch.float32)
+    transformer.add_adapter(LoraConfig(r=2, lora_alpha=2, lora_dropout=0.1, target_modules=["attn.to_q", "attn.to_k",
+                                                                                        "attn.to_v"]))
+    # the image groups have dropout (not fused); the context groups and attn2 are plain Linear (fused, base only)
+    assert fused_qkv.fuse_qkv(transformer) == 3 + 2
+    assert all(set(getattr(b.attn, "_sd35hub_qkv")) == {"context"} for b in transformer.transformer_blocks)
+
+
+@pytest.mark.slow
+def test_fused_qkv_traces_into_one_graph_per_block(monkeypatch) -> None:
+    """torch.compile (dynamo + AOT autograd) takes the fused processor without a graph break, eager's gradients."""
+    from sd35hub.train import fused_qkv
+
+    transformer = _tiny_lora()
+    inputs = B.make_inputs(B.transformer_config("tiny"), 64, 2, "cpu", torch.float32)
+    loss, grads = _loss_and_grads(transformer, inputs)
+    fused_qkv.fuse_qkv(transformer)
+    monkeypatch.setattr(speed, "COMPILE_BACKEND", "aot_eager")
+    speed.reset_compiler()
+    speed.compile_blocks(transformer, mode=None, fullgraph=True)
+    compiled_loss, compiled_grads = _loss_and_grads(transformer, inputs)
+    torch.testing.assert_close(compiled_loss, loss, rtol=1e-5, atol=0)
+    for name in grads:
+        torch.testing.assert_close(compiled_grads[name], grads[name], rtol=1e-4, atol=1e-6)
+    speed.reset_compiler()
