@@ -288,6 +288,9 @@ class TrainSpec:
     # static: one graph per block input shape (bucket area x batch size; one compile each); dynamic: a few
     # graphs for every shape; auto: static up to 6 shapes
     compile_shapes: str = "auto"
+    # q/k/v (and add_q/k/v) of each attention as one base product + one LoRA down-projection, each layer's own
+    # LoRA (sd35hub.train.fused_qkv; issue #19 lever, GPU gain not measured yet)
+    fused_qkv: bool = False
     profile: str = "auto"  # hardware profile: auto | cpu | t4 | l4 | a100-40 | a100-80 | h100 | h200
     ema_decay: float | None = None  # EMA of the LoRA weights (e.g. 0.999); None = off
     # rectified flow: noisy = (1 - sigma) * x0 + sigma * noise, target = noise - x0
@@ -442,6 +445,7 @@ class Config:
             out.append(f"lora.init={self.lora.init} rewrites the frozen base weights, which model.quantize / "
                        "model.float8 keep in a packed form; use lora.init=gaussian or model.quantize=none")
         out += _text_encoder_problems(self)
+        out += _fused_qkv_problems(self)
         return out
 
     def validate(self) -> Config:
@@ -456,6 +460,24 @@ class Config:
 
     def replace(self, **sections: Any) -> Config:
         return dataclasses.replace(self, **sections)
+
+
+def _fused_qkv_problems(cfg: Config) -> list[str]:
+    """train.fused_qkv fuses vanilla LoRA layers on plain bf16/fp32 base layers only (sd35hub.train.fused_qkv)."""
+    if not cfg.train.fused_qkv:
+        return []
+    out: list[str] = []
+    if cfg.lora.dropout:
+        out.append(f"train.fused_qkv computes the q/k/v LoRA branches together, without dropout; set lora.dropout=0 "
+                   f"(now {cfg.lora.dropout}) or train.fused_qkv=false")
+    if cfg.lora.variant != "lora":
+        out.append(f"train.fused_qkv fuses plain LoRA layers; lora.variant={cfg.lora.variant} keeps its own layers: "
+                   "set lora.variant=lora or train.fused_qkv=false")
+    if cfg.model.float8 or cfg.model.quantize in ("nf4", "int8"):
+        what = "model.float8" if cfg.model.float8 else f"model.quantize={cfg.model.quantize}"
+        out.append(f"train.fused_qkv stacks the frozen q/k/v weights, which {what} replaces with its own layers; "
+                   "drop one of the two")
+    return out
 
 
 def _text_encoder_problems(cfg: Config) -> list[str]:

@@ -285,3 +285,44 @@ def test_fused_qkv_traces_into_one_graph_per_block(monkeypatch) -> None:
     for name in grads:
         torch.testing.assert_close(compiled_grads[name], grads[name], rtol=1e-4, atol=1e-6)
     speed.reset_compiler()
+
+
+def test_fused_qkv_option_is_refused_where_it_cannot_fuse() -> None:
+    from sd35hub.config import load_config
+    from sd35hub.errors import ConfigError
+
+    assert load_config(None, ["train.fused_qkv=true"]).train.fused_qkv is True
+    assert load_config(None, []).train.fused_qkv is False
+    for extra, says in (("lora.dropout=0.1", "lora.dropout=0"), ("lora.variant=dora", "lora.variant=lora"),
+                        ("model.float8=true", "model.float8"), ("model.quantize=nf4", "model.quantize=nf4")):
+        with pytest.raises(ConfigError, match=says):
+            load_config(None, ["train.fused_qkv=true", extra])
+
+
+@pytest.mark.slow
+def test_trainer_with_fused_qkv_logs_the_plain_losses_and_saves_the_same_adapter(tmp_path_factory) -> None:
+    """`sd35hub train` with train.fused_qkv: the same losses step by step and an adapter with the same keys and
+    (to float rounding) the same tensors as the unfused run; the file loads like any adapter."""
+    import json
+
+    from safetensors.torch import load_file
+    from test_train_recipe import tiny_config
+
+    from sd35hub.train import recipe
+
+    cache = tmp_path_factory.getbasetemp() / "qkv-cache"
+    runs = {}
+    for fused in (False, True):
+        out = tmp_path_factory.mktemp("qkv-run")
+        logs: list[str] = []
+        recipe.train(tiny_config(out, cache, max_steps=4, fused_qkv=fused), log=logs.append, progress=False)
+        lines = [json.loads(x) for x in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
+        runs[fused] = ([r["loss"] for r in lines if "loss" in r], load_file(out / "adapter" / "pytorch_lora_weights.safetensors"),
+                       logs)
+    (plain_losses, plain, _), (losses, adapter, logs) = runs[False], runs[True]
+    assert any("fused q/k/v products: 8 projection groups" in line for line in logs)  # 3 blocks x 2 + 2 attn2
+    assert len(losses) == len(plain_losses) == 4
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(plain_losses), rtol=1e-5, atol=0)
+    assert adapter.keys() == plain.keys() and any("attn.to_q.lora_A" in k for k in adapter)
+    for key in plain:
+        torch.testing.assert_close(adapter[key], plain[key], rtol=1e-4, atol=1e-6)

@@ -123,9 +123,14 @@ class Trainer:
         check_fresh_folder(self.output_dir, self.checkpoint_dir, train.resume)
 
         trackers = [r for r in train.report_to if r in ("tensorboard", "wandb")]
+        handlers = []
+        if train.fused_qkv:  # its stacked frozen weights are buffers: DDP must not broadcast them every forward
+            from accelerate.utils import DistributedDataParallelKwargs
+
+            handlers.append(DistributedDataParallelKwargs(broadcast_buffers=False))
         self.acc = acc = Accelerator(
             cpu=launched_without_cuda(), mixed_precision=train.mixed_precision, gradient_accumulation_steps=train.gradient_accumulation,
-            log_with=trackers or None,
+            log_with=trackers or None, kwargs_handlers=handlers,
             project_config=ProjectConfiguration(project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs")),
         )  # fmt: skip
         self.main = acc.is_main_process
@@ -204,6 +209,12 @@ class Trainer:
             layers = float8_base(transformer, emulate=self.device.type != "cuda")  # CPU: tests only (refused above)
             if self.main:
                 self.log(f"FP8 matmuls on {layers} frozen base layers (torchao float8)")
+        if train.fused_qkv:  # after LoRA, on the device (the base weights become views of stacked ones)
+            from sd35hub.train.fused_qkv import fuse_qkv
+
+            groups = fuse_qkv(transformer)
+            if self.main:
+                self.log(f"fused q/k/v products: {groups} projection groups (train.fused_qkv)")
         return transformer
 
     def _setup_batches(self, transformer: Any) -> None:
