@@ -265,7 +265,7 @@ def test_fused_qkv_leaves_groups_with_dropout_or_fp8_layers_alone() -> None:
                                                                                         "attn.to_v"]))
     # the image groups have dropout (not fused); the context groups and attn2 are plain Linear (fused, base only)
     assert fused_qkv.fuse_qkv(transformer) == 3 + 2
-    assert all(set(getattr(b.attn, "_sd35hub_qkv")) == {"context"} for b in transformer.transformer_blocks)
+    assert all(set(b.attn._sd35hub_qkv) == {"context"} for b in transformer.transformer_blocks)
 
 
 @pytest.mark.slow
