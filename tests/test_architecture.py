@@ -21,7 +21,8 @@ ARCHITECTURE = ROOT / "docs" / "architecture.md"
 # Lowest first. A module belongs to the first entry whose prefix matches its dotted name (longest prefix wins).
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("core", ("sd35hub.errors", "sd35hub.redact", "sd35hub.diskspace", "sd35hub.paths", "sd35hub.pngmeta",
-              "sd35hub.config_checks", "sd35hub.config", "sd35hub.hardware", "sd35hub.hubhttp", "sd35hub.access")),
+              "sd35hub.config_checks", "sd35hub.config", "sd35hub.hardware", "sd35hub.hubhttp", "sd35hub.access",
+              "sd35hub.run_summary")),
     ("models", ("sd35hub.models",)),
     ("data", ("sd35hub.data",)),
     ("adapters", ("sd35hub.adapters",)),

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
+
+from sd35hub.run_summary import LoraSummary, RunSummary, ValidationImage
 
 BASE_MODEL = "stabilityai/stable-diffusion-3.5-medium"
 
@@ -35,39 +36,40 @@ def make_training_output(root: Path, **summary_overrides: Any) -> Path:
         "train:\n  lr: 0.0001\n  output_dir: C:\\Users\\alice\\out\n",
         encoding="utf-8",
     )
-    summary: dict[str, Any] = {
-        "base_model": BASE_MODEL,
-        "variant": "sd3.5-medium",
-        "adapter_file": "adapter/pytorch_lora_weights.safetensors",
-        "trigger_word": "sks style",
-        "dataset": "lambdalabs/naruto-blip-captions",
-        "steps": 500,
-        "epochs": 10,
-        "samples_seen": 2000,
-        "final_loss": 0.1234,
-        "validation_loss": 0.2,
-        "initial_validation_loss": 0.31,
-        "resolution_buckets": [[1024, 1024], [1216, 832]],
-        "skipped": {"corrupt image": 2, "empty caption": 1},
-        "validation_images": [
-            {"path": "samples/val_0.png", "prompt": "sks style, a red fox"},
-            {"path": "samples/val_1.png", "prompt": "sks style, a blue | lake"},
+    summary = RunSummary(
+        base_model=BASE_MODEL,
+        variant="sd3.5-medium",
+        adapter_file="adapter/pytorch_lora_weights.safetensors",
+        trigger_word="sks style",
+        dataset="lambdalabs/naruto-blip-captions",
+        steps=500,
+        epochs=10.0,
+        samples_seen=2000,
+        final_loss=0.1234,
+        validation_loss=0.2,
+        initial_validation_loss=0.31,
+        resolution_buckets=[(1024, 1024), (1216, 832)],
+        skipped={"corrupt image": 2, "empty caption": 1},
+        validation_images=[
+            ValidationImage(path="samples/val_0.png", prompt="sks style, a red fox"),
+            ValidationImage(path="samples/val_1.png", prompt="sks style, a blue | lake"),
         ],
-        "loss_plot": "loss.png",
-        "precision": "bf16",
-        "quantization": None,
-        "seed": 42,
-        "lora": {"rank": 16, "alpha": 16, "targets": ["to_q", "to_k", "to_v", "to_out.0"], "dropout": 0.0},
-        "learning_rate": 1e-4,
-        "optimizer": "adamw",
-        "batch_size": 1,
-        "gradient_accumulation": 4,
-        "duration_s": 900.0,
-        "peak_memory_gib": 12.5,
-        "sd35hub_version": "0.1.0",
-    }
-    summary.update(summary_overrides)
-    (root / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+        loss_plot="loss.png",
+        precision="bf16",
+        quantization=None,
+        seed=42,
+        lora=LoraSummary(rank=16, alpha=16.0, targets=["to_q", "to_k", "to_v", "to_out.0"], dropout=0.0),
+        learning_rate=1e-4,
+        optimizer="adamw",
+        batch_size=1,
+        gradient_accumulation=4,
+        duration_s=900.0,
+        peak_memory_gib=12.5,
+        sd35hub_version="0.1.0",
+    )
+    if summary_overrides:  # JSON values, checked like any summary.json
+        summary = RunSummary.from_dict({**summary.to_dict(), **summary_overrides})
+    summary.write(root)
     for junk in ("checkpoints/step-100/optimizer.safetensors", "checkpoint-200/adapter.safetensors",
                  "cache/latents/abc.safetensors", "logs/events.out.tfevents.1", "logs/train.log"):
         path = root / junk

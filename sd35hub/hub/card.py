@@ -8,6 +8,7 @@ will be: ``images/...`` in a published repo, ``samples/...`` next to a local REA
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from sd35hub.adapters.files import ADAPTER_FILENAME
 from sd35hub.errors import ConfigError
+from sd35hub.run_summary import ADAPTER_FILE, RunSummary, ValidationImage
 
 if TYPE_CHECKING:  # pragma: no cover
     from huggingface_hub import ModelCard
@@ -103,18 +105,13 @@ def repo_image_path(local_path: str) -> str:
 
 
 @dataclass(frozen=True)
-class ValidationImage:
-    path: str  # relative to the output folder, e.g. samples/step_100_0.png
-    prompt: str
-
-
-@dataclass(frozen=True)
 class CardInfo:
-    """Everything the card says; built from summary.json by ``from_output_dir`` or by hand."""
+    """Everything the card says: the card's view of a RunSummary (sd35hub.run_summary, the summary.json
+    schema), built by ``from_output_dir`` / ``from_summary`` or by hand. Sections are plain JSON here."""
 
     base_model: str
     variant: str | None = None  # "sd3.5-medium" | "sd3.5-large" | "sd3.5-large-turbo" | "tiny"
-    adapter_file: str = f"adapter/{ADAPTER_FILE_IN_REPO}"  # relative to the output folder
+    adapter_file: str = ADAPTER_FILE  # relative to the output folder
     trigger_word: str | None = None
     dataset: str | None = None
     steps: int | None = None
@@ -151,53 +148,40 @@ class CardInfo:
         return self.variant or variant_from_base(self.base_model)
 
     @classmethod
-    def from_summary(cls, summary: dict[str, Any]) -> CardInfo:
-        """Tolerant of missing optional keys; unknown keys are ignored."""
-        if not summary.get("base_model"):
-            raise ConfigError("summary.json has no 'base_model': was it written by `sd35hub train`?")
-        images = [
-            ValidationImage(path=str(item["path"]), prompt=str(item.get("prompt") or ""))
-            for item in summary.get("validation_images") or []
-            if isinstance(item, dict) and item.get("path")
-        ]
+    def from_summary(cls, summary: RunSummary | dict[str, Any]) -> CardInfo:
+        """The card's view of a run's summary (a parsed summary.json is checked by RunSummary.from_dict first)."""
+        if not isinstance(summary, RunSummary):
+            summary = RunSummary.from_dict(summary)
+        sections = {name: (None if getattr(summary, name) is None else getattr(summary, name).to_dict())
+                    for name in ("prior_preservation", "fidelity", "embeddings")}
         known = set(cls.__dataclass_fields__)
-        values = {k: v for k, v in summary.items() if k in known and v is not None}
-        values["validation_images"] = images
-        values["resolution_buckets"] = [tuple(int(x) for x in wh) for wh in summary.get("resolution_buckets") or []]
-        values["skipped"] = {str(k): int(v) for k, v in (summary.get("skipped") or {}).items() if int(v) > 0}
-        values["lora"] = dict(summary.get("lora") or {})
+        values = {f.name: getattr(summary, f.name) for f in dataclasses.fields(summary)
+                  if f.name in known and getattr(summary, f.name) is not None}
+        values.update({k: v for k, v in sections.items() if v is not None})
+        values["skipped"] = {reason: count for reason, count in summary.skipped.items() if count > 0}
+        values["lora"] = summary.lora.to_dict()
         return cls(**values)
 
     @classmethod
-    def from_output_dir(cls, output_dir: str | Path, *, base_model_id: str | None = None) -> CardInfo:
-        """Read OUTPUT/summary.json; images and plots that are not on disk are left out of the card.
-        ``base_model_id`` names the Hub base of a run trained on a local folder (--base-model-id)."""
+    def from_output_dir(cls, output_dir: str | Path, *, base_model_id: str | None = None,
+                        summary: RunSummary | None = None) -> CardInfo:
+        """Read OUTPUT/summary.json (RunSummary.read: every problem a ConfigError), or take ``summary`` read
+        from it already; images and plots that are not on disk are left out of the card. ``base_model_id``
+        names the Hub base of a run trained on a local folder (--base-model-id)."""
         output_dir = Path(output_dir)
-        summary_path = output_dir / "summary.json"
-        if not summary_path.is_file():
-            raise ConfigError(
-                f"{output_dir} has no summary.json: point at the output folder of `sd35hub train` "
-                "(the one with adapter/, samples/ and summary.json)."
-            )
-        try:
-            summary = json.loads(summary_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{summary_path} is not valid JSON ({exc}); rerun training or fix the file.") from exc
-        info = cls.from_summary(summary)
+        info = cls.from_summary(summary if summary is not None else RunSummary.read(output_dir))
         kept = [image for image in info.validation_images if (output_dir / image.path).is_file()]
         for image in info.validation_images:
             if image not in kept:
                 logger.warning("validation image %s listed in summary.json is missing; left out of the card", image.path)
-        loss_plot = summary.get("loss_plot", "loss.png")
-        loss_plot = loss_plot if loss_plot and (output_dir / loss_plot).is_file() else None
-        from dataclasses import replace
-
+        loss_plot = info.loss_plot if info.loss_plot and (output_dir / info.loss_plot).is_file() else None
         if base_model_id:
             if not is_hub_id(base_model_id):
                 raise ConfigError(f"--base-model-id {base_model_id!r} is not a Hub id OWNER/NAME "
                                   "(e.g. stabilityai/stable-diffusion-3.5-medium)")
-            info = replace(info, base_model=base_model_id, variant=info.variant if info.variant != "tiny" else None)
-        return replace(info, validation_images=kept, loss_plot=loss_plot)
+            info = dataclasses.replace(info, base_model=base_model_id,
+                                       variant=info.variant if info.variant != "tiny" else None)
+        return dataclasses.replace(info, validation_images=kept, loss_plot=loss_plot)
 
 
 def _fmt(value: Any, digits: int = 4) -> str:

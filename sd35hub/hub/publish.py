@@ -96,8 +96,7 @@ def plan_publication(output_dir: str | Path, repo_id: str, base_model_id: str | 
     from sd35hub.hub.publish_checks import check_summary, inside
 
     output_dir = Path(output_dir)
-    check_summary(output_dir)
-    info = CardInfo.from_output_dir(output_dir, base_model_id=base_model_id)
+    info = CardInfo.from_output_dir(output_dir, base_model_id=base_model_id, summary=check_summary(output_dir))
     adapter = inside(output_dir, info.adapter_file, "adapter_file")
     if not adapter.is_file():
         raise ConfigError(f"{output_dir} has no adapter file {info.adapter_file}: did training finish?")

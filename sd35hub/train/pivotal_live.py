@@ -23,6 +23,7 @@ import torch
 from sd35hub.adapters.embeddings import EMBEDDINGS_FILE, read_embeddings, save_embeddings
 from sd35hub.config import Config
 from sd35hub.errors import ConfigError
+from sd35hub.run_summary import EmbeddingsSummary
 from sd35hub.train.pivotal import PivotalTokens, token_strings
 
 
@@ -94,14 +95,14 @@ class Pivotal:
         if not self.tokens.frozen and self.stop_step is not None and step >= self.stop_step:
             self.tokens.freeze()
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self) -> EmbeddingsSummary:
         """summary.json's "embeddings" (the card's snippet and the publication read it)."""
         from sd35hub.adapters.embeddings import FILE_KEYS
 
         t = self.cfg.train
-        return {"file": f"adapter/{EMBEDDINGS_FILE}", "tokens": list(self.tokens.tokens),
-                "encoders": list(t.token_encoders), "keys": [FILE_KEYS[n] for n in t.token_encoders],
-                "embedding_lr": t.embedding_lr, "embedding_steps": self.stop_step, "init": t.token_init or None}
+        return EmbeddingsSummary(file=f"adapter/{EMBEDDINGS_FILE}", tokens=list(self.tokens.tokens),
+                                 encoders=list(t.token_encoders), keys=[FILE_KEYS[n] for n in t.token_encoders],
+                                 embedding_lr=t.embedding_lr, embedding_steps=self.stop_step, init=t.token_init or None)
 
     # ------------------------------------------------------------------ files
     def save(self, folder: Path) -> Path:

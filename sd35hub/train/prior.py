@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from sd35hub.config import Config, DataSpec
+from sd35hub.run_summary import PriorSummary
 
 CLASS_IMAGE_PATTERN = "class-{:05d}.png"
 
@@ -167,10 +168,11 @@ class PriorData:
     def samples_seen(self, micro_batches: int) -> int:
         return sum(len(self.ref(g).entries) for g in range(micro_batches))
 
-    def summary(self, micro_batches: int) -> dict[str, Any]:
-        return {"class_prompt": self.batches.index.settings.get("class_prompt"), "class_images": self.num_images,
-                "generated": self.generated, "prior_loss_weight": self.weight,
-                "class_samples_seen": self.samples_seen(micro_batches)}
+    def summary(self, micro_batches: int) -> PriorSummary:
+        """summary.json's "prior_preservation" (the card reads it)."""
+        return PriorSummary(class_prompt=self.batches.index.settings.get("class_prompt"), class_images=self.num_images,
+                            generated=self.generated, prior_loss_weight=self.weight,
+                            class_samples_seen=self.samples_seen(micro_batches))
 
 
 def combine(instance_loss: torch.Tensor, prior_loss: torch.Tensor, weight: float) -> torch.Tensor:

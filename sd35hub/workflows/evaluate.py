@@ -12,7 +12,6 @@ trainer uses it at the end of a run (``train.evaluate``) on its final validation
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ from sd35hub.models.fidelity import (
     take_images,
     write_results,
 )
+from sd35hub.run_summary import SUMMARY_FILE, RunSummary
 
 
 def instance_images(data: DataSpec, *, limit: int = MAX_INSTANCE_IMAGES, token: str | bool | None = None) -> list[Image.Image]:
@@ -37,18 +37,14 @@ def instance_images(data: DataSpec, *, limit: int = MAX_INSTANCE_IMAGES, token: 
     return take_images(open_samples(data, token=token), limit=limit, source=data.source)
 
 
-def _run_config(run_dir: Path) -> tuple[Config, dict[str, Any]]:
-    config_file, summary_file = run_dir / "training_config.yaml", run_dir / "summary.json"
+def _run_config(run_dir: Path) -> tuple[Config, RunSummary | None]:
+    """The run's config and its summary (None when it wrote no summary.json; a malformed one is a ConfigError)."""
+    config_file = run_dir / "training_config.yaml"
     if not config_file.is_file() or not (run_dir / "adapter").is_dir():
         raise ConfigError(f"{run_dir} is not a finished sd35hub run (no training_config.yaml and adapter/); pass the "
                           "train.output_dir of a run that finished")
-    summary: dict[str, Any] = {}
-    if summary_file.is_file():
-        try:
-            summary = json.loads(summary_file.read_text())
-        except (OSError, ValueError):
-            summary = {}
-    return load_config(config_file), summary if isinstance(summary, dict) else {}
+    summary = RunSummary.read(run_dir) if (run_dir / SUMMARY_FILE).is_file() else None
+    return load_config(config_file), summary
 
 
 def evaluate_run(run_dir: str | Path, *, prompts: list[str] | tuple[str, ...] = (), images_per_prompt: int = 4,
@@ -68,8 +64,8 @@ def evaluate_run(run_dir: str | Path, *, prompts: list[str] | tuple[str, ...] = 
     t = cfg.train
     if images_per_prompt < 1:
         raise ConfigError(f"--images-per-prompt {images_per_prompt} must be at least 1")
-    prompts = list(prompts) or [v["prompt"] for v in summary.get("validation_images", []) if isinstance(v, dict)
-                                and isinstance(v.get("prompt"), str)] or list(t.validation_prompts)
+    rendered = [image.prompt for image in summary.validation_images if image.prompt] if summary is not None else []
+    prompts = list(prompts) or rendered or list(t.validation_prompts)
     if not prompts:
         raise ConfigError(f"{run} names no validation prompt to evaluate: pass --prompt (repeatable)")
     steps = steps if steps is not None else t.validation_steps
