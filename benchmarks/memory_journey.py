@@ -233,9 +233,10 @@ def run_one(root: Path, out: Path, *, name: str, profile: str, model: str, resol
             report["gpu_peak_reserved_gib"] = mem.get("gpu_peak_reserved_gib")
             report["plan"] = mem.get("plan")
         if summary.is_file():
-            s = json.loads(summary.read_text())
-            report.update(final_loss=s.get("final_loss"), steps_done=s.get("steps"),
-                          validation_images=len(s.get("validation_images") or []))  # fmt: skip
+            from sd35hub.run_summary import RunSummary
+
+            s = RunSummary.read(run_dir)
+            report.update(final_loss=s.final_loss, steps_done=s.steps, validation_images=len(s.validation_images))
         report["adapter_written"] = (run_dir / "adapter" / "pytorch_lora_weights.safetensors").is_file()
         report["grids"] = sorted(p.name for p in (run_dir / "samples").glob("step_*.png")) if (run_dir / "samples").is_dir() else []
         tail = (out / f"{name}.log").read_text(errors="replace").splitlines()[-25:]

@@ -35,6 +35,7 @@ def main() -> None:
     from torch.profiler import ProfilerActivity, profile
 
     from sd35hub.config import load_config
+    from sd35hub.run_summary import RunSummary
     from sd35hub.train.recipe import train
 
     out_dir = args.out / args.name
@@ -79,7 +80,7 @@ def main() -> None:
     result = train(cfg, explicit=explicit, on_step=on_step, progress=False)
     total = time.perf_counter() - t0
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    summary = json.loads((out_dir / "summary.json").read_text()) if rank == 0 else {}
+    summary = RunSummary.read(out_dir).to_dict() if rank == 0 else {}
     report = {
         "rank": rank, "processes": world,
         "name": args.name, "profile": args.profile, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",

@@ -314,10 +314,9 @@ def _from_json(cls: type, data: dict[str, Any], where: str, problems: list[str])
                 if f.name != "base_model":  # RunSummary.from_dict words that one
                     problems.append(f"{where}{f.name}: missing")
             continue
-        values[f.name] = _convert(data[f.name], hints[f.name], f"{where}{f.name}", problems)
-    for name, value in values.items():  # the rules beyond the types, on every field that has its type
-        if value is not _BAD and value is not None:
-            problems += [f"{where}{name}: {p}" for p in _rule_problems(cls, name, value)]
+        value = values[f.name] = _convert(data[f.name], hints[f.name], f"{where}{f.name}", problems)
+        if value is not _BAD and value is not None:  # the rules beyond the type
+            problems += [f"{where}{f.name}: {p}" for p in _rule_problems(cls, f.name, value)]
     if missing or len(problems) > before:
         return _BAD
     return cls(**values)
