@@ -72,3 +72,10 @@ def hub_datasets(hub: HubServer) -> dict[str, str]:
     seed_naruto_dataset(hub, repos["parquet"])
     seed_imagefolder_dataset(hub, repos["imagefolder"])
     return repos
+
+
+@pytest.fixture(autouse=True)
+def _own_data_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test starts with an empty run cache (latents/embeddings, base grids: sd35hub.data.cache_key), so
+    a test that counts encoder loads never sees another test's cache; tests about reuse run twice inside one test."""
+    monkeypatch.setenv("SD35HUB_DATA_CACHE", str(tmp_path_factory.mktemp("data_cache")))

@@ -122,9 +122,10 @@ def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[st
             tmp.unlink(missing_ok=True)  # a failed write (full disk) leaves no partial shard
 
 
-def scan_shards(folder: Path) -> dict[str, str]:
+def scan_shards(folder: Path, log: Any = None) -> dict[str, str]:
     """entry id -> shard file, for every complete shard; stale *.tmp leftovers are deleted (fresh ones
-    may belong to another process writing into a shared cache, and are never read either way)."""
+    may belong to another process writing into a shared cache, and are never read either way). An
+    unreadable shard (truncated, overwritten) is deleted, said in ``log``, and its entries are encoded again."""
     import time
 
     from safetensors import safe_open
@@ -142,7 +143,11 @@ def scan_shards(folder: Path) -> dict[str, str]:
                 meta = handle.metadata() or {}
             for eid in json.loads(meta.get("entries", "[]")):
                 found[eid] = shard.name
-        except Exception:  # noqa: BLE001 - an unreadable shard is rebuilt, not fatal
+        except Exception as exc:  # noqa: BLE001 - an unreadable shard is rebuilt, not fatal
+            if log is not None:
+                log(f"data cache: {shard.name} in {folder} is unreadable ({type(exc).__name__}: "
+                    f"{str(exc).splitlines()[0][:120] if str(exc) else ''}); deleted, its entries are encoded again")
+            shard.unlink(missing_ok=True)
             continue
     return found
 
@@ -196,10 +201,134 @@ def cached_prompts(index: CacheIndex, prompts: list[str]) -> dict[str, torch.Ten
     return load_file(str(path))
 
 
+def cache_settings(spec: DataSpec, *, drop_t5: bool, dtype: torch.dtype) -> dict[str, Any]:
+    """The encoder and image settings every entry id covers (and the index records)."""
+    settings = {"max_sequence_length": spec.max_sequence_length, "drop_t5": bool(drop_t5),
+                "dtype": str(dtype).replace("torch.", ""), "resolution": spec.resolution, "crop": spec.crop}
+    if spec.masked_loss:  # entries carry a latent-grid loss mask (sd35hub.data.masks); keys unchanged when off
+        settings["masked_loss"] = True
+    if spec.mask_t5_padding:  # T5 padding positions zeroed (sd35hub.models.t5mask); keys unchanged when off
+        settings["mask_t5_padding"] = True
+    if spec.random_flip:  # entries also carry the mirrored image's posterior (one more VAE pass each)
+        settings["random_flip"] = True
+    return settings
+
+
+WARM_PREFIX = "warm-"
+
+
+def _warm_path(cache_dir: Path, key: str) -> Path:
+    return Path(cache_dir) / f"{WARM_PREFIX}{key}.json"
+
+
+def _file_record(path: Path) -> list[Any]:
+    return [path.name, path.stat().st_size]
+
+
+def load_warm(cache_dir: Path, key: str, prompts: list[str] | tuple[str, ...], log: Any = None) -> CacheIndex | None:
+    """The index of a complete earlier build with this warm key (sd35hub.data.cache_key), after checking
+    every file it names (present, the recorded size, a readable header listing its entries); None when
+    there is none or anything is off (said in ``log``: the caller rebuilds, re-encoding only what is missing)."""
+    from safetensors import safe_open
+
+    path = _warm_path(cache_dir, key)
+    if not path.is_file():
+        return None
+    say = log or (lambda line: None)
+    try:
+        raw = json.loads(path.read_text())
+        if raw.get("warm_key") != key or raw.get("format") != CACHE_FORMAT:
+            raise ValueError("written for another key or cache format")
+        index = CacheIndex.from_json(Path(cache_dir), raw["index"])
+        if list(raw.get("prompts", [])) != list(prompts):
+            raise ValueError("validation prompts differ")
+        files = {name: size for name, size in raw["files"]}
+        need_prompts = [prompts_file(cache_dir, index.model_id, index.settings, list(prompts)).name] if prompts else []
+        for name in {e.shard for e in index.entries} | {index.empty_prompt, *need_prompts}:
+            file = Path(cache_dir) / name
+            if not file.is_file():
+                raise ValueError(f"{name} is missing")
+            if name in files and file.stat().st_size != files[name]:
+                raise ValueError(f"{name} has {file.stat().st_size} bytes, not the {files[name]} written")
+            with safe_open(str(file), framework="pt") as handle:
+                listed = set(json.loads((handle.metadata() or {}).get("entries", "[]")))
+            wanted = {e.id for e in index.entries if e.shard == name}
+            if not wanted <= listed:
+                raise ValueError(f"{name} lacks {len(wanted - listed)} of its entries")
+    except Exception as exc:  # noqa: BLE001 - anything off: rebuild (the build checks every shard again)
+        say(f"data cache: the complete build {path.name} in {cache_dir} does not check out ({exc}); rebuilding what is missing")
+        return None
+    index.encoded, index.reused = 0, True
+    from sd35hub.paths import atomic_write_text
+
+    if not (Path(cache_dir) / INDEX_FILE).is_file() or CacheIndex.load(Path(cache_dir)).to_json() != index.to_json():
+        atomic_write_text(Path(cache_dir) / INDEX_FILE, json.dumps(index.to_json(), indent=1))  # what other ranks read
+    return index
+
+
+def _write_warm(cache_dir: Path, key: str, index: CacheIndex, prompts: list[str] | tuple[str, ...]) -> None:
+    from sd35hub.paths import atomic_write_text
+
+    names = {e.shard for e in index.entries} | {index.empty_prompt}
+    if prompts:
+        names.add(prompts_file(cache_dir, index.model_id, index.settings, list(prompts)).name)
+    files = [_file_record(Path(cache_dir) / name) for name in sorted(names)]
+    atomic_write_text(_warm_path(cache_dir, key), json.dumps(
+        {"format": CACHE_FORMAT, "warm_key": key, "prompts": list(prompts), "files": files, "index": index.to_json()}))
+
+
+@contextlib.contextmanager
+def build_lock(cache_dir: Path, log: Any = None) -> Any:
+    """One builder at a time per cache folder (an advisory lock on <cache_dir>/.lock; other runs wait).
+    Where the file system has no locks the build goes on without (each file is still written atomically)."""
+    import fcntl
+
+    handle = open(Path(cache_dir) / ".lock", "a+")  # noqa: SIM115 - closed below
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if log is not None:
+                log(f"data cache: another run is building {cache_dir}; waiting for it")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError:  # no flock on this file system (some network mounts)
+            pass
+        yield
+    finally:
+        handle.close()  # releases the lock
+
+
 def build_cache(spec: DataSpec, pipe: Any, cache_dir: Path, *, model_id: str, batch_size: int,
                 device: str | torch.device, dtype: torch.dtype, seed: int, progress: bool = True,
                 token: str | bool | None = None, shard_size: int = SHARD_MAX_ENTRIES,
-                prompts: list[str] | tuple[str, ...] = (), max_side: int | None = None) -> CacheIndex:
+                prompts: list[str] | tuple[str, ...] = (), max_side: int | None = None,
+                warm_key: str | None = None, log: Any = None) -> CacheIndex:
+    """:func:`_build_cache` under the folder's build lock. With ``warm_key`` (sd35hub.data.cache_key) a
+    complete earlier build of the same key is reused as it is (nothing read, nothing loaded) after its
+    files check out, and a new build records itself under that key."""
+    cache_dir = Path(cache_dir)
+    if warm_key:
+        index = load_warm(cache_dir, warm_key, prompts, log)
+        if index is not None:
+            return index
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with build_lock(cache_dir, log):
+        if warm_key:  # another run may have built it while this one waited
+            index = load_warm(cache_dir, warm_key, prompts)
+            if index is not None:
+                return index
+        index = _build_cache(spec, pipe, cache_dir, model_id=model_id, batch_size=batch_size, device=device,
+                             dtype=dtype, seed=seed, progress=progress, token=token, shard_size=shard_size,
+                             prompts=prompts, max_side=max_side, log=log)  # fmt: skip
+        if warm_key:
+            _write_warm(cache_dir, warm_key, index, prompts)
+    return index
+
+
+def _build_cache(spec: DataSpec, pipe: Any, cache_dir: Path, *, model_id: str, batch_size: int,
+                 device: str | torch.device, dtype: torch.dtype, seed: int, progress: bool = True,
+                 token: str | bool | None = None, shard_size: int = SHARD_MAX_ENTRIES,
+                 prompts: list[str] | tuple[str, ...] = (), max_side: int | None = None, log: Any = None) -> CacheIndex:
     """Stream ``spec``'s samples through buckets and the encoders into ``cache_dir``; see the module doc.
     ``max_side``: the base model's largest image side (ModelInfo.max_resolution); longer buckets are clamped.
 
@@ -218,23 +347,17 @@ def build_cache(spec: DataSpec, pipe: Any, cache_dir: Path, *, model_id: str, ba
                            batch_size=batch_size)
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    settings = {"max_sequence_length": spec.max_sequence_length, "drop_t5": bool(encoders.drop_t5),
-                "dtype": str(dtype).replace("torch.", ""), "resolution": spec.resolution, "crop": spec.crop}
-    if spec.masked_loss:  # entries carry a latent-grid loss mask (sd35hub.data.masks); keys unchanged when off
-        settings["masked_loss"] = True
+    settings = cache_settings(spec, drop_t5=bool(encoders.drop_t5), dtype=dtype)
     if spec.mask_t5_padding:  # T5 padding positions zeroed (sd35hub.models.t5mask); keys unchanged when off
         from sd35hub.models.t5mask import install_t5_padding_mask
 
         if hasattr(pipe, "_get_t5_prompt_embeds"):  # a whole pipeline (prior preservation, `data cache`)
             install_t5_padding_mask(pipe)
         encoders.mask_t5_padding = True  # PhasedEncoders: applied to its T5 stage
-        settings["mask_t5_padding"] = True
-    if spec.random_flip:  # entries also carry the mirrored image's posterior (one more VAE pass each)
-        settings["random_flip"] = True
-    existing = scan_shards(cache_dir)
+    existing = scan_shards(cache_dir, log)
     stage = cache_dir / "staging"  # latents of entries whose embeddings are not cached yet (survives a crash)
     stage.mkdir(exist_ok=True)
-    staged_before = scan_shards(stage)
+    staged_before = scan_shards(stage, log)
     staged = _ShardWriter(stage, shard_size, SHARD_MAX_BYTES)
     stream = SampleStream(spec, seed=seed, token=token)
     batcher = BucketBatcher(stream, bounded_buckets(spec.resolution, max_side)[1], batch_size, spec.buffer_size, seed,

@@ -66,6 +66,7 @@ class CacheIndex:
     empty_prompt: str  # file with the empty caption's embeddings (caption dropout)
     stats: dict[str, Any] = field(default_factory=dict)  # SkipStats.as_dict() of the build
     encoded: int = 0  # samples encoded by the build that wrote this index (0 = all cached)
+    reused: bool = False  # a complete earlier build taken as it was (sd35hub.data.cache.load_warm): nothing read
 
     @classmethod
     def load(cls, path: Path) -> CacheIndex:
@@ -79,9 +80,13 @@ class CacheIndex:
             ) from exc
         if raw.get("format") != CACHE_FORMAT:
             raise DatasetError(f"The cache in {path} has format {raw.get('format')!r}, not {CACHE_FORMAT}; delete it and rebuild.")
+        return cls.from_json(path, raw)
+
+    @classmethod
+    def from_json(cls, path: Path, raw: dict[str, Any]) -> CacheIndex:
         entries = [CacheEntry(e["id"], e["key"], (e["bucket"][0], e["bucket"][1]), e["shard"], e.get("caption"))
                    for e in raw["entries"]]
-        return cls(path, raw["model_id"], raw["settings"], raw["shift_factor"], raw["scaling_factor"], entries,
+        return cls(Path(path), raw["model_id"], raw["settings"], raw["shift_factor"], raw["scaling_factor"], entries,
                    raw["empty_prompt"], raw.get("stats", {}), raw.get("encoded", 0))
 
     def to_json(self) -> dict[str, Any]:

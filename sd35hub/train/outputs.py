@@ -210,6 +210,8 @@ def finish(trainer: Any) -> TrainResult:
                 sections["fidelity"] = FidelitySummary(error=str(exc))
         if getattr(trainer, "phases", None) is not None:  # measured peak GPU / host memory per phase (+ the plan)
             sections["memory"] = trainer.phases.report()
+        if getattr(trainer, "startup_phases", None):  # wall seconds of each phase up to the first step (train.startup)
+            sections["phases"] = dict(trainer.startup_phases)
         heldout = getattr(trainer, "heldout", None)
         summary = build_summary(
             config=cfg, base_model=public_base_model(trainer), variant=trainer.info.variant, steps=state.step, epochs=state.samples_seen / train_samples,

@@ -60,11 +60,11 @@ def encode_and_load(trainer: Any, cache_dir: Path, prompts: list[str]) -> Any:
     from sd35hub.data.cache import CacheIndex, build_cache
     from sd35hub.data.encode import PhasedEncoders
 
+    from sd35hub.data.cache_key import t5_mode, warm_key
+
     cfg, acc, plan, phases = trainer.config, trainer.acc, trainer.plan, trainer.phases
     train = cfg.train
-    t5 = "dropped" if cfg.model.drop_t5 else (plan.t5 if plan is not None and plan.t5 != "none" else "gpu")
-    if trainer.device.type != "cuda" and t5 != "dropped":
-        t5 = "gpu"  # on a CPU run the "device" is the CPU
+    t5 = t5_mode(trainer)
     encoders = PhasedEncoders(cfg.model.name, device=trainer.device, dtype=trainer.weight_dtype,
                               max_sequence_length=cfg.data.max_sequence_length,
                               joint_attention_dim=trainer.info.joint_attention_dim, t5=t5,
@@ -73,12 +73,17 @@ def encode_and_load(trainer: Any, cache_dir: Path, prompts: list[str]) -> Any:
     class_prompt = cfg.data.class_prompt.strip()
     # the class prompt is encoded with the captions: class images are rendered without any text encoder
     encoded = list(prompts) + ([cfg.data.class_prompt] if class_prompt and cfg.data.class_prompt not in prompts else [])
+    say = trainer.log if trainer.main else None
     with acc.main_process_first():  # rank 0 encodes; then the first process of each other node checks/fills its cache
         if acc.is_local_main_process:
+            key = warm_key(trainer, encoded)  # a complete earlier build of this stream: nothing read, nothing loaded
             trainer.index = build_cache(cfg.data, encoders, cache_dir, model_id=cfg.model.name,
                                         batch_size=train.batch_size, device=trainer.device, dtype=trainer.weight_dtype,
                                         seed=train.seed, progress=trainer.progress and trainer.main,
-                                        prompts=encoded, max_side=trainer.info.max_resolution)  # fmt: skip
+                                        prompts=encoded, max_side=trainer.info.max_resolution, warm_key=key,
+                                        log=say)  # fmt: skip
+            if say is not None:
+                say(_cache_line(trainer.index, cache_dir))
     acc.wait_for_everyone()
     if not acc.is_local_main_process:  # one writer per cache dir: the others read the index it just wrote
         trainer.index = CacheIndex.load(cache_dir)
@@ -95,10 +100,31 @@ def encode_and_load(trainer: Any, cache_dir: Path, prompts: list[str]) -> Any:
     trainer.prompts = _rows(every, list(range(len(prompts)))) if trainer.main and every is not None else None
     # every encoder is gone now: the transformer may have the device
     transformer = load_base(trainer)
-    vae = encoders.load_vae()  # on the CPU (it was loaded for the images, or now when everything was cached)
+    trainer.encoders = encoders  # its VAE (on the CPU) if it encoded images; else loaded at the first decode
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     from sd35hub.train.validation import validation_pipeline
 
-    return validation_pipeline(cfg.model.name, transformer, vae, revision=cfg.model.revision,
+    return validation_pipeline(cfg.model.name, transformer, encoders.vae, revision=cfg.model.revision,
                                tiling=bool(plan is not None and plan.vae_tiling))
+
+
+def ensure_vae(trainer: Any) -> Any:
+    """The validation pipeline's VAE, loaded now (phase "load VAE") when the cache build needed none."""
+    pipe = trainer.pipe
+    if pipe.vae is None:
+        from sd35hub.train.validation import attach_vae
+
+        with trainer.phases.phase("load VAE"):
+            plan = trainer.plan
+            attach_vae(pipe, trainer.encoders.load_vae(), tiling=bool(plan is not None and plan.vae_tiling))
+    return pipe.vae
+
+
+def _cache_line(index: Any, cache_dir: Path) -> str:
+    n = len(index.entries)
+    if index.reused:
+        return f"data cache: reused the complete build in {cache_dir} ({n} samples; no image read, no encoder loaded)"
+    if index.encoded == 0:
+        return f"data cache: all {n} samples were cached in {cache_dir} (images read, no encoder loaded)"
+    return f"data cache: encoded {index.encoded} of {n} samples into {cache_dir} ({n - index.encoded} were cached)"

@@ -59,11 +59,12 @@ def _reset_host_peak() -> None:
 
 
 class PhaseRecorder:
-    def __init__(self, device: Any, plan: Any = None) -> None:
+    def __init__(self, device: Any, plan: Any = None, clock: Any = None) -> None:
         import torch
 
         self.cuda = getattr(device, "type", str(device)) == "cuda" and torch.cuda.is_available()
         self.device, self.plan = device, plan
+        self.clock = clock  # sd35hub.train.startup.StartupClock: wall time of each phase before the first step
         self.phases: dict[str, dict[str, Any]] = {}
         self.stack: list[str] = []
         self.started: float = time.perf_counter()
@@ -103,11 +104,15 @@ class PhaseRecorder:
                                               "host_peak_gib": 0.0, "host_anon_gib": 0.0, "seconds": 0.0})  # fmt: skip
         entry["items"] = entry.get("items", 0) + (items or 0)  # callers may add to it: entry["items"] += n
         self.stack.append(name)
+        if self.clock is not None:
+            self.clock.enter(name)
         try:
             yield entry
         except torch.OutOfMemoryError as exc:
             raise self.out_of_memory(name) from exc
         finally:
+            if self.clock is not None:
+                self.clock.leave(name)
             self._close_segment()
             self.stack.pop()
             if entry.get("items") and entry["seconds"] > 0:

@@ -62,14 +62,30 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------ setup
     def setup(self) -> None:
-        """Everything before the first step, in order; each step is one method below."""
+        """Everything before the first step, in order; each step is one method below. The wall time of
+        each (from the process launch) is logged and kept in ``startup_phases`` (sd35hub.train.startup)."""
+        from sd35hub.train.startup import StartupClock
+
+        self.clock = StartupClock(self._startup_log)
+        self.startup_phases = self.clock.phases  # {phase: seconds}; "to first step" once the first step is done
+        self.clock.mark("imports")  # the launch up to here: interpreter, torch, diffusers, the caller
         notes, prompts = self._setup_config()  # config, access, data check, profile, memory plan: nothing loaded
+        self.clock.mark("config / plan")
         self._setup_run_folder(notes)  # run lock, fresh-folder check, Accelerator, device
+        self.clock.mark("run folder / accelerator")
         pipe = self._setup_models(prompts)  # encoders one at a time into the cache, then the transformer
+        self.clock.mark("validation pipeline")
         transformer = self._setup_adapters(pipe)  # LoRA, text-encoder LoRA, pivotal rows, checkpointing, FP8
+        self.clock.mark("LoRA adapters")
         self._setup_batches(transformer)  # cached batches, compiled blocks
+        self.clock.mark("batches / compile setup")
         self._setup_optimizer(transformer)  # optimizer, schedule, EMA, held-out batches
         self._setup_resume_and_logs()  # resume, metrics, trackers, the run's config
+        self.clock.mark("optimizer / logs")
+
+    def _startup_log(self, line: str) -> None:
+        if getattr(self, "main", os.environ.get("RANK", "0") == "0"):
+            self.log(line)
 
     def _setup_config(self) -> tuple[list[str], list[str]]:
         from sd35hub.data.sources import check_dataset, open_samples
@@ -161,9 +177,16 @@ class Trainer:
         apply_gpu_cap(self.device)  # SD35HUB_GPU_MEMORY_CAP_GIB: emulate a smaller card
         if self.main:
             self.log(self.plan.table())
-        self.phases = PhaseRecorder(self.device, plan=self.plan)
-        cache_dir = Path(cfg.data.cache_dir or self.output_dir / "cache")
+        clock = getattr(self, "clock", None)
+        self.phases = PhaseRecorder(self.device, plan=self.plan, clock=clock)
+        from sd35hub.data.cache_key import data_cache_dir
+
+        cache_dir = data_cache_dir(self)  # data.cache_dir, or a content-keyed folder of the user cache
+        if clock is not None:
+            clock.gap = "data cache (check / read images)"
         pipe = self.pipe = encode_and_load(self, cache_dir, prompts)
+        if clock is not None:
+            clock.gap = "other"
 
         return pipe
 
@@ -372,6 +395,9 @@ class Trainer:
         else:
             first = next((r for r in self.read_metrics() if r.get("validation_loss") is not None), None)
             self.initial_validation_loss = first["validation_loss"] if first else None
+        from sd35hub.train.startup import compile_seconds
+
+        compiled_before = compile_seconds()
         sigterm = ckpt.SigtermFlag().install()
         bar = tqdm(total=self.total_steps, initial=state.step, disable=not (self.progress and self.main),
                    desc="training", unit="step", dynamic_ncols=True)
@@ -386,6 +412,11 @@ class Trainer:
             while state.step < self.total_steps:
                 loss_t = self._step()
                 state.step += 1
+                clock = getattr(self, "clock", None)
+                if clock is not None and not clock.done:  # the first step of this session is finished work
+                    if self.device.type == "cuda":
+                        torch.cuda.synchronize(self.device)
+                    clock.finish("first step", compile_s=compile_seconds() - compiled_before)
                 if pending is not None:  # the previous log point: its step has run (or runs) on the GPU
                     self._emit_log(pending, bar)
                     pending = None
@@ -559,31 +590,58 @@ class Trainer:
 
     def _render_base(self) -> None:
         """The base column of the validation grids, rendered before any adapter is attached."""
-        self.pipe.vae.to(self.device)
-        with self.acc.autocast():
-            self.base_images = validation.render(self.pipe, self.prompts, **self._render_kwargs())
-        self.pipe.vae.to("cpu")
+        self.base_images = self._base_column(None, self._render_kwargs())
+
+    @contextlib.contextmanager
+    def _vae_on_device(self) -> Iterator[None]:
+        """The VAE on the device for the decodes inside (loaded first when the cache build needed none)."""
+        from sd35hub.train.phased import ensure_vae
+
+        vae = ensure_vae(self)
+        vae.to(self.device)
+        try:
+            yield
+        finally:
+            vae.to("cpu")
+
+    def _base_column(self, model: Any, kwargs: dict[str, Any]) -> list[Any]:
+        """The base model's images of the validation prompts: read from the base-grid cache of earlier runs
+        with the same inputs (sd35hub.train.base_grid), else sampled (adapters disabled) and cached."""
+        from sd35hub.train.base_grid import BaseGridCache
+
+        cache = BaseGridCache.for_trainer(self, kwargs)
+        images = cache.load()
+        if images is not None:
+            self.log(f"validation: the base model's column read from the cache ({cache.folder})")
+            return images
+        with self._vae_on_device(), self.acc.autocast():
+            if model is not None:
+                model.disable_adapters()
+            try:
+                images = validation.render(self.pipe, self.prompts, **kwargs)
+            finally:
+                if model is not None:
+                    model.enable_adapters()
+        cache.save(images)
+        return images
 
     def _render_grid(self, model: Any, step: int) -> Path:
         pipe = self.pipe
         kwargs = self._render_kwargs()
-        pipe.vae.to(self.device)
-        with self.acc.autocast():
-            if not hasattr(self, "base_images"):
-                model.disable_adapters()
-                self.base_images = validation.render(pipe, self.prompts, **kwargs)
-                model.enable_adapters()
-            if step == 0 and self.pivotal is None:
-                # no optimizer step yet: peft starts lora_B at zero for every lora.init (default and gaussian),
-                # so the adapter (and its EMA) adds nothing and the LoRA column is the base column
-                self.lora_images = self.base_images
-            elif self.text is not None:  # the prompts (and the negative "") through the adapted text encoders
-                from sd35hub.train.live_text import live_prompts
+        if not hasattr(self, "base_images"):
+            self.base_images = self._base_column(model, kwargs)
+        if step == 0 and self.pivotal is None:
+            # no optimizer step yet: peft starts lora_B at zero for every lora.init (default and gaussian),
+            # so the adapter (and its EMA) adds nothing and the LoRA column is the base column
+            self.lora_images = self.base_images
+        else:
+            with self._vae_on_device(), self.acc.autocast():
+                if self.text is not None:  # the prompts (and the negative "") through the adapted text encoders
+                    from sd35hub.train.live_text import live_prompts
 
-                self.lora_images = validation.render(pipe, live_prompts(self.prompts, self.text), **kwargs)
-            else:
-                self.lora_images = validation.render(pipe, self.prompts, **kwargs)
-        pipe.vae.to("cpu")
+                    self.lora_images = validation.render(pipe, live_prompts(self.prompts, self.text), **kwargs)
+                else:
+                    self.lora_images = validation.render(pipe, self.prompts, **kwargs)
         columns = ["base model", f"LoRA, step {step}"]
         image = validation.grid(list(zip(columns, (self.base_images, self.lora_images), strict=True)), rows=self.prompts.prompts)
         return validation.save_png(image, self.output_dir / "samples" / f"step_{step:06d}.png",

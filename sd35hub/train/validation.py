@@ -193,18 +193,30 @@ def heldout_loss(transformer: Any, heldout: HeldOut, *, device: str | torch.devi
 
 
 def validation_pipeline(model: str, transformer: Any, vae: Any, *, revision: str | None, tiling: bool) -> Any:
-    """StableDiffusion3Pipeline(transformer, vae, scheduler) with no text encoders (embeddings are cached)."""
+    """StableDiffusion3Pipeline(transformer, vae, scheduler) with no text encoders (embeddings are cached);
+    ``vae`` may be None until :func:`attach_vae`."""
     from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
     from sd35hub.models.load import model_dir, resolve_model
 
     folder = model_dir(resolve_model(model, revision), ("scheduler",))
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(folder, subfolder="scheduler")
-    if tiling:  # decode 512 px tiles (the SD3.5 VAE's own tile size is its 1024 px sample size)
-        vae.enable_tiling()
-        vae.tile_sample_min_size, vae.tile_latent_min_size = 512, 64
-    pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=None,
+    pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=scheduler, vae=None, text_encoder=None,
                                     tokenizer=None, text_encoder_2=None, tokenizer_2=None, text_encoder_3=None,
                                     tokenizer_3=None)  # fmt: skip
     pipe.set_progress_bar_config(disable=True)
+    if vae is not None:  # None: attach_vae before the first decode (a run with a complete cache loads none before)
+        attach_vae(pipe, vae, tiling=tiling)
     return pipe
+
+
+def attach_vae(pipe: Any, vae: Any, *, tiling: bool) -> None:
+    """Give a validation pipeline its VAE (and what the pipeline derives from it at construction)."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    if tiling:  # decode 512 px tiles (the SD3.5 VAE's own tile size is its 1024 px sample size)
+        vae.enable_tiling()
+        vae.tile_sample_min_size, vae.tile_latent_min_size = 512, 64
+    pipe.register_modules(vae=vae)
+    pipe.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    pipe.image_processor = VaeImageProcessor(vae_scale_factor=pipe.vae_scale_factor)
