@@ -201,8 +201,11 @@ def run_ours(model: str, model_dir: Path, data: Path, root: Path, out: Path, nam
         cmd += ["--load-mega", str(load_mega)]
     cmd += ["--", *overrides]
     steps: dict[int, dict] = {}
+    phases: dict[str, float] = {}
 
     def on_piece(text: str, now: float) -> bool:  # noqa: ARG001
+        if text.startswith("E2E_PHASES "):  # the trainer's own wall times from the launch (trainer.startup_phases)
+            phases.update(json.loads(text[len("E2E_PHASES "):]))
         if text.startswith("E2E_STEP "):
             record = json.loads(text[len("E2E_STEP "):])
             steps[record["step"]] = record
@@ -214,6 +217,8 @@ def run_ours(model: str, model_dir: Path, data: Path, root: Path, out: Path, nam
     result: dict = {"rc": rc, "batch": plan["batch"], "overrides": overrides, "caches": str(caches)}
     if 1 in steps:
         result["to_first_step_s"] = round(steps[1]["t"] - launch, 1)
+    if phases:
+        result["phases"] = phases
     a, b = steps.get(plan["ours_from"]), steps.get(plan["ours_steps"])
     if a and b:
         seconds = b["t"] - a["t"]
@@ -242,6 +247,8 @@ def child_ours(args: argparse.Namespace) -> None:
         if cuda and step in (1, args.from_step, args.steps):
             torch.cuda.synchronize()  # the window's ends (and the first step) are finished GPU work
         record = {"step": step, "t": time.time(), "samples": trainer.state.samples_seen}
+        if step == 1:  # each phase up to the first step, as the trainer measured it (sd35hub.train.startup)
+            print("E2E_PHASES " + json.dumps(getattr(trainer, "startup_phases", {})), flush=True)
         if step >= args.steps:
             record["last"] = True
             if args.save_mega:
@@ -301,6 +308,11 @@ def markdown(report: dict) -> str:
             lines.append(f"- {model} {name}: rc {run.get('rc')}, window {run.get('window')} "
                          f"({run.get('window_samples')} samples in {run.get('window_s')} s)"
                          + (f", fixes: {run['fixes']}" if run.get("fixes") else ""))
+    for model, runs in report["models"].items():
+        for name, run in runs.items():
+            if run.get("phases"):
+                lines.append(f"- {model} {name}, seconds to the first step by phase: "
+                             + ", ".join(f"{k} {v:.1f}" for k, v in run["phases"].items()))
     for s in report["skipped"]:
         lines.append(f"- skipped {s}")
     lines.append(f"- model folders built in {report['build_s']} s")

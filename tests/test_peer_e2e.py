@@ -38,3 +38,11 @@ def test_the_peers_progress_line_is_parsed() -> None:
     line = "Steps:  42%|████▏     | 5/12 [00:07<00:09,  1.31s/it, loss=0.53, lr=0.0001]"
     assert peer_e2e.STEP_RE.search(line).groups() == ("5", "12")
     assert peer_e2e.STEP_RE.search("Caching latents: 100%|██████████| 5/5 [00:01<00:00]") is None
+
+
+def test_the_report_lists_ours_phases() -> None:
+    report = {"device": "cpu", "peer_source": "x", "skipped": [], "build_s": {},
+              "models": {"tiny": {"ours_warm": {"rc": 0, "to_first_step_s": 3.0,
+                                                "phases": {"imports": 2.0, "to first step": 3.0}}}}}
+    text = peer_e2e.markdown(report)
+    assert "tiny ours_warm, seconds to the first step by phase: imports 2.0, to first step 3.0" in text

@@ -58,9 +58,8 @@ def load_base(trainer: Any) -> Any:
 def encode_and_load(trainer: Any, cache_dir: Path, prompts: list[str]) -> Any:
     """Fill trainer.index / prior / prompts; return the pipeline the trainer validates with."""
     from sd35hub.data.cache import CacheIndex, build_cache
-    from sd35hub.data.encode import PhasedEncoders
-
     from sd35hub.data.cache_key import t5_mode, warm_key
+    from sd35hub.data.encode import PhasedEncoders
 
     cfg, acc, plan, phases = trainer.config, trainer.acc, trainer.plan, trainer.phases
     train = cfg.train

@@ -168,7 +168,6 @@ class Trainer:
 
 
     def _setup_models(self, prompts: list[str]) -> Any:
-        cfg = self.config
         # 6. encoders one at a time (latents, captions, validation prompts cached), then the transformer
         from sd35hub.train.phased import encode_and_load
         from sd35hub.train.phases import PhaseRecorder
