@@ -60,6 +60,7 @@ def test_a_second_run_in_a_fresh_folder_reads_no_image_and_loads_no_encoder(tmp_
     assert second["cache_dir"] == first["cache_dir"] and tmp_path not in Path(second["cache_dir"]).parents
     assert any("data cache: reused the complete build" in line for line in second["log"])
     assert any("base model's column read from the cache" in line for line in second["log"])
+    assert any("dataset check: unchanged" in line for line in second["log"])  # the images were not read to check them
     phases = second["phases"]
     assert not any(name.startswith("encode") for name in phases)
     assert phases["to first step"] >= phases["first step"] > 0
@@ -185,6 +186,8 @@ def test_the_cached_base_column_equals_a_fresh_one_and_a_damaged_one_is_sampled_
     fresh = _run(tmp_path / "c")
     assert not any("column read from the cache" in line for line in fresh["log"])
     assert all(np.array_equal(a, b) for a, b in zip(cached["base"], fresh["base"], strict=True))
+    assert any("step-0 held-out loss read from the cache" in line for line in cached["log"])
+    assert cached["summary"]["initial_validation_loss"] == fresh["summary"]["initial_validation_loss"]  # exact
     a = np.asarray(Image.open(tmp_path / "b" / "samples" / "step_000000.png"))
     b = np.asarray(Image.open(tmp_path / "c" / "samples" / "step_000000.png"))
     assert np.array_equal(a, b)  # the whole step-0 grid

@@ -35,8 +35,9 @@ from sd35hub.paths import default_cache_dir
 
 DATA_CACHE_ENV = "SD35HUB_DATA_CACHE"
 KEY_VERSION = "1"  # bump when the key's contents change meaning
-ENCODER_COMPONENTS = ("vae", "text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2",
-                      "tokenizer_3")  # fmt: skip
+# what the cached tensors come from: the encoders and tokenizers, and the transformer (it renders missing class images)
+CACHE_COMPONENTS = ("vae", "text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2",
+                    "tokenizer_3", "transformer")  # fmt: skip
 # DataSpec fields that do not change what the cache build reads or writes (CachedBatches / the loss use them)
 _NOT_STREAM = {"cache_dir", "holdout", "caption_dropout", "partial_batches", "repeats", "class_prompt", "class_data",
                "num_class_images", "unmasked_weight"}  # fmt: skip
@@ -129,7 +130,7 @@ def folder_key(trainer: Any) -> dict[str, Any]:
     t5 = t5_mode(trainer)
     return {
         "format": CACHE_FORMAT, "key": KEY_VERSION, "source": source_identity(cfg.data),
-        "model": model_fingerprint(cfg.model.name, cfg.model.revision, ENCODER_COMPONENTS), "model_id": cfg.model.name,
+        "model": model_fingerprint(cfg.model.name, cfg.model.revision, CACHE_COMPONENTS), "model_id": cfg.model.name,
         "settings": cache_settings(cfg.data, drop_t5=t5 == "dropped", dtype=trainer.weight_dtype), "t5": t5,
         "max_side": trainer.info.max_resolution,
     }  # fmt: skip
@@ -162,3 +163,35 @@ def warm_key(trainer: Any, prompts: list[str]) -> str | None:
     stream = {k: v for k, v in dataclasses.asdict(cfg.data).items() if k not in _NOT_STREAM}
     return _digest({"folder": key, "dataset": fingerprint, "stream": stream, "seed": cfg.train.seed,
                     "batch_size": cfg.train.batch_size, "prompts": list(prompts)})[:32]  # fmt: skip
+
+
+def checked_dataset(spec: DataSpec, *, seed: int, check: Any, default_prompts: Any, log: Any = None) -> list[str]:
+    """``check()`` (sd35hub.data.sources.check_dataset) and ``default_prompts()`` (the first captions), or
+    what they gave for the same dataset content (dataset_fingerprint) and stream settings in an earlier
+    run: a Hub dataset is then not streamed again just to be checked."""
+    import dataclasses
+
+    from sd35hub.paths import atomic_write_text
+
+    fingerprint = dataset_fingerprint(spec)
+    path = None
+    if fingerprint is not None:
+        stream = {k: v for k, v in dataclasses.asdict(spec).items() if k not in _NOT_STREAM}
+        key = {"key": KEY_VERSION, "source": source_identity(spec), "dataset": fingerprint, "stream": stream, "seed": seed}
+        path = data_cache_root() / "checks" / f"{_digest(key)[:32]}.json"
+        try:
+            raw = json.loads(path.read_text())
+            if raw.get("key") == json.loads(json.dumps(key, default=str)):
+                if log is not None:
+                    log("dataset check: unchanged since an earlier run's check (not read again)")
+                return list(raw["default_prompts"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    check()
+    prompts = list(default_prompts())
+    if path is not None:
+        try:
+            atomic_write_text(path, json.dumps({"key": key, "default_prompts": prompts}, default=str))
+        except OSError:
+            pass
+    return prompts

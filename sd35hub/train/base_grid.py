@@ -112,3 +112,55 @@ class BaseGridCache:
             return build_into_place(self.folder, build, self._complete)
         except OSError:  # a read-only or full cache never stops training
             return None
+
+
+def heldout_digest(heldout: Any) -> str:
+    """sha256 of every fixed input of the held-out loss (sd35hub.train.validation.HeldOut)."""
+    tensors = {name: getattr(heldout, name) for name in ("latents", "prompt_embeds", "pooled_prompt_embeds", "noise",
+                                                         "sigmas", "weights") if getattr(heldout, name) is not None}  # fmt: skip
+    return embeddings_digest(list(heldout.keys), tensors)
+
+
+@dataclass
+class StepZeroLoss:
+    """The held-out loss before the first step, kept across runs: the adapter adds nothing yet, so it is
+    a function of the base, the LoRA settings and seed (the layers it wraps), and the fixed held-out inputs.
+    Used only where that holds exactly: no live text encoders, no pivotal rows, no base-rewriting init."""
+
+    path: Path
+    key: dict[str, Any]
+
+    @classmethod
+    def for_trainer(cls, trainer: Any, heldout: Any) -> StepZeroLoss:
+        import dataclasses
+
+        import peft
+
+        from sd35hub.data.cache_key import data_cache_root
+
+        cfg = trainer.config
+        key = grid_key(model=cfg.model.name, revision=cfg.model.revision, quantize=cfg.model.quantize,
+                       float8=bool(cfg.model.float8), dtype=cfg.model.dtype, attention=cfg.model.attention,
+                       weight_dtype=trainer.weight_dtype, mixed_precision=cfg.train.mixed_precision,
+                       device_type=trainer.device.type, embeddings=heldout_digest(heldout), render={}, tiling=False)  # fmt: skip
+        key.update(what="step-0 held-out loss", peft=peft.__version__, lora=dataclasses.asdict(cfg.lora),
+                   seed=cfg.train.seed, attention_kernel=getattr(trainer, "attention_kernel", "auto"),
+                   ema=cfg.train.ema_decay)  # fmt: skip
+        key = json.loads(json.dumps(key, sort_keys=True, default=str))
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+        return cls(data_cache_root() / "base-losses" / f"{digest}.json", key)
+
+    def load(self) -> float | None:
+        try:
+            raw = json.loads(self.path.read_text())
+            return float(raw["loss"]) if raw.get("key") == self.key else None
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def save(self, loss: float) -> None:
+        from sd35hub.paths import atomic_write_text
+
+        try:
+            atomic_write_text(self.path, json.dumps({"key": self.key, "loss": loss}))
+        except OSError:  # a read-only or full cache never stops training
+            pass

@@ -99,7 +99,13 @@ class Trainer:
             cfg = resolve_trigger(cfg)
         preflight(cfg)  # missing packages, output paths that are files, --resume with another rank
         self._check_access(cfg)  # 2. license + token (nothing downloaded)
-        check_dataset(cfg.data, limit=256)  # 3. DatasetError now, not after loading 16 GB
+        from sd35hub.data.cache_key import checked_dataset
+
+        self.config = cfg  # _default_prompts falls back on its trigger word
+        # 3. DatasetError now, not after loading 16 GB (not read again when unchanged since an earlier check)
+        default_prompts = checked_dataset(cfg.data, seed=cfg.train.seed, check=lambda: check_dataset(cfg.data, limit=256),
+                                          default_prompts=lambda: self._default_prompts(open_samples(cfg.data, seed=cfg.train.seed)),
+                                          log=self.log if os.environ.get("RANK", "0") == "0" else None)  # fmt: skip
         self.info = model_info(cfg.model.name, cfg.model.revision)  # configs only
         self.base_model_id = outputs.resolve_base(cfg.model, self.log)  # the Hub id to publish; never a path
         self.profile = detect_profile(cfg.train.profile, variant=self.info.variant)  # 4. before weights load
@@ -117,7 +123,7 @@ class Trainer:
         from sd35hub.models.options import check_options
         from sd35hub.workflows.plan import plan_for_config
 
-        prompts = list(train.validation_prompts) or self._default_prompts(open_samples(cfg.data, seed=train.seed))
+        prompts = list(train.validation_prompts) or default_prompts
         self.plan = plan_for_config(cfg, self.profile, validation_prompts=len(prompts)).check()
         check_options(cfg.model.quantize, cfg.model.attention)  # bitsandbytes / xformers present, also before
         return notes, prompts
@@ -568,8 +574,7 @@ class Trainer:
                             from sd35hub.train.live_text import live_heldout
 
                             heldout = live_heldout(heldout, self.text)
-                        loss = validation.heldout_loss(model, heldout, device=self.device, dtype=self.weight_dtype,
-                                                       autocast=self.acc.autocast())
+                        loss = self._heldout_loss(model, heldout, step)
                         self._log_record({"step": step, "validation_loss": loss})
                     self.validation_grid = self._render_grid(model, step)
             finally:
@@ -577,6 +582,26 @@ class Trainer:
             which = "held-out" if self.heldout is None or self.heldout.source == "held-out" else "training-sample"
             self.log(f"step {step}: {which} validation loss {loss if loss is None else round(loss, 5)}, grid {self.validation_grid}")
         self.acc.wait_for_everyone()
+        return loss
+
+    def _heldout_loss(self, model: Any, heldout: Any, step: int) -> float:
+        """The held-out loss; before the first step of a fresh run read from (or written to) the cache of
+        earlier runs with the same base, LoRA settings and held-out inputs (sd35hub.train.base_grid)."""
+        from sd35hub.train.variants import rewrites_base
+
+        cache = None
+        if step == 0 and self.text is None and self.pivotal is None and not rewrites_base(self.config.lora):
+            from sd35hub.train.base_grid import StepZeroLoss
+
+            cache = StepZeroLoss.for_trainer(self, heldout)
+            loss = cache.load()
+            if loss is not None:
+                self.log(f"validation: the step-0 held-out loss read from the cache ({cache.path.name})")
+                return loss
+        loss = validation.heldout_loss(model, heldout, device=self.device, dtype=self.weight_dtype,
+                                       autocast=self.acc.autocast())
+        if cache is not None:
+            cache.save(loss)
         return loss
 
     def _render_kwargs(self) -> dict[str, Any]:

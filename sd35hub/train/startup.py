@@ -27,18 +27,19 @@ TOTAL = "to first step"
 
 
 def process_start_time() -> float:
-    """When this process was launched (epoch seconds): /proc/self/stat's start time on Linux; elsewhere
+    """When this process was launched (epoch seconds): /proc/self/stat's start time against /proc/uptime on
+    Linux (10 ms resolution); elsewhere
     the time this module was first imported (later than the launch, so the "imports" phase is short)."""
     try:
         with open("/proc/self/stat", encoding="ascii") as handle:
             fields = handle.read().rsplit(")", 1)[1].split()
-        ticks = int(fields[19])  # field 22 (starttime), counted after the ")" of the command name
-        with open("/proc/stat", encoding="ascii") as handle:
-            boot = next(int(line.split()[1]) for line in handle if line.startswith("btime "))
-        start = boot + ticks / os.sysconf("SC_CLK_TCK")
-        # btime has a 1 s resolution: never report a launch after our own import
-        return min(start, _IMPORTED_AT)
-    except (OSError, ValueError, IndexError, StopIteration, AttributeError):
+        ticks = int(fields[19])  # field 22 (starttime, clock ticks after boot), counted after the ")" of the name
+        with open("/proc/uptime", encoding="ascii") as handle:
+            uptime = float(handle.read().split()[0])  # seconds since boot (10 ms resolution)
+        now = time.time()
+        start = now - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
+        return min(start, _IMPORTED_AT)  # never a launch after our own import
+    except (OSError, ValueError, IndexError, AttributeError):
         return _IMPORTED_AT
 
 
