@@ -135,7 +135,7 @@ class DataSpec:
     max_samples: int | None = None  # stop after this many usable samples (None = all)
     buffer_size: int = 64  # bounded bucket buffer, in samples
     holdout: int | None = None  # samples kept out of training for the validation loss; None: 0 below 50 samples, then 2%
-    cache_dir: str | None = None  # latent + embedding cache (default: OUTPUT/cache)
+    cache_dir: str | None = None  # latent + embedding cache (default: $SD35HUB_DATA_CACHE/<source>-<key>; docs/data.md)
     max_sequence_length: int = 77  # T5 tokens (SD3 default 77; up to 256 for long captions)
     # a bucket's last batch of an epoch when it has fewer than batch_size samples: fill it with other samples
     # of the same bucket (seen twice that epoch; every batch the same size), keep it smaller, or drop it
