@@ -197,3 +197,17 @@ def test_the_cached_base_column_equals_a_fresh_one_and_a_damaged_one_is_sampled_
     assert not any("column read from the cache" in line for line in again["log"])
     assert all(np.array_equal(x, y) for x, y in zip(again["base"], fresh["base"], strict=True))
     assert _run(tmp_path / "e")["loaded"] == ["transformer"]  # rewritten: read from the cache again
+
+
+@pytest.mark.slow
+def test_a_hub_dataset_is_reused_by_its_commit(tmp_path: Path, hub_datasets: dict[str, str]) -> None:
+    source = f"data.source={hub_datasets['parquet']}"
+    first = _run(tmp_path / "a", source)
+    assert "text_encoder" in first["loaded"]
+    from sd35hub.data import cache_key
+
+    cache_key._HUB_MEMO.clear()  # a later process: the dataset's commit is asked again
+    second = _run(tmp_path / "b", source)
+    assert second["loaded"] == ["transformer"]
+    assert any("data cache: reused the complete build" in line for line in second["log"])
+    assert any("dataset check: unchanged" in line for line in second["log"])  # not streamed again to check it

@@ -62,15 +62,30 @@ def _files(folder: Path) -> list[list[Any]]:
     return rows
 
 
+_HUB_MEMO: dict[tuple[Any, ...], tuple[float, str | None]] = {}
+HUB_MEMO_S = 600.0  # a Hub commit looked up within this many seconds is not asked again (one run asks 3-4 times)
+
+
+def _hub_memo(key: tuple[Any, ...], look_up: Any) -> str | None:
+    import time
+
+    hit = _HUB_MEMO.get(key)
+    if hit is not None and time.monotonic() - hit[0] < HUB_MEMO_S:
+        return hit[1]
+    value = look_up()
+    _HUB_MEMO[key] = (time.monotonic(), value)
+    return value
+
+
 def model_fingerprint(name: str, revision: str | None, components: tuple[str, ...]) -> str:
     """What identifies ``components`` of a base: a Hub snapshot's commit (its files are content-addressed),
     or for a local folder (and "tiny") the path, size and mtime of every file of those components."""
     from sd35hub.models.locate import model_dir, resolve_model
 
     ref = resolve_model(name, revision)
-    if ref.is_hub:
-        folder = model_dir(ref, components, configs_only=True)  # a snapshot folder named by its commit
-        return f"hub:{ref.name}@{folder.name}"
+    if ref.is_hub:  # a snapshot folder named by its commit (every file of the repo at that commit)
+        commit = _hub_memo(("model", ref.name, revision), lambda: model_dir(ref, components, configs_only=True).name)
+        return f"hub:{ref.name}@{commit}"
     folder = Path(ref.local_path)
     rows = [[c, _files(folder / c)] for c in components if (folder / c).is_dir()]
     index = folder / "model_index.json"
@@ -97,12 +112,15 @@ def dataset_fingerprint(spec: DataSpec, token: str | bool | None = None) -> str 
 
     src = resolve_source(spec.source)
     if src.kind == "hub":
-        try:
-            from huggingface_hub import HfApi
+        def look_up() -> str | None:
+            try:
+                from huggingface_hub import HfApi
 
-            sha = HfApi().dataset_info(src.location, token=token, files_metadata=False).sha
-        except Exception:  # noqa: BLE001 - offline, unreachable, gated: the full build reads (and reports) it
-            return None
+                return HfApi().dataset_info(src.location, token=token, files_metadata=False).sha
+            except Exception:  # noqa: BLE001 - offline, unreachable, gated: the full build reads (and reports) it
+                return None
+
+        sha = _hub_memo(("dataset", src.location, spec.split), look_up)
         return f"hub:{src.location}@{sha}" if sha else None
     if src.kind == "folder":
         return _digest(_files(Path(src.location)))

@@ -125,5 +125,5 @@ def _cache_line(index: Any, cache_dir: Path) -> str:
     if index.reused:
         return f"data cache: reused the complete build in {cache_dir} ({n} samples; no image read, no encoder loaded)"
     if index.encoded == 0:
-        return f"data cache: all {n} samples were cached in {cache_dir} (images read, no encoder loaded)"
+        return f"data cache: all {n} samples were cached in {cache_dir} (their images read to check them)"
     return f"data cache: encoded {index.encoded} of {n} samples into {cache_dir} ({n - index.encoded} were cached)"
