@@ -167,7 +167,7 @@ class RunSummary:
     prior_preservation: PriorSummary | None = None
     fidelity: FidelitySummary | None = None
     memory: dict[str, Any] | None = None  # measured peak memory per phase + the plan (sd35hub.train.phases.report)
-    phases: dict[str, float] = field(default_factory=dict)  # startup phase -> seconds from process start
+    phases: dict[str, float] = field(default_factory=dict)  # startup phase -> its seconds; "to first step": from launch
     schema_version: int = SCHEMA_VERSION
 
     _PATHS = ("adapter_file", "loss_plot")
