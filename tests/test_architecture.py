@@ -22,7 +22,7 @@ ARCHITECTURE = ROOT / "docs" / "architecture.md"
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("core", ("sd35hub.errors", "sd35hub.redact", "sd35hub.diskspace", "sd35hub.paths", "sd35hub.pngmeta",
               "sd35hub.config_checks", "sd35hub.config", "sd35hub.hardware", "sd35hub.hubhttp", "sd35hub.access",
-              "sd35hub.run_summary")),
+              "sd35hub.run_summary", "sd35hub.failures")),
     ("models", ("sd35hub.models",)),
     ("data", ("sd35hub.data",)),
     ("adapters", ("sd35hub.adapters",)),

@@ -4,13 +4,12 @@ Commands live in ``sd35hub/frontends/commands/<area>.py`` (each exposes ``regist
 its own file; this module wires them up and formats errors in one function, :func:`format_error`:
 an ``Sd35HubError`` becomes one line on stderr and its ``exit_code``; a usage error (unknown command
 or option, missing argument, bad value) exits 2; Ctrl-C exits 130; a full disk 13; an unreachable Hub
-10; anything else is an internal error (exit 1). The codes are ``sd35hub.errors.EXIT_CODES``
-(docs/cli.md). Set ``SD35HUB_DEBUG=1`` to see the full traceback (tokens redacted).
+10 (both typed by ``sd35hub.failures.typed_error``); anything else is an internal error (exit 1). The codes
+are ``sd35hub.errors.EXIT_CODES`` (docs/cli.md). Set ``SD35HUB_DEBUG=1`` to see the full traceback (tokens redacted).
 """
 
 from __future__ import annotations
 
-import errno
 import importlib
 import os
 import re
@@ -21,11 +20,8 @@ from typing import Any
 import typer
 
 from sd35hub import __version__
-from sd35hub.errors import (
-    FileWriteError,
-    HubRequestError,
-    Sd35HubError,
-)
+from sd35hub.errors import Sd35HubError
+from sd35hub.failures import typed_error  # the OS / network failure as its typed error (shared by every front end)
 
 COMMAND_MODULES = ("core", "hub", "data", "train", "adapters", "bench", "jobs", "evaluate")
 INTERRUPTED = 130
@@ -61,15 +57,6 @@ def debug_enabled() -> bool:
     return os.environ.get("SD35HUB_DEBUG", "").lower() not in ("", "0", "false", "no")
 
 
-def _chain(exc: BaseException) -> list[BaseException]:
-    """The exception and what caused it (``raise ... from``, or raised while handling), outermost first."""
-    seen: list[BaseException] = []
-    while exc is not None and exc not in seen and len(seen) < 20:
-        seen.append(exc)
-        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
-    return seen
-
-
 def _usage_message(exc: Any) -> str:
     """One line for a typer/click usage error, with where to find the right usage."""
     ctx = getattr(exc, "ctx", None)
@@ -93,61 +80,6 @@ def _is_usage_error(exc: BaseException) -> bool:
     if click is not None:
         kinds += (click.exceptions.UsageError,)
     return isinstance(exc, kinds)
-
-
-def _network_error(exc: BaseException) -> BaseException | None:
-    """The connection/timeout failure behind ``exc``, if it is one (httpx, requests, datasets, OS)."""
-    kinds: list[type] = [ConnectionError, TimeoutError]
-    for module, names in (("httpx", ("TransportError",)), ("httpx2", ("TransportError",)),
-                          ("requests.exceptions", ("ConnectionError", "Timeout")),
-                          ("huggingface_hub.errors", ("LocalEntryNotFoundError", "OfflineModeIsEnabled"))):
-        mod = sys.modules.get(module)
-        kinds += [getattr(mod, n) for n in names if mod is not None and isinstance(getattr(mod, n, None), type)]
-    for item in _chain(exc):
-        if isinstance(item, tuple(kinds)):
-            return item
-    return None
-
-
-def _hub_endpoint() -> str:
-    hub = sys.modules.get("huggingface_hub.constants")
-    return getattr(hub, "ENDPOINT", None) or os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
-
-
-def _os_error(exc: BaseException) -> Sd35HubError | None:
-    """A full disk or an unwritable path anywhere in the chain, as the typed error the CLI reports."""
-    from sd35hub.diskspace import disk_full_error
-
-    full = disk_full_error(exc)
-    if full is not None:
-        return full
-    for item in _chain(exc):
-        if not isinstance(item, OSError) or not item.filename:
-            continue
-        if item.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-            return FileWriteError(f"Cannot write {item.filename}: {item.strerror or item}. Choose a folder you can "
-                                  "write to (--output, data.cache_dir, train.checkpoint_dir).")
-        if item.errno in (errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
-            return FileWriteError(f"Cannot write {item.filename}: {item.strerror or item} (a file where a folder is "
-                                  "needed, or a folder where a file is). Choose another output path.")
-    return None
-
-
-def typed_error(exc: BaseException) -> BaseException:
-    """``exc`` itself, or the sd35hub error it stands for (disk full, unwritable path, unreachable Hub)."""
-    if isinstance(exc, Sd35HubError):
-        return exc
-    found = _os_error(exc)
-    if found is not None:
-        return found
-    net = _network_error(exc)
-    if net is not None:
-        detail = " ".join(str(net).split())[:300] or type(net).__name__
-        return HubRequestError(
-            f"Could not reach the Hub at {_hub_endpoint()}: {type(net).__name__}: {detail}. Check your network "
-            "(and HF_ENDPOINT / HF_HUB_OFFLINE), then run again."
-        )
-    return exc
 
 
 _BEARER = re.compile(r"(?i)\b(bearer\s+|token[=:]\s*)(?!hf_\*\*\*)[^\s'\",;)]+")

@@ -1,7 +1,7 @@
 """Glue for colab/SD35_Training.ipynb: every notebook cell is one short call into this module.
 
     from sd35hub.frontends import colab as nb
-    nb.setup(hub_endpoint=None)                     # quiet logs, short error display, Hub endpoint
+    nb.setup(hub_endpoint=None)                     # quiet logs, short error display (typed), Hub endpoint
     profile = nb.environment(MODEL)                 # GPU -> hardware profile, and why
     plan = nb.build_plan(model=MODEL, dataset=DATASET, ..., profile=profile)   # validated, nothing loaded
     nb.memory_plan(plan, profile)                   # per-phase GPU/RAM plan; MemoryPlanError if none fits
@@ -28,6 +28,7 @@ from typing import Any
 
 from sd35hub.config import from_dict, merge, parse_overrides
 from sd35hub.errors import ConfigError, NotLoggedInError, Sd35HubError
+from sd35hub.failures import typed_error
 from sd35hub.workflows import run as run_plan
 from sd35hub.workflows.run import RunPlan, RunStart, resolve_plan
 
@@ -91,9 +92,15 @@ def use_hub_endpoint(endpoint: str | None) -> str:
 def _show_sd35hub_error(
     shell: Any, etype: type, value: BaseException, tb: Any, tb_offset: int | None = None
 ) -> Any:
-    """sd35hub errors are for people: show the message (it says the fix), not a traceback."""
-    print(f"{etype.__name__}: {value}", file=sys.stderr)
-    return [f"{etype.__name__}: {value}"]
+    """sd35hub errors are for people: show the message (it says the fix), not a traceback. A full disk, an
+    unwritable path or an unreachable Hub is shown as the typed error it stands for
+    (sd35hub.failures.typed_error, as the CLI does); anything else keeps IPython's traceback."""
+    shown = typed_error(value)
+    if not isinstance(shown, Sd35HubError):
+        return shell.showtraceback((etype, value, tb), tb_offset=tb_offset)
+    line = f"{type(shown).__name__}: {shown}"
+    print(line, file=sys.stderr)
+    return [line]
 
 
 def setup(hub_endpoint: str | None = None) -> str:
@@ -105,7 +112,7 @@ def setup(hub_endpoint: str | None = None) -> str:
     diffusers_logging.disable_progress_bar()  # per-component loading bars; training and downloads keep theirs
     shell = _ipython()
     if shell is not None and hasattr(shell, "set_custom_exc"):
-        shell.set_custom_exc((Sd35HubError,), _show_sd35hub_error)
+        shell.set_custom_exc((Exception,), _show_sd35hub_error)  # untyped ones: IPython's own traceback
     from sd35hub import __version__
 
     return f"sd35hub {__version__}, Hub {endpoint}, {'Colab' if in_colab() else 'not Colab'}"

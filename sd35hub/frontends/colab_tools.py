@@ -22,6 +22,7 @@ from sd35hub.blend.grids import GUIDANCE_SWEEP
 from sd35hub.blend.request import AdapterRef, GenerationRequest
 from sd35hub.config import Config
 from sd35hub.errors import Sd35HubError
+from sd35hub.failures import typed_error
 
 # The Space that blends published adapters. It reads `?adapter=owner/repo[:weight]` (repeatable) and
 # preselects those adapters: https://huggingface.co/spaces/sd35hub/lora-blend?adapter=me/my-lora:0.8
@@ -31,17 +32,11 @@ DEFAULT_GUIDANCE = GUIDANCE_SWEEP  # the CLI's `generate --compare cfg` sweep: o
 
 
 def make_engine(config: Config, *, vram_gib: float | None = None) -> Any:
-    """A BlendEngine for the trained base: same quantization; CPU offload on GPUs under 40 GiB."""
-    import torch
+    """A BlendEngine for the trained base as the run used it (sd35hub.workflows.inference.engine_for_run: its
+    quantization, drop_t5 and T5 padding mask; CPU offload on GPUs under 40 GiB). ``vram_gib`` None: this GPU's."""
+    from sd35hub.workflows.inference import engine_for_run
 
-    from sd35hub.blend.engine import BlendEngine
-
-    if vram_gib is None and torch.cuda.is_available():
-        vram_gib = torch.cuda.get_device_properties(0).total_memory / 1024**3
-    offload = vram_gib is not None and vram_gib < 40 and config.model.name != "tiny"
-    quantize = "none" if config.model.quantize == "auto" else config.model.quantize  # auto: a config no profile resolved
-    return BlendEngine(config.model.name, revision=config.model.revision, quantize=quantize,
-                       cpu_offload=offload, drop_t5=config.model.drop_t5)  # fmt: skip
+    return engine_for_run(config, vram_gib=vram_gib)
 
 
 def _grid(engine: Any, requests: list[GenerationRequest], labels: list[str], out: Path, title: str,
@@ -185,9 +180,8 @@ def evaluate(output_dir: str | Path, clip_model: str | None) -> Evaluation:
             score = clip_score(images, [prompt for _, prompt in pairs], clip_model)
             message = f"CLIP score {score:.2f} over {len(pairs)} validation image(s) with {clip_model}"
         except (OSError, Sd35HubError) as exc:  # not on the Hub, offline, not a CLIP checkpoint (typed by fidelity)
-            message = (
-                f"CLIP score skipped: {clip_model} could not be loaded ({str(exc).splitlines()[0][:160]})"
-            )
+            reason = str(typed_error(exc)).splitlines() or [type(exc).__name__]  # a full disk, the Hub unreachable
+            message = f"CLIP score skipped: {clip_model} could not be loaded ({reason[0][:160]})"
     return Evaluation(clip_score=score, clip_message=message, images=len(pairs),
                       loss_plot=out / info.loss_plot if info.loss_plot else None, final_loss=info.final_loss,
                       validation_loss=info.validation_loss, initial_validation_loss=info.initial_validation_loss)

@@ -56,8 +56,8 @@ def evaluate_run(run_dir: str | Path, *, prompts: list[str] | tuple[str, ...] = 
     """Render, score and write (module docstring). Defaults come from the run: its validation prompts
     (those of summary.json, i.e. what the trainer rendered), sampler steps and guidance, base model, and
     ``train.eval_clip_model`` / ``train.eval_dino_model``."""
-    from sd35hub.blend.engine import BlendEngine
     from sd35hub.blend.request import AdapterRef, GenerationRequest
+    from sd35hub.workflows.inference import engine_for_run
 
     run = Path(run_dir)
     cfg, summary = _run_config(run)
@@ -70,8 +70,8 @@ def evaluate_run(run_dir: str | Path, *, prompts: list[str] | tuple[str, ...] = 
         raise ConfigError(f"{run} names no validation prompt to evaluate: pass --prompt (repeatable)")
     steps = steps if steps is not None else t.validation_steps
     guidance = guidance if guidance is not None else t.validation_guidance
-    engine = BlendEngine(model or cfg.model.name, dtype=dtype, device=device, revision=None if model else cfg.model.revision,
-                         mask_t5_padding=cfg.data.mask_t5_padding)
+    # the base as released (full precision, T5, no offload): metrics compare across runs and cards
+    engine = engine_for_run(cfg, exact=True, model=model, dtype=dtype, device=device)
     generated: list[tuple[str, list[Image.Image]]] = []
     for i, prompt in enumerate(prompts):
         request = GenerationRequest(

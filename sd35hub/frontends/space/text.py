@@ -9,7 +9,8 @@ messages worded for a visitor rather than for the person running the server.
 * `hub_image_url(url)` keeps a card's preview image only when it is served by the Hub the Space uses;
 * `clean_trigger_words(words)` bounds a card's trigger words (length, count, control characters);
 * `visitor_message(exc)` is friendly_error's wording: no tracebacks, tokens or server paths, no
-  operator instructions (those go to the server log). The library's adapter-source refusals
+  operator instructions (those go to the server log); a full disk or an unreachable Hub is shown as its
+  typed error (sd35hub.failures.typed_error). The library's adapter-source refusals
   (sd35hub.hub.sources: AdapterSourceError, AdapterBaseMismatchError, AdapterTooLargeError) are worded
   here for a visitor, from the errors' fields: what to paste, which base this Space runs, its size limit.
 """
@@ -144,9 +145,10 @@ def visitor_message(
     loading_base: bool = False,
     base_labels: Mapping[str, str] | None = None,
 ) -> str:
-    """One message for a visitor, as plain text (render it with md_text). sd35hub errors say their fix;
-    the adapter-source refusals are worded for a visitor (adapter_source_message); configuration problems
-    are listed without developer wording; a base the Space cannot load is the operator's problem (logged
+    """One message for a visitor, as plain text (render it with md_text). sd35hub errors say their fix; an
+    OS or network failure is first turned into the typed error it stands for (sd35hub.failures.typed_error,
+    as in the CLI and the notebook); the adapter-source refusals are worded for a visitor
+    (adapter_source_message); configuration problems are listed without developer wording; a base the Space cannot load is the operator's problem (logged
     with the operator's instructions); anything else is reported without a traceback. Tokens and server
     paths are removed. Every message also goes to the server log."""
     from sd35hub.errors import (
@@ -156,8 +158,10 @@ def visitor_message(
         RepoNotFoundError,
         Sd35HubError,
     )
+    from sd35hub.failures import typed_error
     from sd35hub.redact import redact_text
 
+    exc = typed_error(exc)  # a full disk, an unwritable path, the Hub unreachable: their typed message and fix
     worded = adapter_source_message(exc, base_labels)
     if worded is not None:
         text = worded
