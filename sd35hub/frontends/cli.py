@@ -21,7 +21,7 @@ import typer
 
 from sd35hub import __version__
 from sd35hub.errors import Sd35HubError
-from sd35hub.failures import typed_error  # the OS / network failure as its typed error (shared by every front end)
+from sd35hub.failures import typed_error  # an OS or network failure as its typed error (every front end)
 
 COMMAND_MODULES = ("core", "hub", "data", "train", "adapters", "bench", "jobs", "evaluate")
 INTERRUPTED = 130
