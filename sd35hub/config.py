@@ -289,7 +289,7 @@ class TrainSpec:
     # graphs for every shape; auto: static up to 6 shapes
     compile_shapes: str = "auto"
     # q/k/v (and add_q/k/v) of each attention as one base product + one LoRA down-projection, each layer's own
-    # LoRA (sd35hub.train.fused_qkv; issue #19 lever, GPU gain not measured yet)
+    # LoRA (sd35hub.train.fused_qkv; issue #19 lever: bench step -3.8% Medium, -2.0% Large, run 19)
     fused_qkv: bool = False
     profile: str = "auto"  # hardware profile: auto | cpu | t4 | l4 | a100-40 | a100-80 | h100 | h200
     ema_decay: float | None = None  # EMA of the LoRA weights (e.g. 0.999); None = off
