@@ -253,3 +253,19 @@ def test_a_finished_runs_result_and_the_card_read_the_same_summary(tmp_path: Pat
     info = CardInfo.from_summary(summary)
     assert info == CardInfo.from_summary(summary.to_dict())
     assert info.lora == summary.lora.to_dict() and info.embeddings == summary.embeddings.to_dict()  # type: ignore[union-attr]
+
+
+def test_every_card_field_is_a_summary_field_and_is_carried_over() -> None:
+    """CardInfo is the card's view of RunSummary, not a second schema: each of its fields is one of the summary's
+    (a card field the schema lacks would never be filled), and from_summary carries every one of them over."""
+    import dataclasses
+
+    from sd35hub.hub.card import CardInfo
+
+    card = {f.name for f in dataclasses.fields(CardInfo)}
+    assert card <= {f.name for f in dataclasses.fields(RunSummary)}
+    summary, info = _full(), CardInfo.from_summary(_full())
+    for name in card:
+        value = getattr(summary, name)
+        expected = value.to_dict() if hasattr(value, "to_dict") else value
+        assert getattr(info, name) == expected, name
