@@ -179,9 +179,10 @@ def run_peer(model: str, model_dir: Path, data_img: Path, root: Path, out: Path,
 
 
 def run_ours(model: str, model_dir: Path, data: Path, root: Path, out: Path, name: str, caches: Path, limit_s: float,
-             smoke: bool, validation_steps: int, save_mega: Path | None = None, load_mega: Path | None = None) -> dict:
+             smoke: bool, validation_steps: int, save_mega: Path | None = None, load_mega: Path | None = None,
+             profile: Path | None = None, extra_env: dict[str, str] | None = None) -> dict:
     plan = PLAN[model]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1",
+    env = {**os.environ, **(extra_env or {}), "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1",
            "TORCHINDUCTOR_CACHE_DIR": str(caches / "inductor"), "TRITON_CACHE_DIR": str(caches / "triton"),
            "SD35HUB_CACHE": str(caches / "sd35hub")}
     output_dir = root / f"ours-{name}"
@@ -199,6 +200,8 @@ def run_ours(model: str, model_dir: Path, data: Path, root: Path, out: Path, nam
         cmd += ["--save-mega", str(save_mega)]
     if load_mega:
         cmd += ["--load-mega", str(load_mega)]
+    if profile:
+        cmd += ["--profile", str(profile)]
     cmd += ["--", *overrides]
     steps: dict[int, dict] = {}
     phases: dict[str, float] = {}
@@ -237,6 +240,12 @@ def child_ours(args: argparse.Namespace) -> None:
     from sd35hub.config import load_config
     from sd35hub.train.recipe import train
 
+    profiler = None
+    if args.profile:  # where the launch-to-first-step time goes, by function (cProfile; slows the run itself)
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
     blob = Path(args.load_mega).read_bytes() if args.load_mega and Path(args.load_mega).is_file() else b""
     if blob:  # empty: the cold run compiled nothing (the CPU profile)
         torch.compiler.load_cache_artifacts(blob)
@@ -249,6 +258,8 @@ def child_ours(args: argparse.Namespace) -> None:
         record = {"step": step, "t": time.time(), "samples": trainer.state.samples_seen}
         if step == 1:  # each phase up to the first step, as the trainer measured it (sd35hub.train.startup)
             print("E2E_PHASES " + json.dumps(getattr(trainer, "startup_phases", {})), flush=True)
+            if profiler is not None:
+                write_profile(profiler, Path(args.profile))
         if step >= args.steps:
             record["last"] = True
             if args.save_mega:
@@ -262,6 +273,19 @@ def child_ours(args: argparse.Namespace) -> None:
 
     cfg = load_config(None, args.overrides)
     train(cfg, on_step=on_step, progress=False)
+
+
+def write_profile(profiler, path: Path) -> None:  # noqa: ANN001
+    """The top of a cProfile run as text: by cumulative time (what each call costs, callees in), then by own time."""
+    import io
+    import pstats
+
+    profiler.disable()
+    text = io.StringIO()
+    stats = pstats.Stats(profiler, stream=text)
+    stats.sort_stats("cumulative").print_stats(90)
+    stats.sort_stats("tottime").print_stats(40)
+    path.write_text(text.getvalue())
 
 
 def build_inputs(models: list[str], root: Path, smoke: bool) -> tuple[Path, Path, dict[str, Path], dict[str, float]]:
@@ -306,7 +330,8 @@ def markdown(report: dict) -> str:
     for model, runs in report["models"].items():
         for name, run in runs.items():
             lines.append(f"- {model} {name}: rc {run.get('rc')}, window {run.get('window')} "
-                         f"({run.get('window_samples')} samples in {run.get('window_s')} s)"
+                         f"({run.get('window_samples')} samples in {run.get('window_s')} s), "
+                         f"first step at {run.get('to_first_step_s')} s"
                          + (f", fixes: {run['fixes']}" if run.get("fixes") else ""))
     for model, runs in report["models"].items():
         for name, run in runs.items():
@@ -326,7 +351,8 @@ def main() -> None:
     ap.add_argument("--root", type=Path, default=Path("/tmp/peer_e2e"))
     ap.add_argument("--deadline-s", type=float, default=520.0)
     ap.add_argument("--mega", action="store_true", help="also a run with only the mega-cache file")
-    ap.add_argument("--runs", default="peer,cold,warm", help="which runs (peer, cold, warm; mega with --mega)")
+    ap.add_argument("--runs", default="peer,cold,warm", help="which runs (peer, cold, warm, seq: warm with SD35HUB_LOADER=sequential, prof: warm under cProfile; "
+                    "mega with --mega)")
     ap.add_argument("--validation-steps", type=int, default=2, help="sampler steps of ours' step-0 validation grid")
     ap.add_argument("--peer-pythonpath", default="", help="extra PYTHONPATH for the peer (CPU smoke: torchvision)")
     ap.add_argument("--smoke", action="store_true")
@@ -335,6 +361,7 @@ def main() -> None:
     ap.add_argument("--from-step", type=int)
     ap.add_argument("--save-mega")
     ap.add_argument("--load-mega")
+    ap.add_argument("--profile", help="child: write a cProfile summary of the launch to the first step here")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     if args.child_ours:
@@ -361,8 +388,8 @@ def main() -> None:
     # the comparison first (peer, ours cold) for every model, then the warm-cache runs
     wanted = set(args.runs.split(",")) | ({"mega"} if args.mega else set())
     jobs = [(m, kind) for m in models for kind in ("peer", "cold") if kind in wanted]
-    jobs += [(m, kind) for kind in ("warm", "mega") if kind in wanted for m in models]
-    need = {"peer": 60.0, "cold": 75.0, "warm": 45.0, "mega": 45.0}
+    jobs += [(m, kind) for kind in ("warm", "seq", "mega", "prof") if kind in wanted for m in models]
+    need = {"peer": 60.0, "cold": 75.0, "warm": 45.0, "seq": 45.0, "mega": 45.0, "prof": 50.0}
     for model, kind in jobs:
         if left() < (15.0 if args.smoke else need[kind]):
             report["skipped"].append(f"{model} {kind}: {left():.0f} s left")
@@ -376,9 +403,10 @@ def main() -> None:
             shutil.rmtree(caches, ignore_errors=True)
             run = run_ours(model, folders[model], data, args.root, args.out, f"{model}-cold", caches, limit, args.smoke,
                            args.validation_steps, save_mega=args.root / f"mega-{model}.bin")
-        elif kind == "warm":
-            run = run_ours(model, folders[model], data, args.root, args.out, f"{model}-warm", caches, limit, args.smoke,
-                           args.validation_steps)
+        elif kind in ("warm", "seq", "prof"):
+            run = run_ours(model, folders[model], data, args.root, args.out, f"{model}-{kind}", caches, limit, args.smoke,
+                           args.validation_steps, profile=args.out / "logs" / f"ours-{model}-prof.txt" if kind == "prof" else None,
+                           extra_env={"SD35HUB_LOADER": "sequential"} if kind == "seq" else None)
         else:
             empty = args.root / f"caches-{model}-mega"
             shutil.rmtree(empty, ignore_errors=True)

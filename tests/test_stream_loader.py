@@ -223,3 +223,61 @@ def test_a_buffer_absent_from_the_file_is_built_as_the_constructor_builds_it(tmp
     fresh = SD3Transformer2DModel.from_config(SD3Transformer2DModel.load_config(folder))
     assert streamed.pos_embed.pos_embed.device.type == "cpu"
     assert torch.equal(streamed.pos_embed.pos_embed, fresh.pos_embed.pos_embed)
+
+
+def _reader_threads() -> list:
+    import threading
+
+    return [t for t in threading.enumerate() if t.name == "sd35hub-tensor-reader"]
+
+
+def test_pipelined_stream_reads_ahead_without_touching_the_tensor_in_hand(tmp_path) -> None:
+    """The read-ahead stream yields what the plain stream yields, through two buffers that alternate; the
+    reader fills the other buffer meanwhile, never the one the caller holds (its bytes stay put while the
+    caller is slow), and the thread is gone once the stream is done."""
+    import time
+
+    t5 = T5EncoderModel.from_pretrained(tiny_model_path(), subfolder="text_encoder_3")
+    t5.save_pretrained(tmp_path / "t5", max_shard_size="20KB")  # several shards: the reader crosses files
+    files = weight_files(tmp_path / "t5")
+    plain = {name: view.clone() for name, view in TensorStream(files)}
+    stream = TensorStream(files)
+    seen, pointers = {}, []
+    for name, view in stream.pipelined():
+        held = view.clone()
+        time.sleep(0.002)  # the reader runs ahead into the other buffer meanwhile
+        assert torch.equal(view, held), name  # ...and not into this one
+        seen[name] = held
+        pointers.append(view.untyped_storage().data_ptr())
+    assert list(seen) == list(plain)
+    assert all(torch.equal(seen[k], plain[k]) for k in plain)
+    assert stream.allocations == 2 and len(set(pointers)) == 2
+    assert all(a != b for a, b in zip(pointers, pointers[1:], strict=False))  # they alternate
+    assert not _reader_threads()
+
+
+def test_pipelined_stream_stops_its_reader_and_reports_a_file_cut_short(tmp_path) -> None:
+    folder = _copy(tmp_path, "text_encoder")
+    files = weight_files(folder)
+    stream = TensorStream(files)
+    for _ in stream.pipelined():
+        break  # the caller stops early (an error while loading, say): the reader is stopped, not left behind
+    assert not _reader_threads()
+    stream = TensorStream(files)  # the headers are read; then the file is cut (a download still being written)
+    data = files[0].read_bytes()
+    files[0].write_bytes(data[: len(data) - 100])
+    with pytest.raises(ModelLoadError, match="file is truncated; re-download"):
+        for _ in stream.pipelined():
+            pass
+    assert not _reader_threads()
+
+
+@pytest.mark.parametrize("library,cls,name", COMPONENTS[:1] + COMPONENTS[4:], ids=["transformer", "text_encoder_3"])
+def test_pipelined_load_equals_the_sequential_load(library, cls, name) -> None:
+    """Onto a GPU without quantizing, load_streamed reads ahead (page-locked buffers there); on the CPU the same
+    path, asked for, gives exactly the weights of the one-buffer path."""
+    folder = tiny_model_path() / name
+    sequential = load_streamed(library, cls.__name__, folder, dtype=torch.bfloat16, device=None, pipelined=False)
+    ahead = load_streamed(library, cls.__name__, folder, dtype=torch.bfloat16, device=None, pipelined=True)
+    _assert_same_state(sequential, ahead)
+    assert not _reader_threads()

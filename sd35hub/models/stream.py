@@ -36,7 +36,8 @@ from sd35hub.errors import ModelLoadError
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-LOADER_ENV = "SD35HUB_LOADER"  # "mmap": the libraries' from_pretrained (the previous path, for comparisons)
+# "mmap": the libraries' from_pretrained; "sequential": the stream without read-ahead (both for comparisons)
+LOADER_ENV = "SD35HUB_LOADER"
 MAX_HEADER = 100 * 2**20  # safetensors' own limit on the JSON header
 _DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64", "I64": "int64",
            "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
@@ -148,29 +149,97 @@ class TensorStream:
         return self._buffer
 
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
-        import torch
 
         buffer = self._take()
         memory = memoryview(buffer.numpy())
+        for path, entry, handle in self._entries_open():
+            self._read(path, entry, handle, memory)
+            yield entry.name, _typed(buffer, entry)
+
+    def _entries_open(self) -> Iterator[tuple[Path, TensorEntry, Any]]:
         for path, entries in self.entries:
             with open(path, "rb", buffering=0) as handle:
                 if hasattr(os, "posix_fadvise"):
                     os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
                 for entry in entries:
-                    target = memory[: entry.nbytes]
-                    handle.seek(entry.start)
-                    done = 0
-                    while done < entry.nbytes:
-                        got = handle.readinto(target[done:])
-                        if not got:
-                            raise ModelLoadError(f"{path} ended inside tensor {entry.name!r}: the file is truncated; "
-                                                 "re-download the model.")  # fmt: skip
-                        done += got
-                    dtype = getattr(torch, _DTYPES[entry.dtype])
-                    yield entry.name, buffer[: entry.nbytes].view(dtype).view(entry.shape)
+                    yield path, entry, handle
+
+    @staticmethod
+    def _read(path: Path, entry: TensorEntry, handle: Any, memory: memoryview) -> None:
+        target = memory[: entry.nbytes]
+        handle.seek(entry.start)
+        done = 0
+        while done < entry.nbytes:
+            got = handle.readinto(target[done:])
+            if not got:
+                raise ModelLoadError(f"{path} ended inside tensor {entry.name!r}: the file is truncated; "
+                                     "re-download the model.")  # fmt: skip
+            done += got
+
+    def pipelined(self, *, pin: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+        """As ``for name, view in stream``, with the next tensor read while the caller copies this one out.
+
+        A reader thread fills two buffers in turn (file reads release the GIL), so reading the file and
+        copying to the device overlap instead of alternating. ``pin``: page-locked buffers, so the caller's
+        ``view.to("cuda", non_blocking=True)`` is an asynchronous DMA; a buffer is read into again only once
+        the copies the caller queued from it (on the current CUDA stream) are done. The same contract as
+        iterating: copy ``view`` out before advancing. Host memory: two buffers (``allocations`` == 2)."""
+        import queue
+        import threading
+
+        import torch
+
+        buffers = [torch.empty(max(self.buffer_bytes, 1), dtype=torch.uint8, pin_memory=pin) for _ in range(2)]
+        self.allocations += 2
+        memories = [memoryview(b.numpy()) for b in buffers]
+        free: queue.Queue[tuple[int, Any]] = queue.Queue()
+        ready: queue.Queue[tuple[TensorEntry, int] | BaseException | None] = queue.Queue()
+        for index in range(2):
+            free.put((index, None))
+        stop = threading.Event()
+
+        def reader() -> None:
+            try:
+                for path, entry, handle in self._entries_open():
+                    index, copied = free.get()
+                    if stop.is_set():
+                        return
+                    if copied is not None:
+                        copied.synchronize()  # the caller's copies out of this buffer have finished
+                    self._read(path, entry, handle, memories[index])
+                    ready.put((entry, index))
+                ready.put(None)
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller, raised there
+                ready.put(exc)
+
+        thread = threading.Thread(target=reader, name="sd35hub-tensor-reader", daemon=True)
+        thread.start()
+        try:
+            while (item := ready.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                entry, index = item
+                yield entry.name, _typed(buffers[index], entry)
+                copied = None
+                if pin and torch.cuda.is_available():
+                    copied = torch.cuda.Event()
+                    copied.record()  # after the copies the caller queued from this buffer
+                free.put((index, copied))
+        finally:
+            stop.set()
+            free.put((0, None))  # wakes a reader waiting for a buffer; it sees stop and returns
+            thread.join()
+            if pin and torch.cuda.is_available():
+                torch.cuda.current_stream().synchronize()  # nothing in flight reads the buffers once they go
 
     def release(self) -> None:
         self._buffer = None
+
+
+def _typed(buffer: torch.Tensor, entry: TensorEntry) -> torch.Tensor:
+    import torch
+
+    return buffer[: entry.nbytes].view(getattr(torch, _DTYPES[entry.dtype])).view(entry.shape)
 
 
 # ------------------------------------------------------------------------------------------ modules
@@ -229,8 +298,13 @@ def _build_absent_buffers(model: Any, library: str, class_name: str, folder: Pat
 
 
 def load_streamed(library: str, class_name: str, folder: Path, *, dtype: torch.dtype, device: str | None,
-                  quantize: str = "none") -> Any:
-    """``class_name`` of ``library`` with the weights of ``folder`` streamed onto ``device`` (None: CPU)."""
+                  quantize: str = "none", pipelined: bool | None = None) -> Any:
+    """``class_name`` of ``library`` with the weights of ``folder`` streamed onto ``device`` (None: CPU).
+
+    ``pipelined`` (default: onto a GPU without quantizing) reads the next tensor while this one is copied to
+    the device, from page-locked buffers (:meth:`TensorStream.pipelined`); otherwise read, copy, read, ...
+    through one buffer. Quantized loads stay sequential: bitsandbytes converts each tensor on the host, and
+    the plan's host memory for them is one buffer plus one converted copy."""
     import torch
 
     target = torch.device(device or "cpu")
@@ -242,9 +316,13 @@ def load_streamed(library: str, class_name: str, folder: Path, *, dtype: torch.d
         quantizer.preprocess_model(model=model, device_map={"": str(target)}, keep_in_fp32_modules=skip)
     expected = dict(model.state_dict(keep_vars=True))
     stream = TensorStream(weight_files(folder))
+    if pipelined is None:
+        sequential = os.environ.get(LOADER_ENV, "").strip().lower() == "sequential"
+        pipelined = target.type == "cuda" and quantizer is None and not sequential
+    pin = pipelined and target.type == "cuda"
     loaded: set[str] = set()
     try:
-        for name, view in stream:
+        for name, view in stream.pipelined(pin=pin) if pipelined else stream:
             if name not in expected:
                 continue  # e.g. a checkpoint's extra buffers; the libraries skip them too
             fp32 = any(k in name.split(".") for k in keep)
@@ -253,7 +331,7 @@ def load_streamed(library: str, class_name: str, folder: Path, *, dtype: torch.d
                 model, view, name, {}, param_device=target)
             # one copy out of the buffer: bitsandbytes quantizes from the CPU copy as it moves it to the device
             stage = torch.device("cpu") if quantized else target
-            value = view.to(device=stage, dtype=want, copy=True)
+            value = view.to(device=stage, dtype=want, copy=True, non_blocking=pin)
             if tuple(value.shape) != tuple(expected[name].shape):
                 raise ModelLoadError(f"{folder}: tensor {name!r} has shape {tuple(value.shape)}, the config says "
                                      f"{tuple(expected[name].shape)}: the weights do not match config.json.")  # fmt: skip
