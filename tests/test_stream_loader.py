@@ -281,3 +281,11 @@ def test_pipelined_load_equals_the_sequential_load(library, cls, name) -> None:
     ahead = load_streamed(library, cls.__name__, folder, dtype=torch.bfloat16, device=None, pipelined=True)
     _assert_same_state(sequential, ahead)
     assert not _reader_threads()
+
+
+def test_sequential_is_the_stream_without_read_ahead_not_mmap(monkeypatch) -> None:
+    from sd35hub.models.stream import loader_mode, use_streaming
+
+    for value, mode, streaming in [("", "stream", True), ("sequential", "sequential", True), (" MMAP ", "mmap", False)]:
+        monkeypatch.setenv("SD35HUB_LOADER", value)
+        assert (loader_mode(), use_streaming()) == (mode, streaming), value

@@ -9,7 +9,9 @@ loading SD3.5 Large's 10 GB transformer shard or T5-XXL's two shards shows 9-10 
 (run 16, docs/performance.md) even though the weights end up on the GPU. Here each tensor is read with
 plain file reads (``readinto``, no mmap) into ONE reusable host buffer sized to the largest tensor, copied
 to its device (and quantized there when asked), and the buffer is reused for the next tensor: the host
-holds at most that buffer plus one converted copy of one tensor. The page cache the reads go through is
+holds at most that buffer plus one converted copy of one tensor. Onto a GPU without quantizing, the next
+tensor is read while this one is copied (two page-locked buffers, asynchronous copies: the same host bytes,
+since the converted copy is then on the GPU). The page cache the reads go through is
 the kernel's, not the process's: it is not in RSS and is reclaimed under pressure.
 
 The model classes stay the libraries' own: the module is built on the meta device from its config
@@ -46,9 +48,14 @@ _INDEXES = ("diffusion_pytorch_model.safetensors.index.json", "model.safetensors
 _SINGLE = ("diffusion_pytorch_model.safetensors", "model.safetensors")
 
 
+def loader_mode() -> str:
+    """SD35HUB_LOADER: "stream" (default), "sequential" (the stream without read-ahead) or "mmap"."""
+    return os.environ.get(LOADER_ENV, "stream").strip().lower() or "stream"
+
+
 def use_streaming() -> bool:
     """True unless SD35HUB_LOADER=mmap asks for the libraries' own (mmap) loading."""
-    return os.environ.get(LOADER_ENV, "stream").strip().lower() != "mmap"
+    return loader_mode() != "mmap"
 
 
 @dataclass(frozen=True)
@@ -149,7 +156,6 @@ class TensorStream:
         return self._buffer
 
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
-
         buffer = self._take()
         memory = memoryview(buffer.numpy())
         for path, entry, handle in self._entries_open():
@@ -317,8 +323,7 @@ def load_streamed(library: str, class_name: str, folder: Path, *, dtype: torch.d
     expected = dict(model.state_dict(keep_vars=True))
     stream = TensorStream(weight_files(folder))
     if pipelined is None:
-        sequential = os.environ.get(LOADER_ENV, "").strip().lower() == "sequential"
-        pipelined = target.type == "cuda" and quantizer is None and not sequential
+        pipelined = target.type == "cuda" and quantizer is None and loader_mode() != "sequential"
     pin = pipelined and target.type == "cuda"
     loaded: set[str] = set()
     try:

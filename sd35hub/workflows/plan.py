@@ -232,7 +232,8 @@ def _load_host(size: ComponentSize, i: PlanInputs, library: str) -> tuple[float,
         mapped = float(size.file_bytes or size.largest_file) if library == "transformers" else float(size.largest_file)
         return (construct, 0.0) if construct > mapped else (0.0, mapped)
     out_bytes = 4 if i.dtype == "fp32" else 2
-    return max(construct, size.largest_tensor * (1 + out_bytes / 2)), 0.0  # the buffer + one converted copy
+    # the buffer + one converted copy (onto a GPU: two read-ahead buffers, the copy on the GPU; the same bytes)
+    return max(construct, size.largest_tensor * (1 + out_bytes / 2)), 0.0
 
 
 def _plan(sizes: dict[str, ComponentSize], i: PlanInputs) -> MemoryPlan:
